@@ -1,0 +1,41 @@
+"""jlora: LoRA fine-tuning for JAX and Flax, as pure functions over parameter pytrees.
+
+>>> import jlora
+>>> config = jlora.LoraConfig(r=8, lora_alpha=16, target_modules=["c_attn", "c_proj"])
+>>> lp = jlora.wrap(params, config, rng=jax.random.key(0))      # doctest: +SKIP
+>>> logits = jlora.lora(model.apply)({"params": lp}, x)          # doctest: +SKIP
+"""
+
+from .config import LoraConfig
+from .merge import merge, merge_adapter, unmerge_adapter
+from .optim import combine, optimizer, partition, trainable_labels
+from .transform import LoraReport, MaterializationError, MaterializationWarning, explain, lora
+from .weight import KernelLayout, LoraWeight, Trainable
+from .wrap import count_parameters, is_lora_tree, lora_leaves, print_trainable_parameters, unload, wrap
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LoraConfig",
+    "LoraWeight",
+    "Trainable",
+    "KernelLayout",
+    "wrap",
+    "unload",
+    "count_parameters",
+    "print_trainable_parameters",
+    "is_lora_tree",
+    "lora_leaves",
+    "lora",
+    "explain",
+    "LoraReport",
+    "MaterializationWarning",
+    "MaterializationError",
+    "optimizer",
+    "trainable_labels",
+    "partition",
+    "combine",
+    "merge",
+    "merge_adapter",
+    "unmerge_adapter",
+]

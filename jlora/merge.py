@@ -1,0 +1,93 @@
+"""The merge family: `merge`, `merge_adapter`, `unmerge_adapter`."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from .weight import LoraWeight, Trainable, add_delta, is_lora_weight, is_trainable
+
+__all__ = ["merge", "merge_adapter", "unmerge_adapter"]
+
+
+def _is_node(x: Any) -> bool:
+    return isinstance(x, (LoraWeight, Trainable))
+
+
+@jax.jit
+def _merge(lp: Any) -> Any:
+    def fold(x):
+        if is_lora_weight(x):
+            return x.effective()
+        if is_trainable(x):
+            return x.value
+        return x
+
+    return jax.tree_util.tree_map(fold, lp, is_leaf=_is_node)
+
+
+@jax.jit
+def _finite_flags(lp: Any) -> list:
+    flags = []
+    for x in jax.tree_util.tree_leaves(lp, is_leaf=_is_node):
+        if is_lora_weight(x):
+            flags.append(jnp.all(jnp.isfinite(x.effective())))
+    return flags
+
+
+def merge(lp: Any, *, safe: bool = False) -> Any:
+    """PEFT's ``merge_and_unload``: a plain tree with exactly the original structure,
+    each ``LoraWeight`` replaced by::
+
+        W' = W + s · ΔW      (ΔW = A·B in W's layout; computed in float32, cast to W.dtype)
+
+    and each ``Trainable`` by its value. One jitted ``tree_map``.
+
+    Args:
+      safe: first check that every merged kernel is finite; raise ``ValueError`` naming
+        the first target that is not, before returning anything.
+
+    >>> merged = merge(lp)                                    # doctest: +SKIP
+    >>> model.apply({"params": merged}, x)                    # doctest: +SKIP
+    """
+    if safe:
+        from .wrap import lora_leaves
+
+        flags = _finite_flags(lp)
+        paths = [p for p, _ in lora_leaves(lp)]
+        for path, ok in zip(paths, flags):
+            if not bool(ok):
+                raise ValueError(f"merge(safe=True): merged kernel at {path!r} has NaN or Inf values; nothing merged")
+    return _merge(lp)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _set_merged(lp: Any, to_merged: bool) -> Any:
+    def step(x):
+        if not is_lora_weight(x) or x.merged == to_merged:
+            return x
+        sign = 1.0 if to_merged else -1.0
+        w = add_delta(x.w, x.a, x.b, x.scale, x.layout, sign)
+        return x.replace(w=w, merged=to_merged)
+
+    return jax.tree_util.tree_map(step, lp, is_leaf=_is_node)
+
+
+def merge_adapter(lp: Any) -> Any:
+    """PEFT's ``merge_adapter``: keeps the LoRA tree, with each ``w`` holding
+    ``W + s·ΔW`` and ``merged=True`` so that ``jlora.lora`` does not add the delta
+    twice (a merged forward costs what the base model costs). Undo with
+    :func:`unmerge_adapter`.
+
+    >>> lp2 = merge_adapter(lp); lp3 = unmerge_adapter(lp2)   # doctest: +SKIP
+    """
+    return _set_merged(lp, True)
+
+
+def unmerge_adapter(lp: Any) -> Any:
+    """PEFT's ``unmerge_adapter``: ``w ← w − s·ΔW`` (float32, so ``W`` comes back to
+    within float32 rounding for a float32 base) and ``merged=False``."""
+    return _set_merged(lp, False)

@@ -1,0 +1,373 @@
+"""Which leaves of a parameter pytree are LoRA targets, with their rank, alpha and layout.
+
+Matching follows PEFT on the ``.``-joined *module path* of a kernel (its pytree path
+without the final leaf name such as ``kernel``): a list entry matches a path that equals
+it or ends in ``.entry``; a string is a regex that must match the whole path;
+``"all-linear"`` is every ``kernel`` except the output head.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Optional, Union
+
+import jax
+
+from .config import LoraConfig
+from .weight import KernelLayout, LoraWeight, Trainable
+
+__all__ = [
+    "LeafEntry",
+    "TargetSpec",
+    "Plan",
+    "flatten_params",
+    "path_names",
+    "plan_targets",
+    "infer_layout",
+    "OUTPUT_HEAD_NAMES",
+]
+
+KERNEL_LEAF_NAMES = ("kernel", "embedding")
+OUTPUT_HEAD_NAMES = ("lm_head", "embed_out", "output_projection", "proj_out")
+_CONV1D_GPT2_NAMES = ("c_attn", "c_proj", "c_fc", "q_attn")
+
+LayoutSpec = Union[
+    None,
+    Mapping[str, Sequence[str]],
+    Callable[[str, tuple[int, ...]], Optional[Sequence[str]]],
+]
+
+
+def path_names(path: Sequence[Any]) -> tuple[str, ...]:
+    """Turns a ``jax.tree_util`` key path into plain names, dropping NNX's ``.value``."""
+    names: list[str] = []
+    for k in path:
+        if isinstance(k, jax.tree_util.DictKey):
+            names.append(str(k.key))
+        elif isinstance(k, jax.tree_util.SequenceKey):
+            names.append(str(k.idx))
+        elif isinstance(k, jax.tree_util.GetAttrKey):
+            if k.name in ("value", "raw_value"):
+                continue  # NNX Variable / jlora.Trainable payload
+            names.append(k.name)
+        elif isinstance(k, jax.tree_util.FlattenedIndexKey):
+            names.append(str(k.key))
+        else:
+            names.append(str(k))
+    return tuple(names)
+
+
+def _is_array_like(x: Any) -> bool:
+    return hasattr(x, "shape") and hasattr(x, "dtype")
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafEntry:
+    index: int
+    names: tuple[str, ...]
+    leaf: Any
+
+    @property
+    def module(self) -> str:
+        return ".".join(self.names[:-1])
+
+    @property
+    def name(self) -> str:
+        return self.names[-1] if self.names else ""
+
+    @property
+    def path(self) -> str:
+        return "/".join(self.names)
+
+
+@dataclasses.dataclass(frozen=True)
+class TargetSpec:
+    r: int
+    alpha: float
+    scale: float
+    layout: tuple[str, ...]
+    embedding: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """The result of matching: targets by leaf index, and leaves that train in full."""
+
+    targets: dict[int, TargetSpec]
+    trainable: frozenset[int]
+
+
+def flatten_params(params: Any) -> tuple[list[LeafEntry], Any]:
+    """Flattens ``params`` (dict, FrozenDict, ``nnx.State``, HF ``model.params``)."""
+    is_node = lambda x: isinstance(x, (LoraWeight, Trainable))  # noqa: E731
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_node)
+    entries = [LeafEntry(i, path_names(p), leaf) for i, (p, leaf) in enumerate(flat)]
+    for e in entries:
+        if isinstance(e.leaf, (LoraWeight, Trainable)):
+            raise ValueError(
+                f"{e.path}: params already carry LoRA ({type(e.leaf).__name__}); "
+                "call jlora.unload(lp) (or jlora.merge) first, or use jlora.add_adapter"
+            )
+    return entries, treedef
+
+
+def _list_match(key: str, names: Sequence[str]) -> bool:
+    return any(key == n or key.endswith("." + n) for n in names)
+
+
+def _matches(spec: Union[str, Sequence[str]], key: str) -> bool:
+    if isinstance(spec, str):
+        return re.fullmatch(spec, key) is not None
+    return _list_match(key, spec)
+
+
+def _layer_index(key: str, layers_pattern: Optional[Sequence[str]]) -> Optional[int]:
+    if not layers_pattern:
+        m = re.match(r".*\.[^.]*\.(\d+)\.", key)
+    else:
+        m = None
+        for pattern in layers_pattern:
+            m = re.match(rf".*\.{pattern}\.(\d+)\.", key)
+            if m is not None:
+                break
+    return int(m.group(1)) if m else None
+
+
+def _pattern_value(patterns: Mapping[str, Any], key: str, default: Any) -> Any:
+    for pat, value in patterns.items():
+        if key == pat or re.match(rf"(.*\.)?({pat})$", key):
+            return value
+    return default
+
+
+class _TreeFacts:
+    """Facts about the whole tree used to infer kernel layouts."""
+
+    def __init__(self, entries: Sequence[LeafEntry]):
+        self.by_module: dict[str, dict[str, LeafEntry]] = collections.defaultdict(dict)
+        for e in entries:
+            self.by_module[e.module][e.name] = e
+        # HF GPT-2 FlaxConv1D stores kernels (out, in): c_attn is (3d, d) there, (d, 3d) as Dense.
+        self.gpt2_conv1d = any(
+            e.name == "kernel"
+            and e.names[-2:-1] == ("c_attn",)
+            and _is_array_like(e.leaf)
+            and len(e.leaf.shape) == 2
+            and e.leaf.shape[0] == 3 * e.leaf.shape[1]
+            for e in entries
+        )
+        scales = [e for e in entries if e.name == "scale" and _is_array_like(e.leaf)]
+        sizes = collections.Counter(int(e.leaf.shape[-1]) for e in scales if len(e.leaf.shape) >= 1)
+        self.model_dim = sizes.most_common(1)[0][0] if sizes else None
+        self.scales = scales
+
+    def stacked_by_norms(self, names: tuple[str, ...], lead: int) -> Optional[bool]:
+        """Whether norm scales near this kernel carry a leading layer axis of size ``lead``."""
+        for depth in range(len(names) - 2, 0, -1):
+            prefix = names[:depth]
+            near = [s for s in self.scales if s.names[:depth] == prefix]
+            if near:
+                return all(len(s.leaf.shape) >= 2 and s.leaf.shape[0] == lead for s in near)
+        return None
+
+
+def infer_layout(entry: LeafEntry, facts: _TreeFacts) -> tuple[str, ...]:
+    """Role of each kernel axis (``"stack"``, ``"in"``, ``"out"``), inferred from the tree.
+
+    Rules, in order: HF GPT-2 ``FlaxConv1D`` kernels are (out, in); an ``embedding`` is
+    (vocab, features) = ("in", "out"); a sibling ``bias`` fixes the output axes (and a
+    leading layer axis when the bias has one too); norm scales with a leading layer axis
+    mark ``nn.scan``-stacked layers; a module named ``*conv*`` has one output axis; a
+    3-D+ kernel whose last axis is the model width is an output projection; otherwise
+    the first non-stack axis is the input.
+    """
+    shape = tuple(int(s) for s in entry.leaf.shape)
+    nd = len(shape)
+    module_name = entry.names[-2] if len(entry.names) >= 2 else ""
+    if entry.name == "embedding":
+        n_stack = nd - 2
+        return ("stack",) * n_stack + ("in", "out")
+    if nd == 2:
+        if facts.gpt2_conv1d and module_name in _CONV1D_GPT2_NAMES:
+            return ("out", "in")
+        return ("in", "out")
+    bias = facts.by_module.get(entry.module, {}).get("bias")
+    n_stack = None
+    n_out = None
+    if bias is not None and _is_array_like(bias.leaf):
+        bshape = tuple(int(s) for s in bias.leaf.shape)
+        plain = 1 <= len(bshape) < nd and shape[nd - len(bshape):] == bshape
+        stacked = (
+            len(bshape) >= 2 and bshape[0] == shape[0] and len(bshape) - 1 < nd - 1
+            and shape[nd - len(bshape) + 1:] == bshape[1:]
+        )
+        if plain and stacked:
+            stacked = bool(facts.stacked_by_norms(entry.names, shape[0]))
+        if stacked:
+            n_stack, n_out = 1, len(bshape) - 1
+        elif plain:
+            n_stack, n_out = 0, len(bshape)
+    if n_stack is None:
+        n_stack = 1 if facts.stacked_by_norms(entry.names, shape[0]) else 0
+    rest = shape[n_stack:]
+    if len(rest) < 2:
+        raise ValueError(f"{entry.path}: cannot infer a kernel layout for shape {shape}; pass layouts=")
+    if n_out is None:
+        if "conv" in module_name.lower():
+            n_out = 1
+        elif len(rest) == 2:
+            n_out = 1
+        elif facts.model_dim is not None and rest[-1] == facts.model_dim and rest[0] != facts.model_dim:
+            n_out = 1
+        else:
+            n_out = len(rest) - 1
+    return ("stack",) * n_stack + ("in",) * (len(rest) - n_out) + ("out",) * n_out
+
+
+def _user_layout(layouts: LayoutSpec, entry: LeafEntry) -> Optional[tuple[str, ...]]:
+    if layouts is None:
+        return None
+    shape = tuple(int(s) for s in entry.leaf.shape)
+    if callable(layouts):
+        got = layouts(entry.module, shape)
+        return tuple(got) if got is not None else None
+    for pattern, roles in layouts.items():
+        if re.fullmatch(pattern, entry.module) or _list_match(entry.module, [pattern]):
+            return tuple(roles)
+    return None
+
+
+def _candidate_modules(entries: Sequence[LeafEntry]) -> list[str]:
+    return sorted(
+        {e.module for e in entries if e.name in KERNEL_LEAF_NAMES and _is_array_like(e.leaf) and len(e.leaf.shape) >= 2}
+    )
+
+
+def _format_list(items: Sequence[str], limit: int = 40) -> str:
+    shown = ", ".join(items[:limit])
+    more = f", ... ({len(items) - limit} more)" if len(items) > limit else ""
+    return shown + more
+
+
+def plan_targets(entries: Sequence[LeafEntry], config: LoraConfig, layouts: LayoutSpec = None) -> Plan:
+    """Matches ``config`` against the tree: targets with (r, alpha, scale, layout), and
+    the leaves made trainable in full by ``bias`` / ``modules_to_save``.
+
+    Raises ``ValueError`` when ``target_modules`` (or one of its entries) matches nothing,
+    listing the module paths that could have matched, and ``TypeError`` when a targeted
+    module's kernel is not an array.
+    """
+    if config.target_modules is None:
+        raise ValueError(
+            "LoraConfig.target_modules is None: name the modules to adapt (e.g. ['q_proj', 'v_proj']), "
+            "a regex, or 'all-linear'; jlora.hf.default_target_modules(model_type) gives PEFT's defaults"
+        )
+    facts = _TreeFacts(entries)
+    candidates = _candidate_modules(entries)
+    tm = config.target_modules
+    all_linear = tm == "all-linear" or tm == ("all-linear",)
+
+    def is_target_module(key: str) -> bool:
+        if config.exclude_modules is not None and _matches(config.exclude_modules, key):
+            return False
+        if all_linear:
+            last = key.rsplit(".", 1)[-1]
+            return last not in OUTPUT_HEAD_NAMES
+        if isinstance(tm, str):
+            return re.fullmatch(tm, key) is not None
+        if key in tm:
+            return True
+        found = any(key.endswith("." + t) for t in tm)
+        if found and config.layers_to_transform is not None:
+            idx = _layer_index(key, config.layers_pattern)
+            found = idx is not None and idx in config.layers_to_transform
+        return found
+
+    # Every module path in the tree (a module may hold no kernel, e.g. a LayerNorm).
+    modules: dict[str, list[LeafEntry]] = collections.defaultdict(list)
+    for e in entries:
+        modules[e.module].append(e)
+
+    targets: dict[int, TargetSpec] = {}
+    matched_without_kernel: list[str] = []
+    for key, leaves in modules.items():
+        if not key or not is_target_module(key):
+            continue
+        kernels = [e for e in leaves if e.name in KERNEL_LEAF_NAMES]
+        if all_linear:
+            kernels = [e for e in kernels if e.name == "kernel"]
+        if not kernels:
+            if not all_linear:
+                matched_without_kernel.append(f"{key} (leaves: {', '.join(e.name for e in leaves)})")
+            continue
+        for e in kernels:
+            if not _is_array_like(e.leaf):
+                raise TypeError(
+                    f"{e.path}: expected an array kernel for target module {key!r}, "
+                    f"got {type(e.leaf).__name__} ({e.leaf!r:.60})"
+                )
+            if len(e.leaf.shape) < 2:
+                if all_linear:
+                    continue
+                raise ValueError(f"{e.path}: kernel of shape {tuple(e.leaf.shape)} has fewer than 2 axes")
+            layout = _user_layout(layouts, e) or infer_layout(e, facts)
+            KernelLayout(layout).factor_shapes(tuple(e.leaf.shape), 1)  # validates length
+            if "stack" in layout and config.layers_to_transform is not None:
+                raise ValueError(
+                    f"{e.path}: layers_to_transform on stacked (nn.scan) layers is not supported; "
+                    "all layers of a stacked kernel share one adapter layout"
+                )
+            r = _pattern_value(config.rank_pattern, key, config.r)
+            alpha = _pattern_value(config.alpha_pattern, key, config.lora_alpha)
+            targets[e.index] = TargetSpec(
+                r=int(r), alpha=alpha, scale=config.scale_for(int(r), alpha), layout=layout,
+                embedding=e.name == "embedding",
+            )
+
+    if not targets:
+        hint = f" Modules it matched have no kernel: {_format_list(matched_without_kernel)}." if matched_without_kernel else ""
+        if isinstance(tm, str) and not all_linear:
+            leaf_hits = [e.path for e in entries if re.fullmatch(tm, ".".join(e.names))]
+            if leaf_hits:
+                hint += (
+                    f" The regex matches leaf paths, not module paths: {_format_list(leaf_hits)}"
+                    " (only biases or non-kernels); match the module path, e.g. '.*c_attn'."
+                )
+        raise ValueError(
+            f"target_modules={config.target_modules!r} matched no kernel.{hint} "
+            f"Module paths that could match: {_format_list(candidates)}"
+        )
+    if isinstance(tm, tuple) and not all_linear:
+        unmatched = [
+            t for t in tm
+            if not any((m == t or m.endswith("." + t)) for m in (entries[i].module for i in targets))
+        ]
+        if unmatched:
+            raise ValueError(
+                f"target_modules entries {unmatched} matched no kernel "
+                f"(layers_to_transform={config.layers_to_transform}); "
+                f"module paths that could match: {_format_list(candidates)}"
+            )
+
+    trainable: set[int] = set()
+    target_modules = {entries[i].module for i in targets}
+    for e in entries:
+        if e.index in targets:
+            continue
+        if e.name == "bias" and (config.bias == "all" or (config.bias == "lora_only" and e.module in target_modules)):
+            trainable.add(e.index)
+        if config.modules_to_save:
+            prefixes = [".".join(e.names[:k]) for k in range(1, len(e.names))]
+            if any(p.endswith(m) for p in prefixes for m in config.modules_to_save):
+                trainable.add(e.index)
+    if config.modules_to_save:
+        all_prefixes = sorted({".".join(e.names[:k]) for e in entries for k in range(1, len(e.names))})
+        for m in config.modules_to_save:
+            if not any(p.endswith(m) for p in all_prefixes):
+                raise ValueError(
+                    f"modules_to_save entry {m!r} matched no module; modules: {_format_list(all_prefixes)}"
+                )
+    return Plan(targets=targets, trainable=frozenset(trainable))

@@ -1,0 +1,809 @@
+"""`lora(fn)`: run an unchanged model with LoRA applied, without forming ``W + s·A·B``.
+
+``lora(fn)`` traces ``fn`` with plain arrays standing in for every ``LoraWeight``
+(``jax.make_jaxpr``) and evaluates the jaxpr with an interpreter in which a LoRA weight
+is a value of its own:
+
+* ``dot_general`` with a LoRA operand emits ``dot_general(x, W) + s·((x·A)·B)`` for any
+  contracting/batch dimensions whose roles fit the factorisation (Dense, DenseGeneral,
+  einsum projections, stacked or vmapped layers; a contraction over the *output* axes,
+  as in tied embeddings, gives ``(x·Bᵀ)·Aᵀ``);
+* ``gather`` on an embedding table gives ``W[ids] + s·A[ids]·B``;
+* ``conv_general_dilated`` gives ``conv(x, W) + s·conv1x1(conv(x, A), B)``;
+* the value stays factored through ``transpose``, ``convert_element_type``, ``copy``,
+  ``reshape``/``squeeze``/``expand_dims`` (where the factorisation survives), and into
+  nested ``jit``/``closed_call``, ``custom_jvp_call``/``custom_vjp_call``, ``remat``
+  (policy kept) and ``scan`` bodies (as constants, or as scanned stacked weights);
+* anything else materialises ``W + s·A·B`` at that one point (correct, only slower),
+  reported according to ``on_materialize``.
+
+Precision: ``x·A`` and ``(x·A)·B`` are computed in the factors' dtype (float32 by
+default; ``x`` is cast to it), scaled, then cast to the base output's dtype and added
+to ``dot_general(x, W)``, which is computed exactly as the model asked.
+
+Only public JAX API is used (``jax.make_jaxpr``, ``jax.extend``, ``jax.lax``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any, Literal, Optional
+
+import jax
+import jax.extend as jex
+import jax.numpy as jnp
+import numpy as np
+
+from .targets import path_names
+from .weight import LoraWeight, Trainable
+
+__all__ = ["lora", "explain", "LoraReport", "MaterializationWarning", "MaterializationError"]
+
+OnMaterialize = Literal["warn", "error", "allow"]
+_prims = jex.core.primitives
+
+
+class MaterializationWarning(UserWarning):
+    """A LoRA weight was materialised as ``W + s·A·B`` (correct, but slower)."""
+
+
+class MaterializationError(ValueError):
+    """Raised by ``lora(fn, on_materialize="error")`` where a weight would be materialised."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraEvent:
+    path: str
+    primitive: str
+    action: str  # "factored" | "materialized"
+    where: str
+    reason: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraReport:
+    """What ``lora(fn)`` did with each LoRA weight for one call: a list of events.
+
+    ``factored``/``materialized`` list the target paths; ``str(report)`` is a table.
+    """
+
+    events: tuple[LoraEvent, ...]
+
+    @property
+    def factored(self) -> list[str]:
+        return sorted({e.path for e in self.events if e.action == "factored"})
+
+    @property
+    def materialized(self) -> list[str]:
+        return sorted({e.path for e in self.events if e.action == "materialized"})
+
+    def __str__(self) -> str:
+        rows = [("target", "primitive", "action", "where")]
+        rows += [(e.path, e.primitive, e.action + (f" ({e.reason})" if e.reason else ""), e.where) for e in self.events]
+        widths = [max(len(r[i]) for r in rows) for i in range(3)]
+        lines = [f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:<{widths[2]}}  {r[3]}" for r in rows]
+        lines.insert(1, "-" * min(120, sum(widths) + 6 + max(len(r[3]) for r in rows)))
+        return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------
+# The LoRA value of the interpreter
+# ----------------------------------------------------------------------------------
+
+Axis = tuple[str, int]  # ("s", k) stack axis k, ("a", k) in-axis k of A, ("b", k) out-axis k of B
+
+
+@dataclasses.dataclass(frozen=True)
+class _Lora:
+    """A kernel view ``w`` whose delta is ``scale · Σ_r a[..., r] b[r, ...]``.
+
+    ``a``: (*stack, *in, r); ``b``: (*stack, r, *out). ``axes[i]`` says which factor axis
+    view axis ``i`` of ``w`` corresponds to.
+    """
+
+    w: Any
+    a: Any
+    b: Any
+    scale: float
+    axes: tuple[Axis, ...]
+    n_stack: int
+    dropout: float
+    path: str
+
+    @property
+    def n_in(self) -> int:
+        return self.a.ndim - self.n_stack - 1
+
+    @property
+    def n_out(self) -> int:
+        return self.b.ndim - self.n_stack - 1
+
+    def with_w(self, w, axes=None, a=None, b=None, n_stack=None) -> "_Lora":
+        return dataclasses.replace(
+            self, w=w, axes=self.axes if axes is None else tuple(axes),
+            a=self.a if a is None else a, b=self.b if b is None else b,
+            n_stack=self.n_stack if n_stack is None else n_stack,
+        )
+
+    def delta_view(self, dtype) -> jax.Array:
+        """``scale · ΔW`` in the view's axis order, computed in ``dtype``."""
+        ns = self.n_stack
+        stack = tuple(range(ns))
+        d = jax.lax.dot_general(
+            self.a.astype(dtype), self.b.astype(dtype),
+            (((self.a.ndim - 1,), (ns,)), (stack, stack)),
+            precision=jax.lax.Precision.HIGHEST,
+        )
+        offsets = {"s": 0, "a": ns, "b": ns + self.n_in}
+        perm = [offsets[g] + k for g, k in self.axes]
+        return jnp.transpose(d, perm) * jnp.asarray(self.scale, dtype)
+
+    def materialize(self) -> jax.Array:
+        compute = jnp.promote_types(self.w.dtype, jnp.float32)
+        return (self.w.astype(compute) + self.delta_view(compute)).astype(self.w.dtype)
+
+
+def _roles_to_axes(layout: Sequence[str]) -> tuple[tuple[Axis, ...], int]:
+    counts = {"s": 0, "a": 0, "b": 0}
+    axes = []
+    for role in layout:
+        g = {"stack": "s", "in": "a", "out": "b"}[role]
+        axes.append((g, counts[g]))
+        counts[g] += 1
+    return tuple(axes), counts["s"]
+
+
+# ----------------------------------------------------------------------------------
+# Interpreter context
+# ----------------------------------------------------------------------------------
+
+
+class _Context:
+    def __init__(self, key: Optional[jax.Array], on_materialize: str, events: list[LoraEvent]):
+        self.key = key
+        self.on_materialize = on_materialize
+        self.events = events
+        self._counter = [0]
+
+    def child(self, key: Optional[jax.Array]) -> "_Context":
+        c = _Context(key, self.on_materialize, self.events)
+        c._counter = self._counter
+        return c
+
+    def next_key(self) -> Optional[jax.Array]:
+        if self.key is None:
+            return None
+        self._counter[0] += 1
+        return jax.random.fold_in(self.key, self._counter[0])
+
+    def record(self, lv: _Lora, eqn: Any, action: str, reason: str = "") -> None:
+        where = _where(eqn)
+        event = LoraEvent(lv.path, eqn.primitive.name if eqn is not None else "output", action, where, reason)
+        self.events.append(event)
+        if action == "materialized":
+            msg = (
+                f"jlora: LoRA weight {lv.path!r} materialised as W + s·A·B at {event.primitive} "
+                f"({where}){': ' + reason if reason else ''}. Correct, but gradients cost a full "
+                "d_in x d_out product here."
+            )
+            if self.on_materialize == "error":
+                raise MaterializationError(msg + " (on_materialize='error')")
+            if self.on_materialize == "warn":
+                warnings.warn(msg, MaterializationWarning, stacklevel=2)
+
+
+def _where(eqn: Any) -> str:
+    if eqn is None:
+        return "function output"
+    try:
+        summary = jex.source_info_util.summarize(eqn.source_info)
+        stack = str(eqn.source_info.name_stack)
+        return f"{stack} @ {summary}" if stack else summary
+    except Exception:  # pragma: no cover - source info is best effort
+        return "?"
+
+
+def _bind_params(primitive: Any, params: dict) -> tuple[tuple, dict]:
+    """``(subfuns, params)`` for ``primitive.bind`` (older JAX returns a pair, newer a dict)."""
+    got = primitive.get_bind_params(params)
+    if isinstance(got, tuple):
+        return tuple(got[0]), got[1]
+    return (), got
+
+
+def _bind_with(primitive: Any, params: dict, invals: Sequence[Any]) -> Any:
+    subfuns, bind_params = _bind_params(primitive, params)
+    return primitive.bind(*subfuns, *invals, **bind_params)
+
+
+def _bind(eqn: Any, invals: Sequence[Any]) -> Any:
+    return _bind_with(eqn.primitive, eqn.params, invals)
+
+
+def _materialize(x: Any, ctx: _Context, eqn: Any, reason: str = "") -> Any:
+    if isinstance(x, _Lora):
+        ctx.record(x, eqn, "materialized", reason)
+        return x.materialize()
+    return x
+
+
+def _dropout(x: jax.Array, lv: _Lora, ctx: _Context) -> jax.Array:
+    if lv.dropout <= 0.0:
+        return x
+    key = ctx.next_key()
+    if key is None:
+        return x
+    keep = 1.0 - lv.dropout
+    mask = jax.random.bernoulli(key, keep, x.shape)
+    return jnp.where(mask, x / jnp.asarray(keep, x.dtype), jnp.zeros((), x.dtype))
+
+
+def _factor_dtype(lv: _Lora):
+    return jnp.promote_types(lv.a.dtype, lv.b.dtype)
+
+
+def eval_jaxpr(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], ctx: _Context, materialize_out: bool = True):
+    """Evaluates ``jaxpr`` where some values may be ``_Lora``."""
+    env: dict[Any, Any] = {}
+
+    def read(v):
+        if isinstance(v, jex.core.Literal):
+            return v.val
+        return env[v]
+
+    def write(v, val):
+        if not isinstance(v, jex.core.DropVar):
+            env[v] = val
+
+    for v, c in zip(jaxpr.constvars, consts):
+        write(v, c)
+    for v, a in zip(jaxpr.invars, args):
+        write(v, a)
+    for eqn in jaxpr.eqns:
+        invals = [read(v) for v in eqn.invars]
+        if any(isinstance(x, _Lora) for x in invals):
+            rule = _RULES.get(eqn.primitive.name, _rule_materialize)
+            outvals = rule(eqn, invals, ctx)
+        else:
+            name_stack = jex.source_info_util.current_name_stack() + eqn.source_info.name_stack
+            with jex.source_info_util.user_context(eqn.source_info.traceback, name_stack=name_stack):
+                outvals = _bind(eqn, invals)
+        if not eqn.primitive.multiple_results:
+            outvals = [outvals]
+        for v, val in zip(eqn.outvars, outvals):
+            write(v, val)
+    outs = [read(v) for v in jaxpr.outvars]
+    if materialize_out:
+        outs = [_materialize(o, ctx, None, "returned from the function") for o in outs]
+    return outs
+
+
+# ----------------------------------------------------------------------------------
+# Rules
+# ----------------------------------------------------------------------------------
+
+
+def _rule_materialize(eqn, invals, ctx, reason: str = ""):
+    reason = reason or f"no factored rule for {eqn.primitive.name}"
+    vals = [_materialize(x, ctx, eqn, reason) for x in invals]
+    return _bind(eqn, vals)
+
+
+def _rule_passthrough(eqn, invals, ctx):
+    lv = invals[0]
+    if not all(not isinstance(x, _Lora) for x in invals[1:]):
+        return _rule_materialize(eqn, invals, ctx)
+    return lv.with_w(_bind(eqn, [lv.w, *invals[1:]]))
+
+
+def _rule_transpose(eqn, invals, ctx):
+    (lv,) = invals
+    perm = eqn.params["permutation"]
+    return lv.with_w(_bind(eqn, [lv.w]), axes=[lv.axes[p] for p in perm])
+
+
+def _reshape_blocks(old: Sequence[int], new: Sequence[int]):
+    """Splits a reshape into blocks (old axes, new axes) with equal products."""
+    if 0 in old or 0 in new:
+        return None
+    blocks, i, j = [], 0, 0
+    while i < len(old) or j < len(new):
+        if i < len(old) and old[i] == 1 and (j >= len(new) or new[j] != 1):
+            blocks.append(([i], []))
+            i += 1
+            continue
+        if j < len(new) and new[j] == 1 and (i >= len(old) or old[i] != 1):
+            blocks.append(([], [j]))
+            j += 1
+            continue
+        if i >= len(old) or j >= len(new):
+            return None
+        oi, nj, po, pn = [i], [j], old[i], new[j]
+        i, j = i + 1, j + 1
+        while po != pn:
+            if po < pn:
+                if i >= len(old):
+                    return None
+                oi.append(i)
+                po *= old[i]
+                i += 1
+            else:
+                if j >= len(new):
+                    return None
+                nj.append(j)
+                pn *= new[j]
+                j += 1
+        blocks.append((oi, nj))
+    return blocks
+
+
+def _reshape_lora(lv: _Lora, new_shape: Sequence[int]) -> Optional[_Lora]:
+    """The factored value of ``reshape(view, new_shape)``, or None if it does not factor."""
+    old = tuple(lv.w.shape)
+    blocks = _reshape_blocks(old, tuple(new_shape))
+    if blocks is None:
+        return None
+    ns = lv.n_stack
+    sizes = {
+        "s": list(lv.a.shape[:ns]),
+        "a": list(lv.a.shape[ns:-1]),
+        "b": list(lv.b.shape[ns + 1:]),
+    }
+    # per group: list of (first old factor idx, old idxs, new view axes, new sizes)
+    plans: dict[str, list] = {"s": [], "a": [], "b": []}
+    for oi, nj in blocks:
+        if oi:
+            groups = {lv.axes[i][0] for i in oi}
+            if len(groups) != 1:
+                return None
+            g = groups.pop()
+            idxs = [lv.axes[i][1] for i in oi]
+            if idxs != list(range(idxs[0], idxs[0] + len(idxs))):
+                return None
+            plans[g].append((idxs[0], idxs, nj, [new_shape[j] for j in nj]))
+        else:
+            plans["b"].append((10**9, [], nj, [new_shape[j] for j in nj]))
+    if plans["s"]:
+        # stack axes may only pass through unchanged
+        if any(len(p[1]) != 1 or len(p[2]) != 1 for p in plans["s"]):
+            return None
+    new_axes: dict[int, Axis] = {}
+    new_sizes: dict[str, list[int]] = {}
+    for g, items in plans.items():
+        items.sort(key=lambda p: p[0])
+        covered = [k for p in items for k in p[1]]
+        if sorted(covered) != list(range(len(sizes[g]))):
+            return None
+        out_sizes: list[int] = []
+        for _, _, nj, nsz in items:
+            for j, s in zip(nj, nsz):
+                new_axes[j] = (g, len(out_sizes))
+                out_sizes.append(int(s))
+        new_sizes[g] = out_sizes
+    if not new_sizes["a"] or not new_sizes["b"]:
+        return None
+    r = lv.a.shape[-1]
+    a = lv.a.reshape(tuple(new_sizes["s"]) + tuple(new_sizes["a"]) + (r,))
+    b = lv.b.reshape(tuple(new_sizes["s"]) + (r,) + tuple(new_sizes["b"]))
+    axes = [new_axes[j] for j in range(len(new_shape))]
+    return dataclasses.replace(lv, a=a, b=b, axes=tuple(axes), n_stack=len(new_sizes["s"]))
+
+
+def _rule_reshape(eqn, invals, ctx):
+    lv = invals[0]
+    if len(invals) != 1 or eqn.params.get("dimensions") is not None:
+        return _rule_materialize(eqn, invals, ctx)
+    new = _reshape_lora(lv, eqn.params["new_sizes"])
+    if new is None:
+        return _rule_materialize(eqn, invals, ctx, "reshape mixes input and output axes")
+    return dataclasses.replace(new, w=_bind(eqn, [lv.w]))
+
+
+def _rule_squeeze(eqn, invals, ctx):
+    (lv,) = invals
+    dims = set(d % lv.w.ndim for d in eqn.params["dimensions"])
+    new_shape = [s for i, s in enumerate(lv.w.shape) if i not in dims]
+    new = _reshape_lora(lv, new_shape)
+    if new is None:
+        return _rule_materialize(eqn, invals, ctx, "squeeze removes a needed axis")
+    return dataclasses.replace(new, w=_bind(eqn, [lv.w]))
+
+
+def _rule_broadcast_in_dim(eqn, invals, ctx):
+    lv = invals[0]
+    shape = tuple(eqn.params["shape"])
+    bdims = tuple(eqn.params["broadcast_dimensions"])
+    is_expand = (
+        len(invals) == 1
+        and list(bdims) == sorted(bdims)
+        and all(shape[bdims[d]] == lv.w.shape[d] for d in range(lv.w.ndim))
+        and all(shape[i] == 1 for i in range(len(shape)) if i not in bdims)
+    )
+    if not is_expand:
+        return _rule_materialize(eqn, invals, ctx, "broadcast of a weight")
+    new = _reshape_lora(lv, shape)
+    if new is None:
+        return _rule_materialize(eqn, invals, ctx)
+    return dataclasses.replace(new, w=_bind(eqn, [lv.w]))
+
+
+def _rule_dot_general(eqn, invals, ctx):
+    lhs, rhs = invals
+    if isinstance(lhs, _Lora) and isinstance(rhs, _Lora):
+        return _rule_materialize(eqn, invals, ctx, "both operands are LoRA weights")
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    lora_is_rhs = isinstance(rhs, _Lora)
+    if lora_is_rhs:
+        lv, x, lvc, xc, lvb, xb = rhs, lhs, rc, lc, rb, lb
+    else:
+        lv, x, lvc, xc, lvb, xb = lhs, rhs, lc, rc, lb, rb
+    nd = lv.w.ndim
+    free = [i for i in range(nd) if i not in lvc and i not in lvb]
+    cgroups = [lv.axes[i] for i in lvc]
+    bgroups = [lv.axes[i] for i in lvb]
+    fgroups = [lv.axes[i] for i in free]
+    ns = lv.n_stack
+    batch_ok = all(g == "s" for g, _ in bgroups) and sorted(k for _, k in bgroups) == list(range(ns))
+
+    def covers(groups, g, n):
+        return all(gg == g for gg, _ in groups) and sorted(k for _, k in groups) == list(range(n))
+
+    if batch_ok and covers(cgroups, "a", lv.n_in) and covers(fgroups, "b", lv.n_out):
+        mode = "in"
+    elif batch_ok and covers(cgroups, "b", lv.n_out) and covers(fgroups, "a", lv.n_in):
+        mode = "out"
+    else:
+        return _rule_materialize(
+            eqn, invals, ctx,
+            f"contraction over kernel axes {tuple(lvc)} does not match its layout (in/out roles {lv.axes})",
+        )
+
+    base = _bind(eqn, [lhs.w if not lora_is_rhs else lhs, rhs.w if lora_is_rhs else rhs])
+    fdtype = _factor_dtype(lv)
+    precision = eqn.params.get("precision")
+    batch_idx = [k for _, k in bgroups]
+    if mode == "in":
+        xd = _dropout(x, lv, ctx).astype(fdtype)
+        first, second = lv.a, lv.b
+        first_contract = [ns + k for _, k in cgroups]
+        second_r_axis = ns
+    else:
+        xd = x.astype(fdtype)
+        first, second = lv.b, lv.a
+        first_contract = [ns + 1 + k for _, k in cgroups]
+        second_r_axis = lv.a.ndim - 1
+    t = jax.lax.dot_general(
+        xd, first, ((tuple(xc), tuple(first_contract)), (tuple(xb), tuple(batch_idx))),
+        precision=precision, preferred_element_type=fdtype,
+    )
+    nbat = len(xb)
+    u = jax.lax.dot_general(
+        t, second, (((t.ndim - 1,), (second_r_axis,)), (tuple(range(nbat)), tuple(batch_idx))),
+        precision=precision, preferred_element_type=fdtype,
+    )
+    # u: (batch, x_free, factor free axes in factor order); want lv's free axes in view order
+    nx_free = t.ndim - 1 - nbat
+    ks = [k for _, k in fgroups]
+    if mode == "out":
+        # second was A: remaining axes of A after removing stack and r are in order 0..n_in-1
+        pass
+    perm = list(range(nbat + nx_free)) + [nbat + nx_free + k for k in ks]
+    u = jnp.transpose(u, perm)
+    if not lora_is_rhs:
+        nf = len(ks)
+        perm2 = list(range(nbat)) + [nbat + nx_free + j for j in range(nf)] + [nbat + j for j in range(nx_free)]
+        u = jnp.transpose(u, perm2)
+    ctx.record(lv, eqn, "factored")
+    return base + (u * jnp.asarray(lv.scale, fdtype)).astype(base.dtype)
+
+
+def _rule_gather(eqn, invals, ctx):
+    operand, indices = invals
+    if not isinstance(operand, _Lora) or isinstance(indices, _Lora):
+        return _rule_materialize(eqn, invals, ctx, "LoRA weight used as gather indices")
+    lv = operand
+    dn = eqn.params["dimension_numbers"]
+    slice_sizes = tuple(eqn.params["slice_sizes"])
+    a_view = [i for i, (g, _) in enumerate(lv.axes) if g == "a"]
+    other = [i for i, (g, _) in enumerate(lv.axes) if g != "a"]
+    ok = (
+        lv.n_stack == 0
+        and not dn.operand_batching_dims
+        and sorted(dn.collapsed_slice_dims) == a_view
+        and sorted(dn.start_index_map) == a_view
+        and all(slice_sizes[i] == 1 for i in a_view)
+        and all(slice_sizes[i] == lv.w.shape[i] for i in other)
+    )
+    if not ok:
+        return _rule_materialize(eqn, invals, ctx, "gather is not a row lookup over the input axes")
+    base = _bind(eqn, [lv.w, indices])
+    n_offset = len(other)
+    batch_rank = base.ndim - n_offset
+    r = lv.a.shape[-1]
+    a_dn = jax.lax.GatherDimensionNumbers(
+        offset_dims=(batch_rank,),
+        collapsed_slice_dims=tuple(range(lv.n_in)),
+        start_index_map=tuple(lv.axes[i][1] for i in dn.start_index_map),
+        operand_batching_dims=(),
+        start_indices_batching_dims=(),
+    )
+    params = dict(eqn.params)
+    params.update(dimension_numbers=a_dn, slice_sizes=(1,) * lv.n_in + (r,))
+    ga = _bind_with(eqn.primitive, params, [lv.a, indices])  # (batch..., r)
+    fdtype = _factor_dtype(lv)
+    u = jax.lax.dot_general(ga.astype(fdtype), lv.b.astype(fdtype), (((ga.ndim - 1,), (0,)), ((), ())),
+                            preferred_element_type=fdtype)
+    ks = [lv.axes[i][1] for i in other]  # view order of the b axes
+    u = jnp.transpose(u, list(range(batch_rank)) + [batch_rank + k for k in ks])
+    u = jnp.moveaxis(u, list(range(batch_rank, batch_rank + n_offset)), list(dn.offset_dims))
+    ctx.record(lv, eqn, "factored")
+    return base + (u * jnp.asarray(lv.scale, fdtype)).astype(base.dtype)
+
+
+def _rule_conv(eqn, invals, ctx):
+    x, k = invals
+    if isinstance(x, _Lora) or not isinstance(k, _Lora):
+        return _rule_materialize(eqn, invals, ctx, "LoRA weight used as conv input")
+    lv = k
+    p = eqn.params
+    dn = p["dimension_numbers"]
+    out_dim, in_dim = dn.rhs_spec[0], dn.rhs_spec[1]
+    ok = (
+        lv.n_stack == 0 and lv.n_out == 1 and lv.axes[out_dim] == ("b", 0)
+        and all(g == "a" for i, (g, _) in enumerate(lv.axes) if i != out_dim)
+        and p["feature_group_count"] == 1 and p["batch_group_count"] == 1
+    )
+    if not ok:
+        return _rule_materialize(eqn, invals, ctx, "grouped conv or unusual kernel layout")
+    base = _bind(eqn, [x, lv.w])
+    fdtype = _factor_dtype(lv)
+    perm = [lv.n_in if i == out_dim else lv.axes[i][1] for i in range(lv.w.ndim)]
+    a_kernel = jnp.transpose(lv.a, perm).astype(fdtype)
+    params = dict(p)
+    params["preferred_element_type"] = fdtype
+    xd = _dropout(x, lv, ctx).astype(fdtype)
+    t = _bind_with(eqn.primitive, params, [xd, a_kernel])
+    of = dn.out_spec[1]
+    u = jax.lax.dot_general(t, lv.b.astype(fdtype), (((of,), (0,)), ((), ())), preferred_element_type=fdtype)
+    u = jnp.moveaxis(u, -1, of)
+    ctx.record(lv, eqn, "factored")
+    del in_dim
+    return base + (u * jnp.asarray(lv.scale, fdtype)).astype(base.dtype)
+
+
+def _inline(jaxpr_param: str, closed: bool = True):
+    def rule(eqn, invals, ctx):
+        sub = eqn.params[jaxpr_param]
+        if closed:
+            return eval_jaxpr(sub.jaxpr, sub.consts, invals, ctx, materialize_out=True)
+        return eval_jaxpr(sub, (), invals, ctx, materialize_out=True)
+
+    return rule
+
+
+def _flatten_vals(vals: Sequence[Any]):
+    """Splits values into arrays (LoRA values as their (w, a, b)) and a rebuild function."""
+    flat: list[Any] = []
+    specs: list[Any] = []
+    for v in vals:
+        if isinstance(v, _Lora):
+            specs.append(dataclasses.replace(v, w=None, a=None, b=None))
+            flat.extend([v.w, v.a, v.b])
+        else:
+            specs.append(None)
+            flat.append(v)
+
+    def rebuild(arrays: Sequence[Any]) -> list[Any]:
+        out, i = [], 0
+        for s in specs:
+            if s is None:
+                out.append(arrays[i])
+                i += 1
+            else:
+                out.append(dataclasses.replace(s, w=arrays[i], a=arrays[i + 1], b=arrays[i + 2]))
+                i += 3
+        return out
+
+    return flat, rebuild
+
+
+def _rule_remat(eqn, invals, ctx):
+    p = eqn.params
+    flat, rebuild = _flatten_vals(invals)
+    has_key = ctx.key is not None
+
+    def body(key, *arrays):
+        sub = ctx.child(key if has_key else None)
+        return eval_jaxpr(p["jaxpr"], (), rebuild(arrays), sub)
+
+    key = ctx.next_key() if has_key else jnp.zeros((), jnp.uint32)
+    fn = jax.checkpoint(body, prevent_cse=p.get("prevent_cse", True), policy=p.get("policy"))
+    return fn(key, *flat)
+
+
+def _rule_scan(eqn, invals, ctx):
+    p = eqn.params
+    nc, ncar = p["num_consts"], p["num_carry"]
+    consts = list(invals[:nc])
+    init = [_materialize(v, ctx, eqn, "LoRA weight carried through a scan") for v in invals[nc:nc + ncar]]
+    xs = []
+    for v in invals[nc + ncar:]:
+        if isinstance(v, _Lora) and v.axes[0][0] != "s":
+            v = _materialize(v, ctx, eqn, "scan slices a non-stack axis of the weight")
+        xs.append(v)
+
+    # stacked LoRA values scanned over their leading stack axis
+    xs_flat: list[Any] = []
+    xs_specs: list[Any] = []
+    for v in xs:
+        if isinstance(v, _Lora):
+            m = v.axes[0][1]
+            a = jnp.moveaxis(v.a, m, 0)
+            b = jnp.moveaxis(v.b, m, 0)
+            inner_axes = tuple(("s", k if k < m else k - 1) if g == "s" else (g, k) for g, k in v.axes[1:])
+            xs_specs.append(dataclasses.replace(v, w=None, a=None, b=None, axes=inner_axes, n_stack=v.n_stack - 1))
+            xs_flat.append((v.w, a, b))
+        else:
+            xs_specs.append(None)
+            xs_flat.append(v)
+    length = p["length"]
+    keys = None
+    if ctx.key is not None:
+        keys = jax.random.split(ctx.next_key(), length)
+    closed = p["jaxpr"]
+
+    def body(carry, xs_and_key):
+        xs_vals, key = xs_and_key
+        vals = []
+        for spec, val in zip(xs_specs, xs_vals):
+            if spec is None:
+                vals.append(val)
+            else:
+                vals.append(dataclasses.replace(spec, w=val[0], a=val[1], b=val[2]))
+        sub = ctx.child(key)
+        outs = eval_jaxpr(closed.jaxpr, closed.consts, [*consts, *carry, *vals], sub)
+        return outs[:ncar], outs[ncar:]
+
+    carry, ys = jax.lax.scan(
+        body, init, (xs_flat, keys), length=length, reverse=p["reverse"], unroll=p["unroll"],
+    )
+    return [*carry, *ys]
+
+
+_RULES: dict[str, Callable] = {
+    "dot_general": _rule_dot_general,
+    "transpose": _rule_transpose,
+    "convert_element_type": _rule_passthrough,
+    "copy": _rule_passthrough,
+    "copy_p": _rule_passthrough,
+    "sharding_constraint": _rule_passthrough,
+    "reshape": _rule_reshape,
+    "squeeze": _rule_squeeze,
+    "broadcast_in_dim": _rule_broadcast_in_dim,
+    "gather": _rule_gather,
+    "conv_general_dilated": _rule_conv,
+    _prims.jit_p.name: _inline("jaxpr"),
+    "pjit": _inline("jaxpr"),
+    _prims.closed_call_p.name: _inline("call_jaxpr"),
+    _prims.custom_jvp_call_p.name: _inline("call_jaxpr"),
+    _prims.custom_vjp_call_p.name: _inline("call_jaxpr"),
+    _prims.remat_p.name: _rule_remat,
+    _prims.scan_p.name: _rule_scan,
+}
+
+
+# ----------------------------------------------------------------------------------
+# The public transform
+# ----------------------------------------------------------------------------------
+
+
+def _is_node(x: Any) -> bool:
+    return isinstance(x, (LoraWeight, Trainable))
+
+
+def _is_dynamic(x: Any) -> bool:
+    return isinstance(x, (jax.Array, np.ndarray, np.generic, jax.core.Tracer))
+
+
+def _run(fn, args, kwargs, key, on_materialize, events):
+    flat_with_path, treedef = jax.tree_util.tree_flatten_with_path((args, kwargs), is_leaf=_is_node)
+    flat = [leaf for _, leaf in flat_with_path]
+    statics = list(flat)
+    dyn_idx: list[int] = []
+    dyn_vals: list[Any] = []
+    for i, (path, leaf) in enumerate(flat_with_path):
+        if isinstance(leaf, LoraWeight):
+            if leaf.merged:
+                dyn_idx.append(i)
+                dyn_vals.append(leaf.w)
+            else:
+                names = path_names(path)
+                axes, n_stack = _roles_to_axes(leaf.layout)
+                lv = _Lora(
+                    w=jax.lax.stop_gradient(leaf.w), a=leaf.a, b=leaf.b, scale=leaf.scale, axes=axes,
+                    n_stack=n_stack, dropout=leaf.dropout, path="/".join(names[2:]) or "/".join(names),
+                )
+                dyn_idx.append(i)
+                dyn_vals.append(lv)
+        elif isinstance(leaf, Trainable):
+            dyn_idx.append(i)
+            dyn_vals.append(leaf.value)
+        elif _is_dynamic(leaf):
+            dyn_idx.append(i)
+            dyn_vals.append(leaf)
+
+    def flat_fn(*dyn):
+        leaves = list(statics)
+        for i, v in zip(dyn_idx, dyn):
+            leaves[i] = v
+        a, k = jax.tree_util.tree_unflatten(treedef, leaves)
+        return fn(*a, **k)
+
+    avals = [
+        jax.ShapeDtypeStruct(v.w.shape, v.w.dtype) if isinstance(v, _Lora) else jax.ShapeDtypeStruct(v.shape, v.dtype)
+        for v in dyn_vals
+    ]
+    closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*avals)
+    ctx = _Context(key, on_materialize, events)
+    outs = eval_jaxpr(closed.jaxpr, closed.consts, dyn_vals, ctx)
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outs)
+
+
+def lora(fn: Callable[..., Any], *, on_materialize: OnMaterialize = "warn") -> Callable[..., Any]:
+    """Returns ``fn`` with LoRA applied to every ``LoraWeight`` in its arguments.
+
+    For each LoRA weight used as a kernel, the wrapped function computes::
+
+        y = x·W + s · (dropout(x)·A)·B          s = lora_alpha / r
+
+    without ever forming ``W + s·A·B`` (see the module docstring for where it is formed).
+    The base ``W`` is frozen (``stop_gradient``): gradients flow to A, B and ``Trainable``
+    leaves only. ``Trainable`` leaves are passed to ``fn`` as plain arrays; leaves of
+    merged weights (:func:`jlora.merge_adapter`) are passed as they are.
+
+    The returned function has ``fn``'s signature plus one keyword-only argument,
+    ``lora_rng``: a PRNG key for LoRA dropout (rate ``LoraConfig.lora_dropout``, on the
+    input of A). No key (the default) means no dropout, as in evaluation. The same key
+    gives the same masks. Non-array arguments (Python bools, strings, ints) are static.
+
+    Args:
+      fn: any function whose arguments hold parameter trees, e.g. ``model.apply``.
+      on_materialize: what to do where a weight cannot stay factored: ``"warn"`` (a
+        :class:`MaterializationWarning`), ``"error"`` (:class:`MaterializationError`),
+        or ``"allow"``.
+
+    Example:
+      >>> forward = lora(model.apply)                                  # doctest: +SKIP
+      >>> logits = forward({"params": lp}, x)                          # doctest: +SKIP
+      >>> loss = forward({"params": lp}, x, lora_rng=jax.random.key(1))  # with dropout
+    """
+    if on_materialize not in ("warn", "error", "allow"):
+        raise ValueError(f"on_materialize={on_materialize!r}: must be 'warn', 'error' or 'allow'")
+
+    @functools.wraps(fn)
+    def wrapped(*args: Any, lora_rng: Optional[jax.Array] = None, **kwargs: Any) -> Any:
+        return _run(fn, args, kwargs, lora_rng, on_materialize, [])
+
+    return wrapped
+
+
+def explain(fn: Callable[..., Any], *args: Any, lora_rng: Optional[jax.Array] = None, **kwargs: Any) -> LoraReport:
+    """Reports, for the call ``fn(*args, **kwargs)``, which LoRA weights ``lora(fn)``
+    keeps factored and which it materialises, and where (primitive, module, source line).
+
+    Only traces (``jax.eval_shape``); nothing is computed.
+
+    >>> print(explain(model.apply, {"params": lp}, x))        # doctest: +SKIP
+    >>> explain(model.apply, {"params": lp}, x).materialized  # doctest: +SKIP
+    []
+    """
+    events: list[LoraEvent] = []
+
+    def run(*a, **k):
+        return _run(fn, a, k, lora_rng, "allow", events)
+
+    jax.eval_shape(run, *args, **kwargs)
+    return LoraReport(tuple(events))

@@ -1,0 +1,275 @@
+"""`LoraWeight`, the pytree node that carries a kernel and its LoRA factors.
+
+A kernel ``W`` of any rank is described by its *layout*: a role for each of its axes,
+``"stack"`` (a leading layer axis from ``nn.scan``/stacked layers), ``"in"`` (contracted
+with the input) or ``"out"`` (an output feature axis). The factors are stored in a
+canonical shape whatever the kernel's layout::
+
+    A: (*stack, *in, r)      B: (*stack, r, *out)
+    ΔW[stack, in, out] = Σ_k A[stack, in, k] · B[stack, k, out]
+
+and ``ΔW`` is then permuted into ``W``'s axis order. Examples of layouts:
+
+=========================================  ==========================
+Flax ``Dense`` kernel (in, out)            ``("in", "out")``
+HF GPT-2 ``FlaxConv1D`` kernel (out, in)   ``("out", "in")``
+``DenseGeneral`` (embed, heads, head_dim)  ``("in", "out", "out")``
+``DenseGeneral`` (heads, head_dim, embed)  ``("in", "in", "out")``
+``nn.scan``-stacked Dense (layers, in, out)  ``("stack", "in", "out")``
+``Conv`` kernel (h, w, in, out)            ``("in", "in", "in", "out")``
+``Embed`` table (vocab, features)          ``("in", "out")``
+=========================================  ==========================
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = [
+    "LoraWeight",
+    "Trainable",
+    "KernelLayout",
+    "delta",
+    "init_factors",
+    "is_lora_weight",
+    "is_trainable",
+]
+
+Layout = tuple[str, ...]
+_ROLES = ("stack", "in", "out")
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelLayout:
+    """Role of each axis of a kernel: ``"stack"``, ``"in"`` or ``"out"``.
+
+    >>> KernelLayout(("out", "in")).in_axes
+    (1,)
+    """
+
+    roles: Layout
+
+    def __post_init__(self) -> None:
+        roles = tuple(self.roles)
+        object.__setattr__(self, "roles", roles)
+        bad = [r for r in roles if r not in _ROLES]
+        if bad:
+            raise ValueError(f"KernelLayout{roles}: unknown roles {bad}; valid roles are {_ROLES}")
+        if "in" not in roles or "out" not in roles:
+            raise ValueError(f"KernelLayout{roles}: needs at least one 'in' and one 'out' axis")
+        n_stack = roles.count("stack")
+        if roles[:n_stack] != ("stack",) * n_stack:
+            raise ValueError(f"KernelLayout{roles}: 'stack' axes must lead")
+
+    @property
+    def stack_axes(self) -> tuple[int, ...]:
+        return tuple(i for i, r in enumerate(self.roles) if r == "stack")
+
+    @property
+    def in_axes(self) -> tuple[int, ...]:
+        return tuple(i for i, r in enumerate(self.roles) if r == "in")
+
+    @property
+    def out_axes(self) -> tuple[int, ...]:
+        return tuple(i for i, r in enumerate(self.roles) if r == "out")
+
+    def factor_shapes(self, shape: Sequence[int], r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Shapes of A and B for a kernel of ``shape``."""
+        if len(shape) != len(self.roles):
+            raise ValueError(f"kernel of shape {tuple(shape)} does not fit layout {self.roles}")
+        stack = tuple(shape[i] for i in self.stack_axes)
+        ins = tuple(shape[i] for i in self.in_axes)
+        outs = tuple(shape[i] for i in self.out_axes)
+        return stack + ins + (r,), stack + (r,) + outs
+
+    def canonical_permutation(self) -> tuple[int, ...]:
+        """Permutation taking the canonical (stack, in, out) order to the kernel's order."""
+        canonical = self.stack_axes + self.in_axes + self.out_axes
+        # kernel axis i lives at canonical position canonical.index(i)
+        return tuple(canonical.index(i) for i in range(len(self.roles)))
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraWeight:
+    """A kernel ``w`` with LoRA factors ``a`` and ``b``; a pytree node.
+
+    Children: ``w`` (the frozen base kernel), ``a`` of shape ``(*stack, *in, r)`` and ``b``
+    of shape ``(*stack, r, *out)``. Static data: ``scale`` (alpha/r), the kernel
+    ``layout``, ``dropout`` (rate on the input of A) and ``merged`` (``w`` already holds
+    ``W + scale·ΔW``, so a forward pass must not add the delta again).
+
+    The effective kernel is ``w + scale · delta(self)`` (or ``w`` when merged).
+
+    >>> lw = LoraWeight(jnp.zeros((4, 3)), jnp.ones((4, 2)), jnp.ones((2, 3)), scale=0.5)
+    >>> float(lw.effective()[0, 0])
+    1.0
+    """
+
+    w: Any
+    a: Any
+    b: Any
+    scale: float = 1.0
+    layout: Layout = ("in", "out")
+    dropout: float = 0.0
+    merged: bool = False
+
+    def tree_flatten(self):
+        return (self.w, self.a, self.b), (self.scale, self.layout, self.dropout, self.merged)
+
+    def tree_flatten_with_keys(self):
+        keys = (jax.tree_util.GetAttrKey("w"), jax.tree_util.GetAttrKey("a"), jax.tree_util.GetAttrKey("b"))
+        return tuple(zip(keys, (self.w, self.a, self.b))), (self.scale, self.layout, self.dropout, self.merged)
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        obj = object.__new__(cls)
+        object.__setattr__(obj, "w", children[0])
+        object.__setattr__(obj, "a", children[1])
+        object.__setattr__(obj, "b", children[2])
+        object.__setattr__(obj, "scale", aux[0])
+        object.__setattr__(obj, "layout", aux[1])
+        object.__setattr__(obj, "dropout", aux[2])
+        object.__setattr__(obj, "merged", aux[3])
+        return obj
+
+    @property
+    def rank(self) -> int:
+        return int(self.a.shape[-1])
+
+    @property
+    def kernel_layout(self) -> KernelLayout:
+        return KernelLayout(self.layout)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.w.shape)
+
+    @property
+    def dtype(self):
+        return self.w.dtype
+
+    def effective(self) -> jax.Array:
+        """``W + scale·ΔW`` in ``W``'s dtype (computed in float32); ``W`` if merged."""
+        if self.merged:
+            return self.w
+        return add_delta(self.w, self.a, self.b, self.scale, self.layout, sign=1.0)
+
+    def replace(self, **changes: Any) -> "LoraWeight":
+        return dataclasses.replace(self, **changes)
+
+
+
+jax.tree_util.register_pytree_with_keys(
+    LoraWeight,
+    lambda x: x.tree_flatten_with_keys(),
+    LoraWeight.tree_unflatten,
+    lambda x: x.tree_flatten(),
+)
+
+
+@jax.tree_util.register_pytree_with_keys_class
+@dataclasses.dataclass(frozen=True)
+class Trainable:
+    """Marks a plain parameter as trainable in full (``bias`` or ``modules_to_save``).
+
+    ``jlora.lora`` passes ``value`` to the model; ``jlora.optimizer`` trains it.
+    """
+
+    value: Any
+
+    def tree_flatten_with_keys(self):
+        return ((jax.tree_util.GetAttrKey("value"), self.value),), None
+
+    def tree_flatten(self):
+        return (self.value,), None
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        obj = object.__new__(cls)
+        object.__setattr__(obj, "value", children[0])
+        return obj
+
+
+def is_lora_weight(x: Any) -> bool:
+    return isinstance(x, LoraWeight)
+
+
+def is_trainable(x: Any) -> bool:
+    return isinstance(x, Trainable)
+
+
+def delta(a: jax.Array, b: jax.Array, layout: Layout, dtype=jnp.float32) -> jax.Array:
+    """``ΔW = A·B`` arranged in the kernel's axis order (without the scale).
+
+    Computed as ``dot_general`` over the rank axis with the stack axes batched, then
+    transposed from canonical (stack, in, out) order into ``layout`` order.
+    """
+    kl = KernelLayout(layout)
+    n_stack = len(kl.stack_axes)
+    stack = tuple(range(n_stack))
+    d = jax.lax.dot_general(
+        a.astype(dtype),
+        b.astype(dtype),
+        (((a.ndim - 1,), (n_stack,)), (stack, stack)),
+        precision=jax.lax.Precision.HIGHEST,
+    )
+    return jnp.transpose(d, kl.canonical_permutation())
+
+
+def add_delta(w: jax.Array, a: jax.Array, b: jax.Array, scale: float, layout: Layout, sign: float) -> jax.Array:
+    """``w + sign·scale·ΔW``, computed in float32 and cast to ``w``'s dtype."""
+    compute = jnp.promote_types(w.dtype, jnp.float32)
+    out = w.astype(compute) + (sign * scale) * delta(a, b, layout, compute)
+    return out.astype(w.dtype)
+
+
+def _kaiming_uniform_a_sqrt5(key: jax.Array, shape: tuple[int, ...], fan_in: int, dtype) -> jax.Array:
+    # PEFT / torch: kaiming_uniform_(a=sqrt(5)) -> U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+    bound = 1.0 / math.sqrt(fan_in)
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def init_factors(
+    key: Optional[jax.Array],
+    shape: Sequence[int],
+    layout: Layout,
+    r: int,
+    init: Union[bool, str] = True,
+    dtype=jnp.float32,
+    embedding: bool = False,
+) -> tuple[jax.Array, jax.Array]:
+    """Initial ``(A, B)`` for a kernel of ``shape`` and ``layout``, as PEFT initialises them.
+
+    - ``init=True``: A ~ U(±1/sqrt(fan_in)) (kaiming-uniform, a=sqrt(5)), B = 0; for an
+      embedding table PEFT's order: A = 0, B ~ N(0, 1).
+    - ``init="gaussian"``: A ~ N(0, (1/r)²), B = 0.
+    - ``init=False``: A and B both random (torch's default Linear init: U(±1/sqrt(fan_in)));
+      the adapter is *not* an identity at start; for tests.
+
+    ``fan_in`` is the product of A's input axes.
+
+    >>> a, b = init_factors(jax.random.key(0), (6, 4), ("in", "out"), r=2)
+    >>> a.shape, b.shape, float(abs(b).sum())
+    ((6, 2), (2, 4), 0.0)
+    """
+    kl = KernelLayout(layout)
+    a_shape, b_shape = kl.factor_shapes(tuple(shape), r)
+    fan_in = int(np.prod([shape[i] for i in kl.in_axes]))
+    if key is None:
+        raise ValueError("init_factors needs a PRNG key: pass rng=jax.random.key(seed) to jlora.wrap")
+    ka, kb = jax.random.split(key)
+    if init is True:
+        if embedding:
+            return jnp.zeros(a_shape, dtype), jax.random.normal(kb, b_shape, dtype)
+        return _kaiming_uniform_a_sqrt5(ka, a_shape, fan_in, dtype), jnp.zeros(b_shape, dtype)
+    if init == "gaussian":
+        return (jax.random.normal(ka, a_shape, dtype) / r).astype(dtype), jnp.zeros(b_shape, dtype)
+    if init is False:
+        return _kaiming_uniform_a_sqrt5(ka, a_shape, fan_in, dtype), _kaiming_uniform_a_sqrt5(kb, b_shape, r, dtype)
+    raise ValueError(f"init_lora_weights={init!r}: valid values are True, False, 'gaussian'")
