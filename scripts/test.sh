@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# jlora's test suite from a fresh clone: set up a virtual environment, install jlora with
+# its test extra (PEFT + torch CPU for reference tests, transformers <5 for Flax models),
+# then run pytest. Extra arguments go to pytest (e.g. -k transform).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-python3}"
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q -e ".[test]"
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+exec .venv/bin/python -m pytest -q "$@"
