@@ -6,11 +6,24 @@
 >>> logits = jlora.lora(model.apply)({"params": lp}, x)          # doctest: +SKIP
 """
 
+from .adapters import (
+    active_adapters,
+    adapter_ids,
+    adapter_names,
+    add_adapter,
+    add_weighted_adapter,
+    delete_adapter,
+    disable_adapter,
+    enable_adapter,
+    get_adapter,
+    load_adapter,
+    set_adapter,
+)
 from .config import LoraConfig
 from .merge import merge, merge_adapter, unmerge_adapter
 from .optim import combine, optimizer, partition, trainable_labels
 from .transform import LoraReport, MaterializationError, MaterializationWarning, explain, lora
-from .weight import KernelLayout, LoraWeight, Trainable
+from .weight import KernelLayout, LoraWeight, MultiLoraWeight, Trainable
 from .wrap import count_parameters, is_lora_tree, lora_leaves, print_trainable_parameters, unload, wrap
 
 __version__ = "0.1.0"
@@ -18,6 +31,7 @@ __version__ = "0.1.0"
 __all__ = [
     "LoraConfig",
     "LoraWeight",
+    "MultiLoraWeight",
     "Trainable",
     "KernelLayout",
     "wrap",
@@ -38,4 +52,22 @@ __all__ = [
     "merge",
     "merge_adapter",
     "unmerge_adapter",
+    "add_adapter",
+    "load_adapter",
+    "set_adapter",
+    "delete_adapter",
+    "disable_adapter",
+    "enable_adapter",
+    "get_adapter",
+    "adapter_names",
+    "active_adapters",
+    "adapter_ids",
+    "add_weighted_adapter",
 ]
+
+from . import hf
+from .checkpoint import load, save
+from .hf import default_target_modules
+from .peft_format import load_peft, save_peft
+
+__all__ += ["save", "load", "save_peft", "load_peft", "hf", "default_target_modules"]

@@ -190,6 +190,12 @@ class LoraConfig:
             set_("layers_to_transform", layers)
         if self.layers_pattern is not None and layers is None:
             raise ValueError("LoraConfig.layers_pattern needs layers_to_transform (as in PEFT)")
+        if isinstance(self.target_modules, str) and (layers is not None or self.layers_pattern is not None):
+            # PEFT refuses this too: a regex already says which layers it matches.
+            raise ValueError(
+                f"LoraConfig.layers_to_transform/layers_pattern cannot be used when target_modules is a str "
+                f"({self.target_modules!r}); use a list of module names, or put the layer indices in the regex"
+            )
         set_("rank_pattern", _freeze_mapping("rank_pattern", self.rank_pattern, int))
         set_("alpha_pattern", _freeze_mapping("alpha_pattern", self.alpha_pattern, float))
         set_("lora_dropout", float(self.lora_dropout))

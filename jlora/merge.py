@@ -8,19 +8,16 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from .weight import LoraWeight, Trainable, add_delta, is_lora_weight, is_trainable
+from .weight import MultiLoraWeight, add_delta, is_lora_weight, is_trainable
+from .weight import is_lora_node as _is_node
 
 __all__ = ["merge", "merge_adapter", "unmerge_adapter"]
-
-
-def _is_node(x: Any) -> bool:
-    return isinstance(x, (LoraWeight, Trainable))
 
 
 @jax.jit
 def _merge(lp: Any) -> Any:
     def fold(x):
-        if is_lora_weight(x):
+        if isinstance(x, MultiLoraWeight) or is_lora_weight(x):
             return x.effective()
         if is_trainable(x):
             return x.value
@@ -33,7 +30,7 @@ def _merge(lp: Any) -> Any:
 def _finite_flags(lp: Any) -> list:
     flags = []
     for x in jax.tree_util.tree_leaves(lp, is_leaf=_is_node):
-        if is_lora_weight(x):
+        if isinstance(x, MultiLoraWeight) or is_lora_weight(x):
             flags.append(jnp.all(jnp.isfinite(x.effective())))
     return flags
 
@@ -54,10 +51,11 @@ def merge(lp: Any, *, safe: bool = False) -> Any:
     >>> model.apply({"params": merged}, x)                    # doctest: +SKIP
     """
     if safe:
-        from .wrap import lora_leaves
+        from .targets import path_names
 
         flags = _finite_flags(lp)
-        paths = [p for p, _ in lora_leaves(lp)]
+        flat = jax.tree_util.tree_flatten_with_path(lp, is_leaf=_is_node)[0]
+        paths = ["/".join(path_names(p)) for p, x in flat if isinstance(x, MultiLoraWeight) or is_lora_weight(x)]
         for path, ok in zip(paths, flags):
             if not bool(ok):
                 raise ValueError(f"merge(safe=True): merged kernel at {path!r} has NaN or Inf values; nothing merged")
@@ -67,6 +65,11 @@ def merge(lp: Any, *, safe: bool = False) -> Any:
 @functools.partial(jax.jit, static_argnums=1)
 def _set_merged(lp: Any, to_merged: bool) -> Any:
     def step(x):
+        if isinstance(x, MultiLoraWeight):
+            raise ValueError(
+                "merge_adapter/unmerge_adapter work on single-adapter trees; for several adapters use "
+                "jlora.merge(lp) (merges the active ones) or jlora.get_adapter(lp, name)"
+            )
         if not is_lora_weight(x) or x.merged == to_merged:
             return x
         sign = 1.0 if to_merged else -1.0

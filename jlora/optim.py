@@ -7,16 +7,13 @@ from typing import Any
 import jax
 import optax
 
-from .weight import LoraWeight, Trainable, is_lora_weight, is_trainable
+from .weight import MultiLoraWeight, Trainable, is_lora_weight, is_trainable
+from .weight import is_lora_node as _is_node
 
 __all__ = ["optimizer", "trainable_labels", "partition", "combine"]
 
 TRAINABLE = "trainable"
 FROZEN = "frozen"
-
-
-def _is_node(x: Any) -> bool:
-    return isinstance(x, (LoraWeight, Trainable))
 
 
 def trainable_labels(lp: Any) -> Any:
@@ -30,6 +27,13 @@ def trainable_labels(lp: Any) -> Any:
     def label(x):
         if is_lora_weight(x):
             return x.replace(w=FROZEN, a=TRAINABLE, b=TRAINABLE)
+        if isinstance(x, MultiLoraWeight):
+            live = {id(p) for p in x.active_pairs()}
+            adapters = {
+                n: p.replace(a=TRAINABLE if id(p) in live else FROZEN, b=TRAINABLE if id(p) in live else FROZEN)
+                for n, p in x.adapters.items()
+            }
+            return x.replace(w=FROZEN, adapters=adapters)
         if is_trainable(x):
             return Trainable(jax.tree_util.tree_map(lambda _: TRAINABLE, x.value))
         return FROZEN
@@ -71,6 +75,11 @@ def partition(lp: Any) -> tuple[Any, Any]:
     def split(x, want_trainable: bool):
         if is_lora_weight(x):
             return x.replace(w=None, a=x.a, b=x.b) if want_trainable else x.replace(w=x.w, a=None, b=None)
+        if isinstance(x, MultiLoraWeight):
+            live = {id(p) for p in x.active_pairs()}
+            keep = lambda p: (id(p) in live) == want_trainable  # noqa: E731
+            adapters = {n: p if keep(p) else p.replace(a=None, b=None) for n, p in x.adapters.items()}
+            return x.replace(w=None if want_trainable else x.w, adapters=adapters)
         if is_trainable(x):
             return x if want_trainable else None
         return None if want_trainable else x
@@ -86,6 +95,11 @@ def combine(trainable: Any, frozen: Any) -> Any:
     def pick(t, f):
         if is_lora_weight(t):
             return t.replace(w=f.w)
+        if isinstance(t, MultiLoraWeight):
+            adapters = {
+                n: p if p.a is not None else f.adapters[n] for n, p in t.adapters.items()
+            }
+            return t.replace(w=f.w, adapters=adapters)
         return f if t is None else t
 
     return jax.tree_util.tree_map(

@@ -17,7 +17,7 @@ from typing import Any, Optional, Union
 import jax
 
 from .config import LoraConfig
-from .weight import KernelLayout, LoraWeight, Trainable
+from .weight import KernelLayout, is_lora_node
 
 __all__ = [
     "LeafEntry",
@@ -31,7 +31,9 @@ __all__ = [
 ]
 
 KERNEL_LEAF_NAMES = ("kernel", "embedding")
-OUTPUT_HEAD_NAMES = ("lm_head", "embed_out", "output_projection", "proj_out")
+OUTPUT_HEAD_NAMES = ("lm_head", "embed_out", "output_projection", "proj_out", "head")
+# PEFT also leaves these out of "all-linear" when task_type is SEQ_CLS.
+SEQ_CLS_HEAD_NAMES = ("score", "classifier")
 _CONV1D_GPT2_NAMES = ("c_attn", "c_proj", "c_fc", "q_attn")
 
 LayoutSpec = Union[
@@ -102,11 +104,10 @@ class Plan:
 
 def flatten_params(params: Any) -> tuple[list[LeafEntry], Any]:
     """Flattens ``params`` (dict, FrozenDict, ``nnx.State``, HF ``model.params``)."""
-    is_node = lambda x: isinstance(x, (LoraWeight, Trainable))  # noqa: E731
-    flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_node)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_lora_node)
     entries = [LeafEntry(i, path_names(p), leaf) for i, (p, leaf) in enumerate(flat)]
     for e in entries:
-        if isinstance(e.leaf, (LoraWeight, Trainable)):
+        if is_lora_node(e.leaf):
             raise ValueError(
                 f"{e.path}: params already carry LoRA ({type(e.leaf).__name__}); "
                 "call jlora.unload(lp) (or jlora.merge) first, or use jlora.add_adapter"
@@ -125,12 +126,15 @@ def _matches(spec: Union[str, Sequence[str]], key: str) -> bool:
 
 
 def _layer_index(key: str, layers_pattern: Optional[Sequence[str]]) -> Optional[int]:
+    # PEFT's regexes (check_target_module_exists): the *first* numbered segment, lazily, so
+    # a nested index ("layers.1.experts.0.up") is not taken for the layer index, and the
+    # layer container may start the path ("layers.0.q").
     if not layers_pattern:
-        m = re.match(r".*\.[^.]*\.(\d+)\.", key)
+        m = re.match(r".*?\.[^.]*\.(\d+)\.", key)
     else:
         m = None
         for pattern in layers_pattern:
-            m = re.match(rf".*\.{pattern}\.(\d+)\.", key)
+            m = re.match(rf"(?:^|.*?\.){pattern}\.(\d+)\.", key)
             if m is not None:
                 break
     return int(m.group(1)) if m else None
@@ -268,13 +272,19 @@ def plan_targets(entries: Sequence[LeafEntry], config: LoraConfig, layouts: Layo
     facts = _TreeFacts(entries)
     candidates = _candidate_modules(entries)
     tm = config.target_modules
-    all_linear = tm == "all-linear" or tm == ("all-linear",)
+    all_linear = (isinstance(tm, str) and tm.lower() == "all-linear") or tm == ("all-linear",)
 
     def is_target_module(key: str) -> bool:
         if config.exclude_modules is not None and _matches(config.exclude_modules, key):
             return False
+        # As PEFT: a module (or a module inside one) listed in modules_to_save trains in full
+        # and never gets an adapter.
+        if config.modules_to_save and any(re.match(rf"(^|.*\.){m}($|\..*)", key) for m in config.modules_to_save):
+            return False
         if all_linear:
             last = key.rsplit(".", 1)[-1]
+            if config.task_type == "SEQ_CLS" and key in SEQ_CLS_HEAD_NAMES:
+                return False
             return last not in OUTPUT_HEAD_NAMES
         if isinstance(tm, str):
             return re.fullmatch(tm, key) is not None

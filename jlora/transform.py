@@ -2,24 +2,54 @@
 
 ``lora(fn)`` traces ``fn`` with plain arrays standing in for every ``LoraWeight``
 (``jax.make_jaxpr``) and evaluates the jaxpr with an interpreter in which a LoRA weight
-is a value of its own:
+is a value of its own (a view of ``W`` plus its factors ``A``, ``B`` and scale ``s``):
 
-* ``dot_general`` with a LoRA operand emits ``dot_general(x, W) + s·((x·A)·B)`` for any
-  contracting/batch dimensions whose roles fit the factorisation (Dense, DenseGeneral,
-  einsum projections, stacked or vmapped layers; a contraction over the *output* axes,
-  as in tied embeddings, gives ``(x·Bᵀ)·Aᵀ``);
-* ``gather`` on an embedding table gives ``W[ids] + s·A[ids]·B``;
-* ``conv_general_dilated`` gives ``conv(x, W) + s·conv1x1(conv(x, A), B)``;
-* the value stays factored through ``transpose``, ``convert_element_type``, ``copy``,
-  ``reshape``/``squeeze``/``expand_dims`` (where the factorisation survives), and into
-  nested ``jit``/``closed_call``, ``custom_jvp_call``/``custom_vjp_call``, ``remat``
-  (policy kept) and ``scan`` bodies (as constants, or as scanned stacked weights);
-* anything else materialises ``W + s·A·B`` at that one point (correct, only slower),
-  reported according to ``on_materialize``.
+* ``dot_general`` with a LoRA operand on either side emits
+  ``dot_general(x, W) + s·((x·A)·B)`` for any contracting/batch dimensions whose roles fit
+  the factorisation: Dense, DenseGeneral, einsum projections, stacked layers whose stack
+  axes are batch dimensions (vmapped layers) or free dimensions. A contraction over the
+  *output* axes, as in tied embeddings ``x·Wᵀ``, gives ``(x·Bᵀ)·Aᵀ``.
+* ``gather`` on an embedding table (a row lookup over its input axes) gives
+  ``W[ids] + s·A[ids]·B``.
+* ``conv_general_dilated`` on a kernel gives ``conv(x, W) + s·conv1x1(conv(x, A), B)``
+  (``A`` as an ``r``-channel conv with ``W``'s window, ``B`` as a 1×1 conv).
+* The value stays factored through ``transpose``, ``convert_element_type``, ``copy``,
+  ``sharding_constraint``, ``reshape``/``squeeze``/``expand_dims`` (wherever no
+  reshaped axis mixes input and output axes), ``slice``/``dynamic_slice`` (``W[i]`` of
+  stacked layers, ``W[:, :d]``), and into the bodies of nested ``jit``/``closed_call``,
+  ``custom_jvp``/``custom_vjp`` functions, ``remat`` (with the same policy and
+  ``prevent_cse``), ``scan`` (as constants, or as scanned stacked weights), ``cond`` /
+  ``switch`` and ``while_loop`` / ``fori_loop`` (as loop constants).
+* Anything else (an elementwise op on the kernel, a LoRA weight in a loop carry or
+  returned from ``fn``) materialises ``W + s·A·B`` at that one point: correct, only
+  slower. ``on_materialize`` decides whether that warns, raises or passes silently, and
+  :func:`explain` lists, per call, which targets stayed factored and which were
+  materialised, at which primitive and where (module path and source line).
 
-Precision: ``x·A`` and ``(x·A)·B`` are computed in the factors' dtype (float32 by
-default; ``x`` is cast to it), scaled, then cast to the base output's dtype and added
-to ``dot_general(x, W)``, which is computed exactly as the model asked.
+Nested ``custom_jvp``/``custom_vjp`` functions that receive a LoRA weight as an argument
+are evaluated through their body, which JAX then differentiates directly: their custom
+rule is not used for that call. This gives the same gradients whenever the rule is the
+derivative of the body (what such rules are for), but not for a rule that deliberately
+differs from it, such as a straight-through estimator around quantisation.
+
+Precision and dtypes. Let ``o`` be the dtype of the model's own product ``x·W`` (for a
+bfloat16 model, bfloat16) and ``f = promote_types(A.dtype, B.dtype)`` the factors' dtype
+(float32 by default, whatever the base dtype). The LoRA branch is computed in ``f``:
+``x`` is cast to ``f`` (and dropout applied in ``f``), ``x·A`` and ``(x·A)·B`` are both
+``dot_general`` with ``preferred_element_type=f`` and the model's ``precision``, and the
+result is multiplied by ``s`` in ``f``. The base product ``x·W`` uses the model's
+operands, dtypes and ``precision``; where ``o`` is a float narrower than ``f`` it is
+accumulated in ``promote_types(o, f)`` instead of being rounded to ``o`` first. The sum
+``x·W + s·(x·A)·B`` is formed in ``promote_types(o, f)`` and rounded once to ``o``, so
+the output dtype is always the base output's dtype, and with bfloat16 kernels and
+float32 factors the only bfloat16 rounding is the final one (as for a merged kernel's
+product, minus the rounding of ``W + s·A·B`` itself). The same holds for ``W[ids] +
+s·A[ids]·B`` (embeddings) and for the two convolutions.
+
+Dropout (``LoraConfig.lora_dropout``) is applied to the input of ``A`` only, in the
+factored path, and only when a ``lora_rng`` key is passed; each use of a weight (each
+layer of a ``scan``, each iteration of a ``while_loop``) draws its own mask from that
+key, deterministically.
 
 Only public JAX API is used (``jax.make_jaxpr``, ``jax.extend``, ``jax.lax``).
 """
@@ -43,7 +73,10 @@ from .weight import LoraWeight, Trainable
 __all__ = ["lora", "explain", "LoraReport", "MaterializationWarning", "MaterializationError"]
 
 OnMaterialize = Literal["warn", "error", "allow"]
-_prims = jex.core.primitives
+try:
+    from jax.extend.core import primitives as _prims
+except ImportError:  # pragma: no cover - very old JAX
+    _prims = None
 
 
 class MaterializationWarning(UserWarning):
@@ -146,6 +179,11 @@ class _Lora:
         return (self.w.astype(compute) + self.delta_view(compute)).astype(self.w.dtype)
 
 
+def _roles_str(lv: "_Lora") -> str:
+    names = {"s": "stack", "a": "in", "b": "out"}
+    return "(" + ", ".join(names[g] for g, _ in lv.axes) + ")"
+
+
 def _roles_to_axes(layout: Sequence[str]) -> tuple[tuple[Axis, ...], int]:
     counts = {"s": 0, "a": 0, "b": 0}
     axes = []
@@ -192,7 +230,19 @@ class _Context:
             if self.on_materialize == "error":
                 raise MaterializationError(msg + " (on_materialize='error')")
             if self.on_materialize == "warn":
-                warnings.warn(msg, MaterializationWarning, stacklevel=2)
+                warnings.warn(msg, MaterializationWarning, stacklevel=_user_stacklevel())
+
+
+def _user_stacklevel() -> int:
+    """``stacklevel`` for ``warnings.warn`` pointing at the first frame outside jlora and JAX."""
+    import os
+    import sys
+
+    skip = (os.path.dirname(__file__) + os.sep, os.path.dirname(jax.__file__) + os.sep)
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(skip):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _where(eqn: Any) -> str:
@@ -264,12 +314,12 @@ def eval_jaxpr(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], ctx: _Con
         write(v, a)
     for eqn in jaxpr.eqns:
         invals = [read(v) for v in eqn.invars]
-        if any(isinstance(x, _Lora) for x in invals):
-            rule = _RULES.get(eqn.primitive.name, _rule_materialize)
-            outvals = rule(eqn, invals, ctx)
-        else:
-            name_stack = jex.source_info_util.current_name_stack() + eqn.source_info.name_stack
-            with jex.source_info_util.user_context(eqn.source_info.traceback, name_stack=name_stack):
+        name_stack = jex.source_info_util.current_name_stack() + eqn.source_info.name_stack
+        with jex.source_info_util.user_context(eqn.source_info.traceback, name_stack=name_stack):
+            if any(isinstance(x, _Lora) for x in invals):
+                rule = _RULES.get(eqn.primitive.name, _rule_materialize)
+                outvals = rule(eqn, invals, ctx)
+            else:
                 outvals = _bind(eqn, invals)
         if not eqn.primitive.multiple_results:
             outvals = [outvals]
@@ -367,9 +417,10 @@ def _reshape_lora(lv: _Lora, new_shape: Sequence[int]) -> Optional[_Lora]:
         else:
             plans["b"].append((10**9, [], nj, [new_shape[j] for j in nj]))
     if plans["s"]:
-        # stack axes may only pass through unchanged
-        if any(len(p[1]) != 1 or len(p[2]) != 1 for p in plans["s"]):
-            return None
+        # stack axes may only pass through unchanged, or be dropped when of size 1
+        for p in plans["s"]:
+            if len(p[1]) != 1 or len(p[2]) > 1 or (not p[2] and sizes["s"][p[1][0]] != 1):
+                return None
     new_axes: dict[int, Axis] = {}
     new_sizes: dict[str, list[int]] = {}
     for g, items in plans.items():
@@ -430,6 +481,80 @@ def _rule_broadcast_in_dim(eqn, invals, ctx):
     return dataclasses.replace(new, w=_bind(eqn, [lv.w]))
 
 
+def _factor_axis(lv: _Lora, view_axis: int) -> list[tuple[str, int]]:
+    """The factor axes (``("a"|"b", index)``) that view axis ``view_axis`` indexes."""
+    g, k = lv.axes[view_axis]
+    if g == "s":
+        return [("a", k), ("b", k)]
+    if g == "a":
+        return [("a", lv.n_stack + k)]
+    return [("b", lv.n_stack + 1 + k)]
+
+
+def _rule_slice(eqn, invals, ctx):
+    """``W[i0:i1, j0:j1]`` slices the matching axes of A and B (any role)."""
+    (lv,) = invals
+    p = eqn.params
+    strides = p.get("strides") or (1,) * lv.w.ndim
+    starts = {"a": [0] * lv.a.ndim, "b": [0] * lv.b.ndim}
+    limits = {"a": list(lv.a.shape), "b": list(lv.b.shape)}
+    steps = {"a": [1] * lv.a.ndim, "b": [1] * lv.b.ndim}
+    for i in range(lv.w.ndim):
+        for f, j in _factor_axis(lv, i):
+            starts[f][j], limits[f][j], steps[f][j] = p["start_indices"][i], p["limit_indices"][i], strides[i]
+    a = jax.lax.slice(lv.a, starts["a"], limits["a"], steps["a"])
+    b = jax.lax.slice(lv.b, starts["b"], limits["b"], steps["b"])
+    if 0 in a.shape or 0 in b.shape:
+        return _rule_materialize(eqn, invals, ctx, "empty slice")
+    return lv.with_w(_bind(eqn, [lv.w]), a=a, b=b)
+
+
+def _rule_dynamic_slice(eqn, invals, ctx):
+    """``lax.dynamic_slice(W, starts)`` (e.g. ``W[i]`` of stacked layers in a loop)."""
+    lv, *starts = invals
+    if any(isinstance(s, _Lora) for s in starts) or len(starts) != lv.w.ndim:
+        return _rule_materialize(eqn, invals, ctx, "LoRA weight used as an index")
+    sizes = eqn.params["slice_sizes"]
+    zero = jnp.zeros((), jnp.asarray(starts[0]).dtype) if starts else 0
+    st = {"a": [zero] * lv.a.ndim, "b": [zero] * lv.b.ndim}
+    sz = {"a": list(lv.a.shape), "b": list(lv.b.shape)}
+    for i in range(lv.w.ndim):
+        for f, j in _factor_axis(lv, i):
+            st[f][j] = jnp.asarray(starts[i]).astype(zero.dtype)
+            sz[f][j] = sizes[i]
+    a = jax.lax.dynamic_slice(lv.a, st["a"], sz["a"])
+    b = jax.lax.dynamic_slice(lv.b, st["b"], sz["b"])
+    return lv.with_w(_bind(eqn, [lv.w, *starts]), a=a, b=b)
+
+
+def _base_product(eqn, invals, fdtype):
+    """The model's own product with the base kernel, and the dtype the model asked for.
+
+    Where that dtype is a float narrower than the factors' (a bfloat16 model with float32
+    factors), the product is accumulated in the wider dtype and rounded only once, after
+    the LoRA branch is added, as a merged kernel's product would be.
+    """
+    out_dtype = eqn.outvars[0].aval.dtype
+    acc = _acc_dtype(out_dtype, fdtype)
+    if acc == out_dtype or "preferred_element_type" not in eqn.params:
+        return _bind(eqn, invals), out_dtype
+    params = dict(eqn.params, preferred_element_type=acc)
+    return _bind_with(eqn.primitive, params, invals), out_dtype
+
+
+def _acc_dtype(out_dtype, fdtype):
+    if not jnp.issubdtype(out_dtype, jnp.floating) or not jnp.issubdtype(fdtype, jnp.floating):
+        return out_dtype
+    return jnp.promote_types(out_dtype, fdtype)
+
+
+def _add_delta(base, u, scale, out_dtype):
+    """``base + scale·u`` in the wider of their dtypes, rounded once to ``out_dtype``."""
+    acc = jnp.promote_types(base.dtype, u.dtype)
+    total = base.astype(acc) + (u * jnp.asarray(scale, u.dtype)).astype(acc)
+    return total.astype(out_dtype)
+
+
 def _rule_dot_general(eqn, invals, ctx):
     lhs, rhs = invals
     if isinstance(lhs, _Lora) and isinstance(rhs, _Lora):
@@ -437,67 +562,71 @@ def _rule_dot_general(eqn, invals, ctx):
     (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
     lora_is_rhs = isinstance(rhs, _Lora)
     if lora_is_rhs:
-        lv, x, lvc, xc, lvb, xb = rhs, lhs, rc, lc, rb, lb
+        lv, x, lvc, xc, lvb, xb = rhs, lhs, tuple(rc), tuple(lc), tuple(rb), tuple(lb)
     else:
-        lv, x, lvc, xc, lvb, xb = lhs, rhs, lc, rc, lb, rb
-    nd = lv.w.ndim
-    free = [i for i in range(nd) if i not in lvc and i not in lvb]
+        lv, x, lvc, xc, lvb, xb = lhs, rhs, tuple(lc), tuple(rc), tuple(lb), tuple(rb)
+    free = [i for i in range(lv.w.ndim) if i not in lvc and i not in lvb]
     cgroups = [lv.axes[i] for i in lvc]
     bgroups = [lv.axes[i] for i in lvb]
     fgroups = [lv.axes[i] for i in free]
     ns = lv.n_stack
-    batch_ok = all(g == "s" for g, _ in bgroups) and sorted(k for _, k in bgroups) == list(range(ns))
 
     def covers(groups, g, n):
         return all(gg == g for gg, _ in groups) and sorted(k for _, k in groups) == list(range(n))
 
-    if batch_ok and covers(cgroups, "a", lv.n_in) and covers(fgroups, "b", lv.n_out):
+    # Stack axes may be batch dimensions (per-layer weights applied to per-layer inputs,
+    # e.g. vmapped layers) or free dimensions (all layers applied to one input); the
+    # contraction must cover exactly the input axes (or exactly the output axes).
+    stack_batch = [k for _, k in bgroups]
+    stack_free = sorted(k for g, k in fgroups if g == "s")
+    nonstack_free = [(g, k) for g, k in fgroups if g != "s"]
+    stack_ok = all(g == "s" for g, _ in bgroups) and sorted(stack_batch + stack_free) == list(range(ns))
+    if stack_ok and covers(cgroups, "a", lv.n_in) and covers(nonstack_free, "b", lv.n_out):
         mode = "in"
-    elif batch_ok and covers(cgroups, "b", lv.n_out) and covers(fgroups, "a", lv.n_in):
+    elif stack_ok and covers(cgroups, "b", lv.n_out) and covers(nonstack_free, "a", lv.n_in):
         mode = "out"
     else:
         return _rule_materialize(
             eqn, invals, ctx,
-            f"contraction over kernel axes {tuple(lvc)} does not match its layout (in/out roles {lv.axes})",
+            f"contraction over kernel axes {tuple(lvc)} does not match its layout (roles {_roles_str(lv)})",
         )
 
-    base = _bind(eqn, [lhs.w if not lora_is_rhs else lhs, rhs.w if lora_is_rhs else rhs])
     fdtype = _factor_dtype(lv)
+    base, out_dtype = _base_product(eqn, [lhs.w if not lora_is_rhs else lhs, rhs.w if lora_is_rhs else rhs], fdtype)
     precision = eqn.params.get("precision")
-    batch_idx = [k for _, k in bgroups]
     if mode == "in":
-        xd = _dropout(x, lv, ctx).astype(fdtype)
-        first, second = lv.a, lv.b
+        # y = x·W + s·((dropout(x)·A)·B)
+        xd = _dropout(x.astype(fdtype), lv, ctx)
+        first, second, second_r, g2, n2 = lv.a, lv.b, ns, "b", lv.n_out
         first_contract = [ns + k for _, k in cgroups]
-        second_r_axis = ns
     else:
+        # contraction over W's output axes (e.g. tied embeddings x·Wᵀ): (x·Bᵀ)·Aᵀ
         xd = x.astype(fdtype)
-        first, second = lv.b, lv.a
+        first, second, second_r, g2, n2 = lv.b, lv.a, lv.a.ndim - 1, "a", lv.n_in
         first_contract = [ns + 1 + k for _, k in cgroups]
-        second_r_axis = lv.a.ndim - 1
+    # t: (batch..., x_free..., stack_free..., r)
     t = jax.lax.dot_general(
-        xd, first, ((tuple(xc), tuple(first_contract)), (tuple(xb), tuple(batch_idx))),
+        xd, first.astype(fdtype), ((xc, tuple(first_contract)), (xb, tuple(stack_batch))),
         precision=precision, preferred_element_type=fdtype,
     )
-    nbat = len(xb)
+    nbat, nsf = len(xb), len(stack_free)
+    nx_free = t.ndim - 1 - nbat - nsf
+    t_batch = tuple(range(nbat)) + tuple(nbat + nx_free + i for i in range(nsf))
+    # u: (batch..., stack_free..., x_free..., second's free factor axes in factor order)
     u = jax.lax.dot_general(
-        t, second, (((t.ndim - 1,), (second_r_axis,)), (tuple(range(nbat)), tuple(batch_idx))),
+        t, second.astype(fdtype), (((t.ndim - 1,), (second_r,)), (t_batch, tuple(stack_batch) + tuple(stack_free))),
         precision=precision, preferred_element_type=fdtype,
     )
-    # u: (batch, x_free, factor free axes in factor order); want lv's free axes in view order
-    nx_free = t.ndim - 1 - nbat
-    ks = [k for _, k in fgroups]
-    if mode == "out":
-        # second was A: remaining axes of A after removing stack and r are in order 0..n_in-1
-        pass
-    perm = list(range(nbat + nx_free)) + [nbat + nx_free + k for k in ks]
-    u = jnp.transpose(u, perm)
-    if not lora_is_rhs:
-        nf = len(ks)
-        perm2 = list(range(nbat)) + [nbat + nx_free + j for j in range(nf)] + [nbat + j for j in range(nx_free)]
-        u = jnp.transpose(u, perm2)
+    labels = (
+        [("batch", i) for i in range(nbat)] + [("s", k) for k in stack_free]
+        + [("x", j) for j in range(nx_free)] + [(g2, k) for k in range(n2)]
+    )
+    lora_free = [lv.axes[i] for i in free]
+    x_free = [("x", j) for j in range(nx_free)]
+    target = [("batch", i) for i in range(nbat)] + (x_free + lora_free if lora_is_rhs else lora_free + x_free)
+    u = jnp.transpose(u, [labels.index(lab) for lab in target])
     ctx.record(lv, eqn, "factored")
-    return base + (u * jnp.asarray(lv.scale, fdtype)).astype(base.dtype)
+    return _add_delta(base, u, lv.scale, out_dtype)
 
 
 def _rule_gather(eqn, invals, ctx):
@@ -540,7 +669,7 @@ def _rule_gather(eqn, invals, ctx):
     u = jnp.transpose(u, list(range(batch_rank)) + [batch_rank + k for k in ks])
     u = jnp.moveaxis(u, list(range(batch_rank, batch_rank + n_offset)), list(dn.offset_dims))
     ctx.record(lv, eqn, "factored")
-    return base + (u * jnp.asarray(lv.scale, fdtype)).astype(base.dtype)
+    return _add_delta(base, u, lv.scale, base.dtype)
 
 
 def _rule_conv(eqn, invals, ctx):
@@ -558,28 +687,43 @@ def _rule_conv(eqn, invals, ctx):
     )
     if not ok:
         return _rule_materialize(eqn, invals, ctx, "grouped conv or unusual kernel layout")
-    base = _bind(eqn, [x, lv.w])
     fdtype = _factor_dtype(lv)
+    base, out_dtype = _base_product(eqn, [x, lv.w], fdtype)
     perm = [lv.n_in if i == out_dim else lv.axes[i][1] for i in range(lv.w.ndim)]
     a_kernel = jnp.transpose(lv.a, perm).astype(fdtype)
     params = dict(p)
     params["preferred_element_type"] = fdtype
-    xd = _dropout(x, lv, ctx).astype(fdtype)
+    xd = _dropout(x.astype(fdtype), lv, ctx)
     t = _bind_with(eqn.primitive, params, [xd, a_kernel])
     of = dn.out_spec[1]
     u = jax.lax.dot_general(t, lv.b.astype(fdtype), (((of,), (0,)), ((), ())), preferred_element_type=fdtype)
     u = jnp.moveaxis(u, -1, of)
     ctx.record(lv, eqn, "factored")
     del in_dim
-    return base + (u * jnp.asarray(lv.scale, fdtype)).astype(base.dtype)
+    return _add_delta(base, u, lv.scale, out_dtype)
 
 
-def _inline(jaxpr_param: str, closed: bool = True):
+def _open(j: Any) -> tuple[Any, Sequence[Any]]:
+    """``(jaxpr, consts)`` of a ``ClosedJaxpr`` or an open ``Jaxpr``."""
+    if hasattr(j, "consts") and hasattr(j, "jaxpr"):
+        return j.jaxpr, j.consts
+    return j, ()
+
+
+def _sub_jaxpr(params: dict, names: Sequence[str]) -> Any:
+    for n in names:
+        if n in params:
+            return params[n]
+    raise KeyError(f"none of {names} in {sorted(params)}")
+
+
+def _inline(*jaxpr_params: str):
+    """Evaluates a nested jit / call / custom_jvp / custom_vjp body in place, so LoRA
+    values stay factored inside it and may also come back out of it."""
+
     def rule(eqn, invals, ctx):
-        sub = eqn.params[jaxpr_param]
-        if closed:
-            return eval_jaxpr(sub.jaxpr, sub.consts, invals, ctx, materialize_out=True)
-        return eval_jaxpr(sub, (), invals, ctx, materialize_out=True)
+        jaxpr, consts = _open(_sub_jaxpr(eqn.params, jaxpr_params))
+        return eval_jaxpr(jaxpr, consts, invals, ctx, materialize_out=False)
 
     return rule
 
@@ -611,17 +755,65 @@ def _flatten_vals(vals: Sequence[Any]):
 
 
 def _rule_remat(eqn, invals, ctx):
+    """``jax.checkpoint`` / ``nn.remat``: re-applied around the interpreted body with the
+    same ``policy`` and ``prevent_cse``; the dropout key is an argument, so the
+    recomputation draws the same masks."""
     p = eqn.params
+    jaxpr, consts = _open(p["jaxpr"])
     flat, rebuild = _flatten_vals(invals)
     has_key = ctx.key is not None
 
     def body(key, *arrays):
         sub = ctx.child(key if has_key else None)
-        return eval_jaxpr(p["jaxpr"], (), rebuild(arrays), sub)
+        return eval_jaxpr(jaxpr, consts, rebuild(arrays), sub)
 
     key = ctx.next_key() if has_key else jnp.zeros((), jnp.uint32)
     fn = jax.checkpoint(body, prevent_cse=p.get("prevent_cse", True), policy=p.get("policy"))
     return fn(key, *flat)
+
+
+def _rule_cond(eqn, invals, ctx):
+    """``lax.cond`` / ``lax.switch``: every branch is interpreted with the LoRA operands."""
+    index, *ops = invals
+    if isinstance(index, _Lora):
+        return _rule_materialize(eqn, invals, ctx, "LoRA weight used as a cond predicate")
+    flat, rebuild = _flatten_vals(ops)
+    key = ctx.next_key()
+
+    def branch(closed):
+        jaxpr, consts = _open(closed)
+
+        def run(*arrays):
+            return eval_jaxpr(jaxpr, consts, rebuild(arrays), ctx.child(key))
+
+        return run
+
+    return jax.lax.switch(index, [branch(b) for b in eqn.params["branches"]], *flat)
+
+
+def _rule_while(eqn, invals, ctx):
+    """``lax.while_loop`` / ``fori_loop``: LoRA weights as loop constants stay factored
+    (a LoRA value in the carry is materialised). With dropout, each iteration draws its
+    own masks."""
+    p = eqn.params
+    cn, bn = p["cond_nconsts"], p["body_nconsts"]
+    cconsts, bconsts = invals[:cn], invals[cn:cn + bn]
+    init = [_materialize(v, ctx, eqn, "LoRA weight carried through a loop") for v in invals[cn + bn:]]
+    cjaxpr, cjconsts = _open(p["cond_jaxpr"])
+    bjaxpr, bjconsts = _open(p["body_jaxpr"])
+    key = ctx.next_key()
+
+    def cond_fn(state):
+        _, carry = state
+        return eval_jaxpr(cjaxpr, cjconsts, [*cconsts, *carry], ctx.child(None))[0]
+
+    def body_fn(state):
+        i, carry = state
+        sub = ctx.child(None if key is None else jax.random.fold_in(key, i))
+        return i + 1, eval_jaxpr(bjaxpr, bjconsts, [*bconsts, *carry], sub)
+
+    _, out = jax.lax.while_loop(cond_fn, body_fn, (jnp.zeros((), jnp.int32), init))
+    return out
 
 
 def _rule_scan(eqn, invals, ctx):
@@ -653,7 +845,7 @@ def _rule_scan(eqn, invals, ctx):
     keys = None
     if ctx.key is not None:
         keys = jax.random.split(ctx.next_key(), length)
-    closed = p["jaxpr"]
+    body_jaxpr, body_consts = _open(p["jaxpr"])
 
     def body(carry, xs_and_key):
         xs_vals, key = xs_and_key
@@ -664,7 +856,7 @@ def _rule_scan(eqn, invals, ctx):
             else:
                 vals.append(dataclasses.replace(spec, w=val[0], a=val[1], b=val[2]))
         sub = ctx.child(key)
-        outs = eval_jaxpr(closed.jaxpr, closed.consts, [*consts, *carry, *vals], sub)
+        outs = eval_jaxpr(body_jaxpr, body_consts, [*consts, *carry, *vals], sub)
         return outs[:ncar], outs[ncar:]
 
     carry, ys = jax.lax.scan(
@@ -683,16 +875,40 @@ _RULES: dict[str, Callable] = {
     "reshape": _rule_reshape,
     "squeeze": _rule_squeeze,
     "broadcast_in_dim": _rule_broadcast_in_dim,
+    "slice": _rule_slice,
+    "dynamic_slice": _rule_dynamic_slice,
     "gather": _rule_gather,
     "conv_general_dilated": _rule_conv,
-    _prims.jit_p.name: _inline("jaxpr"),
+    "jit": _inline("jaxpr"),
     "pjit": _inline("jaxpr"),
-    _prims.closed_call_p.name: _inline("call_jaxpr"),
-    _prims.custom_jvp_call_p.name: _inline("call_jaxpr"),
-    _prims.custom_vjp_call_p.name: _inline("call_jaxpr"),
-    _prims.remat_p.name: _rule_remat,
-    _prims.scan_p.name: _rule_scan,
+    "closed_call": _inline("call_jaxpr"),
+    "core_call": _inline("call_jaxpr"),
+    "custom_jvp_call": _inline("call_jaxpr", "fun_jaxpr"),
+    "custom_vjp_call": _inline("call_jaxpr", "fun_jaxpr"),
+    "custom_vjp_call_jaxpr": _inline("fun_jaxpr", "call_jaxpr"),
+    "checkpoint": _rule_remat,
+    "remat2": _rule_remat,
+    "scan": _rule_scan,
+    "cond": _rule_cond,
+    "while": _rule_while,
 }
+# Primitive names as this JAX version spells them (names have moved between releases).
+for _name, _rule in [
+    ("jit_p", _inline("jaxpr")),
+    ("closed_call_p", _inline("call_jaxpr")),
+    ("call_p", _inline("call_jaxpr")),
+    ("custom_jvp_call_p", _inline("call_jaxpr", "fun_jaxpr")),
+    ("custom_vjp_call_p", _inline("call_jaxpr", "fun_jaxpr")),
+    ("remat_p", _rule_remat),
+    ("scan_p", _rule_scan),
+    ("cond_p", _rule_cond),
+    ("while_p", _rule_while),
+    ("copy_p", _rule_passthrough),
+    ("sharding_constraint_p", _rule_passthrough),
+]:
+    _prim = getattr(_prims, _name, None) if _prims is not None else None
+    if _prim is not None:
+        _RULES.setdefault(_prim.name, _rule)
 
 
 # ----------------------------------------------------------------------------------
@@ -801,9 +1017,17 @@ def explain(fn: Callable[..., Any], *args: Any, lora_rng: Optional[jax.Array] = 
     []
     """
     events: list[LoraEvent] = []
+    # Only arrays are traced; everything else (Python flags such as ``train=False``,
+    # strings, modules) is passed through unchanged, as ``lora(fn)`` does.
+    leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))
+    dyn = [i for i, x in enumerate(leaves) if _is_dynamic(x) or isinstance(x, jax.ShapeDtypeStruct)]
 
-    def run(*a, **k):
+    def run(dyn_vals):
+        full = list(leaves)
+        for i, v in zip(dyn, dyn_vals):
+            full[i] = v
+        a, k = jax.tree_util.tree_unflatten(treedef, full)
         return _run(fn, a, k, lora_rng, "allow", events)
 
-    jax.eval_shape(run, *args, **kwargs)
+    jax.eval_shape(run, [leaves[i] for i in dyn])
     return LoraReport(tuple(events))

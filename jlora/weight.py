@@ -33,6 +33,9 @@ import numpy as np
 
 __all__ = [
     "LoraWeight",
+    "MultiLoraWeight",
+    "DEFAULT_ADAPTER",
+    "is_lora_node",
     "Trainable",
     "KernelLayout",
     "delta",
@@ -42,6 +45,7 @@ __all__ = [
 ]
 
 Layout = tuple[str, ...]
+DEFAULT_ADAPTER = "default"
 _ROLES = ("stack", "in", "out")
 
 
@@ -194,6 +198,74 @@ class Trainable:
         obj = object.__new__(cls)
         object.__setattr__(obj, "value", children[0])
         return obj
+
+
+@dataclasses.dataclass(frozen=True)
+class MultiLoraWeight:
+    """A kernel ``w`` with several named LoRA adapters; a pytree node.
+
+    Children: ``w`` and ``adapters`` (a dict name → ``LoraWeight(w=None, a, b, ...)``).
+    Static: ``active`` (names whose deltas are added: ``W + Σ_{i∈active} s_i·A_i·B_i``) and
+    ``enabled`` (False: the base alone, PEFT's ``disable_adapter``).
+    """
+
+    w: Any
+    adapters: Mapping[str, LoraWeight]
+    active: tuple[str, ...] = (DEFAULT_ADAPTER,)
+    enabled: bool = True
+
+    @property
+    def layout(self) -> tuple[str, ...]:
+        return next(iter(self.adapters.values())).layout
+
+    def active_pairs(self) -> list[LoraWeight]:
+        if not self.enabled:
+            return []
+        return [self.adapters[n] for n in self.active if n in self.adapters]
+
+    def effective(self) -> jax.Array:
+        """``W + Σ_active s_i·ΔW_i`` in W's dtype (computed in float32)."""
+        pairs = self.active_pairs()
+        if not pairs:
+            return self.w
+        compute = jnp.promote_types(self.w.dtype, jnp.float32)
+        out = self.w.astype(compute)
+        for p in pairs:
+            out = out + p.scale * delta(p.a, p.b, p.layout, compute)
+        return out.astype(self.w.dtype)
+
+    def replace(self, **changes: Any) -> "MultiLoraWeight":
+        return dataclasses.replace(self, **changes)
+
+
+def _flatten_multi(x: MultiLoraWeight):
+    names = tuple(x.adapters)
+    children = (x.w, {n: x.adapters[n] for n in names})
+    return children, (x.active, x.enabled)
+
+
+def _flatten_multi_with_keys(x: MultiLoraWeight):
+    children, aux = _flatten_multi(x)
+    keys = (jax.tree_util.GetAttrKey("w"), jax.tree_util.GetAttrKey("adapters"))
+    return tuple(zip(keys, children)), aux
+
+
+def _unflatten_multi(aux, children) -> MultiLoraWeight:
+    obj = object.__new__(MultiLoraWeight)
+    object.__setattr__(obj, "w", children[0])
+    object.__setattr__(obj, "adapters", children[1])
+    object.__setattr__(obj, "active", aux[0])
+    object.__setattr__(obj, "enabled", aux[1])
+    return obj
+
+
+jax.tree_util.register_pytree_with_keys(MultiLoraWeight, _flatten_multi_with_keys, _unflatten_multi, _flatten_multi)
+
+
+def is_lora_node(x: Any) -> bool:
+    """Whether ``x`` is one of jlora's nodes (``LoraWeight``, ``MultiLoraWeight``,
+    ``Trainable``): the ``is_leaf`` for walking a LoRA tree node by node."""
+    return isinstance(x, (LoraWeight, MultiLoraWeight, Trainable))
 
 
 def is_lora_weight(x: Any) -> bool:

@@ -10,13 +10,10 @@ import numpy as np
 
 from .config import LoraConfig
 from .targets import LayoutSpec, flatten_params, plan_targets
-from .weight import KernelLayout, LoraWeight, Trainable, init_factors, is_lora_weight, is_trainable
+from .weight import KernelLayout, LoraWeight, MultiLoraWeight, Trainable, init_factors, is_lora_weight, is_trainable
+from .weight import is_lora_node as _is_node
 
 __all__ = ["wrap", "unload", "count_parameters", "print_trainable_parameters", "is_lora_tree", "lora_leaves"]
-
-
-def _is_node(x: Any) -> bool:
-    return isinstance(x, (LoraWeight, Trainable))
 
 
 def _factor_sharding(w: Any, layout: tuple[str, ...]):
@@ -108,7 +105,9 @@ def wrap(
 
 def is_lora_tree(tree: Any) -> bool:
     """Whether ``tree`` holds at least one ``LoraWeight``."""
-    return any(is_lora_weight(x) for x in jax.tree_util.tree_leaves(tree, is_leaf=_is_node))
+    return any(
+        isinstance(x, (LoraWeight, MultiLoraWeight)) for x in jax.tree_util.tree_leaves(tree, is_leaf=_is_node)
+    )
 
 
 def lora_leaves(tree: Any) -> list[tuple[str, LoraWeight]]:
@@ -129,7 +128,7 @@ def unload(lp: Any) -> Any:
     """
 
     def strip(x):
-        if is_lora_weight(x):
+        if isinstance(x, (LoraWeight, MultiLoraWeight)):
             return x.w
         if is_trainable(x):
             return x.value
@@ -147,6 +146,7 @@ def count_parameters(lp: Any) -> tuple[int, int]:
     """``(trainable, total)`` parameter counts of a LoRA tree, as PEFT counts them.
 
     trainable = Σ |A| + |B| + Σ |Trainable leaves|; total = trainable + all frozen leaves.
+    With several adapters (``jlora.add_adapter``), only the active ones are trainable.
 
     >>> count_parameters(lp)  # doctest: +SKIP
     (811008, 125250816)
@@ -158,6 +158,13 @@ def count_parameters(lp: Any) -> tuple[int, int]:
             n = _size(x.a) + _size(x.b)
             trainable += n
             total += n + _size(x.w)
+        elif isinstance(x, MultiLoraWeight):
+            total += _size(x.w)
+            live = {id(p) for p in x.active_pairs()}
+            for p in x.adapters.values():
+                n = _size(p.a) + _size(p.b)
+                total += n
+                trainable += n if id(p) in live else 0
         elif is_trainable(x):
             n = sum(_size(v) for v in jax.tree_util.tree_leaves(x.value))
             trainable += n

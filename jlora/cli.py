@@ -1,0 +1,202 @@
+"""The ``jlora`` command: inspect and convert LoRA adapters.
+
+::
+
+    jlora inspect ADAPTER            # config, targets (shapes, ranks), parameter count, size on disk
+    jlora convert SRC DST [--to peft|orbax] [--overwrite]
+
+``ADAPTER``/``SRC`` may be a PEFT adapter directory (``adapter_config.json`` +
+``adapter_model.safetensors``) or a jlora Orbax checkpoint (written by ``jlora.save``,
+or a ``CheckpointManager`` step or root directory whose item was written with
+``jlora.checkpoint.AdapterSave``). ``convert`` writes the other format unless ``--to``
+says otherwise; no base model is needed either way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+__all__ = ["main", "detect_format", "inspect_adapter", "convert"]
+
+
+def detect_format(path: str) -> str:
+    """``"peft"`` or ``"orbax"``; ``ValueError``/``FileNotFoundError`` otherwise."""
+    from .checkpoint import find_adapter_dir
+    from .peft_format import CONFIG_NAME, WEIGHTS_NAME
+
+    p = Path(path)
+    if p.is_dir() and ((p / CONFIG_NAME).exists() or (p / WEIGHTS_NAME).exists() or (p / "adapter_model.bin").exists()):
+        return "peft"
+    try:
+        find_adapter_dir(p)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such adapter") from None
+    except ValueError:
+        raise ValueError(
+            f"{path}: neither a PEFT adapter directory ({CONFIG_NAME} + {WEIGHTS_NAME}) nor a jlora Orbax checkpoint"
+        ) from None
+    return "orbax"
+
+
+def _read(path: str, fmt: str):
+    from .checkpoint import read_adapter
+    from .peft_format import read_peft
+
+    return read_peft(path) if fmt == "peft" else read_adapter(path)
+
+
+def _disk_size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _config_line(cfg: Optional[dict]) -> str:
+    if cfg is None:
+        return "(none stored)"
+    keys = ["r", "lora_alpha", "target_modules", "lora_dropout", "bias", "use_rslora", "modules_to_save",
+            "rank_pattern", "alpha_pattern", "layers_to_transform", "task_type", "base_model_name_or_path"]
+    parts = []
+    for k in keys:
+        if k in cfg and cfg[k] not in (None, {}, []):
+            parts.append(f"{k}={cfg[k]!r}")
+    return " ".join(parts)
+
+
+def _shape(x) -> str:
+    return "(" + ", ".join(str(int(s)) for s in x) + ")"
+
+
+def inspect_adapter(path: str, *, as_json: bool = False, out=None) -> dict:
+    """Prints (and returns) a summary of the adapter at ``path``."""
+    from .checkpoint import find_adapter_dir
+    from .peft_format import CONFIG_NAME, WEIGHTS_NAME, _to_torch
+
+    out = out or sys.stdout
+    fmt = detect_format(path)
+    adapter = _read(path, fmt)
+    if fmt == "peft":
+        where = Path(path)
+        size = sum((where / n).stat().st_size for n in (CONFIG_NAME, WEIGHTS_NAME) if (where / n).exists())
+    else:
+        where = find_adapter_dir(path)
+        size = _disk_size(where)
+    rows = []
+    for t in adapter.targets:
+        names = list(t.torch or [t.path])
+        stacked = t.layout is not None and "stack" in t.layout
+        for i, name in enumerate(names):
+            a = t.a[i] if stacked else t.a
+            b = t.b[i] if stacked else t.b
+            A, B = _to_torch(a, b, t.kind)
+            rows.append(
+                {
+                    "module": name,
+                    "path": t.path,
+                    "kind": t.kind,
+                    "base_shape": list(t.base_shape) if t.base_shape is not None else None,
+                    "layout": list(t.layout) if t.layout is not None else None,
+                    "lora_A": list(A.shape),
+                    "lora_B": list(B.shape),
+                    "r": t.r,
+                    "alpha": t.alpha,
+                    "scale": t.scale,
+                }
+            )
+    params = [{"name": (p.torch or [p.path])[0] if p.torch and len(p.torch) == 1 else (p.path or ""),
+               "shape": list(p.value.shape)} for p in adapter.params]
+    summary = {
+        "path": str(where),
+        "format": fmt,
+        "config": adapter.config,
+        "targets": rows,
+        "trained_params": params,
+        "parameters": int(adapter.n_params),
+        "size_on_disk": int(size),
+    }
+    if as_json:
+        print(json.dumps(summary, indent=2), file=out)
+        return summary
+    label = "PEFT adapter" if fmt == "peft" else "jlora Orbax checkpoint"
+    print(f"{label}: {where}", file=out)
+    print(f"config: {_config_line(adapter.config)}", file=out)
+    print(f"targets: {len(rows)} module(s)", file=out)
+    if rows:
+        w = max(len(r["module"]) for r in rows)
+        print(f"  {'module':<{w}}  {'kind':<9} {'lora_A (r, in)':<16} {'lora_B (out, r)':<16} {'r':>4} {'alpha':>7} {'scale':>8}",
+              file=out)
+        for r in rows:
+            print(
+                f"  {r['module']:<{w}}  {r['kind']:<9} {_shape(r['lora_A']):<16} {_shape(r['lora_B']):<16} "
+                f"{r['r']:>4} {str(r['alpha']):>7} {r['scale']:>8.4g}",
+                file=out,
+            )
+    if params:
+        print(f"fully trained: {len(params)} tensor(s)", file=out)
+        for p in params:
+            print(f"  {p['name']}  {_shape(p['shape'])}", file=out)
+    print(f"parameters: {summary['parameters']:,d}", file=out)
+    print(f"size on disk: {size:,d} bytes ({size / 2**20:.2f} MiB)", file=out)
+    return summary
+
+
+def convert(src: str, dst: str, *, to: Optional[str] = None, overwrite: bool = False,
+            base_model_name_or_path: Optional[str] = None, task_type: Optional[str] = None) -> str:
+    """Converts the adapter at ``src`` to ``dst`` (the other format unless ``to``)."""
+    from .checkpoint import write_adapter
+    from .peft_format import CONFIG_NAME, write_peft
+
+    fmt = detect_format(src)
+    to = to or ("orbax" if fmt == "peft" else "peft")
+    if to not in ("peft", "orbax"):
+        raise ValueError(f"--to {to!r}: valid formats are 'peft' and 'orbax'")
+    d = Path(dst)
+    if os.path.abspath(src) == os.path.abspath(dst):
+        raise ValueError(f"{dst}: destination is the source")
+    if d.exists():
+        if not overwrite:
+            raise FileExistsError(f"{dst} exists; pass --overwrite to replace it")
+        if to == "peft" and d.is_dir() and any(d.iterdir()) and not (d / CONFIG_NAME).exists():
+            raise ValueError(f"{dst} exists and is not a PEFT adapter directory; refusing to write into it")
+    adapter = _read(src, fmt)
+    if to == "peft":
+        write_peft(d, adapter, base_model_name_or_path=base_model_name_or_path, task_type=task_type)
+    else:
+        write_adapter(d, adapter, overwrite=overwrite)
+    return to
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="jlora", description="Inspect and convert LoRA adapters (PEFT <-> Orbax).")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_inspect = sub.add_parser("inspect", help="print config, targets, parameter count and size on disk")
+    p_inspect.add_argument("adapter", help="PEFT adapter directory or jlora Orbax checkpoint")
+    p_inspect.add_argument("--json", action="store_true", help="print a JSON summary")
+    p_convert = sub.add_parser("convert", help="convert between the PEFT format and jlora Orbax checkpoints")
+    p_convert.add_argument("src")
+    p_convert.add_argument("dst")
+    p_convert.add_argument("--to", choices=["peft", "orbax"], help="output format (default: the other one)")
+    p_convert.add_argument("--overwrite", action="store_true", help="replace an existing adapter at DST")
+    p_convert.add_argument("--base-model-name-or-path", help="written into adapter_config.json")
+    p_convert.add_argument("--task-type", help="written into adapter_config.json (e.g. CAUSAL_LM)")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "inspect":
+            inspect_adapter(args.adapter, as_json=args.json)
+        else:
+            to = convert(args.src, args.dst, to=args.to, overwrite=args.overwrite,
+                         base_model_name_or_path=args.base_model_name_or_path, task_type=args.task_type)
+            print(f"wrote {to} adapter: {args.dst}")
+    except (ValueError, TypeError, OSError) as err:
+        print(f"jlora: error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

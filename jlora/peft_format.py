@@ -1,0 +1,562 @@
+"""The PEFT adapter format, both ways: `save_peft` and `load_peft`.
+
+A PEFT LoRA adapter is a directory with
+
+* ``adapter_config.json``: PEFT's ``LoraConfig`` keys (``peft_type: "LORA"``, ``r``,
+  ``lora_alpha``, ``target_modules``, ``rank_pattern``, ...);
+* ``adapter_model.safetensors`` (metadata ``{"format": "pt"}``) with, for each adapted
+  PyTorch module ``M``::
+
+      base_model.model.M.lora_A.weight   (r, in_features)      nn.Linear / Conv1D
+      base_model.model.M.lora_B.weight   (out_features, r)
+      base_model.model.M.lora_A.weight   (r, in, *kernel)       nn.ConvNd
+      base_model.model.M.lora_B.weight   (out, r, 1, ...)
+      base_model.model.M.lora_embedding_A  (r, num_embeddings)  nn.Embedding
+      base_model.model.M.lora_embedding_B  (embedding_dim, r)
+
+  and every parameter trained in full (``bias``, ``modules_to_save``) under its PyTorch
+  name (a bias of an adapted module as ``M.base_layer.bias``).
+
+jlora's factors relate to these by ``lora_A = A.reshape(in_features, r).T`` and
+``lora_B = B.reshape(r, out_features).T`` (in/out axes flattened in row-major order,
+which is how a DenseGeneral kernel flattens into a ``torch.nn.Linear``); PyTorch names
+come from :mod:`jlora.hf`. Nothing here needs torch: safetensors' numpy API reads and
+writes the tensors, and nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import uuid
+from collections import Counter
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import numpy as np
+
+from . import hf
+from .checkpoint import (
+    Adapter,
+    ParamRecord,
+    ShardingSpec,
+    TargetRecord,
+    _recover,
+    adapter_from_tree,
+    alpha_from_scale,
+    tree_from_adapter,
+)
+from .config import LoraConfig
+from .targets import LayoutSpec
+
+__all__ = [
+    "CONFIG_NAME",
+    "WEIGHTS_NAME",
+    "save_peft",
+    "load_peft",
+    "read_peft",
+    "read_peft_config",
+    "write_peft",
+    "peft_tensors",
+]
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+
+_LORA_RE = re.compile(r"^(?P<module>.+)\.lora_(?P<which>A|B)\.weight$")
+_EMB_RE = re.compile(r"^(?P<module>.+)\.lora_embedding_(?P<which>A|B)$")
+
+
+# --------------------------------------------------------------------------------------
+# Layout conversion
+
+
+def _to_torch(a: np.ndarray, b: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray]:
+    """One layer's canonical (or flat) factors → PEFT's (lora_A, lora_B)."""
+    r = int(a.shape[-1])
+    if kind == "conv":
+        n = a.ndim  # (*spatial, in, r) -> (r, in, *spatial)
+        A = np.transpose(a, (n - 1, n - 2, *range(n - 2)))
+        B = b.reshape(r, -1).T.reshape((-1, r) + (1,) * (n - 2))
+    else:
+        A = a.reshape(-1, r).T
+        B = b.reshape(r, -1).T
+    return np.ascontiguousarray(A), np.ascontiguousarray(B)
+
+
+def _from_torch(A: np.ndarray, B: np.ndarray, kind: str, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """PEFT's (lora_A, lora_B) → flat canonical ``(in, r)``, ``(r, out)`` (conv: ``(*spatial, in, r)``)."""
+    r = int(A.shape[0])
+    if kind == "conv":
+        if B.ndim != A.ndim or B.shape[1] != r or any(s != 1 for s in B.shape[2:]):
+            raise ValueError(f"{where}: conv LoRA factors lora_A {A.shape}, lora_B {B.shape} do not fit together")
+        n = A.ndim
+        a = np.transpose(A, (*range(2, n), 1, 0))
+        b = B.reshape(B.shape[0], r).T
+    else:
+        if A.ndim != 2 or B.ndim != 2 or B.shape[1] != r:
+            raise ValueError(
+                f"{where}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} must be (r, in) and (out, r) "
+                "with the same r"
+            )
+        a, b = A.T, B.T
+    return np.ascontiguousarray(a), np.ascontiguousarray(b)
+
+
+def _host(x: Any) -> np.ndarray:
+    return np.asarray(x)
+
+
+def peft_tensors(adapter: Adapter) -> dict[str, np.ndarray]:
+    """The ``adapter_model.safetensors`` tensors of ``adapter`` (PEFT names and layouts)."""
+    out: dict[str, np.ndarray] = {}
+    target_modules: set[str] = set()
+    for t in adapter.targets:
+        if not t.torch:
+            raise ValueError(f"{t.path}: no PyTorch module name for this target; pass name_map=")
+        a, b = _host(t.a), _host(t.b)
+        stacked = t.layout is not None and "stack" in t.layout
+        if stacked and t.layout.count("stack") != 1:
+            raise ValueError(f"{t.path}: only one stack axis maps to PyTorch layers, layout {t.layout}")
+        n_layers = a.shape[0] if stacked else 1
+        if len(t.torch) != n_layers:
+            raise ValueError(f"{t.path}: {n_layers} layer(s) but {len(t.torch)} PyTorch name(s) {t.torch}")
+        for i, module in enumerate(t.torch):
+            A, B = _to_torch(a[i] if stacked else a, b[i] if stacked else b, t.kind)
+            if t.kind == "embedding":
+                names = (f"{PEFT_PREFIX}{module}.lora_embedding_A", f"{PEFT_PREFIX}{module}.lora_embedding_B")
+            else:
+                names = (f"{PEFT_PREFIX}{module}.lora_A.weight", f"{PEFT_PREFIX}{module}.lora_B.weight")
+            for name, x in zip(names, (A, B)):
+                if name in out:
+                    raise ValueError(f"two targets map to the PyTorch name {name!r}; pass name_map=")
+                out[name] = x
+            target_modules.add(module)
+    for p in adapter.params:
+        if not p.torch:
+            raise ValueError(f"{p.path}: no PyTorch name for this parameter; pass name_map=")
+        v = _host(p.value)
+        names = p.path.split("/") if p.path else None
+        for i, tname in enumerate(p.torch):
+            x = v[i] if len(p.torch) > 1 else v
+            if not p.torch_layout and names is not None:
+                x = hf.param_to_torch(names, x)
+            module, leaf = tname.rsplit(".", 1) if "." in tname else ("", tname)
+            if module in target_modules:
+                tname = f"{module}.base_layer.{leaf}"
+            key = PEFT_PREFIX + tname
+            if key in out:
+                raise ValueError(f"two parameters map to the PyTorch name {key!r}")
+            out[key] = np.ascontiguousarray(x)
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# adapter_config.json
+
+
+def _layer_index(key: str, layers_pattern: Any) -> Optional[int]:
+    if not layers_pattern:
+        m = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
+    else:
+        patterns = [layers_pattern] if isinstance(layers_pattern, str) else list(layers_pattern)
+        m = None
+        for pattern in patterns:
+            m = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", key)
+            if m is not None:
+                break
+    return int(m.group("idx")) if m else None
+
+
+def peft_matches(cfg: dict, key: str) -> bool:
+    """PEFT's ``check_target_module_exists`` on a PyTorch module name (LoRA keys only)."""
+    excl = cfg.get("exclude_modules")
+    if excl:
+        if isinstance(excl, str):
+            if re.fullmatch(excl, key):
+                return False
+        elif key in excl or any(key.endswith("." + x) for x in excl):
+            return False
+    mts = cfg.get("modules_to_save")
+    if mts and any(re.match(rf"(^|.*\.){m}($|\..*)", key) for m in mts):
+        return False
+    tm = cfg.get("target_modules")
+    if tm is None:
+        return False
+    if isinstance(tm, str):
+        return re.fullmatch(tm, key) is not None
+    if key in tm:
+        return True
+    found = any(key.endswith("." + t) for t in tm)
+    layers = cfg.get("layers_to_transform")
+    if found and layers is not None and layers != []:
+        idx = _layer_index(key, cfg.get("layers_pattern"))
+        layers = [layers] if isinstance(layers, int) else list(layers)
+        found = idx is not None and idx in layers
+    return found
+
+
+def _pattern(patterns: dict, key: str, default: Any) -> Any:
+    """PEFT's ``get_pattern_key`` lookup."""
+    for pat in patterns:
+        if re.match(rf"(.*\.)?({pat})$", key):
+            return patterns[pat]
+    return default
+
+
+def _most_common(values: list) -> Any:
+    return Counter(values).most_common(1)[0][0]
+
+
+def peft_config_dict(
+    adapter: Adapter,
+    *,
+    base_model_name_or_path: Optional[str] = None,
+    task_type: Optional[str] = None,
+) -> dict:
+    """``adapter_config.json`` for ``adapter``: its config, checked against the targets.
+
+    ``target_modules`` is kept when PEFT would select exactly the adapted modules with
+    it; otherwise it becomes the list of module-name suffixes (``["c_attn", "c_proj"]``)
+    or, if that selects more, the full module names. ``rank_pattern``/``alpha_pattern``
+    get exact entries for modules whose rank or alpha the config would not give.
+    """
+    cfg = dict(adapter.config) if adapter.config is not None else LoraConfig().to_dict()
+    rslora = bool(cfg.get("use_rslora", False))
+    per: dict[str, tuple[int, Union[int, float]]] = {}
+    for t in adapter.targets:
+        alpha = t.alpha if t.alpha is not None else alpha_from_scale(t.scale, t.r, rslora)
+        # the scale is what counts; alpha is re-derived so PEFT computes the same scale
+        alpha = alpha_from_scale(t.scale, t.r, rslora) if not math.isclose(
+            float(alpha) / (math.sqrt(t.r) if rslora else t.r), t.scale, rel_tol=1e-9) else alpha
+        for m in t.torch or ():
+            per[m] = (t.r, alpha)
+    targets = set(per)
+    candidates = set(adapter.torch_modules) if adapter.torch_modules is not None else None
+    if adapter.config is None:
+        cfg["r"] = int(_most_common([r for r, _ in per.values()])) if per else cfg["r"]
+        cfg["lora_alpha"] = _most_common([a for _, a in per.values()]) if per else cfg["lora_alpha"]
+        cfg["lora_dropout"] = float(adapter.targets[0].dropout) if adapter.targets else 0.0
+        biases = [p for p in adapter.params if (p.torch or ("",))[0].endswith(".bias")]
+        bias_ids = {id(p) for p in biases}
+        others = [p for p in adapter.params if id(p) not in bias_ids]
+        bias_modules = {n.rsplit(".", 1)[0] for p in biases for n in p.torch or ()}
+        cfg["bias"] = "none" if not biases else ("lora_only" if bias_modules <= targets else "all")
+        mts = sorted({n.rsplit(".", 1)[0] for p in others for n in p.torch or ()})
+        cfg["modules_to_save"] = mts or None
+
+    def selects_exactly(c: dict) -> bool:
+        if not all(peft_matches(c, t) for t in targets):
+            return False
+        return candidates is None or not any(peft_matches(c, m) for m in candidates - targets)
+
+    keep = adapter.config is not None and cfg.get("target_modules") not in ("all-linear", None)
+    if not (keep and selects_exactly(cfg)) and targets:
+        trial = dict(cfg, exclude_modules=None, layers_to_transform=None, layers_pattern=None)
+        trial["target_modules"] = sorted({t.rsplit(".", 1)[-1] for t in targets})
+        if not selects_exactly(trial):
+            trial["target_modules"] = sorted(targets)
+        cfg = trial
+
+    r0, a0 = cfg["r"], cfg["lora_alpha"]
+    rank_pattern = dict(cfg.get("rank_pattern") or {})
+    alpha_pattern = dict(cfg.get("alpha_pattern") or {})
+    extra_r, extra_a = {}, {}
+    for m in sorted(targets):
+        r, alpha = per[m]
+        if _pattern(rank_pattern, m, r0) != r:
+            extra_r[m] = r
+        if not math.isclose(float(_pattern(alpha_pattern, m, a0)), float(alpha), rel_tol=1e-9):
+            extra_a[m] = alpha
+    cfg["rank_pattern"] = {**extra_r, **rank_pattern}
+    cfg["alpha_pattern"] = {**extra_a, **alpha_pattern}
+    cfg["fan_in_fan_out"] = any(
+        t.kind == "linear" and t.layout is not None and tuple(x for x in t.layout if x != "stack") == ("out", "in")
+        for t in adapter.targets
+    )
+    cfg["peft_type"] = "LORA"
+    if base_model_name_or_path is not None:
+        cfg["base_model_name_or_path"] = base_model_name_or_path
+    if task_type is not None:
+        cfg["task_type"] = task_type
+    cfg.setdefault("inference_mode", True)
+    return cfg
+
+
+# --------------------------------------------------------------------------------------
+# Writing
+
+
+def _fsync_write(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_peft(
+    directory: Union[str, os.PathLike],
+    adapter: Adapter,
+    *,
+    base_model_name_or_path: Optional[str] = None,
+    task_type: Optional[str] = None,
+) -> Path:
+    """Writes ``adapter`` in PEFT's format (see :func:`save_peft`)."""
+    from safetensors.numpy import save as st_save
+
+    tensors = peft_tensors(adapter)
+    cfg = peft_config_dict(adapter, base_model_name_or_path=base_model_name_or_path, task_type=task_type)
+    LoraConfig.from_dict(cfg)  # what we write must read back
+    files = {
+        WEIGHTS_NAME: st_save(tensors, metadata={"format": "pt"}),
+        CONFIG_NAME: (json.dumps(cfg, indent=2, sort_keys=True) + "\n").encode(),
+    }
+    d = Path(directory).absolute()
+    if d.exists() and not d.is_dir():
+        raise ValueError(f"{d} exists and is not a directory")
+    tag = uuid.uuid4().hex[:12]
+    others = [f for f in d.iterdir() if f.name not in files and not f.name.startswith(".")] if d.exists() else []
+    if not others:
+        # A fresh directory, or one holding only the adapter: write a new directory and
+        # rename it into place (the old one is moved aside first; readers recover it if a
+        # kill lands between the two renames).
+        d.parent.mkdir(parents=True, exist_ok=True)
+        tmp = d.parent / f".{d.name}.jlora-tmp-{tag}"
+        tmp.mkdir()
+        try:
+            for name, data in files.items():
+                _fsync_write(tmp / name, data)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if d.exists():
+            old = d.parent / f".{d.name}.jlora-old-{tag}"
+            os.rename(d, old)
+            os.rename(tmp, d)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, d)
+        for stale in list(d.parent.glob(f".{d.name}.jlora-old-*")) + list(d.parent.glob(f".{d.name}.jlora-tmp-*")):
+            shutil.rmtree(stale, ignore_errors=True)
+    else:
+        # Other files live here (a README, a tokenizer): replace our two files one by one,
+        # atomically each, weights first.
+        for name, data in files.items():
+            tmp_file = d / f".{name}.jlora-tmp-{tag}"
+            try:
+                _fsync_write(tmp_file, data)
+                os.replace(tmp_file, d / name)
+            except BaseException:
+                tmp_file.unlink(missing_ok=True)
+                raise
+    return d
+
+
+def save_peft(
+    directory: Union[str, os.PathLike],
+    lp: Any,
+    *,
+    config: Optional[LoraConfig] = None,
+    name_map: hf.NameMap = None,
+    prefix: Optional[str] = None,
+    base_model_name_or_path: Optional[str] = None,
+    task_type: Optional[str] = None,
+) -> Path:
+    """Writes a LoRA tree as a PEFT adapter: ``adapter_config.json`` +
+    ``adapter_model.safetensors``, loadable by ``PeftModel.from_pretrained`` and by
+    serving stacks that read PEFT adapters.
+
+    Tensor names are ``base_model.model.<torch module>.lora_A.weight`` (r, in) and
+    ``...lora_B.weight`` (out, r) (``lora_embedding_A/B`` for embeddings), with PyTorch
+    module names derived from the Flax paths by :mod:`jlora.hf` (transformers' rules);
+    ``Trainable`` leaves are written under their PyTorch names and layouts. The scale is
+    carried as ``lora_alpha``/``alpha_pattern`` so PEFT computes the same ``s``.
+
+    Args:
+      directory: created if missing (atomically); files in an existing directory are
+        replaced one by one, atomically, and nothing else in it is touched.
+      lp: the LoRA tree.
+      config: the :class:`LoraConfig` used to wrap (without it one is reconstructed from
+        the tree: ranks, alphas, target names).
+      name_map: ``{flax module path: torch module path}`` or a function, for models
+        whose PyTorch names differ from their Flax paths.
+      prefix: module path prepended to every PyTorch name (e.g. ``"bert"`` to use an
+        adapter trained on ``FlaxBertModel`` with ``BertForSequenceClassification``).
+      base_model_name_or_path, task_type: written into the config (PEFT's keys).
+
+    Example:
+      >>> jlora.save_peft("out/adapter", lp, config=config, base_model_name_or_path="gpt2")  # doctest: +SKIP
+      >>> # torch: PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained("gpt2"), "out/adapter")
+    """
+    adapter = adapter_from_tree(lp, config, name_map=name_map, prefix=prefix)
+    return write_peft(directory, adapter, base_model_name_or_path=base_model_name_or_path, task_type=task_type)
+
+
+# --------------------------------------------------------------------------------------
+# Reading
+
+
+def _peft_dir(directory: Union[str, os.PathLike]) -> Path:
+    d = Path(directory)
+    if not d.exists():
+        d = _recover(d.absolute(), lambda p: (p / CONFIG_NAME).is_file())
+    if not d.is_dir():
+        raise FileNotFoundError(f"{directory}: no such adapter directory")
+    return d
+
+
+def _read_config_dict(d: Path) -> dict:
+    path = d / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{d}: missing {CONFIG_NAME}; a PEFT adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}"
+        )
+    try:
+        cfg = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
+    peft_type = cfg.get("peft_type")
+    if peft_type != "LORA":
+        raise ValueError(f"{path}: peft_type={peft_type!r}; jlora reads LoRA adapters only (peft_type 'LORA')")
+    return cfg
+
+
+def read_peft_config(directory: Union[str, os.PathLike]) -> LoraConfig:
+    """The :class:`LoraConfig` of a PEFT adapter directory."""
+    d = _peft_dir(directory)
+    cfg = _read_config_dict(d)
+    try:
+        return LoraConfig.from_dict(cfg)
+    except (ValueError, TypeError) as err:
+        raise type(err)(f"{d / CONFIG_NAME}: {err}") from None
+
+
+def _read_tensors(path: Path) -> dict[str, np.ndarray]:
+    from safetensors import safe_open
+
+    try:
+        out = {}
+        with safe_open(str(path), framework="numpy") as f:
+            for k in f.keys():
+                out[k] = f.get_tensor(k)
+        return out
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
+        raise ValueError(f"{path}: not a readable safetensors file (truncated or corrupt?): {err}") from None
+
+
+def read_peft(directory: Union[str, os.PathLike]) -> Adapter:
+    """Reads a PEFT LoRA adapter into records (PyTorch names, factors flattened to
+    ``(in, r)`` / ``(r, out)``); no base model needed."""
+    d = _peft_dir(directory)
+    cfg = _read_config_dict(d)
+    config = read_peft_config(d)
+    path = d / WEIGHTS_NAME
+    if not path.is_file():
+        if (d / "adapter_model.bin").is_file():
+            raise ValueError(
+                f"{d}: only adapter_model.bin (a pickle) is present; jlora never unpickles. Re-save it with "
+                "safetensors (PEFT: save_pretrained(..., safe_serialization=True))"
+            )
+        raise FileNotFoundError(f"{d}: missing {WEIGHTS_NAME}")
+    tensors = _read_tensors(path)
+    factors: dict[str, dict[str, np.ndarray]] = {}
+    kinds: dict[str, str] = {}
+    params: list[ParamRecord] = []
+    for key, x in tensors.items():
+        name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+        m = _LORA_RE.match(name)
+        emb = _EMB_RE.match(name)
+        if m or emb:
+            mm = m or emb
+            module = mm.group("module")
+            factors.setdefault(module, {})[mm.group("which")] = x
+            kind = "embedding" if emb else "linear"
+            if kinds.setdefault(module, kind) != kind:
+                raise ValueError(f"{path}: {key}: module {module!r} has both lora_A/B and lora_embedding_A/B")
+            continue
+        if "lora_" in name:
+            raise ValueError(
+                f"{path}: tensor {key!r} is not a plain LoRA factor (DoRA, adapter-named or another variant); "
+                "jlora reads lora_A/lora_B and lora_embedding_A/B"
+            )
+        if ".original_module." in name or ".modules_to_save." in name:
+            continue  # copies PEFT also writes next to the trained module
+        name = name.replace(".base_layer.", ".")
+        params.append(ParamRecord(path=None, value=x, torch=(name,), torch_layout=True))
+    rslora = bool(config.use_rslora)
+    targets: list[TargetRecord] = []
+    for module, ab in factors.items():
+        if set(ab) != {"A", "B"}:
+            missing = "B" if "A" in ab else "A"
+            raise ValueError(f"{path}: module {module!r} has no lora_{missing}")
+        kind = kinds[module]
+        if kind == "linear" and ab["A"].ndim > 2:
+            kind = "conv"
+        a, b = _from_torch(ab["A"], ab["B"], kind, f"{path}: {module}")
+        r = int(ab["A"].shape[0])
+        r_cfg = _pattern(dict(config.rank_pattern), module, config.r)
+        if r_cfg != r:
+            raise ValueError(f"{path}: {module}: lora_A has rank {r} but {CONFIG_NAME} gives r={r_cfg}")
+        alpha = _pattern(dict(config.alpha_pattern), module, config.lora_alpha)
+        targets.append(
+            TargetRecord(
+                path=None, a=a, b=b, r=r, scale=config.scale_for(r, alpha), alpha=alpha, layout=None,
+                dropout=float(config.lora_dropout), kind=kind, torch=(module,),
+            )
+        )
+    if not targets and not params:
+        raise ValueError(f"{path}: no LoRA tensors found")
+    return Adapter(targets, params, cfg_clean(cfg), None)
+
+
+def cfg_clean(cfg: dict) -> dict:
+    """The keys of an ``adapter_config.json`` that jlora carries (``LoraConfig``'s)."""
+    return LoraConfig.from_dict(cfg).to_dict()
+
+
+def load_peft(
+    directory: Union[str, os.PathLike],
+    params: Any,
+    *,
+    name_map: hf.NameMap = None,
+    prefix: Optional[str] = None,
+    layouts: LayoutSpec = None,
+    dtype: Any = None,
+    shardings: ShardingSpec = None,
+) -> Any:
+    """The LoRA tree of a PEFT adapter directory over the base ``params``.
+
+    Reads ``adapter_config.json`` and ``adapter_model.safetensors`` as PEFT's
+    ``save_pretrained`` writes them, matches every module by its PyTorch name (see
+    :mod:`jlora.hf`; a missing or extra ``base_model_prefix`` such as ``bert.`` is
+    resolved automatically), reshapes ``lora_A``/``lora_B`` into the kernel's layout and
+    sets ``scale = lora_alpha / r`` (rsLoRA: ``/ sqrt(r)``) per module as PEFT does.
+
+    Errors name the problem: a missing ``adapter_config.json`` (``FileNotFoundError``), a
+    ``peft_type`` other than ``"LORA"``, a truncated or corrupt safetensors file, modules
+    that are not in ``params`` (all listed), factors whose shapes do not fit the base
+    kernel (the path and both shapes) — all ``ValueError``.
+
+    Args:
+      directory: the PEFT adapter directory.
+      params: the base parameters, e.g. ``FlaxLlamaForCausalLM.params``.
+      name_map, prefix: PyTorch naming overrides (see :func:`save_peft`).
+      layouts: kernel layout overrides, as in :func:`jlora.wrap`.
+      dtype: dtype of A and B (default: as stored, usually float32).
+      shardings: as in :func:`jlora.load`.
+
+    Example:
+      >>> lp = jlora.load_peft("my-peft-adapter", model.params)          # doctest: +SKIP
+      >>> logits = jlora.lora(model.__call__)(ids, params=lp).logits      # doctest: +SKIP
+    """
+    adapter = read_peft(directory)
+    return tree_from_adapter(
+        adapter, params, layouts=layouts, name_map=name_map, prefix=prefix, strict=False,
+        shardings=shardings, dtype=dtype,
+    )
