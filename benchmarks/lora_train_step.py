@@ -355,6 +355,7 @@ def main(argv=None) -> int:
         ap.error("--write records GPT-2 small results only; drop --tiny")
     command = "python benchmarks/lora_train_step.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     t_start = time.perf_counter()
+    load_start = os.getloadavg()[0]
 
     from transformers import FlaxGPT2LMHeadModel
 
@@ -503,7 +504,9 @@ def main(argv=None) -> int:
            " (PEFT starts from the Flax model's weights" + (" and jlora's initial A, B)" if peft.same_factors else ")")),
         "- kernel-shaped matmuls: matmuls in the optimised HLO whose result has the shape of a 2-D kernel "
         "(a weight gradient or A·B); the factored LoRA step forms none.",
-        f"- benchmark wall time: {elapsed:.0f} s",
+        f"- benchmark wall time: {elapsed:.0f} s; 1-minute load average {load_start:.2f} at start, "
+        f"{os.getloadavg()[0]:.2f} at end, on {os.cpu_count()} cores (the CPU may be shared: absolute times "
+        "are comparable only within one run, ratios are taken from interleaved steps)",
     ]
     report = "\n".join(lines)
     print()

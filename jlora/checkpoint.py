@@ -37,7 +37,6 @@ import math
 import os
 import shutil
 import uuid
-from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -216,8 +215,10 @@ def adapter_from_tree(
             )
         elif is_trainable(x):
             params.append(ParamRecord(path="/".join(names), value=x.value, torch=tuple(tn.params(names))))
-        if names and names[-1] in KERNEL_LEAF_NAMES and len(np.shape(getattr(x, "w", x))) >= 2:
-            torch_modules.extend(tn.modules(names))
+        if names and names[-1] in KERNEL_LEAF_NAMES and not is_trainable(x):
+            shape = getattr(x.w if is_lora_weight(x) else x, "shape", None)
+            if shape is not None and len(shape) >= 2:
+                torch_modules.extend(tn.modules(names))
     return Adapter(targets, params, config.to_dict() if config is not None else None, sorted(set(torch_modules)))
 
 
@@ -429,24 +430,37 @@ def plan_adapter(
         fix, unresolved = _resolve_torch_names(mod_names, par_names, index)
         if unresolved:
             modules, _ = index.torch_tables()
+            paths = {n: r.path for r in list(by_torch_t) + list(by_torch_p) for n in r.torch if r.path}
+            shown = [f"{paths[n]} ({n})" if n in paths else n for n in unresolved]
             raise ValueError(
-                f"{len(unresolved)} adapter module(s)/parameter(s) are not in the base model: {_fmt(unresolved)}. "
+                f"{len(unresolved)} adapter module(s)/parameter(s) are not in the base params: {_fmt(shown)}. "
                 f"Modules the base has (PyTorch names): {_fmt(sorted(modules))}. "
                 "Pass name_map= / prefix= if the names differ, or use the base model this adapter was made for."
             )
     modules, ptable = index.torch_tables() if (by_torch_t or by_torch_p) else ({}, {})
+
+    def locate(rec, table, stacked: bool, out: list) -> None:
+        found = [table[fix(n)] for n in rec.torch]
+        if not stacked:
+            out.extend((rec, e, layer) for e, layer in found)
+            return
+        # a record holding all layers of a stacked kernel: it must land on one stacked leaf
+        e0 = found[0][0]
+        if any(e is not e0 for e, _ in found) or [layer for _, layer in found] != list(range(len(found))):
+            raise ValueError(
+                f"{rec.path}: a stacked adapter entry ({len(found)} layers) maps to PyTorch names "
+                f"{_fmt(list(rec.torch), 3)} that are not the layers of one stacked kernel in the base"
+            )
+        out.append((rec, e0, None))
+
     for t in adapter.targets:
         if id(t) in torch_ids:
-            for n in t.torch:
-                e, layer = modules[fix(n)]
-                t_loc.append((t, e, layer))
+            locate(t, modules, t.layout is not None and "stack" in t.layout, t_loc)
         else:
             t_loc.append((t, index.by_path[t.path], None))
     for p in adapter.params:
         if id(p) in torch_ids:
-            for n in p.torch:
-                e, layer = ptable[fix(n)]
-                p_loc.append((p, e, layer))
+            locate(p, ptable, not p.torch_layout and len(p.torch) > 1, p_loc)
         else:
             p_loc.append((p, index.by_path[p.path], None))
 
@@ -876,7 +890,8 @@ def find_adapter_dir(path: Union[str, os.PathLike]) -> Path:
                 continue
             if isinstance(meta, dict) and meta.get("format") == FORMAT:
                 return child
-    raise ValueError(f"{path}: not a jlora Orbax adapter checkpoint (no _METADATA with '{FORMAT}' metadata)")
+    hint = "; it is a PEFT adapter: use jlora.load_peft" if (p / "adapter_config.json").exists() else ""
+    raise ValueError(f"{path}: not a jlora Orbax adapter checkpoint (no _METADATA with '{FORMAT}' metadata){hint}")
 
 
 def read_metadata(path: Union[str, os.PathLike]) -> dict:

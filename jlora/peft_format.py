@@ -274,16 +274,17 @@ def peft_config_dict(
             extra_a[m] = alpha
     cfg["rank_pattern"] = {**extra_r, **rank_pattern}
     cfg["alpha_pattern"] = {**extra_a, **alpha_pattern}
+    # fan_in_fan_out: the PyTorch weight is (in, out), i.e. GPT-2's Conv1D, whose Flax kernel
+    # is (out, in). Targets of unknown layout (converted from PEFT) keep the config's value.
     cfg["fan_in_fan_out"] = any(
         t.kind == "linear" and t.layout is not None and tuple(x for x in t.layout if x != "stack") == ("out", "in")
         for t in adapter.targets
-    )
+    ) or (any(t.layout is None for t in adapter.targets) and bool(cfg.get("fan_in_fan_out", False)))
     cfg["peft_type"] = "LORA"
     if base_model_name_or_path is not None:
         cfg["base_model_name_or_path"] = base_model_name_or_path
     if task_type is not None:
         cfg["task_type"] = task_type
-    cfg.setdefault("inference_mode", True)
     return cfg
 
 

@@ -274,7 +274,7 @@ def plan_targets(entries: Sequence[LeafEntry], config: LoraConfig, layouts: Layo
     tm = config.target_modules
     all_linear = (isinstance(tm, str) and tm.lower() == "all-linear") or tm == ("all-linear",)
 
-    def is_target_module(key: str) -> bool:
+    def is_target_module(key: str, layer_filter: bool = True) -> bool:
         if config.exclude_modules is not None and _matches(config.exclude_modules, key):
             return False
         # As PEFT: a module (or a module inside one) listed in modules_to_save trains in full
@@ -291,7 +291,7 @@ def plan_targets(entries: Sequence[LeafEntry], config: LoraConfig, layouts: Layo
         if key in tm:
             return True
         found = any(key.endswith("." + t) for t in tm)
-        if found and config.layers_to_transform is not None:
+        if found and layer_filter and config.layers_to_transform is not None:
             idx = _layer_index(key, config.layers_pattern)
             found = idx is not None and idx in config.layers_to_transform
         return found
@@ -304,7 +304,23 @@ def plan_targets(entries: Sequence[LeafEntry], config: LoraConfig, layouts: Layo
     targets: dict[int, TargetSpec] = {}
     matched_without_kernel: list[str] = []
     for key, leaves in modules.items():
-        if not key or not is_target_module(key):
+        if not key:
+            continue
+        if not is_target_module(key):
+            if config.layers_to_transform is not None and is_target_module(key, layer_filter=False):
+                # Named, but its path has no layer index: a stacked (nn.scan) kernel holds
+                # every layer, and selecting some of them is not supported; say so.
+                for e in leaves:
+                    if e.name in KERNEL_LEAF_NAMES and _is_array_like(e.leaf) and len(e.leaf.shape) >= 3:
+                        try:
+                            stacked = "stack" in (_user_layout(layouts, e) or infer_layout(e, facts))
+                        except ValueError:
+                            stacked = False
+                        if stacked:
+                            raise ValueError(
+                                f"{e.path}: layers_to_transform on stacked (nn.scan) layers is not supported; "
+                                "all layers of a stacked kernel share one adapter layout"
+                            )
             continue
         kernels = [e for e in leaves if e.name in KERNEL_LEAF_NAMES]
         if all_linear:
@@ -324,7 +340,10 @@ def plan_targets(entries: Sequence[LeafEntry], config: LoraConfig, layouts: Layo
                     continue
                 raise ValueError(f"{e.path}: kernel of shape {tuple(e.leaf.shape)} has fewer than 2 axes")
             layout = _user_layout(layouts, e) or infer_layout(e, facts)
-            KernelLayout(layout).factor_shapes(tuple(e.leaf.shape), 1)  # validates length
+            try:
+                KernelLayout(layout).factor_shapes(tuple(e.leaf.shape), 1)  # validates length
+            except ValueError as err:
+                raise ValueError(f"{e.path}: {err}") from None
             if "stack" in layout and config.layers_to_transform is not None:
                 raise ValueError(
                     f"{e.path}: layers_to_transform on stacked (nn.scan) layers is not supported; "
@@ -340,12 +359,14 @@ def plan_targets(entries: Sequence[LeafEntry], config: LoraConfig, layouts: Layo
     if not targets:
         hint = f" Modules it matched have no kernel: {_format_list(matched_without_kernel)}." if matched_without_kernel else ""
         if isinstance(tm, str) and not all_linear:
-            leaf_hits = [e.path for e in entries if re.fullmatch(tm, ".".join(e.names))]
+            leaf_hits = [".".join(e.names) for e in entries if re.fullmatch(tm, ".".join(e.names))]
             if leaf_hits:
                 hint += (
                     f" The regex matches leaf paths, not module paths: {_format_list(leaf_hits)}"
                     " (only biases or non-kernels); match the module path, e.g. '.*c_attn'."
                 )
+        if config.layers_to_transform is not None:
+            hint += f" (layers_to_transform={config.layers_to_transform}, layers_pattern={config.layers_pattern})"
         raise ValueError(
             f"target_modules={config.target_modules!r} matched no kernel.{hint} "
             f"Module paths that could match: {_format_list(candidates)}"

@@ -68,7 +68,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from .targets import path_names
-from .weight import LoraWeight, Trainable
+from .weight import LoraWeight, MultiLoraWeight, Trainable
+
+_DEFAULT_ADAPTER = "default"  # the name of a plain LoraWeight's adapter (jlora.adapters)
 
 __all__ = ["lora", "explain", "LoraReport", "MaterializationWarning", "MaterializationError"]
 
@@ -130,51 +132,80 @@ Axis = tuple[str, int]  # ("s", k) stack axis k, ("a", k) in-axis k of A, ("b", 
 
 
 @dataclasses.dataclass(frozen=True)
-class _Lora:
-    """A kernel view ``w`` whose delta is ``scale · Σ_r a[..., r] b[r, ...]``.
+class _Pair:
+    """One adapter's factors on a kernel: ``a`` (*stack, *in, r), ``b`` (*stack, r, *out)."""
 
-    ``a``: (*stack, *in, r); ``b``: (*stack, r, *out). ``axes[i]`` says which factor axis
-    view axis ``i`` of ``w`` corresponds to.
-    """
-
-    w: Any
     a: Any
     b: Any
     scale: float
+    dropout: float
+    gid: int = -2  # index of the adapter in the call's adapter list (for ``adapter_ids``)
+
+    @property
+    def dtype(self):
+        return jnp.promote_types(self.a.dtype, self.b.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Lora:
+    """A kernel view ``w`` whose delta is ``Σ_pairs scale · Σ_r a[..., r] b[r, ...]``.
+
+    Every pair has the same stack/in/out axes (ranks may differ). ``axes[i]`` says which
+    factor axis view axis ``i`` of ``w`` corresponds to: ``("s", k)`` stack axis ``k``,
+    ``("a", k)`` input axis ``k`` of A, ``("b", k)`` output axis ``k`` of B.
+    """
+
+    w: Any
+    pairs: tuple[_Pair, ...]
     axes: tuple[Axis, ...]
     n_stack: int
-    dropout: float
     path: str
 
     @property
     def n_in(self) -> int:
-        return self.a.ndim - self.n_stack - 1
+        return self.pairs[0].a.ndim - self.n_stack - 1
 
     @property
     def n_out(self) -> int:
-        return self.b.ndim - self.n_stack - 1
+        return self.pairs[0].b.ndim - self.n_stack - 1
 
-    def with_w(self, w, axes=None, a=None, b=None, n_stack=None) -> "_Lora":
+    @property
+    def sizes(self) -> dict[str, list[int]]:
+        a, b, ns = self.pairs[0].a, self.pairs[0].b, self.n_stack
+        return {"s": list(a.shape[:ns]), "a": list(a.shape[ns:-1]), "b": list(b.shape[ns + 1:])}
+
+    def with_w(self, w, axes=None, n_stack=None, ab=None) -> "_Lora":
+        """A new view: ``w`` replaced, and each pair's (a, b) replaced by ``ab(a, b)``."""
+        pairs = self.pairs
+        if ab is not None:
+            pairs = tuple(dataclasses.replace(p, **dict(zip(("a", "b"), ab(p.a, p.b)))) for p in pairs)
         return dataclasses.replace(
-            self, w=w, axes=self.axes if axes is None else tuple(axes),
-            a=self.a if a is None else a, b=self.b if b is None else b,
+            self, w=w, pairs=pairs, axes=self.axes if axes is None else tuple(axes),
             n_stack=self.n_stack if n_stack is None else n_stack,
         )
 
     def delta_view(self, dtype) -> jax.Array:
-        """``scale · ΔW`` in the view's axis order, computed in ``dtype``."""
+        """``Σ scale · ΔW`` in the view's axis order, computed in ``dtype``."""
         ns = self.n_stack
         stack = tuple(range(ns))
-        d = jax.lax.dot_general(
-            self.a.astype(dtype), self.b.astype(dtype),
-            (((self.a.ndim - 1,), (ns,)), (stack, stack)),
-            precision=jax.lax.Precision.HIGHEST,
-        )
+        total = None
+        for p in self.pairs:
+            d = jax.lax.dot_general(
+                p.a.astype(dtype), p.b.astype(dtype),
+                (((p.a.ndim - 1,), (ns,)), (stack, stack)),
+                precision=jax.lax.Precision.HIGHEST,
+            ) * jnp.asarray(p.scale, dtype)
+            total = d if total is None else total + d
         offsets = {"s": 0, "a": ns, "b": ns + self.n_in}
         perm = [offsets[g] + k for g, k in self.axes]
-        return jnp.transpose(d, perm) * jnp.asarray(self.scale, dtype)
+        return jnp.transpose(total, perm)
 
-    def materialize(self) -> jax.Array:
+    def materialize(self, adapter_ids=None) -> jax.Array:
+        if adapter_ids is not None and any(p.gid >= 0 for p in self.pairs):
+            raise ValueError(
+                f"jlora: LoRA weight {self.path!r} would have to be materialised, but a mixed batch "
+                "(adapter_ids=) needs every use of a weight to stay factored"
+            )
         compute = jnp.promote_types(self.w.dtype, jnp.float32)
         return (self.w.astype(compute) + self.delta_view(compute)).astype(self.w.dtype)
 
@@ -200,14 +231,16 @@ def _roles_to_axes(layout: Sequence[str]) -> tuple[tuple[Axis, ...], int]:
 
 
 class _Context:
-    def __init__(self, key: Optional[jax.Array], on_materialize: str, events: list[LoraEvent]):
+    def __init__(self, key: Optional[jax.Array], on_materialize: str, events: list[LoraEvent],
+                 adapter_ids: Optional[jax.Array] = None):
         self.key = key
         self.on_materialize = on_materialize
         self.events = events
+        self.adapter_ids = adapter_ids
         self._counter = [0]
 
     def child(self, key: Optional[jax.Array]) -> "_Context":
-        c = _Context(key, self.on_materialize, self.events)
+        c = _Context(key, self.on_materialize, self.events, self.adapter_ids)
         c._counter = self._counter
         return c
 
@@ -276,23 +309,41 @@ def _bind(eqn: Any, invals: Sequence[Any]) -> Any:
 def _materialize(x: Any, ctx: _Context, eqn: Any, reason: str = "") -> Any:
     if isinstance(x, _Lora):
         ctx.record(x, eqn, "materialized", reason)
-        return x.materialize()
+        return x.materialize(ctx.adapter_ids)
     return x
 
 
-def _dropout(x: jax.Array, lv: _Lora, ctx: _Context) -> jax.Array:
-    if lv.dropout <= 0.0:
+def _dropout(x: jax.Array, pair: _Pair, ctx: _Context) -> jax.Array:
+    """Inverted dropout on ``x`` (the input of one adapter's A), if a key was given."""
+    if pair.dropout <= 0.0:
         return x
     key = ctx.next_key()
     if key is None:
         return x
-    keep = 1.0 - lv.dropout
+    keep = 1.0 - pair.dropout
     mask = jax.random.bernoulli(key, keep, x.shape)
     return jnp.where(mask, x / jnp.asarray(keep, x.dtype), jnp.zeros((), x.dtype))
 
 
 def _factor_dtype(lv: _Lora):
-    return jnp.promote_types(lv.a.dtype, lv.b.dtype)
+    return functools.reduce(jnp.promote_types, [p.dtype for p in lv.pairs])
+
+
+def _example_mask(pair: _Pair, ctx: _Context, lv: _Lora, ndim: int, axis: Optional[int], size: Optional[int], dtype):
+    """For a mixed batch (``adapter_ids``), the 0/1 mask selecting the examples that use
+    ``pair``'s adapter, shaped to broadcast along output axis ``axis``; else None."""
+    ids = ctx.adapter_ids
+    if ids is None:
+        return None
+    if axis is None or size != ids.shape[0]:
+        raise ValueError(
+            f"jlora: adapter_ids has {ids.shape[0]} entries but the input of {lv.path!r} has "
+            f"{'no batch axis' if axis is None else f'leading axis of size {size}'}; adapter_ids "
+            "selects an adapter per example along axis 0 of each layer's input"
+        )
+    shape = [1] * ndim
+    shape[axis] = size
+    return (ids == pair.gid).astype(dtype).reshape(shape)
 
 
 def eval_jaxpr(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], ctx: _Context, materialize_out: bool = True):
@@ -349,6 +400,16 @@ def _rule_passthrough(eqn, invals, ctx):
     return lv.with_w(_bind(eqn, [lv.w, *invals[1:]]))
 
 
+def _rule_convert(eqn, invals, ctx):
+    """A float kernel cast to another float dtype stays factored (the factors keep
+    their own dtype); a cast to an integer or boolean type (quantisation) does not."""
+    (lv,) = invals
+    new_dtype = eqn.params.get("new_dtype")
+    if new_dtype is None or not (jnp.issubdtype(new_dtype, jnp.floating) and jnp.issubdtype(lv.w.dtype, jnp.floating)):
+        return _rule_materialize(eqn, invals, ctx, f"cast of a weight to {new_dtype}")
+    return lv.with_w(_bind(eqn, [lv.w]))
+
+
 def _rule_transpose(eqn, invals, ctx):
     (lv,) = invals
     perm = eqn.params["permutation"]
@@ -396,12 +457,8 @@ def _reshape_lora(lv: _Lora, new_shape: Sequence[int]) -> Optional[_Lora]:
     blocks = _reshape_blocks(old, tuple(new_shape))
     if blocks is None:
         return None
-    ns = lv.n_stack
-    sizes = {
-        "s": list(lv.a.shape[:ns]),
-        "a": list(lv.a.shape[ns:-1]),
-        "b": list(lv.b.shape[ns + 1:]),
-    }
+    sizes = lv.sizes
+    ns_old = lv.n_stack
     # per group: list of (first old factor idx, old idxs, new view axes, new sizes)
     plans: dict[str, list] = {"s": [], "a": [], "b": []}
     for oi, nj in blocks:
@@ -436,11 +493,12 @@ def _reshape_lora(lv: _Lora, new_shape: Sequence[int]) -> Optional[_Lora]:
         new_sizes[g] = out_sizes
     if not new_sizes["a"] or not new_sizes["b"]:
         return None
-    r = lv.a.shape[-1]
-    a = lv.a.reshape(tuple(new_sizes["s"]) + tuple(new_sizes["a"]) + (r,))
-    b = lv.b.reshape(tuple(new_sizes["s"]) + (r,) + tuple(new_sizes["b"]))
+    s, i, o = tuple(new_sizes["s"]), tuple(new_sizes["a"]), tuple(new_sizes["b"])
     axes = [new_axes[j] for j in range(len(new_shape))]
-    return dataclasses.replace(lv, a=a, b=b, axes=tuple(axes), n_stack=len(new_sizes["s"]))
+    return lv.with_w(
+        lv.w, axes=axes, n_stack=len(s),
+        ab=lambda a, b: (a.reshape(s + i + (a.shape[-1],)), b.reshape(s + (b.shape[ns_old],) + o)),
+    )
 
 
 def _rule_reshape(eqn, invals, ctx):
@@ -496,17 +554,18 @@ def _rule_slice(eqn, invals, ctx):
     (lv,) = invals
     p = eqn.params
     strides = p.get("strides") or (1,) * lv.w.ndim
-    starts = {"a": [0] * lv.a.ndim, "b": [0] * lv.b.ndim}
-    limits = {"a": list(lv.a.shape), "b": list(lv.b.shape)}
-    steps = {"a": [1] * lv.a.ndim, "b": [1] * lv.b.ndim}
-    for i in range(lv.w.ndim):
-        for f, j in _factor_axis(lv, i):
-            starts[f][j], limits[f][j], steps[f][j] = p["start_indices"][i], p["limit_indices"][i], strides[i]
-    a = jax.lax.slice(lv.a, starts["a"], limits["a"], steps["a"])
-    b = jax.lax.slice(lv.b, starts["b"], limits["b"], steps["b"])
-    if 0 in a.shape or 0 in b.shape:
+    if 0 in eqn.outvars[0].aval.shape:
         return _rule_materialize(eqn, invals, ctx, "empty slice")
-    return lv.with_w(_bind(eqn, [lv.w]), a=a, b=b)
+
+    def cut(x, f):
+        starts, limits, steps = [0] * x.ndim, list(x.shape), [1] * x.ndim
+        for i in range(lv.w.ndim):
+            for g, j in _factor_axis(lv, i):
+                if g == f:
+                    starts[j], limits[j], steps[j] = p["start_indices"][i], p["limit_indices"][i], strides[i]
+        return jax.lax.slice(x, starts, limits, steps)
+
+    return lv.with_w(_bind(eqn, [lv.w]), ab=lambda a, b: (cut(a, "a"), cut(b, "b")))
 
 
 def _rule_dynamic_slice(eqn, invals, ctx):
@@ -515,16 +574,17 @@ def _rule_dynamic_slice(eqn, invals, ctx):
     if any(isinstance(s, _Lora) for s in starts) or len(starts) != lv.w.ndim:
         return _rule_materialize(eqn, invals, ctx, "LoRA weight used as an index")
     sizes = eqn.params["slice_sizes"]
-    zero = jnp.zeros((), jnp.asarray(starts[0]).dtype) if starts else 0
-    st = {"a": [zero] * lv.a.ndim, "b": [zero] * lv.b.ndim}
-    sz = {"a": list(lv.a.shape), "b": list(lv.b.shape)}
-    for i in range(lv.w.ndim):
-        for f, j in _factor_axis(lv, i):
-            st[f][j] = jnp.asarray(starts[i]).astype(zero.dtype)
-            sz[f][j] = sizes[i]
-    a = jax.lax.dynamic_slice(lv.a, st["a"], sz["a"])
-    b = jax.lax.dynamic_slice(lv.b, st["b"], sz["b"])
-    return lv.with_w(_bind(eqn, [lv.w, *starts]), a=a, b=b)
+    dtype = jnp.asarray(starts[0]).dtype
+
+    def cut(x, f):
+        st, sz = [jnp.zeros((), dtype)] * x.ndim, list(x.shape)
+        for i in range(lv.w.ndim):
+            for g, j in _factor_axis(lv, i):
+                if g == f:
+                    st[j], sz[j] = jnp.asarray(starts[i]).astype(dtype), sizes[i]
+        return jax.lax.dynamic_slice(x, st, sz)
+
+    return lv.with_w(_bind(eqn, [lv.w, *starts]), ab=lambda a, b: (cut(a, "a"), cut(b, "b")))
 
 
 def _base_product(eqn, invals, fdtype):
@@ -548,11 +608,10 @@ def _acc_dtype(out_dtype, fdtype):
     return jnp.promote_types(out_dtype, fdtype)
 
 
-def _add_delta(base, u, scale, out_dtype):
-    """``base + scale·u`` in the wider of their dtypes, rounded once to ``out_dtype``."""
-    acc = jnp.promote_types(base.dtype, u.dtype)
-    total = base.astype(acc) + (u * jnp.asarray(scale, u.dtype)).astype(acc)
-    return total.astype(out_dtype)
+def _add_delta(base, delta, out_dtype):
+    """``base + delta`` in the wider of their dtypes, rounded once to ``out_dtype``."""
+    acc = jnp.promote_types(base.dtype, delta.dtype)
+    return (base.astype(acc) + delta.astype(acc)).astype(out_dtype)
 
 
 def _rule_dot_general(eqn, invals, ctx):
@@ -594,39 +653,53 @@ def _rule_dot_general(eqn, invals, ctx):
     fdtype = _factor_dtype(lv)
     base, out_dtype = _base_product(eqn, [lhs.w if not lora_is_rhs else lhs, rhs.w if lora_is_rhs else rhs], fdtype)
     precision = eqn.params.get("precision")
-    if mode == "in":
-        # y = x·W + s·((dropout(x)·A)·B)
-        xd = _dropout(x.astype(fdtype), lv, ctx)
-        first, second, second_r, g2, n2 = lv.a, lv.b, ns, "b", lv.n_out
-        first_contract = [ns + k for _, k in cgroups]
-    else:
-        # contraction over W's output axes (e.g. tied embeddings x·Wᵀ): (x·Bᵀ)·Aᵀ
-        xd = x.astype(fdtype)
-        first, second, second_r, g2, n2 = lv.b, lv.a, lv.a.ndim - 1, "a", lv.n_in
-        first_contract = [ns + 1 + k for _, k in cgroups]
-    # t: (batch..., x_free..., stack_free..., r)
-    t = jax.lax.dot_general(
-        xd, first.astype(fdtype), ((xc, tuple(first_contract)), (xb, tuple(stack_batch))),
-        precision=precision, preferred_element_type=fdtype,
-    )
     nbat, nsf = len(xb), len(stack_free)
-    nx_free = t.ndim - 1 - nbat - nsf
-    t_batch = tuple(range(nbat)) + tuple(nbat + nx_free + i for i in range(nsf))
-    # u: (batch..., stack_free..., x_free..., second's free factor axes in factor order)
-    u = jax.lax.dot_general(
-        t, second.astype(fdtype), (((t.ndim - 1,), (second_r,)), (t_batch, tuple(stack_batch) + tuple(stack_free))),
-        precision=precision, preferred_element_type=fdtype,
-    )
-    labels = (
-        [("batch", i) for i in range(nbat)] + [("s", k) for k in stack_free]
-        + [("x", j) for j in range(nx_free)] + [(g2, k) for k in range(n2)]
-    )
-    lora_free = [lv.axes[i] for i in free]
+    nx_free = x.ndim - len(xc) - nbat
     x_free = [("x", j) for j in range(nx_free)]
+    lora_free = [lv.axes[i] for i in free]
     target = [("batch", i) for i in range(nbat)] + (x_free + lora_free if lora_is_rhs else lora_free + x_free)
-    u = jnp.transpose(u, [labels.index(lab) for lab in target])
+    # where axis 0 of x (the example axis of a mixed batch) lands in the output
+    if 0 in xb:
+        ex_axis = target.index(("batch", xb.index(0)))
+    elif 0 in xc:
+        ex_axis = None
+    else:
+        ex_axis = target.index(("x", 0))
+    total = None
+    for pair in lv.pairs:
+        if mode == "in":
+            # y = x·W + s·((dropout(x)·A)·B)
+            xd = _dropout(x.astype(fdtype), pair, ctx)
+            first, second, second_r, g2, n2 = pair.a, pair.b, ns, "b", lv.n_out
+            first_contract = [ns + k for _, k in cgroups]
+        else:
+            # contraction over W's output axes (e.g. tied embeddings x·Wᵀ): (x·Bᵀ)·Aᵀ
+            xd = x.astype(fdtype)
+            first, second, second_r, g2, n2 = pair.b, pair.a, pair.a.ndim - 1, "a", lv.n_in
+            first_contract = [ns + 1 + k for _, k in cgroups]
+        # t: (batch..., x_free..., stack_free..., r)
+        t = jax.lax.dot_general(
+            xd, first.astype(fdtype), ((xc, tuple(first_contract)), (xb, tuple(stack_batch))),
+            precision=precision, preferred_element_type=fdtype,
+        )
+        t_batch = tuple(range(nbat)) + tuple(nbat + nx_free + i for i in range(nsf))
+        # u: (batch..., stack_free..., x_free..., second's free factor axes in factor order)
+        u = jax.lax.dot_general(
+            t, second.astype(fdtype),
+            (((t.ndim - 1,), (second_r,)), (t_batch, tuple(stack_batch) + tuple(stack_free))),
+            precision=precision, preferred_element_type=fdtype,
+        )
+        labels = (
+            [("batch", i) for i in range(nbat)] + [("s", k) for k in stack_free]
+            + x_free + [(g2, k) for k in range(n2)]
+        )
+        u = jnp.transpose(u, [labels.index(lab) for lab in target]) * jnp.asarray(pair.scale, fdtype)
+        mask = _example_mask(pair, ctx, lv, u.ndim, ex_axis, None if ex_axis is None else u.shape[ex_axis], fdtype)
+        if mask is not None:
+            u = u * mask
+        total = u if total is None else total + u
     ctx.record(lv, eqn, "factored")
-    return _add_delta(base, u, lv.scale, out_dtype)
+    return _add_delta(base, total, out_dtype)
 
 
 def _rule_gather(eqn, invals, ctx):
@@ -651,25 +724,34 @@ def _rule_gather(eqn, invals, ctx):
     base = _bind(eqn, [lv.w, indices])
     n_offset = len(other)
     batch_rank = base.ndim - n_offset
-    r = lv.a.shape[-1]
-    a_dn = jax.lax.GatherDimensionNumbers(
-        offset_dims=(batch_rank,),
-        collapsed_slice_dims=tuple(range(lv.n_in)),
-        start_index_map=tuple(lv.axes[i][1] for i in dn.start_index_map),
-        operand_batching_dims=(),
-        start_indices_batching_dims=(),
-    )
-    params = dict(eqn.params)
-    params.update(dimension_numbers=a_dn, slice_sizes=(1,) * lv.n_in + (r,))
-    ga = _bind_with(eqn.primitive, params, [lv.a, indices])  # (batch..., r)
     fdtype = _factor_dtype(lv)
-    u = jax.lax.dot_general(ga.astype(fdtype), lv.b.astype(fdtype), (((ga.ndim - 1,), (0,)), ((), ())),
-                            preferred_element_type=fdtype)
     ks = [lv.axes[i][1] for i in other]  # view order of the b axes
-    u = jnp.transpose(u, list(range(batch_rank)) + [batch_rank + k for k in ks])
-    u = jnp.moveaxis(u, list(range(batch_rank, batch_rank + n_offset)), list(dn.offset_dims))
+    batch_out = [i for i in range(base.ndim) if i not in dn.offset_dims]
+    ex_axis = batch_out[0] if batch_out else None
+    total = None
+    for pair in lv.pairs:
+        r = pair.a.shape[-1]
+        a_dn = jax.lax.GatherDimensionNumbers(
+            offset_dims=(batch_rank,),
+            collapsed_slice_dims=tuple(range(lv.n_in)),
+            start_index_map=tuple(lv.axes[i][1] for i in dn.start_index_map),
+            operand_batching_dims=(),
+            start_indices_batching_dims=(),
+        )
+        params = dict(eqn.params)
+        params.update(dimension_numbers=a_dn, slice_sizes=(1,) * lv.n_in + (r,))
+        ga = _bind_with(eqn.primitive, params, [pair.a, indices])  # (batch..., r)
+        u = jax.lax.dot_general(ga.astype(fdtype), pair.b.astype(fdtype), (((ga.ndim - 1,), (0,)), ((), ())),
+                                preferred_element_type=fdtype)
+        u = jnp.transpose(u, list(range(batch_rank)) + [batch_rank + k for k in ks])
+        u = jnp.moveaxis(u, list(range(batch_rank, batch_rank + n_offset)), list(dn.offset_dims))
+        u = u * jnp.asarray(pair.scale, fdtype)
+        mask = _example_mask(pair, ctx, lv, u.ndim, ex_axis, None if ex_axis is None else u.shape[ex_axis], fdtype)
+        if mask is not None:
+            u = u * mask
+        total = u if total is None else total + u
     ctx.record(lv, eqn, "factored")
-    return _add_delta(base, u, lv.scale, base.dtype)
+    return _add_delta(base, total, base.dtype)
 
 
 def _rule_conv(eqn, invals, ctx):
@@ -690,17 +772,23 @@ def _rule_conv(eqn, invals, ctx):
     fdtype = _factor_dtype(lv)
     base, out_dtype = _base_product(eqn, [x, lv.w], fdtype)
     perm = [lv.n_in if i == out_dim else lv.axes[i][1] for i in range(lv.w.ndim)]
-    a_kernel = jnp.transpose(lv.a, perm).astype(fdtype)
     params = dict(p)
     params["preferred_element_type"] = fdtype
-    xd = _dropout(x.astype(fdtype), lv, ctx)
-    t = _bind_with(eqn.primitive, params, [xd, a_kernel])
-    of = dn.out_spec[1]
-    u = jax.lax.dot_general(t, lv.b.astype(fdtype), (((of,), (0,)), ((), ())), preferred_element_type=fdtype)
-    u = jnp.moveaxis(u, -1, of)
+    of, ex_axis = dn.out_spec[1], dn.out_spec[0]
+    total = None
+    for pair in lv.pairs:
+        a_kernel = jnp.transpose(pair.a, perm).astype(fdtype)
+        xd = _dropout(x.astype(fdtype), pair, ctx)
+        t = _bind_with(eqn.primitive, params, [xd, a_kernel])
+        u = jax.lax.dot_general(t, pair.b.astype(fdtype), (((of,), (0,)), ((), ())), preferred_element_type=fdtype)
+        u = jnp.moveaxis(u, -1, of) * jnp.asarray(pair.scale, fdtype)
+        mask = _example_mask(pair, ctx, lv, u.ndim, ex_axis, u.shape[ex_axis], fdtype)
+        if mask is not None:
+            u = u * mask
+        total = u if total is None else total + u
     ctx.record(lv, eqn, "factored")
     del in_dim
-    return _add_delta(base, u, lv.scale, out_dtype)
+    return _add_delta(base, total, out_dtype)
 
 
 def _open(j: Any) -> tuple[Any, Sequence[Any]]:
@@ -728,14 +816,29 @@ def _inline(*jaxpr_params: str):
     return rule
 
 
+def _lora_arrays(v: _Lora) -> list[Any]:
+    return [v.w] + [x for p in v.pairs for x in (p.a, p.b)]
+
+
+def _lora_spec(v: _Lora) -> _Lora:
+    return dataclasses.replace(v, w=None, pairs=tuple(dataclasses.replace(p, a=None, b=None) for p in v.pairs))
+
+
+def _lora_from(spec: _Lora, arrays: Sequence[Any]) -> _Lora:
+    pairs = tuple(
+        dataclasses.replace(p, a=arrays[1 + 2 * i], b=arrays[2 + 2 * i]) for i, p in enumerate(spec.pairs)
+    )
+    return dataclasses.replace(spec, w=arrays[0], pairs=pairs)
+
+
 def _flatten_vals(vals: Sequence[Any]):
-    """Splits values into arrays (LoRA values as their (w, a, b)) and a rebuild function."""
+    """Splits values into arrays (a LoRA value as its w and factors) and a rebuild function."""
     flat: list[Any] = []
     specs: list[Any] = []
     for v in vals:
         if isinstance(v, _Lora):
-            specs.append(dataclasses.replace(v, w=None, a=None, b=None))
-            flat.extend([v.w, v.a, v.b])
+            specs.append(_lora_spec(v))
+            flat.extend(_lora_arrays(v))
         else:
             specs.append(None)
             flat.append(v)
@@ -747,8 +850,9 @@ def _flatten_vals(vals: Sequence[Any]):
                 out.append(arrays[i])
                 i += 1
             else:
-                out.append(dataclasses.replace(s, w=arrays[i], a=arrays[i + 1], b=arrays[i + 2]))
-                i += 3
+                n = 1 + 2 * len(s.pairs)
+                out.append(_lora_from(s, arrays[i:i + n]))
+                i += n
         return out
 
     return flat, rebuild
@@ -833,11 +937,10 @@ def _rule_scan(eqn, invals, ctx):
     for v in xs:
         if isinstance(v, _Lora):
             m = v.axes[0][1]
-            a = jnp.moveaxis(v.a, m, 0)
-            b = jnp.moveaxis(v.b, m, 0)
+            moved = v.with_w(v.w, ab=lambda a, b: (jnp.moveaxis(a, m, 0), jnp.moveaxis(b, m, 0)))
             inner_axes = tuple(("s", k if k < m else k - 1) if g == "s" else (g, k) for g, k in v.axes[1:])
-            xs_specs.append(dataclasses.replace(v, w=None, a=None, b=None, axes=inner_axes, n_stack=v.n_stack - 1))
-            xs_flat.append((v.w, a, b))
+            xs_specs.append(dataclasses.replace(_lora_spec(v), axes=inner_axes, n_stack=v.n_stack - 1))
+            xs_flat.append(tuple(_lora_arrays(moved)))
         else:
             xs_specs.append(None)
             xs_flat.append(v)
@@ -854,7 +957,7 @@ def _rule_scan(eqn, invals, ctx):
             if spec is None:
                 vals.append(val)
             else:
-                vals.append(dataclasses.replace(spec, w=val[0], a=val[1], b=val[2]))
+                vals.append(_lora_from(spec, val))
         sub = ctx.child(key)
         outs = eval_jaxpr(body_jaxpr, body_consts, [*consts, *carry, *vals], sub)
         return outs[:ncar], outs[ncar:]
@@ -868,7 +971,7 @@ def _rule_scan(eqn, invals, ctx):
 _RULES: dict[str, Callable] = {
     "dot_general": _rule_dot_general,
     "transpose": _rule_transpose,
-    "convert_element_type": _rule_passthrough,
+    "convert_element_type": _rule_convert,
     "copy": _rule_passthrough,
     "copy_p": _rule_passthrough,
     "sharding_constraint": _rule_passthrough,
@@ -917,33 +1020,67 @@ for _name, _rule in [
 
 
 def _is_node(x: Any) -> bool:
-    return isinstance(x, (LoraWeight, Trainable))
+    return isinstance(x, (LoraWeight, MultiLoraWeight, Trainable))
 
 
 def _is_dynamic(x: Any) -> bool:
     return isinstance(x, (jax.Array, np.ndarray, np.generic, jax.core.Tracer))
 
 
-def _run(fn, args, kwargs, key, on_materialize, events):
+def _adapter_names(leaves: Sequence[Any]) -> list[str]:
+    """All adapter names, in order of first appearance (as ``jlora.adapter_names``)."""
+    names: list[str] = []
+    for x in leaves:
+        found = [_DEFAULT_ADAPTER] if isinstance(x, LoraWeight) else list(x.adapters) if isinstance(x, MultiLoraWeight) else []
+        names += [n for n in found if n not in names]
+    return names
+
+
+def _lora_value(leaf: Any, path: str, names: list[str], mixed: bool) -> Any:
+    """The interpreter's value for a LoRA node: a ``_Lora``, or a plain kernel when no
+    adapter applies (merged, disabled, none active)."""
+    w = jax.lax.stop_gradient(leaf.w)
+    if isinstance(leaf, LoraWeight):
+        if leaf.merged:
+            if mixed:
+                raise ValueError(f"jlora: {path!r} is merged (merge_adapter); unmerge it to use adapter_ids")
+            return leaf.w
+        named = [(_DEFAULT_ADAPTER, leaf)]
+    else:
+        if not leaf.enabled:
+            return w
+        chosen = list(leaf.adapters) if mixed else [n for n in leaf.active if n in leaf.adapters]
+        named = [(n, leaf.adapters[n]) for n in chosen]
+    if not named:
+        return w
+    layout = named[0][1].layout
+    axes, n_stack = _roles_to_axes(layout)
+    pairs = tuple(
+        _Pair(a=x.a, b=x.b, scale=x.scale, dropout=x.dropout, gid=names.index(n) if mixed else -2) for n, x in named
+    )
+    return _Lora(w=w, pairs=pairs, axes=axes, n_stack=n_stack, path=path)
+
+
+def _run(fn, args, kwargs, key, on_materialize, events, adapter_ids=None):
     flat_with_path, treedef = jax.tree_util.tree_flatten_with_path((args, kwargs), is_leaf=_is_node)
     flat = [leaf for _, leaf in flat_with_path]
+    names = _adapter_names(flat)
+    mixed = adapter_ids is not None
+    if mixed:
+        adapter_ids = jnp.asarray(adapter_ids)
+        if adapter_ids.ndim != 1 or not jnp.issubdtype(adapter_ids.dtype, jnp.integer):
+            raise ValueError(
+                f"adapter_ids must be a 1-D integer array (one adapter index per example, -1 for the base "
+                f"model; see jlora.adapter_ids), got {adapter_ids.dtype}{list(adapter_ids.shape)}"
+            )
     statics = list(flat)
     dyn_idx: list[int] = []
     dyn_vals: list[Any] = []
     for i, (path, leaf) in enumerate(flat_with_path):
-        if isinstance(leaf, LoraWeight):
-            if leaf.merged:
-                dyn_idx.append(i)
-                dyn_vals.append(leaf.w)
-            else:
-                names = path_names(path)
-                axes, n_stack = _roles_to_axes(leaf.layout)
-                lv = _Lora(
-                    w=jax.lax.stop_gradient(leaf.w), a=leaf.a, b=leaf.b, scale=leaf.scale, axes=axes,
-                    n_stack=n_stack, dropout=leaf.dropout, path="/".join(names[2:]) or "/".join(names),
-                )
-                dyn_idx.append(i)
-                dyn_vals.append(lv)
+        if isinstance(leaf, (LoraWeight, MultiLoraWeight)):
+            pn = path_names(path)
+            dyn_idx.append(i)
+            dyn_vals.append(_lora_value(leaf, "/".join(pn[2:]) or "/".join(pn), names, mixed))
         elif isinstance(leaf, Trainable):
             dyn_idx.append(i)
             dyn_vals.append(leaf.value)
@@ -963,7 +1100,7 @@ def _run(fn, args, kwargs, key, on_materialize, events):
         for v in dyn_vals
     ]
     closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*avals)
-    ctx = _Context(key, on_materialize, events)
+    ctx = _Context(key, on_materialize, events, adapter_ids)
     outs = eval_jaxpr(closed.jaxpr, closed.consts, dyn_vals, ctx)
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outs)
 
@@ -980,10 +1117,17 @@ def lora(fn: Callable[..., Any], *, on_materialize: OnMaterialize = "warn") -> C
     leaves only. ``Trainable`` leaves are passed to ``fn`` as plain arrays; leaves of
     merged weights (:func:`jlora.merge_adapter`) are passed as they are.
 
-    The returned function has ``fn``'s signature plus one keyword-only argument,
-    ``lora_rng``: a PRNG key for LoRA dropout (rate ``LoraConfig.lora_dropout``, on the
-    input of A). No key (the default) means no dropout, as in evaluation. The same key
-    gives the same masks. Non-array arguments (Python bools, strings, ints) are static.
+    The returned function has ``fn``'s signature plus two keyword-only arguments:
+
+    - ``lora_rng``: a PRNG key for LoRA dropout (rate ``LoraConfig.lora_dropout``, on the
+      input of A). No key (the default) means no dropout, as in evaluation. The same key
+      gives the same masks; each use of a weight (each scanned layer) its own mask.
+    - ``adapter_ids``: for trees with several named adapters (:mod:`jlora.adapters`), a
+      mixed batch: one adapter index per example (from :func:`jlora.adapter_ids`; ``-1``
+      for the base model alone), applied along axis 0 of each targeted layer's input.
+      Without it, the active adapters' deltas are summed for every example.
+
+    Non-array arguments (Python bools, strings, ints) are static.
 
     Args:
       fn: any function whose arguments hold parameter trees, e.g. ``model.apply``.
@@ -1000,13 +1144,15 @@ def lora(fn: Callable[..., Any], *, on_materialize: OnMaterialize = "warn") -> C
         raise ValueError(f"on_materialize={on_materialize!r}: must be 'warn', 'error' or 'allow'")
 
     @functools.wraps(fn)
-    def wrapped(*args: Any, lora_rng: Optional[jax.Array] = None, **kwargs: Any) -> Any:
-        return _run(fn, args, kwargs, lora_rng, on_materialize, [])
+    def wrapped(*args: Any, lora_rng: Optional[jax.Array] = None, adapter_ids: Optional[jax.Array] = None,
+                **kwargs: Any) -> Any:
+        return _run(fn, args, kwargs, lora_rng, on_materialize, [], adapter_ids)
 
     return wrapped
 
 
-def explain(fn: Callable[..., Any], *args: Any, lora_rng: Optional[jax.Array] = None, **kwargs: Any) -> LoraReport:
+def explain(fn: Callable[..., Any], *args: Any, lora_rng: Optional[jax.Array] = None,
+            adapter_ids: Optional[jax.Array] = None, **kwargs: Any) -> LoraReport:
     """Reports, for the call ``fn(*args, **kwargs)``, which LoRA weights ``lora(fn)``
     keeps factored and which it materialises, and where (primitive, module, source line).
 
@@ -1022,12 +1168,12 @@ def explain(fn: Callable[..., Any], *args: Any, lora_rng: Optional[jax.Array] = 
     leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))
     dyn = [i for i, x in enumerate(leaves) if _is_dynamic(x) or isinstance(x, jax.ShapeDtypeStruct)]
 
-    def run(dyn_vals):
+    def run(dyn_vals, ids):
         full = list(leaves)
         for i, v in zip(dyn, dyn_vals):
             full[i] = v
         a, k = jax.tree_util.tree_unflatten(treedef, full)
-        return _run(fn, a, k, lora_rng, "allow", events)
+        return _run(fn, a, k, lora_rng, "allow", events, ids)
 
-    jax.eval_shape(run, [leaves[i] for i in dyn])
+    jax.eval_shape(run, [leaves[i] for i in dyn], adapter_ids)
     return LoraReport(tuple(events))

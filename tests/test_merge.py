@@ -161,3 +161,17 @@ def test_merge_with_trainable_leaves_returns_plain_values():
     assert jax.tree_util.tree_structure(merged) == jax.tree_util.tree_structure(params)
     np.testing.assert_array_equal(merged["head"]["kernel"], params["head"]["kernel"])
     np.testing.assert_array_equal(merged["layers"]["fc"]["bias"], params["layers"]["fc"]["bias"])
+
+
+def test_merge_of_an_abstract_tree_allocates_nothing():
+    """``jax.eval_shape(merge)`` on a wrapped GPT-2 small of ShapeDtypeStructs gives the
+    original abstract tree back (same treedef, shapes and dtypes)."""
+    import transformers
+
+    model = transformers.FlaxGPT2LMHeadModel(transformers.GPT2Config(), _do_init=False)
+    shapes = jax.eval_shape(lambda: model.init_weights(jax.random.key(0), (1, 1)))
+    lp = jlora.wrap(shapes, jlora.LoraConfig(r=8, target_modules=["c_attn", "c_proj"], bias="all"))
+    merged = jax.eval_shape(jlora.merge, lp)
+    assert jax.tree_util.tree_structure(merged) == jax.tree_util.tree_structure(shapes)
+    for m, p in zip(jax.tree_util.tree_leaves(merged), jax.tree_util.tree_leaves(shapes)):
+        assert isinstance(m, jax.ShapeDtypeStruct) and (m.shape, m.dtype) == (p.shape, p.dtype)

