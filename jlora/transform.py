@@ -1031,7 +1031,12 @@ def _adapter_names(leaves: Sequence[Any]) -> list[str]:
     """All adapter names, in order of first appearance (as ``jlora.adapter_names``)."""
     names: list[str] = []
     for x in leaves:
-        found = [_DEFAULT_ADAPTER] if isinstance(x, LoraWeight) else list(x.adapters) if isinstance(x, MultiLoraWeight) else []
+        if isinstance(x, LoraWeight):
+            found = [_DEFAULT_ADAPTER]
+        elif isinstance(x, MultiLoraWeight):
+            found = list(x.adapters)
+        else:
+            continue
         names += [n for n in found if n not in names]
     return names
 
