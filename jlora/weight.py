@@ -238,24 +238,27 @@ class MultiLoraWeight:
         return dataclasses.replace(self, **changes)
 
 
+# The adapter names live in the static data, in insertion order, and each factor pair is
+# its own child: a dict child would be flattened in sorted key order, and the order of
+# adapters (which `jlora.adapter_ids` indexes) would change under tree_map and jit.
 def _flatten_multi(x: MultiLoraWeight):
     names = tuple(x.adapters)
-    children = (x.w, {n: x.adapters[n] for n in names})
-    return children, (x.active, x.enabled)
+    return (x.w, *(x.adapters[n] for n in names)), (names, x.active, x.enabled)
 
 
 def _flatten_multi_with_keys(x: MultiLoraWeight):
     children, aux = _flatten_multi(x)
-    keys = (jax.tree_util.GetAttrKey("w"), jax.tree_util.GetAttrKey("adapters"))
+    keys = (jax.tree_util.GetAttrKey("w"), *(jax.tree_util.DictKey(n) for n in aux[0]))
     return tuple(zip(keys, children)), aux
 
 
 def _unflatten_multi(aux, children) -> MultiLoraWeight:
+    names, active, enabled = aux
     obj = object.__new__(MultiLoraWeight)
     object.__setattr__(obj, "w", children[0])
-    object.__setattr__(obj, "adapters", children[1])
-    object.__setattr__(obj, "active", aux[0])
-    object.__setattr__(obj, "enabled", aux[1])
+    object.__setattr__(obj, "adapters", dict(zip(names, children[1:])))
+    object.__setattr__(obj, "active", active)
+    object.__setattr__(obj, "enabled", enabled)
     return obj
 
 

@@ -73,10 +73,10 @@ def test_mixed_batch_adapter_ids(name):
     f = jlora.lora(case.apply, on_materialize="error")
     assert jlora.explain(case.apply, lp, x, adapter_ids=ids).materialized == []
     out = f(lp, x, adapter_ids=ids)
-    # under jit the tree is flattened and rebuilt, so the index <-> name map must be taken
-    # from a tree in the order jit sees (see the report: MultiLoraWeight's adapter order)
+    # the adapter order (which ids index) survives flattening: under jit and tree_map
     lp_j = jax.tree_util.tree_map(lambda v: v, lp)
-    out_jit = jax.jit(f)(lp_j, x, adapter_ids=jlora.adapter_ids(lp_j, per_example))
+    assert jlora.adapter_names(lp_j) == jlora.adapter_names(lp)
+    out_jit = jax.jit(f)(lp_j, x, adapter_ids=ids)
     assert rel_err(out_jit, out) <= 1e-6
     for i, adapter in enumerate(per_example):
         params = case.params if adapter == "__base__" else jlora.merge(jlora.set_adapter(lp, adapter))
