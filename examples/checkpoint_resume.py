@@ -1,7 +1,8 @@
 """A LoRA training loop with an Orbax ``CheckpointManager``: interrupted, then resumed.
 
-Every ``--save-every`` steps the manager writes the adapter (A, B only: never the base,
-through ``jlora.checkpoint.AdapterSave``) and the optimizer state. The run below is
+Every ``--save-every`` steps the manager writes the adapter (A, B and the leaves trained in
+full, never the frozen base, through ``jlora.checkpoint.AdapterSave``) and the optimizer
+state. The run below is
 "killed" at ``--interrupt-at``; a second run finds the latest checkpoint, restores the
 adapter over the base parameters (``jlora.checkpoint.AdapterRestore``) and the optimizer
 state, and carries on. Each step's batch is a function of the step number only, so the
@@ -43,7 +44,8 @@ class Interrupted(Exception):
 def setup(args):
     cfg = GPT2Config(vocab_size=256, n_positions=args.seq_len, n_embd=64, n_layer=2, n_head=4)
     model = FlaxGPT2LMHeadModel(cfg, seed=0)
-    config = jlora.LoraConfig(r=8, lora_alpha=16, target_modules=["c_attn", "c_proj"])
+    # modules_to_save: the random base's byte embeddings are trained in full (and checkpointed too)
+    config = jlora.LoraConfig(r=8, lora_alpha=16, target_modules=["c_attn", "c_proj"], modules_to_save=["wte"])
     text = "\n\n".join(topics[k] for k in sorted(topics)).encode("utf-8")
     data = np.frombuffer(text, dtype=np.uint8).astype(np.int32)
     return model, config, data
@@ -60,7 +62,7 @@ def train(ckpt_dir: str, args, *, stop_at: int | None = None, label: str = "trai
     """Trains to ``args.steps``, resuming from the latest checkpoint in ``ckpt_dir`` if any."""
     model, config, data = setup(args)
     forward = jlora.lora(lambda p, ids: model(ids, params=p).logits)
-    tx = optax.adamw(1e-3)
+    tx = optax.adamw(3e-3)
 
     def loss_fn(trainable, frozen, ids):
         logits = forward(jlora.combine(trainable, frozen), ids[:, :-1])
@@ -94,7 +96,7 @@ def train(ckpt_dir: str, args, *, stop_at: int | None = None, label: str = "trai
                 mngr.wait_until_finished()
                 raise Interrupted(f"[{label}] interrupted at step {step}; checkpoints on disk: {mngr.all_steps()}")
             trainable, opt_state, loss = step_fn(trainable, frozen, opt_state, batch_for_step(data, step, args))
-            bar.set_postfix(loss=f"{float(loss):.3f}")
+            bar.set_postfix(loss=f"{float(loss):.3f}", refresh=False)
             # the state *after* step `step` is saved as step + 1 (= number of steps done)
             mngr.save(step + 1, args=ocp.args.Composite(
                 adapter=AdapterSave(jlora.combine(trainable, frozen), config),

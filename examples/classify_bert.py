@@ -75,11 +75,11 @@ def paragraphs(seed: int, test_fraction: float = 0.25):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="local BERT-family checkpoint (default: the packaged all-MiniLM-L6-v2)")
-    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--max-len", type=int, default=96)
+    ap.add_argument("--max-len", type=int, default=64)
     ap.add_argument("--rank", type=int, default=8)
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--smoke", action="store_true", help="a tiny random BERT and a few steps, for CI")
     args = ap.parse_args()
@@ -112,9 +112,11 @@ def main() -> None:
     x_train, m_train, y_train = encode(train)
     x_test, m_test, y_test = encode(test)
 
-    # LoRA on the attention projections; the new head is trained in full ("modules_to_save").
+    # LoRA on the attention projections; the new head is trained in full ("modules_to_save"),
+    # and so is the pooler that feeds it ([CLS] -> dense -> tanh), which a sentence-embedding
+    # model such as MiniLM never trained.
     config = jlora.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=["query", "key", "value"],
-                              lora_dropout=0.1, modules_to_save=["classifier"])
+                              lora_dropout=0.1, modules_to_save=["classifier", "pooler"])
     lp = jlora.wrap(model.params, config, rng=jax.random.key(args.seed))
     jlora.print_trainable_parameters(lp)
 
@@ -157,7 +159,7 @@ def main() -> None:
             t0 = time.perf_counter()
         else:
             seen += args.batch_size
-        bar.set_postfix(loss=f"{float(loss):.3f}", ex_s=f"{seen / max(time.perf_counter() - t0, 1e-9):.1f}")
+        bar.set_postfix(loss=f"{float(loss):.3f}", ex_s=f"{seen / max(time.perf_counter() - t0, 1e-9):.1f}", refresh=False)
     after = accuracy(lp)
     print(f"test accuracy ({len(test)} paragraphs, {n_labels} classes): {before:.3f} -> {after:.3f}")
 

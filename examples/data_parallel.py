@@ -104,7 +104,8 @@ def main() -> None:
     model = FlaxGPT2LMHeadModel(cfg, seed=args.seed)
     params = place(model.params, mesh)
 
-    config = jlora.LoraConfig(r=8, lora_alpha=16, target_modules=["c_attn", "c_proj", "c_fc"])
+    # modules_to_save: the random base's byte embeddings are trained in full (replicated, like wte)
+    config = jlora.LoraConfig(r=8, lora_alpha=16, target_modules=["c_attn", "c_proj", "c_fc"], modules_to_save=["wte"])
     lp = jlora.wrap(params, config, rng=jax.random.key(args.seed))
     jlora.print_trainable_parameters(lp)
     show_placement(lp, "where the LoRA factors live after jlora.wrap (PartitionSpec per array):")
@@ -147,7 +148,7 @@ def main() -> None:
         trainable, opt_state, loss = step(trainable, opt_state, ids)
         if i == 0:
             first = float(loss)
-        bar.set_postfix(loss=f"{float(loss):.3f}")
+        bar.set_postfix(loss=f"{float(loss):.3f}", refresh=False)
     print(f"loss: {first:.3f} -> {float(loss):.3f}")
     print(f"first-step loss on the mesh {first:.6f} vs on one device {loss_one_device:.6f}: "
           f"equal {bool(np.isclose(first, loss_one_device, rtol=1e-5))}")

@@ -355,7 +355,7 @@ def main() -> None:
         else:
             n_steady += args.batch_size
         rate = n_steady / (time.perf_counter() - t_steady) if n_steady else 0.0
-        bar.set_postfix(loss=f"{losses[-1]:.3f}", pairs_s=f"{rate:.1f}")
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", pairs_s=f"{rate:.1f}", refresh=False)
     bar.close()
     train_time = time.perf_counter() - t_train
     lp = jlora.combine(trainable, frozen)

@@ -1,9 +1,10 @@
 """jlora quickstart: LoRA on a small GPT-2, trained on Python's own documentation.
 
 A randomly initialised GPT-2 (byte-level tokens, so no tokenizer download) is wrapped
-with LoRA on its attention and projection kernels, trained for a few hundred steps on
-text from ``pydoc_data.topics`` (shipped with every Python), then merged back into
-plain parameters; the merged model is checked against the adapter model.
+with LoRA on its attention and projection kernels (its byte embeddings trained in full),
+trained for a few hundred steps on text from ``pydoc_data.topics`` (shipped with every
+Python), then merged back into plain parameters; the merged model is checked against
+the adapter model.
 
     python examples/quickstart.py            # ~300 steps, about a minute on a laptop CPU
     python examples/quickstart.py --smoke    # a few steps (CI)
@@ -54,8 +55,11 @@ def main() -> None:
     model = FlaxGPT2LMHeadModel(cfg, seed=args.seed)
 
     # 2. Wrap: every c_attn / c_proj kernel gets LoRA factors A (random) and B (zero).
+    #    The base here is random and its vocabulary (bytes) new, so the token embeddings
+    #    (tied to the output layer) are trained in full, as when adding tokens to a
+    #    pretrained model: modules_to_save. With a pretrained GPT-2 you would drop it.
     config = jlora.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=["c_attn", "c_proj"],
-                              lora_dropout=0.05)
+                              lora_dropout=0.05, modules_to_save=["wte"])
     lp = jlora.wrap(model.params, config, rng=jax.random.key(args.seed))
     jlora.print_trainable_parameters(lp)
 
@@ -91,7 +95,7 @@ def main() -> None:
             t0 = time.perf_counter()  # throughput after compilation
         elif i % 10 == 0 or i == args.steps - 1:
             rate = i * tokens_per_step / max(time.perf_counter() - t0, 1e-9)
-            bar.set_postfix(loss=f"{float(loss):.3f}", tok_s=f"{rate:,.0f}")
+            bar.set_postfix(loss=f"{float(loss):.3f}", tok_s=f"{rate:,.0f}", refresh=False)
     print(f"loss: {first:.3f} -> {float(loss):.3f} (nats per byte)")
 
     # 4. Merge: plain parameters with the same structure as model.params.

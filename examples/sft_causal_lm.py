@@ -89,7 +89,7 @@ def build_model(args):
         has_flax = os.path.exists(os.path.join(path, "flax_model.msgpack"))
         model = FlaxAutoModelForCausalLM.from_pretrained(path, from_pt=not has_flax)
         name = AutoConfig.from_pretrained(path).model_type
-        return model, HFTokenizer(path), jlora.default_target_modules(name)
+        return model, HFTokenizer(path), jlora.default_target_modules(name), []
     d = 64 if args.smoke else 128
     if args.arch == "llama":
         from transformers import FlaxLlamaForCausalLM, LlamaConfig
@@ -99,6 +99,7 @@ def build_model(args):
                           bos_token_id=EOS, eos_token_id=EOS, pad_token_id=EOS)
         model = FlaxLlamaForCausalLM(cfg, seed=args.seed)
         targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        embeddings = ["embed_tokens", "lm_head"]
     else:
         from transformers import FlaxGPT2LMHeadModel, GPT2Config
 
@@ -106,7 +107,10 @@ def build_model(args):
                          bos_token_id=EOS, eos_token_id=EOS, pad_token_id=EOS)
         model = FlaxGPT2LMHeadModel(cfg, seed=args.seed)
         targets = ["c_attn", "c_proj", "c_fc"]
-    return model, ByteTokenizer(), targets
+        embeddings = ["wte"]  # tied to the output layer
+    # A random base over a new (byte) vocabulary: its token embeddings and output layer are
+    # trained in full (modules_to_save), as when adding tokens to a pretrained model.
+    return model, ByteTokenizer(), targets, embeddings
 
 
 def batchify(pairs, tok, seq_len):
@@ -132,7 +136,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", choices=["llama", "gpt2"], default="llama", help="random-init architecture")
     ap.add_argument("--model", help="path to a local Hugging Face causal-LM checkpoint")
-    ap.add_argument("--steps", type=int, default=400)
+    ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--pairs", type=int, default=24, help="number of question/answer pairs")
     ap.add_argument("--seq-len", type=int, default=160)
@@ -144,10 +148,11 @@ def main() -> None:
     if args.smoke:
         args.steps, args.batch_size, args.pairs, args.seq_len = 8, 4, 4, 96
 
-    model, tok, targets = build_model(args)
+    model, tok, targets, modules_to_save = build_model(args)
     pairs = qa_pairs(args.pairs)
     ids, mask = batchify(pairs, tok, args.seq_len)
-    config = jlora.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=targets, lora_dropout=0.0)
+    config = jlora.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=targets, lora_dropout=0.0,
+                              modules_to_save=modules_to_save)
     lp = jlora.wrap(model.params, config, rng=jax.random.key(args.seed))
     jlora.print_trainable_parameters(lp)
 
@@ -168,7 +173,7 @@ def main() -> None:
         updates, opt_state = tx.update(grads, opt_state, trainable)
         return optax.apply_updates(trainable, updates), opt_state, loss
 
-    n_new = 32 if args.smoke else 72
+    n_new = 32 if args.smoke else 120
     shown = pairs[:2]
     before = [generate(model, model.params, tok, p, n_new) for p, _ in shown]
 
@@ -183,7 +188,7 @@ def main() -> None:
         else:
             n_tok += ids[idx].size
         if i % 10 == 0 or i == args.steps - 1:
-            bar.set_postfix(loss=f"{float(loss):.3f}", tok_s=f"{n_tok / max(time.perf_counter() - t0, 1e-9):,.0f}")
+            bar.set_postfix(loss=f"{float(loss):.3f}", tok_s=f"{n_tok / max(time.perf_counter() - t0, 1e-9):,.0f}", refresh=False)
     print(f"answer loss: {first:.3f} -> {float(loss):.3f}")
 
     lp = jlora.combine(trainable, frozen)

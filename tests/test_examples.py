@@ -107,6 +107,13 @@ def test_data_parallel_smoke():
     assert re.search(r"vs on one device [\d.]+: equal True", out)
 
 
+def test_multi_adapter_smoke():
+    out = run_example("multi_adapter.py", "--smoke")
+    assert "adapters over one base: ['strings', 'debugger']" in out
+    assert re.search(r"one forward pass, 24 examples, each with its own adapter", out), out[-2000:]
+    assert "mixed batch == one adapter at a time: True" in out
+
+
 def _execute_notebook(name: str, monkeypatch) -> str:
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
