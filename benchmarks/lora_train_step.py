@@ -52,16 +52,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import io
 import os
-import platform
 import re
 import shlex
 import statistics
 import sys
 import time
-from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -78,11 +75,8 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import jlora  # noqa: E402
+from benchutil import provenance, table, write_section, xla_cost  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
-SECTION = "lora_train_step"
-BEGIN = f"<!-- BEGIN {SECTION} (written by benchmarks/lora_train_step.py --write; do not edit by hand) -->"
-END = f"<!-- END {SECTION} -->"
 
 TARGETS = ["c_attn", "c_proj"]
 LR = 1e-4
@@ -116,13 +110,6 @@ def lm_loss(logits: jax.Array, ids: jax.Array) -> jax.Array:
     """Causal LM cross-entropy, mean over the B x (T-1) shifted positions (as HF's ``labels=``)."""
     logits = logits[:, :-1].astype(jnp.float32)
     return optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:]).mean()
-
-
-def _cost(compiled) -> dict:
-    cost = compiled.cost_analysis()
-    if isinstance(cost, (list, tuple)):  # older jax: one dict per computation
-        cost = cost[0] if cost else {}
-    return dict(cost or {})
 
 
 def _memory(compiled) -> dict:
@@ -309,38 +296,6 @@ def fmt_bytes(n: float) -> str:
     return f"{n / 2**20:,.1f} MiB"
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def versions() -> str:
-    import flax
-    import jaxlib
-
-    parts = [f"jax {jax.__version__}", f"jaxlib {jaxlib.__version__}", f"flax {flax.__version__}",
-             f"optax {optax.__version__}"]
-    for mod in ("torch", "peft", "transformers"):
-        try:
-            parts.append(f"{mod} {__import__(mod).__version__}")
-        except Exception:
-            pass
-    parts.append(f"python {platform.python_version()}")
-    return ", ".join(parts)
-
-
-def table(rows: list[list[str]], header: list[str]) -> str:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    line = lambda r: "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
-    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    return "\n".join([line(header), sep, *[line(r) for r in rows]])
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true", help="a 2-layer d=128 GPT-2 and batch 2 x 32 (development)")
@@ -355,6 +310,7 @@ def main(argv=None) -> int:
         ap.error("--write records GPT-2 small results only; drop --tiny")
     command = "python benchmarks/lora_train_step.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     t_start = time.perf_counter()
+    source = provenance()
     load_start = os.getloadavg()[0]
 
     from transformers import FlaxGPT2LMHeadModel
@@ -419,7 +375,7 @@ def main(argv=None) -> int:
     # ---- report ------------------------------------------------------------------
     by = {v.name: v for v in variants}
     full, merged, fact = by["full"], by["merged"], by["factored"]
-    cost = {v.name: _cost(v.compiled) for v in variants}
+    cost = {v.name: xla_cost(v.compiled) for v in variants}
     mem = {v.name: _memory(v.compiled) for v in variants}
     hlo_kernel_dots = {v.name: kernel_shaped_matmuls(v.compiled.as_text(), kernel_shapes) for v in variants}
     med = lambda xs: statistics.median(xs) if xs else float("nan")  # noqa: E731
@@ -513,15 +469,12 @@ def main(argv=None) -> int:
     print(report)
 
     if args.write:
-        write_benchmarks(report, command, setting)
+        write_benchmarks(report, command, source)
     return 0
 
 
-def write_benchmarks(report: str, command: str, setting: str) -> None:
-    path = ROOT / "BENCHMARKS.md"
-    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    section = "\n".join([
-        BEGIN,
+def write_benchmarks(report: str, command: str, source: str) -> None:
+    intro = [
         "## LoRA train step: factored vs materialised vs full fine-tuning (GPT-2 small)",
         "",
         "The setting of issue 3 (`jlora.lora`, the factored forward). Variants, each one `jax.jit` train step:",
@@ -539,24 +492,9 @@ def write_benchmarks(report: str, command: str, setting: str) -> None:
         "(trainable part + optimizer state) is donated, `frozen` is a plain argument. PEFT: Hugging Face PEFT "
         "on torch CPU, same GPT-2 config and base weights (copied from the Flax model), same LoRA config, same "
         "tokens, `torch.optim.AdamW`, torch threads = CPU cores.",
-        "",
-        f"Command: `{command}`  ",
-        f"Date: {now}  ",
-        f"Versions: {versions()}  ",
-        f"CPU: {cpu_name()}, {os.cpu_count()} cores ({platform.system()} {platform.release()})",
-        "",
-        report,
-        END,
-    ])
-    text = path.read_text() if path.exists() else "# Benchmarks\n\nEvery section below is written by the script named in it; rerun the command to update it.\n"
-    if BEGIN in text and END in text:
-        pre, rest = text.split(BEGIN, 1)
-        _, post = rest.split(END, 1)
-        text = pre + section + post
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(text)
-    print(f"# wrote {path}")
+    ]
+    write_section('lora_train_step', 'benchmarks/lora_train_step.py', intro, command=command, source=source,
+                  packages=("jax", "jaxlib", "flax", "optax", "torch", "peft", "transformers"), report=report)
 
 
 if __name__ == "__main__":

@@ -40,14 +40,11 @@ comments) with the tables printed, the exact command, date, versions and CPU.
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
 import shlex
 import statistics
 import sys
 import time
-from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -63,11 +60,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import jlora  # noqa: E402
+from benchutil import provenance, table, write_section, xla_cost  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
-SECTION = "multi_adapter"
-BEGIN = f"<!-- BEGIN {SECTION} (written by benchmarks/multi_adapter.py --write; do not edit by hand) -->"
-END = f"<!-- END {SECTION} -->"
 
 TARGETS = ["c_attn", "c_proj"]
 N_ADAPTERS = 8
@@ -80,65 +74,6 @@ BOUNDS = {"flops": 1.05, "time": 1.25}
 # ----------------------------------------------------------------------------------
 # Helpers
 # ----------------------------------------------------------------------------------
-
-
-def _cost(compiled) -> dict:
-    cost = compiled.cost_analysis()
-    if isinstance(cost, (list, tuple)):  # older jax: one dict per computation
-        cost = cost[0] if cost else {}
-    return dict(cost or {})
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def versions() -> str:
-    import flax
-    import jaxlib
-    import transformers
-
-    return ", ".join([
-        f"jax {jax.__version__}", f"jaxlib {jaxlib.__version__}", f"flax {flax.__version__}",
-        f"transformers {transformers.__version__}", f"numpy {np.__version__}", f"python {platform.python_version()}",
-    ])
-
-
-def table(rows: list[list[str]], header: list[str]) -> str:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    line = lambda r: "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
-    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    return "\n".join([line(header), sep, *[line(r) for r in rows]])
-
-
-def provenance() -> str:
-    """The jlora source measured: git commit, and a digest of jlora/ when it has uncommitted changes."""
-    import hashlib
-    import subprocess
-
-    def git(*a):
-        return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-
-    try:
-        commit = git("rev-parse", "--short", "HEAD")
-        dirty = git("status", "--porcelain", "--", "jlora").splitlines()
-    except OSError:
-        return "unknown (no git)"
-    if not commit:
-        return "unknown (not a git checkout)"
-    if not dirty:
-        return f"commit {commit}"
-    h = hashlib.sha256()
-    for f in sorted((ROOT / "jlora").glob("*.py")):
-        h.update(f.read_bytes())
-    files = ", ".join(line[3:] for line in dirty)
-    return f"commit {commit} + uncommitted changes in {files} (jlora/*.py sha256 {h.hexdigest()[:12]})"
 
 
 def gpt2_config(tiny: bool):
@@ -225,7 +160,7 @@ def layer_experiment(batch: int, length: int, d_in: int, d_out: int, steps: int,
             jax.block_until_ready(c(*args))
             if i >= warmup:
                 times[n].append(time.perf_counter() - t0)
-    flops = {n: _cost(c)["flops"] for n, c, _ in compiled}
+    flops = {n: xla_cost(c)["flops"] for n, c, _ in compiled}
     med = {n: statistics.median(v) for n, v in times.items()}
     f_base, f_one = flops[compiled[0][0]], flops[compiled[1][0]]
     t_one = med[compiled[1][0]]
@@ -353,10 +288,10 @@ def main(argv=None) -> int:
 
     # ---- FLOPs -----------------------------------------------------------------------
     fl = {
-        "mixed": _cost(mixed_c)["flops"],
-        "single": _cost(single_c)["flops"],
-        "separate": N_ADAPTERS * _cost(sep_c)["flops"],
-        "base": _cost(base_c)["flops"],
+        "mixed": xla_cost(mixed_c)["flops"],
+        "single": xla_cost(single_c)["flops"],
+        "separate": N_ADAPTERS * xla_cost(sep_c)["flops"],
+        "base": xla_cost(base_c)["flops"],
     }
     med = {k: statistics.median(v) for k, v in times.items()}
 
@@ -469,10 +404,7 @@ def main(argv=None) -> int:
 
 
 def write_benchmarks(report: str, command: str, source: str) -> None:
-    path = ROOT / "BENCHMARKS.md"
-    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    section = "\n".join([
-        BEGIN,
+    intro = [
         "## Several adapters: one mixed batch vs one adapter vs separate calls (GPT-2 small)",
         "",
         "The setting of issue 5 (`jlora.adapter_ids`, mixed batches). Each variant is one `jax.jit` forward "
@@ -484,25 +416,9 @@ def write_benchmarks(report: str, command: str, source: str) -> None:
         "no `adapter_ids`.",
         "- **separate**: 8 calls, each adapter's tree on its own 4 examples (one compiled function, batch 4); "
         "time = sum of the 8 calls.",
-        "",
-        f"Command: `{command}`  ",
-        f"Date: {now}  ",
-        f"jlora: {source}  ",
-        f"Versions: {versions()}  ",
-        f"CPU: {cpu_name()}, {os.cpu_count()} cores ({platform.system()} {platform.release()})",
-        "",
-        report,
-        END,
-    ])
-    text = path.read_text() if path.exists() else "# Benchmarks\n\nEvery section below is written by the script named in it; rerun the command to update it.\n"
-    if BEGIN in text and END in text:
-        pre, rest = text.split(BEGIN, 1)
-        _, post = rest.split(END, 1)
-        text = pre + section + post
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(text)
-    print(f"# wrote {path}")
+    ]
+    write_section('multi_adapter', 'benchmarks/multi_adapter.py', intro, command=command, source=source,
+                  packages=("jax", "jaxlib", "flax", "transformers", "numpy"), report=report)
 
 
 if __name__ == "__main__":
