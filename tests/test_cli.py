@@ -142,9 +142,14 @@ def test_convert_peft_orbax_peft_is_bit_identical(tmp_path):
     assert cli.main(["convert", str(tmp_path / "orbax2"), str(tmp_path / "peft3")]) == 0
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         assert (tmp_path / "peft2" / name).read_bytes() == (tmp_path / "peft3" / name).read_bytes()
-    # and PEFT accepts the converted adapter
-    loaded = peft.PeftModel.from_pretrained(model, tmp_path / "peft3")
+    # and PEFT accepts the converted adapter (on a fresh base: `model` is wrapped already)
+    torch.manual_seed(0)
+    fresh = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=50, n_positions=16))
+    loaded = peft.PeftModel.from_pretrained(fresh, tmp_path / "peft3")
     assert loaded.peft_config["default"].rank_pattern == {"wte": 2}
+    ids = torch.arange(12).reshape(2, 6) % 50
+    with torch.no_grad():
+        assert torch.allclose(loaded.eval()(ids).logits, pm.eval()(ids).logits, atol=1e-6)
 
 
 def test_convert_refuses_to_overwrite(gpt2_small, tmp_path, capsys):
