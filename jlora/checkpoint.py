@@ -49,7 +49,7 @@ from etils import epath
 
 from . import hf
 from .config import LoraConfig
-from .targets import KERNEL_LEAF_NAMES, LayoutSpec, LeafEntry, _TreeFacts, _user_layout, flatten_params, infer_layout, path_names
+from .targets import KERNEL_LEAF_NAMES, LayoutSpec, LeafEntry, TreeFacts, user_layout, flatten_params, infer_layout, path_names
 from .weight import KernelLayout, LoraWeight, Trainable, is_lora_weight, is_trainable
 
 __all__ = [
@@ -232,9 +232,9 @@ def _sharding_of(x: Any) -> Optional[jax.sharding.Sharding]:
 
 
 def _default_factor_shardings(w: Any, layout: tuple[str, ...]):
-    from .wrap import _factor_sharding
+    from .wrap import factor_sharding
 
-    a_sh, b_sh = _factor_sharding(w, layout)
+    a_sh, b_sh = factor_sharding(w, layout)
     if a_sh is not None:
         return a_sh, b_sh
     s = _sharding_of(w)
@@ -293,15 +293,15 @@ class _BaseIndex:
         self._layouts_spec = layouts
         self._name_map = name_map
         self._prefix = prefix
-        self._facts: Optional[_TreeFacts] = None
+        self._facts: Optional[TreeFacts] = None
         self._layouts: dict[int, tuple[str, ...]] = {}
         self._torch: Optional[tuple[dict, dict]] = None
 
     def layout(self, e: LeafEntry) -> tuple[str, ...]:
         if e.index not in self._layouts:
             if self._facts is None:
-                self._facts = _TreeFacts(self.entries)
-            self._layouts[e.index] = tuple(_user_layout(self._layouts_spec, e) or infer_layout(e, self._facts))
+                self._facts = TreeFacts(self.entries)
+            self._layouts[e.index] = tuple(user_layout(self._layouts_spec, e) or infer_layout(e, self._facts))
         return self._layouts[e.index]
 
     def _kernel_layout_or_none(self, e: LeafEntry) -> Optional[tuple[str, ...]]:
@@ -858,7 +858,7 @@ def _is_adapter_dir(path: Path) -> bool:
     return (path / "_METADATA").is_file() or (path / "_CHECKPOINT_METADATA").is_file()
 
 
-def _recover(path: Path, complete: Callable[[Path], bool] = _is_adapter_dir) -> Path:
+def recover_interrupted_save(path: Path, complete: Callable[[Path], bool] = _is_adapter_dir) -> Path:
     """``path``, or the previous version a save killed mid-swap left beside it
     (``.NAME.jlora-old-*``, moved aside just before the new version was renamed in)."""
     if path.exists():
@@ -874,7 +874,7 @@ def find_adapter_dir(path: Union[str, os.PathLike]) -> Path:
     """The Orbax item directory holding a jlora adapter: ``path`` itself, a
     ``CheckpointManager`` step directory (its item written with :class:`AdapterSave`), or
     a ``CheckpointManager`` root (its latest step)."""
-    p = _recover(Path(path).absolute())
+    p = recover_interrupted_save(Path(path).absolute())
     if not p.exists():
         raise FileNotFoundError(f"{path}: no such checkpoint")
     if (p / "_METADATA").is_file():

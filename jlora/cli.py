@@ -75,7 +75,7 @@ def _shape(x) -> str:
 def inspect_adapter(path: str, *, as_json: bool = False, out=None) -> dict:
     """Prints (and returns) a summary of the adapter at ``path``."""
     from .checkpoint import find_adapter_dir
-    from .peft_format import CONFIG_NAME, WEIGHTS_NAME, _to_torch
+    from .peft_format import CONFIG_NAME, WEIGHTS_NAME, to_torch
 
     out = out or sys.stdout
     fmt = detect_format(path)
@@ -93,7 +93,7 @@ def inspect_adapter(path: str, *, as_json: bool = False, out=None) -> dict:
         for i, name in enumerate(names):
             a = t.a[i] if stacked else t.a
             b = t.b[i] if stacked else t.b
-            A, B = _to_torch(a, b, t.kind)
+            A, B = to_torch(a, b, t.kind)
             rows.append(
                 {
                     "module": name,

@@ -44,7 +44,7 @@ from .checkpoint import (
     ParamRecord,
     ShardingSpec,
     TargetRecord,
-    _recover,
+    recover_interrupted_save,
     adapter_from_tree,
     alpha_from_scale,
     tree_from_adapter,
@@ -75,7 +75,7 @@ _EMB_RE = re.compile(r"^(?P<module>.+)\.lora_embedding_(?P<which>A|B)$")
 # Layout conversion
 
 
-def _to_torch(a: np.ndarray, b: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray]:
+def to_torch(a: np.ndarray, b: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray]:
     """One layer's canonical (or flat) factors → PEFT's (lora_A, lora_B)."""
     r = int(a.shape[-1])
     if kind == "conv":
@@ -126,7 +126,7 @@ def peft_tensors(adapter: Adapter) -> dict[str, np.ndarray]:
         if len(t.torch) != n_layers:
             raise ValueError(f"{t.path}: {n_layers} layer(s) but {len(t.torch)} PyTorch name(s) {t.torch}")
         for i, module in enumerate(t.torch):
-            A, B = _to_torch(a[i] if stacked else a, b[i] if stacked else b, t.kind)
+            A, B = to_torch(a[i] if stacked else a, b[i] if stacked else b, t.kind)
             if t.kind == "embedding":
                 names = (f"{PEFT_PREFIX}{module}.lora_embedding_A", f"{PEFT_PREFIX}{module}.lora_embedding_B")
             else:
@@ -404,7 +404,7 @@ def save_peft(
 def _peft_dir(directory: Union[str, os.PathLike]) -> Path:
     d = Path(directory)
     if not d.exists():
-        d = _recover(d.absolute(), lambda p: (p / CONFIG_NAME).is_file())
+        d = recover_interrupted_save(d.absolute(), lambda p: (p / CONFIG_NAME).is_file())
     if not d.is_dir():
         raise FileNotFoundError(f"{directory}: no such adapter directory")
     return d

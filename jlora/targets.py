@@ -147,7 +147,7 @@ def _pattern_value(patterns: Mapping[str, Any], key: str, default: Any) -> Any:
     return default
 
 
-class _TreeFacts:
+class TreeFacts:
     """Facts about the whole tree used to infer kernel layouts."""
 
     def __init__(self, entries: Sequence[LeafEntry]):
@@ -178,7 +178,7 @@ class _TreeFacts:
         return None
 
 
-def infer_layout(entry: LeafEntry, facts: _TreeFacts) -> tuple[str, ...]:
+def infer_layout(entry: LeafEntry, facts: TreeFacts) -> tuple[str, ...]:
     """Role of each kernel axis (``"stack"``, ``"in"``, ``"out"``), inferred from the tree.
 
     Rules, in order: HF GPT-2 ``FlaxConv1D`` kernels are (out, in); an ``embedding`` is
@@ -231,7 +231,7 @@ def infer_layout(entry: LeafEntry, facts: _TreeFacts) -> tuple[str, ...]:
     return ("stack",) * n_stack + ("in",) * (len(rest) - n_out) + ("out",) * n_out
 
 
-def _user_layout(layouts: LayoutSpec, entry: LeafEntry) -> Optional[tuple[str, ...]]:
+def user_layout(layouts: LayoutSpec, entry: LeafEntry) -> Optional[tuple[str, ...]]:
     if layouts is None:
         return None
     shape = tuple(int(s) for s in entry.leaf.shape)
@@ -269,7 +269,7 @@ def plan_targets(entries: Sequence[LeafEntry], config: LoraConfig, layouts: Layo
             "LoraConfig.target_modules is None: name the modules to adapt (e.g. ['q_proj', 'v_proj']), "
             "a regex, or 'all-linear'; jlora.hf.default_target_modules(model_type) gives PEFT's defaults"
         )
-    facts = _TreeFacts(entries)
+    facts = TreeFacts(entries)
     candidates = _candidate_modules(entries)
     tm = config.target_modules
     all_linear = (isinstance(tm, str) and tm.lower() == "all-linear") or tm == ("all-linear",)
@@ -313,7 +313,7 @@ def plan_targets(entries: Sequence[LeafEntry], config: LoraConfig, layouts: Layo
                 for e in leaves:
                     if e.name in KERNEL_LEAF_NAMES and _is_array_like(e.leaf) and len(e.leaf.shape) >= 3:
                         try:
-                            stacked = "stack" in (_user_layout(layouts, e) or infer_layout(e, facts))
+                            stacked = "stack" in (user_layout(layouts, e) or infer_layout(e, facts))
                         except ValueError:
                             stacked = False
                         if stacked:
@@ -339,7 +339,7 @@ def plan_targets(entries: Sequence[LeafEntry], config: LoraConfig, layouts: Layo
                 if all_linear:
                     continue
                 raise ValueError(f"{e.path}: kernel of shape {tuple(e.leaf.shape)} has fewer than 2 axes")
-            layout = _user_layout(layouts, e) or infer_layout(e, facts)
+            layout = user_layout(layouts, e) or infer_layout(e, facts)
             try:
                 KernelLayout(layout).factor_shapes(tuple(e.leaf.shape), 1)  # validates length
             except ValueError as err:

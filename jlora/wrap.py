@@ -16,7 +16,7 @@ from .weight import is_lora_node as _is_node
 __all__ = ["wrap", "unload", "count_parameters", "print_trainable_parameters", "is_lora_tree", "lora_leaves"]
 
 
-def _factor_sharding(w: Any, layout: tuple[str, ...]):
+def factor_sharding(w: Any, layout: tuple[str, ...]):
     """Shardings for A and B following W's NamedSharding (rank axis replicated)."""
     sharding = getattr(w, "sharding", None)
     if not isinstance(sharding, jax.sharding.NamedSharding):
@@ -90,7 +90,7 @@ def wrap(
             a, b = init_factors(
                 key, tuple(e.leaf.shape), spec.layout, spec.r, config.init_lora_weights, dtype, spec.embedding
             )
-            a_sh, b_sh = _factor_sharding(e.leaf, spec.layout)
+            a_sh, b_sh = factor_sharding(e.leaf, spec.layout)
             if a_sh is not None and not isinstance(a, jax.core.Tracer):
                 a, b = jax.device_put(a, a_sh), jax.device_put(b, b_sh)
             leaves.append(
