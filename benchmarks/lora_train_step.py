@@ -32,9 +32,11 @@ Measured:
 * Memory: peak compiled bytes = argument + output + temp - alias (``memory_analysis()``).
 * Compile time: ``lower`` + ``compile`` wall time (fresh trace each repetition, median).
 * CPU step time: median over ``--steps`` steps after ``--warmup``, the variants
-  interleaved (full, merged, factored, peft, full, ...), together with Hugging Face PEFT
-  on torch CPU (same config, weights copied from the Flax model, same LoRA config, same
-  tokens, ``torch.optim.AdamW``) with as many torch threads as CPU cores.
+  interleaved (full, merged, factored, peft, full (torch), full, ...), together with
+  Hugging Face PEFT on torch CPU (same config, weights copied from the Flax model, same
+  LoRA config, same tokens, ``torch.optim.AdamW``) and full fine-tuning of the same torch
+  model (to tell the frameworks' speed apart from LoRA's), with as many torch threads as
+  CPU cores.
 * HLO check: how many matmuls (``dot`` / oneDNN matmul custom calls) of each compiled
   step produce a result of a 2-D kernel's shape (d_in x d_out, e.g. a weight gradient or
   ``A·B``); the factored step should have none.
@@ -226,9 +228,10 @@ def build_variants(model, params, ids):
 
 
 class PeftStep:
-    name = "peft (torch)"
+    """One torch train step: PEFT LoRA (``lora=True``) or full fine-tuning (``lora=False``)
+    of ``transformers``' GPT2LMHeadModel with the Flax model's weights."""
 
-    def __init__(self, cfg, flax_params, lp, ids: np.ndarray, threads: int):
+    def __init__(self, cfg, flax_params, lp, ids: np.ndarray, threads: int, lora: bool = True):
         import torch
         from peft import LoraConfig, get_peft_model
         from transformers import GPT2LMHeadModel
@@ -245,9 +248,14 @@ class PeftStep:
             self.same_weights = True
         except Exception as e:  # pragma: no cover - best effort
             print(f"# peft: could not copy the Flax weights ({type(e).__name__}: {e}); random torch init", file=sys.stderr)
-        pcfg = LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, lora_dropout=0.0, fan_in_fan_out=True)
-        self.model = get_peft_model(model, pcfg)
-        self.same_factors = self.same_weights and self._copy_factors(lp)
+        self.name = "peft (torch)" if lora else "full (torch)"
+        if lora:
+            pcfg = LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, lora_dropout=0.0, fan_in_fan_out=True)
+            self.model = get_peft_model(model, pcfg)
+            self.same_factors = self.same_weights and self._copy_factors(lp)
+        else:
+            self.model = model
+            self.same_factors = False
         self.model.train()
         self.opt = torch.optim.AdamW(
             [p for p in self.model.parameters() if p.requires_grad], lr=LR, weight_decay=WEIGHT_DECAY
@@ -276,7 +284,7 @@ class PeftStep:
         return copied > 0
 
     def trainable_line(self) -> str:
-        trainable, total = self.model.get_nb_trainable_parameters()
+        trainable, total = self.model.get_nb_trainable_parameters()  # PEFT's own count
         return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
 
     def run(self) -> float:
@@ -345,10 +353,12 @@ def main(argv=None) -> int:
             print(f"# compile {v.name}: {v.compile_s[-1]:.2f} s", flush=True)
 
     # ---- PEFT --------------------------------------------------------------------
-    peft = None
+    peft = torch_full = None
     if not args.no_peft:
         peft = PeftStep(cfg, params, lp, ids_np, args.threads)
         print(f"# peft:  {peft.trainable_line()}")
+        torch_full = PeftStep(cfg, params, lp, ids_np, args.threads, lora=False)
+    torch_steps = [t for t in (peft, torch_full) if t is not None]
 
     # ---- time (interleaved) ------------------------------------------------------
     timed = [v for v in variants if v.timed]
@@ -360,8 +370,8 @@ def main(argv=None) -> int:
             return float(jax.block_until_ready(loss))
 
         runners.append((v, run))
-    if peft is not None:
-        runners.append((peft, peft.run))
+    for t in torch_steps:
+        runners.append((t, t.run))
     for i in range(args.warmup + args.steps):
         for obj, run in runners:
             t0 = time.perf_counter()
@@ -393,9 +403,9 @@ def main(argv=None) -> int:
             f"{ts * 1e3:,.0f}" if v.step_s else "-", f"{ts / t_full:.3f}" if v.step_s else "-",
             str(hlo_kernel_dots[v.name]),
         ])
-    if peft is not None:
-        ts = med(peft.step_s)
-        rows.append([peft.name, "-", "-", "-", "-", "-", "-", f"{ts * 1e3:,.0f}", f"{ts / t_full:.3f}", "-"])
+    for t in torch_steps:
+        ts = med(t.step_s)
+        rows.append([t.name, "-", "-", "-", "-", "-", "-", f"{ts * 1e3:,.0f}", f"{ts / t_full:.3f}", "-"])
     header = ["step", "GFLOP", "x full", "peak bytes", "x full", "compile s", "x full", "CPU ms (median)",
               "x full", "kernel-shaped matmuls"]
     main_table = table(rows, header)
@@ -426,14 +436,18 @@ def main(argv=None) -> int:
     if peft is not None:
         brows.append(["CPU step time, factored / PEFT (torch)", f"{med(fact.step_s) / med(peft.step_s):.3f}",
                       "(reported)", "-"])
+        brows.append(["CPU step time, full (JAX) / full (torch): the frameworks without LoRA",
+                      f"{t_full / med(torch_full.step_s):.3f}", "(reported)", "-"])
+        brows.append(["CPU step time, PEFT / full, both torch (LoRA's saving in torch)",
+                      f"{med(peft.step_s) / med(torch_full.step_s):.3f}", "(reported)", "-"])
     bound_table = table(brows, ["bound (issue 3)", "measured", "bound", ""])
 
     spread = []
-    for obj in [*timed, *([peft] if peft else [])]:
+    for obj in [*timed, *torch_steps]:
         xs = obj.step_s
         spread.append(f"{obj.name}: min {min(xs) * 1e3:,.0f} / median {med(xs) * 1e3:,.0f} / max {max(xs) * 1e3:,.0f} ms")
     losses = []
-    for obj in [*timed, *([peft] if peft else [])]:
+    for obj in [*timed, *torch_steps]:
         losses.append(f"{obj.name}: {obj.losses[0]:.4f} -> {obj.losses[-1]:.4f}")
     elapsed = time.perf_counter() - t_start
 
@@ -491,7 +505,9 @@ def write_benchmarks(report: str, command: str, source: str) -> None:
         "`jlora.optimizer(optax.adamw(...))` initialised and updated on `trainable` only; the state "
         "(trainable part + optimizer state) is donated, `frozen` is a plain argument. PEFT: Hugging Face PEFT "
         "on torch CPU, same GPT-2 config and base weights (copied from the Flax model), same LoRA config, same "
-        "tokens, `torch.optim.AdamW`, torch threads = CPU cores.",
+        "tokens, `torch.optim.AdamW`, torch threads = CPU cores. **full (torch)**: full fine-tuning of that same "
+        "torch model with `torch.optim.AdamW`, to tell the two frameworks' speed on this CPU apart from what "
+        "LoRA saves in each.",
     ]
     write_section('lora_train_step', 'benchmarks/lora_train_step.py', intro, command=command, source=source,
                   packages=("jax", "jaxlib", "flax", "optax", "torch", "peft", "transformers"), report=report)
