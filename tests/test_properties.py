@@ -23,7 +23,9 @@ from hypothesis import strategies as st  # noqa: E402
 
 import jlora  # noqa: E402
 
-SETTINGS = settings(max_examples=30, deadline=None, derandomize=True)
+# derandomized: the same examples every run (CI stays reproducible); each forward example compiles.
+SETTINGS = settings(max_examples=40, deadline=None, derandomize=True)
+FORWARD_SETTINGS = settings(max_examples=15, deadline=None, derandomize=True)
 
 
 @st.composite
@@ -53,7 +55,7 @@ def _einsum_for(roles):
     return f"{''.join(stack)}z{''.join(ins)},{''.join(w)}->{''.join(stack)}z{''.join(outs)}"
 
 
-@SETTINGS
+@FORWARD_SETTINGS
 @given(kernels())
 def test_factored_forward_and_grads_equal_merged_on_any_layout(case):
     roles, sizes, r, batch, seed = case
@@ -100,7 +102,7 @@ configs = st.builds(
     lambda r, alpha, targets, dropout, bias, rslora, init, ranks, layers: jlora.LoraConfig(
         r=r, lora_alpha=alpha, target_modules=targets, lora_dropout=dropout, bias=bias, use_rslora=rslora,
         init_lora_weights=init, rank_pattern={t: k for t, k in zip(targets, ranks)} if isinstance(targets, list) else {},
-        layers_to_transform=layers,
+        layers_to_transform=layers if isinstance(targets, list) else None,  # a regex names its layers itself
     ),
     r=st.integers(1, 64),
     alpha=st.integers(1, 128),
