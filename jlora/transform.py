@@ -19,7 +19,12 @@ is a value of its own (a view of ``W`` plus its factors ``A``, ``B`` and scale `
   stacked layers, ``W[:, :d]``), and into the bodies of nested ``jit``/``closed_call``,
   ``custom_jvp``/``custom_vjp`` functions, ``remat`` (with the same policy and
   ``prevent_cse``), ``scan`` (as constants, or as scanned stacked weights), ``cond`` /
-  ``switch`` and ``while_loop`` / ``fori_loop`` (as loop constants).
+  ``switch`` and ``while_loop`` / ``fori_loop`` (as loop constants). ``reshard`` (meshes
+  with ``Explicit`` axes) moves W and the factors alike.
+* On a mesh with ``Explicit`` axes the branch's products take their ``out_sharding``
+  from the model's own product, so a row-parallel layer that names its output sharding
+  works factored; each equation is evaluated in the context it was traced in (e.g. the
+  ``auto_axes`` region of ``.at[ids].get(out_sharding=)``).
 * Anything else (an elementwise op on the kernel, a LoRA weight in a loop carry or
   returned from ``fn``) materialises ``W + s·A·B`` at that one point: correct, only
   slower. ``on_materialize`` decides whether that warns, raises or passes silently, and
@@ -56,6 +61,7 @@ Only public JAX API is used (``jax.make_jaxpr``, ``jax.extend``, ``jax.lax``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import warnings
@@ -230,17 +236,34 @@ def _roles_to_axes(layout: Sequence[str]) -> tuple[tuple[Axis, ...], int]:
 # ----------------------------------------------------------------------------------
 
 
+def _on_current_mesh(x: Optional[jax.Array]) -> Optional[jax.Array]:
+    """``x`` (adapter ids, a dropout key: values from outside ``fn``'s jaxpr) moved onto
+    the abstract mesh of the equation being evaluated, replicated, where that mesh is not
+    the one ``x`` lives on (inside an ``auto_axes`` region of an Explicit mesh)."""
+    if x is None:
+        return None
+    current = jax.sharding.get_abstract_mesh()
+    mesh = getattr(jax.typeof(x).sharding, "mesh", None)
+    if mesh is None or current is None or getattr(current, "empty", True) or getattr(mesh, "empty", True) or mesh == current:
+        return x
+    return jax.sharding.reshard(x, jax.sharding.NamedSharding(current, jax.sharding.PartitionSpec()))
+
+
 class _Context:
     def __init__(self, key: Optional[jax.Array], on_materialize: str, events: list[LoraEvent],
                  adapter_ids: Optional[jax.Array] = None):
         self.key = key
         self.on_materialize = on_materialize
         self.events = events
-        self.adapter_ids = adapter_ids
+        self._adapter_ids = adapter_ids
         self._counter = [0]
 
+    @property
+    def adapter_ids(self) -> Optional[jax.Array]:
+        return _on_current_mesh(self._adapter_ids)
+
     def child(self, key: Optional[jax.Array]) -> "_Context":
-        c = _Context(key, self.on_materialize, self.events, self.adapter_ids)
+        c = _Context(key, self.on_materialize, self.events, self._adapter_ids)
         c._counter = self._counter
         return c
 
@@ -248,7 +271,7 @@ class _Context:
         if self.key is None:
             return None
         self._counter[0] += 1
-        return jax.random.fold_in(self.key, self._counter[0])
+        return jax.random.fold_in(_on_current_mesh(self.key), self._counter[0])
 
     def record(self, lv: _Lora, eqn: Any, action: str, reason: str = "") -> None:
         where = _where(eqn)
@@ -287,6 +310,14 @@ def _where(eqn: Any) -> str:
         return f"{stack} @ {summary}" if stack else summary
     except Exception:  # pragma: no cover - source info is best effort
         return "?"
+
+
+def _eqn_context(eqn: Any) -> Any:
+    """The context the equation was traced in (``JaxprEqn.ctx``: abstract mesh inside
+    ``auto_axes``/``explicit_axes`` regions, compute type, ...), entered while evaluating
+    it, as ``jax.core.eval_jaxpr`` does; a no-op where this JAX has none."""
+    manager = getattr(getattr(eqn, "ctx", None), "manager", None)
+    return manager if manager is not None else contextlib.nullcontext()
 
 
 def _bind_params(primitive: Any, params: dict) -> tuple[tuple, dict]:
@@ -366,7 +397,7 @@ def eval_jaxpr(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], ctx: _Con
     for eqn in jaxpr.eqns:
         invals = [read(v) for v in eqn.invars]
         name_stack = jex.source_info_util.current_name_stack() + eqn.source_info.name_stack
-        with jex.source_info_util.user_context(eqn.source_info.traceback, name_stack=name_stack):
+        with jex.source_info_util.user_context(eqn.source_info.traceback, name_stack=name_stack), _eqn_context(eqn):
             if any(isinstance(x, _Lora) for x in invals):
                 rule = _RULES.get(eqn.primitive.name, _rule_materialize)
                 outvals = rule(eqn, invals, ctx)
@@ -398,6 +429,34 @@ def _rule_passthrough(eqn, invals, ctx):
     if not all(not isinstance(x, _Lora) for x in invals[1:]):
         return _rule_materialize(eqn, invals, ctx)
     return lv.with_w(_bind(eqn, [lv.w, *invals[1:]]))
+
+
+def _rule_reshard(eqn, invals, ctx):
+    """``reshard`` (Explicit mesh axes, and the entry to ``auto_axes`` regions): ``W`` and
+    each factor move to the destination's mesh, each factor axis sharded as the kernel
+    axis it stands for, the rank axis unsharded."""
+    lv = invals[0]
+    if any(isinstance(x, _Lora) for x in invals[1:]):
+        return _rule_materialize(eqn, invals, ctx)
+    dst = eqn.params.get("dst_sharding")
+    spec_of_w = getattr(dst, "spec", None)
+    if spec_of_w is None or not hasattr(dst, "mesh"):
+        return _rule_passthrough(eqn, invals, ctx)
+    spec = tuple(spec_of_w) + (None,) * (lv.w.ndim - len(spec_of_w))
+    by_axis = {ax: spec[i] for i, ax in enumerate(lv.axes)}
+    ns = lv.n_stack
+    stack = [by_axis.get(("s", k)) for k in range(ns)]
+
+    def move(x, entries):
+        params = dict(eqn.params, dst_sharding=jax.sharding.NamedSharding(dst.mesh, jax.sharding.PartitionSpec(*entries)))
+        return _bind_with(eqn.primitive, params, [x])
+
+    def ab(a, b):
+        a_spec = stack + [by_axis.get(("a", k)) for k in range(a.ndim - ns - 1)] + [None]
+        b_spec = stack + [None] + [by_axis.get(("b", k)) for k in range(b.ndim - ns - 1)]
+        return move(a, a_spec), move(b, b_spec)
+
+    return lv.with_w(_bind(eqn, [lv.w]), ab=ab)
 
 
 def _rule_convert(eqn, invals, ctx):
@@ -608,13 +667,50 @@ def _acc_dtype(out_dtype, fdtype):
     return jnp.promote_types(out_dtype, fdtype)
 
 
+def _like_output(base, target, labels):
+    """Under a mesh with ``Explicit`` axes: the sharding of an intermediate of the LoRA
+    branch whose axes are ``labels``, taken from the base product's output (axes
+    ``target``); axes the output does not have (the rank) are unsharded. This is what
+    makes the branch's contractions unambiguous where the model's own product named its
+    ``out_sharding``, and the branch add up with the base product. ``None`` otherwise
+    (Auto axes or no mesh: XLA propagates shardings itself)."""
+    spec = _explicit_spec(base)
+    if spec is None:
+        return None
+    return jax.sharding.NamedSharding(
+        jax.typeof(base).sharding.mesh, jax.sharding.PartitionSpec(*[spec[target.index(lab)] if lab in target else None for lab in labels])
+    )
+
+
+def _explicit_spec(x) -> Optional[tuple]:
+    """``x``'s PartitionSpec (one entry per axis) where it lives on a mesh with Explicit
+    axes; ``None`` otherwise."""
+    sharding = jax.typeof(x).sharding
+    mesh = getattr(sharding, "mesh", None)
+    if not any(t == jax.sharding.AxisType.Explicit for t in getattr(mesh, "axis_types", ())):
+        return None
+    return tuple(sharding.spec) + (None,) * (x.ndim - len(sharding.spec))
+
+
+def _take_rows(table, rows):
+    """``table[rows]``; on an Explicit mesh with the output sharded as ``rows`` along the
+    new leading axis and as ``table`` along the others (what JAX asks to be told)."""
+    row_spec, tab_spec = _explicit_spec(rows), _explicit_spec(table)
+    if row_spec is None or tab_spec is None:
+        return table[rows]
+    used = {row_spec[0]} if row_spec[0] is not None else set()
+    spec = (row_spec[0],) + tuple(None if e in used else e for e in tab_spec[1:])
+    mesh = jax.typeof(rows).sharding.mesh
+    return table.at[rows].get(out_sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec)))
+
+
 def _add_delta(base, delta, out_dtype):
     """``base + delta`` in the wider of their dtypes, rounded once to ``out_dtype``."""
     acc = jnp.promote_types(base.dtype, delta.dtype)
     return (base.astype(acc) + delta.astype(acc)).astype(out_dtype)
 
 
-def _gathered_mixed_delta(lv, x, ctx, mode, xc, xb, cgroups, stack_batch, nsf, target, fdtype, precision):
+def _gathered_mixed_delta(lv, x, ctx, mode, xc, xb, cgroups, stack_batch, nsf, target, fdtype, precision, base):
     """The LoRA branch of a mixed batch with each example's own factors gathered.
 
     With ``Aₜ = [0, s₁A₁, s₂A₂, …]`` and ``Bₜ = [0, B₁, B₂, …]`` (ranks zero-padded to
@@ -645,35 +741,32 @@ def _gathered_mixed_delta(lv, x, ctx, mode, xc, xb, cgroups, stack_batch, nsf, t
         widths[axis] = (0, extra)
         return jnp.pad(arr, widths)
 
-    a_tab = jnp.stack(
-        [jnp.zeros(pairs[0].a.shape[:-1] + (r_max,), fdtype)]
-        + [pad_r(p.a.astype(fdtype) * jnp.asarray(p.scale, fdtype), -1) for p in pairs]
-    )
-    b_tab = jnp.stack(
-        [jnp.zeros(pairs[0].b.shape[:ns] + (r_max,) + pairs[0].b.shape[ns + 1:], fdtype)]
-        + [pad_r(p.b.astype(fdtype), ns) for p in pairs]
-    )
-    row = jnp.zeros(ids.shape, jnp.int32)
+    a_rows = [pad_r(p.a.astype(fdtype) * jnp.asarray(p.scale, fdtype), -1) for p in pairs]
+    b_rows = [pad_r(p.b.astype(fdtype), ns) for p in pairs]
+    # zeros_like: the zero row is sharded as the factors are (Explicit mesh axes)
+    a_tab = jnp.stack([jnp.zeros_like(a_rows[0])] + a_rows)
+    b_tab = jnp.stack([jnp.zeros_like(b_rows[0])] + b_rows)
+    row = jnp.zeros_like(ids, dtype=jnp.int32)
     for j, p in enumerate(pairs):
         row = jnp.where(ids == p.gid, j + 1, row)
-    a_ex, b_ex = a_tab[row], b_tab[row]  # (E, *stack, *in, r), (E, *stack, r, *out)
+    a_ex, b_ex = _take_rows(a_tab, row), _take_rows(b_tab, row)  # (E, *stack, *in, r), (E, *stack, r, *out)
     nbat = len(xb)
+    nx_free = x.ndim - len(xc) - nbat
+    t_labels = [("x", 0)] + [("batch", i) for i in range(nbat)] + [("x", j) for j in range(1, nx_free)]
+    labels = t_labels + [("b", k) for k in range(lv.n_out)]
     first_contract = tuple(1 + ns + k for _, k in cgroups)
     t = jax.lax.dot_general(
         x.astype(fdtype), a_ex,
         ((xc, first_contract), ((0,) + tuple(xb), (0,) + tuple(1 + k for k in stack_batch))),
         precision=precision, preferred_element_type=fdtype,
+        out_sharding=_like_output(base, target, t_labels + [("r", 0)]),
     )  # (E, batch..., x_free[1:]..., r)
     u = jax.lax.dot_general(
         t, b_ex,
         (((t.ndim - 1,), (1 + ns,)), (tuple(range(1 + nbat)), (0,) + tuple(1 + k for k in stack_batch))),
         precision=precision, preferred_element_type=fdtype,
+        out_sharding=_like_output(base, target, labels),
     )  # (E, batch..., x_free[1:]..., out...)
-    nx_free = x.ndim - len(xc) - nbat
-    labels = (
-        [("x", 0)] + [("batch", i) for i in range(nbat)] + [("x", j) for j in range(1, nx_free)]
-        + [("b", k) for k in range(lv.n_out)]
-    )
     return jnp.transpose(u, [labels.index(lab) for lab in target])
 
 
@@ -729,7 +822,7 @@ def _rule_dot_general(eqn, invals, ctx):
     else:
         ex_axis = target.index(("x", 0))
     gathered = _gathered_mixed_delta(
-        lv, x, ctx, mode, xc, xb, cgroups, stack_batch, nsf, target, fdtype, precision
+        lv, x, ctx, mode, xc, xb, cgroups, stack_batch, nsf, target, fdtype, precision, base
     )
     if gathered is not None:
         ctx.record(lv, eqn, "factored")
@@ -746,10 +839,16 @@ def _rule_dot_general(eqn, invals, ctx):
             xd = x.astype(fdtype)
             first, second, second_r, g2, n2 = pair.b, pair.a, pair.a.ndim - 1, "a", lv.n_in
             first_contract = [ns + 1 + k for _, k in cgroups]
+        labels = (
+            [("batch", i) for i in range(nbat)] + [("s", k) for k in stack_free]
+            + x_free + [(g2, k) for k in range(n2)]
+        )
+        t_labels = [("batch", i) for i in range(nbat)] + x_free + [("s", k) for k in stack_free] + [("r", 0)]
         # t: (batch..., x_free..., stack_free..., r)
         t = jax.lax.dot_general(
             xd, first.astype(fdtype), ((xc, tuple(first_contract)), (xb, tuple(stack_batch))),
             precision=precision, preferred_element_type=fdtype,
+            out_sharding=_like_output(base, target, t_labels),
         )
         t_batch = tuple(range(nbat)) + tuple(nbat + nx_free + i for i in range(nsf))
         # u: (batch..., stack_free..., x_free..., second's free factor axes in factor order)
@@ -757,10 +856,7 @@ def _rule_dot_general(eqn, invals, ctx):
             t, second.astype(fdtype),
             (((t.ndim - 1,), (second_r,)), (t_batch, tuple(stack_batch) + tuple(stack_free))),
             precision=precision, preferred_element_type=fdtype,
-        )
-        labels = (
-            [("batch", i) for i in range(nbat)] + [("s", k) for k in stack_free]
-            + x_free + [(g2, k) for k in range(n2)]
+            out_sharding=_like_output(base, target, labels),
         )
         u = jnp.transpose(u, [labels.index(lab) for lab in target]) * jnp.asarray(pair.scale, fdtype)
         mask = _example_mask(pair, ctx, lv, u.ndim, ex_axis, None if ex_axis is None else u.shape[ex_axis], fdtype)
@@ -1044,6 +1140,7 @@ _RULES: dict[str, Callable] = {
     "copy": _rule_passthrough,
     "copy_p": _rule_passthrough,
     "sharding_constraint": _rule_passthrough,
+    "reshard": _rule_reshard,
     "reshape": _rule_reshape,
     "squeeze": _rule_squeeze,
     "broadcast_in_dim": _rule_broadcast_in_dim,
@@ -1077,6 +1174,7 @@ for _name, _rule in [
     ("while_p", _rule_while),
     ("copy_p", _rule_passthrough),
     ("sharding_constraint_p", _rule_passthrough),
+    ("reshard_p", _rule_reshard),
 ]:
     _prim = getattr(_prims, _name, None) if _prims is not None else None
     if _prim is not None:
@@ -1169,14 +1267,22 @@ def _run(fn, args, kwargs, key, on_materialize, events, adapter_ids=None):
         a, k = jax.tree_util.tree_unflatten(treedef, leaves)
         return fn(*a, **k)
 
-    avals = [
-        jax.ShapeDtypeStruct(v.w.shape, v.w.dtype) if isinstance(v, _Lora) else jax.ShapeDtypeStruct(v.shape, v.dtype)
-        for v in dyn_vals
-    ]
+    avals = [_abstract(v.w if isinstance(v, _Lora) else v) for v in dyn_vals]
     closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*avals)
     ctx = _Context(key, on_materialize, events, adapter_ids)
     outs = eval_jaxpr(closed.jaxpr, closed.consts, dyn_vals, ctx)
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outs)
+
+
+def _abstract(value: Any) -> jax.ShapeDtypeStruct:
+    """Shape, dtype and sharding of ``value`` (an array or a tracer), to trace ``fn`` with:
+    under a mesh with ``Explicit`` axes the sharding is part of the type, and a jaxpr traced
+    without it would build replicated intermediates that clash with the real ones."""
+    try:
+        t = jax.typeof(value)
+        return jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=t.sharding)
+    except (TypeError, AttributeError):
+        return jax.ShapeDtypeStruct(jnp.shape(value), jnp.result_type(value))
 
 
 def lora(fn: Callable[..., Any], *, on_materialize: OnMaterialize = "warn") -> Callable[..., Any]:
