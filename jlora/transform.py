@@ -244,7 +244,9 @@ def _on_current_mesh(x: Optional[jax.Array]) -> Optional[jax.Array]:
         return None
     current = jax.sharding.get_abstract_mesh()
     mesh = getattr(jax.typeof(x).sharding, "mesh", None)
-    if mesh is None or current is None or getattr(current, "empty", True) or getattr(mesh, "empty", True) or mesh == current:
+    if mesh is None or current is None or mesh == current:
+        return x
+    if getattr(current, "empty", True) or getattr(mesh, "empty", True):
         return x
     return jax.sharding.reshard(x, jax.sharding.NamedSharding(current, jax.sharding.PartitionSpec()))
 
@@ -448,8 +450,8 @@ def _rule_reshard(eqn, invals, ctx):
     stack = [by_axis.get(("s", k)) for k in range(ns)]
 
     def move(x, entries):
-        params = dict(eqn.params, dst_sharding=jax.sharding.NamedSharding(dst.mesh, jax.sharding.PartitionSpec(*entries)))
-        return _bind_with(eqn.primitive, params, [x])
+        sharding = jax.sharding.NamedSharding(dst.mesh, jax.sharding.PartitionSpec(*entries))
+        return _bind_with(eqn.primitive, dict(eqn.params, dst_sharding=sharding), [x])
 
     def ab(a, b):
         a_spec = stack + [by_axis.get(("a", k)) for k in range(a.ndim - ns - 1)] + [None]
@@ -677,9 +679,8 @@ def _like_output(base, target, labels):
     spec = _explicit_spec(base)
     if spec is None:
         return None
-    return jax.sharding.NamedSharding(
-        jax.typeof(base).sharding.mesh, jax.sharding.PartitionSpec(*[spec[target.index(lab)] if lab in target else None for lab in labels])
-    )
+    entries = [spec[target.index(lab)] if lab in target else None for lab in labels]
+    return jax.sharding.NamedSharding(jax.typeof(base).sharding.mesh, jax.sharding.PartitionSpec(*entries))
 
 
 def _explicit_spec(x) -> Optional[tuple]:
