@@ -336,25 +336,13 @@ def main(argv=None) -> int:
         ["LoRA part of mixed, measured: mixed - base", f"{lora_mixed / 1e9:,.3f}"],
         ["(mixed - base) / (single - base)", f"{lora_mixed / lora_single:.2f} x"],
     ]
-    if lora_mixed / lora_single > 1.5:
-        frows.append(["mixed / single, predicted if each example's factors were gathered (LoRA part = single's)",
-                      f"{(fl['base'] + lora_single) / fl['single']:.4f}"])
     flops_table = table(frows, ["FLOPs accounting", "GFLOP"])
-    lora_ratio = lora_mixed / lora_single
-    if lora_ratio > 1.5:
-        explanation = (
-            f"Where the mixed call's extra FLOPs go: its LoRA part is {lora_ratio:.2f}x a single adapter's. "
-            "`jlora.lora` with `adapter_ids` computes, at every targeted kernel, the LoRA branch `s·(x·A)·B` "
-            "of *every* adapter for *every* example and multiplies each by a 0/1 mask of the examples that "
-            f"use it, so the LoRA part costs {N_ADAPTERS} branches (plus the masking) instead of one:"
-        )
-    else:
-        explanation = (
-            f"Where the FLOPs go: the mixed call's LoRA part is {lora_ratio:.2f}x a single adapter's, i.e. "
-            "each example's factors are gathered and only its own adapter's branch is computed; what "
-            "differs is elementwise work around the two matmuls (where the scale s is applied, the gather, "
-            "zero-padding where ranks differ):"
-        )
+    explanation = (
+        f"Where the FLOPs go: the mixed call's LoRA part is {lora_mixed / lora_single:.2f}x a single adapter's, "
+        "i.e. each example's factors are gathered and only its own adapter's branch is computed; what "
+        "differs is elementwise work around the two matmuls (where the scale s is applied, the gather, "
+        "zero-padding where ranks differ):"
+    )
 
     d = cfg.n_embd
     layer_table, layer_err = layer_experiment(batch, length, d, 3 * d, args.steps, args.warmup)
@@ -393,8 +381,9 @@ def main(argv=None) -> int:
         f"{os.cpu_count()} cores (the CPU may be shared: absolute times are comparable only within one run, "
         "ratios are taken from interleaved calls)",
     ]
-    if provenance() != source:
-        lines.append(f"- WARNING: jlora/ changed during the run (start: {source}; end: {provenance()})")
+    end_source = provenance()
+    if end_source != source:
+        lines.append(f"- WARNING: jlora/ changed during the run (start: {source}; end: {end_source})")
     report = "\n".join(lines)
     print()
     print(report)

@@ -676,32 +676,33 @@ def _like_output(base, target, labels):
     makes the branch's contractions unambiguous where the model's own product named its
     ``out_sharding``, and the branch add up with the base product. ``None`` otherwise
     (Auto axes or no mesh: XLA propagates shardings itself)."""
-    spec = _explicit_spec(base)
-    if spec is None:
+    explicit = _explicit_sharding(base)
+    if explicit is None:
         return None
+    mesh, spec = explicit
     entries = [spec[target.index(lab)] if lab in target else None for lab in labels]
-    return jax.sharding.NamedSharding(jax.typeof(base).sharding.mesh, jax.sharding.PartitionSpec(*entries))
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*entries))
 
 
-def _explicit_spec(x) -> Optional[tuple]:
-    """``x``'s PartitionSpec (one entry per axis) where it lives on a mesh with Explicit
-    axes; ``None`` otherwise."""
+def _explicit_sharding(x) -> Optional[tuple[Any, tuple]]:
+    """``(mesh, spec)`` of ``x`` (the spec with one entry per axis) where it lives on a
+    mesh with Explicit axes; ``None`` otherwise."""
     sharding = jax.typeof(x).sharding
     mesh = getattr(sharding, "mesh", None)
     if not any(t == jax.sharding.AxisType.Explicit for t in getattr(mesh, "axis_types", ())):
         return None
-    return tuple(sharding.spec) + (None,) * (x.ndim - len(sharding.spec))
+    return mesh, tuple(sharding.spec) + (None,) * (x.ndim - len(sharding.spec))
 
 
 def _take_rows(table, rows):
     """``table[rows]``; on an Explicit mesh with the output sharded as ``rows`` along the
     new leading axis and as ``table`` along the others (what JAX asks to be told)."""
-    row_spec, tab_spec = _explicit_spec(rows), _explicit_spec(table)
-    if row_spec is None or tab_spec is None:
+    row, tab = _explicit_sharding(rows), _explicit_sharding(table)
+    if row is None or tab is None:
         return table[rows]
+    (mesh, row_spec), (_, tab_spec) = row, tab
     used = {row_spec[0]} if row_spec[0] is not None else set()
     spec = (row_spec[0],) + tuple(None if e in used else e for e in tab_spec[1:])
-    mesh = jax.typeof(rows).sharding.mesh
     return table.at[rows].get(out_sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec)))
 
 
@@ -1279,11 +1280,8 @@ def _abstract(value: Any) -> jax.ShapeDtypeStruct:
     """Shape, dtype and sharding of ``value`` (an array or a tracer), to trace ``fn`` with:
     under a mesh with ``Explicit`` axes the sharding is part of the type, and a jaxpr traced
     without it would build replicated intermediates that clash with the real ones."""
-    try:
-        t = jax.typeof(value)
-        return jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=t.sharding)
-    except (TypeError, AttributeError):
-        return jax.ShapeDtypeStruct(jnp.shape(value), jnp.result_type(value))
+    t = jax.typeof(value)
+    return jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=t.sharding)
 
 
 def lora(fn: Callable[..., Any], *, on_materialize: OnMaterialize = "warn") -> Callable[..., Any]:

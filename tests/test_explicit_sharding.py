@@ -56,9 +56,6 @@ _BODY = textwrap.dedent(
         out["out_spec"] = str(y.sharding.spec)
         out["plain_spec"] = str(plain.sharding.spec)
 
-        def factors(lp):
-            return [(lw.a, lw.b) for _, lw in jlora.lora_leaves(lp)]
-
         def with_factors(ab):
             return {
                 "up": {"kernel": lp["up"]["kernel"].replace(a=ab[0][0], b=ab[0][1]), "bias": lp["up"]["bias"]},
