@@ -21,14 +21,37 @@ import functools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 D, N, K, H, F, V, L = 16, 4, 2, 8, 24, 40, 2
 
+# Weights are drawn with NumPy (seed 0 for every model built): building a model compiles
+# nothing, and the remat and plain variants of a family have the same weights.
+_RNG = np.random.default_rng(0)
+
+
+def _reseed() -> None:
+    global _RNG
+    _RNG = np.random.default_rng(0)
+
+
+def _normal(shape, scale):
+    return jnp.asarray(_RNG.standard_normal(shape, dtype=np.float32) * np.float32(scale))
+
 
 def _init(rngs: nnx.Rngs, shape, scale=None):
-    fan_in = shape[0]
-    return nnx.Param(jax.random.normal(rngs.params(), shape) * (scale or fan_in**-0.5))
+    del rngs
+    return nnx.Param(_normal(shape, scale or shape[0] ** -0.5))
+
+
+def _kernel_init(key, shape, dtype=jnp.float32):
+    del key
+    return _normal(shape, shape[0] ** -0.5).astype(dtype)
+
+
+def _linear(d_in, d_out, rngs):
+    return nnx.Linear(d_in, d_out, use_bias=False, kernel_init=_kernel_init, rngs=rngs)
 
 
 class RMSNorm(nnx.Module):
@@ -75,9 +98,9 @@ def attention(q, k, v):
 
 class MLP(nnx.Module):
     def __init__(self, rngs: nnx.Rngs):
-        self.gate_proj = nnx.Linear(D, F, use_bias=False, rngs=rngs)
-        self.up_proj = nnx.Linear(D, F, use_bias=False, rngs=rngs)
-        self.down_proj = nnx.Linear(F, D, use_bias=False, rngs=rngs)
+        self.gate_proj = _linear(D, F, rngs)
+        self.up_proj = _linear(D, F, rngs)
+        self.down_proj = _linear(F, D, rngs)
 
     def __call__(self, x):
         return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -111,7 +134,7 @@ class TunixBlock(nnx.Module):
 
 class Embedder(nnx.Module):
     def __init__(self, rngs: nnx.Rngs):
-        self.input_embedding = nnx.Param(jax.random.normal(rngs.params(), (V, D)))
+        self.input_embedding = nnx.Param(_normal((V, D), 1.0))
 
     def encode(self, ids):
         return self.input_embedding[...][ids]
@@ -213,21 +236,35 @@ class MaxTextLike(nn.Module):
 
 
 def ids(batch: int = 2, length: int = 6, seed: int = 1):
-    return jax.random.randint(jax.random.key(seed), (batch, length), 0, V)
+    return jnp.asarray(np.random.default_rng(seed).integers(0, V, (batch, length)), jnp.int32)
 
 
 @functools.lru_cache(maxsize=None)
 def tunix(remat: bool = False):
+    _reseed()
     return TunixLike(nnx.Rngs(0), remat=remat)
 
 
 @functools.lru_cache(maxsize=None)
 def gemma(remat: bool = True):
+    _reseed()
     return GemmaLike(nnx.Rngs(0), remat=remat)
 
 
 @functools.lru_cache(maxsize=None)
 def maxtext():
+    """The Linen model and its params (shapes from ``jax.eval_shape(model.init)``, values
+    drawn with NumPy: nothing compiled)."""
+    _reseed()
     model = MaxTextLike()
-    params = model.init(jax.random.key(0), ids())["params"]
-    return model, params
+    shapes = jax.eval_shape(model.init, jax.random.key(0), ids())["params"]
+
+    def fill(path, s):
+        name = getattr(path[-1], "key", "")
+        if name == "scale":
+            return jnp.ones(s.shape, s.dtype)
+        if name == "bias":
+            return _normal(s.shape, 0.1)
+        return _normal(s.shape, 1.0 if name == "embedding" else s.shape[0] ** -0.5)
+
+    return model, jax.tree_util.tree_map_with_path(fill, shapes)
