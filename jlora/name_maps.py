@@ -82,6 +82,8 @@ __all__ = [
     "kernel_to_torch",
     "kernel_from_torch",
     "module_kind",
+    "family_of",
+    "record_param_to_torch",
 ]
 
 Leaves = Sequence[tuple[tuple[str, ...], Optional[tuple[int, ...]], int]]
@@ -755,3 +757,28 @@ def for_tree(leaves: Leaves, name_map: NameMapSpec = None, prefix: Optional[str]
     if family is None:
         return HFNames(leaves, name_map=overrides, prefix=prefix)
     return family.bind(leaves, prefix=prefix, overrides=overrides)
+
+
+def family_of(source: Any) -> Optional[FamilyMap]:
+    """The :class:`FamilyMap` an adapter's ``name_map`` record names (``"qwen3"``, a
+    ``FamilyMap``), or ``None`` (Hugging Face rules, or a map that cannot be rebuilt
+    without its tree)."""
+    if isinstance(source, FamilyMap):
+        return source
+    if isinstance(source, str) and source in _BY_NAME:
+        return _BY_NAME[source]
+    return None
+
+
+def record_param_to_torch(names: Sequence[str], value: Any, n: int, source: Any = None) -> list[np.ndarray]:
+    """A fully trained leaf's value (JAX layout) as its ``n`` PyTorch tensors, without the
+    tree: the rule of the family ``source`` names if one matches the path, else
+    transformers' rules (a stacked leaf's slices one by one)."""
+    family = family_of(source)
+    if family is not None:
+        hit = family.rule_for("/".join(names))
+        if hit is not None:
+            return hit[0].to_torch(value)
+    v = np.asarray(value)
+    conv = kernel_to_torch if tuple(names)[-1] == "kernel" else np.asarray
+    return [conv(v[i] if n > 1 else v) for i in range(n)]
