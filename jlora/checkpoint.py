@@ -19,10 +19,12 @@ the base model, is JSON in the checkpoint's ``custom_metadata``::
                   "a_shape": [768, 8], "a_dtype": "float32", "b_shape": [8, 2304], "b_dtype": "float32"}, ...],
      "params": [{"key": "p0000", "path": ".../bias", "shape": [...], "dtype": "...",
                  "torch": ["..."], "torch_layout": false}, ...],
-     "torch_modules": [every kernel module of the base, by PyTorch name]}
+     "torch_modules": [every kernel module of the base, by PyTorch name],
+     "name_map": "hf" | "qwen3" | "llama3" | "gemma3" | ...}   # the map that gave the names
 
 ``path`` is the Flax leaf path; ``torch`` the PyTorch module name(s) (one per layer for
-stacked kernels; see :mod:`jlora.hf`); ``layout`` may be ``null`` for adapters converted
+stacked kernels, or per slice of a kernel that holds several modules; see
+:mod:`jlora.name_maps`); ``layout`` may be ``null`` for adapters converted
 from PEFT without a base model, in which case ``A`` is stored (in_features, r) and ``B``
 (r, out_features) and both are reshaped to the base kernel's layout on load.
 
@@ -46,7 +48,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from . import hf
+from . import name_maps
 from .atomic import recover_interrupted_save as _recover, replace_directory, temp_sibling
 from .config import LoraConfig
 from .records import (
@@ -88,6 +90,11 @@ VERSION = 1
 # Orbax encoding
 
 
+def _map_name(source: Any) -> Optional[str]:
+    name = source if isinstance(source, str) else getattr(source, "name", None)
+    return name if isinstance(name, str) else None
+
+
 def _encode(adapter: Adapter) -> tuple[dict, dict]:
     tree: dict[str, Any] = {"lora": {}}
     meta: dict[str, Any] = {
@@ -97,6 +104,7 @@ def _encode(adapter: Adapter) -> tuple[dict, dict]:
         "targets": [],
         "params": [],
         "torch_modules": adapter.torch_modules,
+        "name_map": _map_name(adapter.name_map),
     }
     for i, t in enumerate(adapter.targets):
         key = f"t{i:04d}"
@@ -177,7 +185,8 @@ def _decode_meta(meta: Any, where: str) -> tuple[Adapter, dict[int, str], dict[i
         )
         params.append(p)
         pkeys[id(p)] = m["key"]
-    return Adapter(targets, params, meta.get("config"), meta.get("torch_modules")), tkeys, pkeys
+    adapter = Adapter(targets, params, meta.get("config"), meta.get("torch_modules"), meta.get("name_map"))
+    return adapter, tkeys, pkeys
 
 
 def _stored_abstract(meta: dict) -> dict:
@@ -265,7 +274,7 @@ class AdapterSave(ocp.args.CheckpointArgs):
 
     lp: Any
     config: Optional[LoraConfig] = None
-    name_map: hf.NameMap = None
+    name_map: name_maps.NameMapSpec = None
     prefix: Optional[str] = None
 
 
@@ -285,7 +294,7 @@ class AdapterRestore(ocp.args.CheckpointArgs):
     strict: bool = True
     dtype: Any = None
     layouts: LayoutSpec = None
-    name_map: hf.NameMap = None
+    name_map: name_maps.NameMapSpec = None
     prefix: Optional[str] = None
 
 
@@ -384,7 +393,7 @@ def save(
     lp: Any,
     *,
     config: Optional[LoraConfig] = None,
-    name_map: hf.NameMap = None,
+    name_map: name_maps.NameMapSpec = None,
     prefix: Optional[str] = None,
     overwrite: bool = True,
 ) -> Path:
@@ -404,7 +413,9 @@ def save(
       lp: the LoRA tree (from :func:`jlora.wrap`).
       config: the :class:`LoraConfig` used to wrap; stored for :func:`jlora.save_peft` /
         ``jlora convert``.
-      name_map, prefix: PyTorch naming overrides (see :class:`jlora.hf.TorchNames`).
+      name_map, prefix: which name map gives the PyTorch names (``None``: recognised
+        from the paths; see :func:`jlora.name_maps.for_tree`), and a module path
+        prepended to them.
 
     Example:
       >>> jlora.save("ckpt/adapter", lp, config=config)          # doctest: +SKIP
@@ -424,7 +435,7 @@ def load(
     strict: bool = True,
     dtype: Any = None,
     layouts: LayoutSpec = None,
-    name_map: hf.NameMap = None,
+    name_map: name_maps.NameMapSpec = None,
     prefix: Optional[str] = None,
 ) -> Any:
     """The LoRA tree of the adapter at ``path`` over the base ``params``.
