@@ -173,3 +173,24 @@ def test_config_from_hf_reads_the_families():
 
     inv, _ = ROPE_INIT_FUNCTIONS["llama3"](hf_config("llama3"), "cpu")
     np.testing.assert_array_equal(jm.rope_frequencies(8, ll.rope_theta, ll.rope_scaling), inv.numpy())
+
+
+def test_save_pretrained_is_an_hf_checkpoint(tmp_path):
+    """A model built from a DecoderConfig alone (no torch involved) saved as config.json +
+    model.safetensors: transformers' AutoModelForCausalLM reads it and computes the same."""
+    import transformers
+
+    cfg = jm.DecoderConfig(
+        "gemma3", 64, 16, 32, 2, 4, 2, 8, tie_embeddings=True, initializer_range=0.3,
+        layer_types=("sliding_attention", "full_attention"), sliding_window=3, query_pre_attn_scalar=10.0,
+        final_logit_softcapping=4.0, rope_scaling={"rope_type": "linear", "factor": 2.0},
+    )
+    m = jm.build(cfg, seed=3)
+    jm.save_pretrained(m, tmp_path)
+    tm = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(tm).__name__ == "Gemma3ForCausalLM"
+    ids = np.random.RandomState(0).randint(0, 64, (2, 7))
+    ref = torch_logits(tm, ids)
+    assert np.abs(ref).max() > 1.0
+    assert _max_err(m(jnp.asarray(ids)), ref) <= TOL
+    assert jm.config_from_hf(tmp_path) == cfg
