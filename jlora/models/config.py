@@ -136,7 +136,7 @@ class DecoderConfig:
         """Number of parameters of the model this config builds.
 
         >>> DecoderConfig("llama3", 10, 8, 16, 1, 2, 1, 4).num_params()
-        784
+        760
         """
         D, F, N, K, H, V = self.embed_dim, self.hidden_dim, self.num_heads, self.num_kv_heads, self.head_dim, self.vocab_size
         attn = D * N * H * 2 + D * K * H * 2 + (2 * H if self.qk_norm else 0)
