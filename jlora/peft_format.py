@@ -62,6 +62,7 @@ __all__ = [
     "read_peft_config",
     "write_peft",
     "peft_tensors",
+    "module_factors",
 ]
 
 CONFIG_NAME = "adapter_config.json"
@@ -112,26 +113,44 @@ def _host(x: Any) -> np.ndarray:
     return np.asarray(x)
 
 
+def module_factors(t: TargetRecord) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """``[(torch module, a, b)]``: one target's factors per PyTorch module it stands for.
+
+    One module: the factors as they are. Several, one per slice of the kernel's first
+    axis (``nn.scan`` layers; Gemma's ``kv_einsum`` = ``k_proj``, ``v_proj``): slice ``i``
+    of a ``"stack"`` axis has factors ``a[i]``, ``b[i]``; if that axis is an output axis
+    (a layout found from the einsum alone, one A shared by k and v) slice ``i`` is
+    ``A · B[:, i]``, i.e. ``a`` and ``b[:, i]``; if it is an input axis, ``a[i]`` and ``b``.
+    """
+    if not t.torch:
+        raise ValueError(f"{t.path}: no PyTorch module name for this target; pass name_map=")
+    a, b = _host(t.a), _host(t.b)
+    stacked = t.layout is not None and "stack" in t.layout
+    if stacked and t.layout.count("stack") != 1:
+        raise ValueError(f"{t.path}: only one stack axis maps to PyTorch layers, layout {t.layout}")
+    if stacked:
+        if len(t.torch) != a.shape[0]:
+            raise ValueError(f"{t.path}: {a.shape[0]} layer(s) but {len(t.torch)} PyTorch name(s) {t.torch}")
+        return [(m, a[i], b[i]) for i, m in enumerate(t.torch)]
+    if len(t.torch) == 1:
+        return [(t.torch[0], a, b)]
+    first = t.layout[0] if t.layout else None
+    if first is None or t.base_shape is None or int(t.base_shape[0]) != len(t.torch):
+        raise ValueError(
+            f"{t.path}: 1 adapter but {len(t.torch)} PyTorch names {t.torch}; the kernel's first axis must hold them"
+        )
+    if first == "out":
+        return [(m, a, b[:, i]) for i, m in enumerate(t.torch)]
+    return [(m, a[i], b) for i, m in enumerate(t.torch)]
+
+
 def peft_tensors(adapter: Adapter) -> dict[str, np.ndarray]:
     """The ``adapter_model.safetensors`` tensors of ``adapter`` (PEFT names and layouts)."""
     out: dict[str, np.ndarray] = {}
     target_modules: set[str] = set()
     for t in adapter.targets:
-        if not t.torch:
-            raise ValueError(f"{t.path}: no PyTorch module name for this target; pass name_map=")
-        a, b = _host(t.a), _host(t.b)
-        stacked = t.layout is not None and "stack" in t.layout
-        if stacked and t.layout.count("stack") != 1:
-            raise ValueError(f"{t.path}: only one stack axis maps to PyTorch layers, layout {t.layout}")
-        n_layers = a.shape[0] if stacked else 1
-        if len(t.torch) != n_layers:
-            hint = (
-                f"; the kernel holds {len(t.torch)} PyTorch modules along its first axis: wrap it with a 'stack' "
-                "first axis (e.g. layouts={'kv_einsum': ('stack', 'out', 'in', 'out')})" if not stacked else ""
-            )
-            raise ValueError(f"{t.path}: {n_layers} layer(s) but {len(t.torch)} PyTorch name(s) {t.torch}{hint}")
-        for i, module in enumerate(t.torch):
-            A, B = to_torch(a[i] if stacked else a, b[i] if stacked else b, t.kind)
+        for module, a, b in module_factors(t):
+            A, B = to_torch(a, b, t.kind)
             if t.kind == "embedding":
                 names = (f"{PEFT_PREFIX}{module}.lora_embedding_A", f"{PEFT_PREFIX}{module}.lora_embedding_B")
             else:
