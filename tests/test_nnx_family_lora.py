@@ -195,3 +195,23 @@ def test_orbax_and_cli_convert_keep_the_family_names(tmp_path):
     assert cli.main(["convert", str(tmp_path / "orbax"), str(tmp_path / "peft")]) == 0
     pm = peft.PeftModel.from_pretrained(c.fresh_torch(), str(tmp_path / "peft"))
     assert _max_err(torch_logits(pm, c.ids), peft_adapter("gemma3")[1]) <= TOL
+
+
+@needs_wrap_by_use
+def test_modules_to_save_named_for_peft(tmp_path):
+    """modules_to_save=["embedder"] (the NNX name) trains the embedding in full; the PEFT
+    config names it as PEFT's model does (embed_tokens), and PEFT loads it."""
+    import peft
+
+    c = case("qwen3")
+    ids = jnp.asarray(c.ids)
+    config = jlora.LoraConfig(r=4, lora_alpha=8, target_modules=NNX_TARGETS["qwen3"], init_lora_weights=False,
+                              modules_to_save=["embedder"])
+    lp = jlora.wrap(c.state, config, rng=jax.random.key(0), apply_fn=c.apply, example_args=(ids,))
+    node = lambda x: isinstance(x, (jlora.Trainable, jlora.LoraWeight))  # noqa: E731
+    lp = jax.tree_util.tree_map(lambda x: jlora.Trainable(x.value * 1.5) if isinstance(x, jlora.Trainable) else x,
+                                lp, is_leaf=node)
+    jlora.save_peft(tmp_path, lp, config=config)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["modules_to_save"] == ["embed_tokens"]
+    pm = peft.PeftModel.from_pretrained(c.fresh_torch(), str(tmp_path))
+    assert _max_err(torch_logits(pm, c.ids), forward("qwen3")(lp, ids)) <= TOL
