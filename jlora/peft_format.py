@@ -260,6 +260,14 @@ def peft_config_dict(
             return False
         return candidates is None or not any(peft_matches(c, m) for m in candidates - targets)
 
+    if adapter.config is not None and cfg.get("modules_to_save"):
+        # The config names JAX modules; PEFT matches PyTorch ones (an NNX "embedder" is
+        # "embed_tokens"): name the trained modules by their PyTorch names where they differ.
+        trained = {n.rsplit(".", 1)[0] for p in adapter.params for n in p.torch or () if not n.endswith(".bias")}
+        pattern = lambda m, t: re.match(rf"(^|.*\.){m}($|\..*)", t) is not None  # noqa: E731
+        if trained and not all(any(pattern(m, t) for t in trained) for m in cfg["modules_to_save"]):
+            cfg["modules_to_save"] = sorted({t.rsplit(".", 1)[-1] for t in trained})
+
     keep = adapter.config is not None and cfg.get("target_modules") not in ("all-linear", None)
     if not (keep and selects_exactly(cfg)) and targets:
         trial = dict(cfg, exclude_modules=None, layers_to_transform=None, layers_pattern=None)
