@@ -145,7 +145,8 @@ def sequence_logps(forward: Callable, params: Any, ids: jax.Array, mask: jax.Arr
 
     >>> logps = sequence_logps(jlora.lora(apply), lp, ids, mask)   # doctest: +SKIP
     """
-    logits = forward(params, ids[:, :-1]).astype(jnp.float32)
+    logits = forward(params, ids[:, :-1])
+    logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))  # bf16 models: log-softmax in f32
     return -(optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:]) * mask).sum(-1)
 
 
@@ -179,6 +180,19 @@ def preference_loss(pi: jax.Array, ref: jax.Array, n_tokens: jax.Array, beta: fl
     raise ValueError(f"loss_type must be 'sigmoid' or 'ipo', got {loss_type!r}")
 
 
+def dpo_loss(trainable: Any, frozen: Any, forward: Callable, batch: tuple, beta: float, loss_type: str = "sigmoid"):
+    """The preference loss of a batch ``(ids_c, m_c, ids_r, m_r)`` for the LoRA tree
+    ``combine(trainable, frozen)``, and the rewards ``beta * (pi - ref)`` (``(2, n)``).
+    Differentiate it in ``trainable``: the reference side carries no gradient.
+
+    >>> (loss, rewards), g = jax.value_and_grad(dpo_loss, has_aux=True)(t, f, fwd, batch, 0.1)  # doctest: +SKIP
+    """
+    ids_c, m_c, ids_r, m_r = batch
+    pi, ref = pair_logps(forward, jlora.combine(trainable, frozen), ids_c, m_c, ids_r, m_r)
+    n_tokens = jnp.stack([m_c.sum(-1), m_r.sum(-1)])
+    return preference_loss(pi, ref, n_tokens, beta, loss_type), beta * (pi - ref)
+
+
 def make_dpo_step(forward: Callable, tx: optax.GradientTransformation, beta: float, loss_type: str = "sigmoid"):
     """The DPO train step ``(trainable, frozen, opt_state, ids_c, m_c, ids_r, m_r) ->
     (trainable, opt_state, loss, margin, accuracy)``: the same arguments as the SFT step
@@ -186,14 +200,8 @@ def make_dpo_step(forward: Callable, tx: optax.GradientTransformation, beta: flo
     reference log-probs come from ``jlora.disable_adapter(combine(trainable, frozen))``."""
 
     def step(trainable, frozen, opt_state, ids_c, m_c, ids_r, m_r):
-        n_tokens = jnp.stack([m_c.sum(-1), m_r.sum(-1)])
-
-        def loss_fn(t):
-            pi, ref = pair_logps(forward, jlora.combine(t, frozen), ids_c, m_c, ids_r, m_r)
-            rewards = beta * (pi - ref)
-            return preference_loss(pi, ref, n_tokens, beta, loss_type), rewards
-
-        (loss, rewards), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+        (loss, rewards), grads = jax.value_and_grad(dpo_loss, has_aux=True)(
+            trainable, frozen, forward, (ids_c, m_c, ids_r, m_r), beta, loss_type)
         updates, opt_state = tx.update(grads, opt_state, trainable)
         margin = rewards[0] - rewards[1]
         acc = jnp.mean((margin > 0) + 0.5 * (margin == 0))
