@@ -39,12 +39,13 @@ from typing import Any, Optional, Union
 import numpy as np
 
 from . import hf
-from .checkpoint import (
+from .atomic import replace_directory, temp_sibling
+from .atomic import recover_interrupted_save
+from .records import (
     Adapter,
     ParamRecord,
     ShardingSpec,
     TargetRecord,
-    recover_interrupted_save,
     adapter_from_tree,
     alpha_from_scale,
     tree_from_adapter,
@@ -326,7 +327,7 @@ def write_peft(
         # rename it into place (the old one is moved aside first; readers recover it if a
         # kill lands between the two renames).
         d.parent.mkdir(parents=True, exist_ok=True)
-        tmp = d.parent / f".{d.name}.jlora-tmp-{tag}"
+        tmp = temp_sibling(d, tag)
         tmp.mkdir()
         try:
             for name, data in files.items():
@@ -334,15 +335,7 @@ def write_peft(
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        if d.exists():
-            old = d.parent / f".{d.name}.jlora-old-{tag}"
-            os.rename(d, old)
-            os.rename(tmp, d)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, d)
-        for stale in list(d.parent.glob(f".{d.name}.jlora-old-*")) + list(d.parent.glob(f".{d.name}.jlora-tmp-*")):
-            shutil.rmtree(stale, ignore_errors=True)
+        replace_directory(tmp, d, tag)
     else:
         # Other files live here (a README, a tokenizer): replace our two files one by one,
         # atomically each, weights first.
