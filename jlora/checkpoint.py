@@ -48,6 +48,7 @@ does the renames, and no process returns before the new checkpoint is in place.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 import warnings
@@ -181,11 +182,12 @@ def _check_digest(meta: dict, where: str) -> None:
         )
 
 
-def _decode_meta(meta: Any, where: str) -> tuple[Adapter, dict[int, str], dict[int, str]]:
+def _decode_meta(meta: Any, where: str, verify: bool = True) -> tuple[Adapter, dict[int, str], dict[int, str]]:
     """An Adapter with ``jax.ShapeDtypeStruct`` arrays, and the Orbax keys by record id."""
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ValueError(f"{where}: not a jlora adapter checkpoint (no '{FORMAT}' metadata)")
-    _check_digest(meta, where)
+    if verify:
+        _check_digest(meta, where)
     version = meta.get("version", 0)
     if not isinstance(version, int) or version > VERSION:
         raise ValueError(f"{where}: adapter format version {version!r}; this jlora reads versions up to {VERSION}")
@@ -242,17 +244,33 @@ def _stored_abstract(meta: dict) -> dict:
     return tree
 
 
+def _short(err: BaseException) -> str:
+    """The informative line of an Orbax/TensorStore error (they carry whole tracebacks)."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    codes = ("NOT_FOUND", "DATA_LOSS", "OUT_OF_RANGE", "INVALID_ARGUMENT", "FAILED_PRECONDITION", "UNKNOWN")
+    line = next((ln for ln in lines if any(c in ln for c in codes)), lines[-1] if lines else "")
+    line = line.split(" [tensorstore_spec=", 1)[0]
+    return f"{type(err).__name__}: {line[:400]}"
+
+
 def _read_custom_metadata(handler: ocp.StandardCheckpointHandler, directory: epath.Path) -> Any:
     """jlora's metadata of the checkpoint item at ``directory``; errors name the file."""
     f = Path(directory) / "_METADATA"
     if not f.is_file():
         raise FileNotFoundError(f"{directory}: missing {f.name}: the checkpoint is incomplete or damaged")
     try:
-        return handler.metadata(directory).custom_metadata
-    except Exception as err:  # noqa: BLE001 - Orbax raises JSONDecodeError, KeyError, ...
+        json.loads(f.read_bytes().decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
         raise ValueError(
             f"{directory}: cannot read the checkpoint metadata file {f.name} (truncated or corrupt?): "
             f"{type(err).__name__}: {err}"
+        ) from None
+    try:
+        return handler.metadata(directory).custom_metadata
+    except Exception as err:  # noqa: BLE001 - Orbax/TensorStore raise many types
+        raise ValueError(
+            f"{directory}: cannot read the arrays' metadata from the checkpoint's array store (manifest.ocdbt, "
+            f"d/, ocdbt.process_*/ under {directory}: missing, truncated or corrupt): {_short(err)}"
         ) from err
 
 
@@ -262,7 +280,7 @@ def _orbax_restore(handler: ocp.StandardCheckpointHandler, directory: epath.Path
     except Exception as err:  # noqa: BLE001 - TensorStore / Orbax errors of many types
         raise ValueError(
             f"{directory}: cannot read the array data: a file under {directory} (manifest.ocdbt, ocdbt.process_*/, "
-            f"d/, array_metadatas/) is missing, truncated or corrupt: {type(err).__name__}: {err}"
+            f"d/, array_metadatas/) is missing, truncated or corrupt: {_short(err)}"
         ) from err
 
 
@@ -296,7 +314,7 @@ def _verify(restored: dict, meta: dict, where: str) -> None:
 
 def _restore(handler: ocp.StandardCheckpointHandler, directory: epath.Path, args: "AdapterRestore") -> Any:
     meta = _read_custom_metadata(handler, directory)
-    adapter, tkeys, pkeys = _decode_meta(meta, str(directory))
+    adapter, tkeys, pkeys = _decode_meta(meta, str(directory), args.verify)
     entries, treedef, pls, pps = plan_adapter(
         adapter, args.params, layouts=args.layouts, name_map=args.name_map, prefix=args.prefix,
         strict=args.strict, shardings=args.shardings,
@@ -461,7 +479,7 @@ def read_adapter(path: Union[str, os.PathLike], *, verify: bool = True) -> Adapt
     d = find_adapter_dir(path)
     handler = ocp.StandardCheckpointHandler()
     meta = _read_custom_metadata(handler, epath.Path(d))
-    adapter, tkeys, pkeys = _decode_meta(meta, str(d))
+    adapter, tkeys, pkeys = _decode_meta(meta, str(d), verify)
     host = jax.sharding.SingleDeviceSharding(distributed.local_device())
     target = jax.tree_util.tree_map(
         lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=host), _stored_abstract(meta)
