@@ -516,8 +516,9 @@ def write_adapter(path: Union[str, os.PathLike], adapter: Adapter, *, overwrite:
             epath.Path(tmp), args=ocp.args.StandardSave(tree, custom_metadata=meta)
         )
     except BaseException:
-        if distributed.is_primary():
-            shutil.rmtree(tmp, ignore_errors=True)
+        if distributed.is_primary():  # with Orbax's own temporary directory inside/beside it
+            for leftover in [tmp, *tmp.parent.glob(f"{tmp.name}.orbax-checkpoint-tmp*")]:
+                shutil.rmtree(leftover, ignore_errors=True)
         raise
     if distributed.is_primary():
         replace_directory(tmp, path, tag)

@@ -22,12 +22,15 @@ With one process all of these are the plain single-process operations.
 from __future__ import annotations
 
 import os
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Optional
 
 import jax
 import numpy as np
 
-__all__ = ["is_multiprocess", "is_primary", "agreed_tag", "barrier", "to_host", "place", "local_device"]
+__all__ = [
+    "is_multiprocess", "is_primary", "agreed_tag", "barrier", "to_host", "gather_to_host", "place", "local_device",
+]
 
 
 def is_multiprocess() -> bool:
@@ -76,6 +79,34 @@ def to_host(x: Any) -> np.ndarray:
 
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(x)
+
+
+def _identity(*xs: Any) -> tuple:
+    return xs
+
+
+def _replicated(s: jax.sharding.Sharding) -> Optional[jax.sharding.Sharding]:
+    if isinstance(s, jax.sharding.NamedSharding):
+        return jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec())
+    return None
+
+
+def gather_to_host(xs: Sequence[Any]) -> list[np.ndarray]:
+    """:func:`to_host` of many arrays, with one collective per set of devices (not one
+    per array). Every process must call it with the same arrays in the same order."""
+    out: list[Optional[np.ndarray]] = [None] * len(xs)
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, x in enumerate(xs):
+        if spans_processes(x) and _replicated(x.sharding) is not None:
+            groups.setdefault(tuple(sorted(d.id for d in x.sharding.device_set)), []).append(i)
+        else:
+            out[i] = to_host(x)
+    for idx in groups.values():
+        arrays = [xs[i] for i in idx]
+        whole = jax.jit(_identity, out_shardings=tuple(_replicated(x.sharding) for x in arrays))(*arrays)
+        for i, x in zip(idx, whole):
+            out[i] = np.asarray(x.addressable_data(0))
+    return out  # type: ignore[return-value]
 
 
 def place(x: Any, sharding: jax.sharding.Sharding) -> jax.Array:

@@ -31,6 +31,7 @@ import math
 import os
 import re
 import shutil
+import struct
 from collections import Counter
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -108,10 +109,6 @@ def _from_torch(A: np.ndarray, B: np.ndarray, kind: str, where: str) -> tuple[np
     return np.ascontiguousarray(a), np.ascontiguousarray(b)
 
 
-def _host(x: Any) -> np.ndarray:
-    return distributed.to_host(x)  # gathers factors sharded over several processes
-
-
 def peft_tensors(adapter: Adapter) -> dict[str, np.ndarray]:
     """The ``adapter_model.safetensors`` tensors of ``adapter`` (PEFT names and layouts).
 
@@ -119,10 +116,15 @@ def peft_tensors(adapter: Adapter) -> dict[str, np.ndarray]:
     this (a collective)."""
     out: dict[str, np.ndarray] = {}
     target_modules: set[str] = set()
+    # all factors whole on this process, one collective for all of them when sharded
+    hosted = distributed.gather_to_host([x for t in adapter.targets for x in (t.a, t.b)] + [p.value for p in adapter.params])
+    host_a = {id(t): hosted[2 * i] for i, t in enumerate(adapter.targets)}
+    host_b = {id(t): hosted[2 * i + 1] for i, t in enumerate(adapter.targets)}
+    host_v = {id(p): hosted[2 * len(adapter.targets) + i] for i, p in enumerate(adapter.params)}
     for t in adapter.targets:
         if not t.torch:
             raise ValueError(f"{t.path}: no PyTorch module name for this target; pass name_map=")
-        a, b = _host(t.a), _host(t.b)
+        a, b = host_a[id(t)], host_b[id(t)]
         stacked = t.layout is not None and "stack" in t.layout
         if stacked and t.layout.count("stack") != 1:
             raise ValueError(f"{t.path}: only one stack axis maps to PyTorch layers, layout {t.layout}")
@@ -143,7 +145,7 @@ def peft_tensors(adapter: Adapter) -> dict[str, np.ndarray]:
     for p in adapter.params:
         if not p.torch:
             raise ValueError(f"{p.path}: no PyTorch name for this parameter; pass name_map=")
-        v = _host(p.value)
+        v = host_v[id(p)]
         names = p.path.split("/") if p.path else None
         for i, tname in enumerate(p.torch):
             x = v[i] if len(p.torch) > 1 else v
@@ -351,13 +353,29 @@ def _jlora_metadata(tensors: dict[str, np.ndarray], cfg: dict) -> str:
     )
 
 
+def _sorted_metadata(data: bytes) -> bytes:
+    """``data`` (a safetensors file) with its ``__metadata__`` keys in sorted order.
+
+    safetensors keeps the metadata in a hash map, so two keys come out in either order
+    from one process to the next; sorted, the same adapter gives the same bytes. The
+    header is JSON after an 8-byte little-endian length, padded with spaces to a multiple
+    of 8; tensor offsets count from the end of the header, so they do not change."""
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+    header = {"__metadata__": header.pop("__metadata__"), **header}
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + data[8 + n:]
+
+
 def _write_peft_files(d: Path, tensors: dict, adapter: Adapter, tag: str, base_model_name_or_path, task_type) -> None:
     from safetensors.numpy import save as st_save
 
     cfg = peft_config_dict(adapter, base_model_name_or_path=base_model_name_or_path, task_type=task_type)
     LoraConfig.from_dict(cfg)  # what we write must read back
     files = {
-        WEIGHTS_NAME: st_save(tensors, metadata={"format": "pt", "jlora": _jlora_metadata(tensors, cfg)}),
+        WEIGHTS_NAME: _sorted_metadata(st_save(tensors, metadata={"format": "pt", "jlora": _jlora_metadata(tensors, cfg)})),
         CONFIG_NAME: (json.dumps(cfg, indent=2, sort_keys=True) + "\n").encode(),
     }
     others = [f for f in d.iterdir() if f.name not in files and not f.name.startswith(".")] if d.exists() else []
