@@ -31,14 +31,14 @@ import math
 import os
 import re
 import shutil
-import uuid
+import struct
 from collections import Counter
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import numpy as np
 
-from . import name_maps
+from . import distributed, name_maps
 from .atomic import replace_directory, temp_sibling
 from .atomic import recover_interrupted_save
 from .records import (
@@ -51,6 +51,7 @@ from .records import (
     tree_from_adapter,
 )
 from .config import LoraConfig
+from .integrity import json_digest, sha256_hex
 from .targets import LayoutSpec
 
 __all__ = [
@@ -108,18 +109,22 @@ def _from_torch(A: np.ndarray, B: np.ndarray, kind: str, where: str) -> tuple[np
     return np.ascontiguousarray(a), np.ascontiguousarray(b)
 
 
-def _host(x: Any) -> np.ndarray:
-    return np.asarray(x)
-
-
 def peft_tensors(adapter: Adapter) -> dict[str, np.ndarray]:
-    """The ``adapter_model.safetensors`` tensors of ``adapter`` (PEFT names and layouts)."""
+    """The ``adapter_model.safetensors`` tensors of ``adapter`` (PEFT names and layouts).
+
+    Factors sharded over several processes are gathered: then every process must call
+    this (a collective)."""
     out: dict[str, np.ndarray] = {}
     target_modules: set[str] = set()
+    # all factors whole on this process, one collective for all of them when sharded
+    hosted = distributed.gather_to_host([x for t in adapter.targets for x in (t.a, t.b)] + [p.value for p in adapter.params])
+    host_a = {id(t): hosted[2 * i] for i, t in enumerate(adapter.targets)}
+    host_b = {id(t): hosted[2 * i + 1] for i, t in enumerate(adapter.targets)}
+    host_v = {id(p): hosted[2 * len(adapter.targets) + i] for i, p in enumerate(adapter.params)}
     for t in adapter.targets:
         if not t.torch:
             raise ValueError(f"{t.path}: no PyTorch module name for this target; pass name_map=")
-        a, b = _host(t.a), _host(t.b)
+        a, b = host_a[id(t)], host_b[id(t)]
         stacked = t.layout is not None and "stack" in t.layout
         if stacked and t.layout.count("stack") != 1:
             raise ValueError(f"{t.path}: only one stack axis maps to PyTorch layers, layout {t.layout}")
@@ -144,7 +149,7 @@ def peft_tensors(adapter: Adapter) -> dict[str, np.ndarray]:
     for p in adapter.params:
         if not p.torch:
             raise ValueError(f"{p.path}: no PyTorch name for this parameter; pass name_map=")
-        v = _host(p.value)
+        v = host_v[id(p)]
         names = p.path.split("/") if p.path else None
         if not p.torch_layout and names is not None:
             xs = name_maps.record_param_to_torch(names, v, len(p.torch), adapter.name_map)
@@ -320,20 +325,72 @@ def write_peft(
     base_model_name_or_path: Optional[str] = None,
     task_type: Optional[str] = None,
 ) -> Path:
-    """Writes ``adapter`` in PEFT's format (see :func:`save_peft`)."""
-    from safetensors.numpy import save as st_save
+    """Writes ``adapter`` in PEFT's format (see :func:`save_peft`).
 
-    tensors = peft_tensors(adapter)
-    cfg = peft_config_dict(adapter, base_model_name_or_path=base_model_name_or_path, task_type=task_type)
-    LoraConfig.from_dict(cfg)  # what we write must read back
-    files = {
-        WEIGHTS_NAME: st_save(tensors, metadata={"format": "pt"}),
-        CONFIG_NAME: (json.dumps(cfg, indent=2, sort_keys=True) + "\n").encode(),
-    }
+    With several processes every process calls it: sharded factors are gathered, the
+    primary process writes the files, the others wait for it and write nothing."""
+
     d = Path(directory).absolute()
     if d.exists() and not d.is_dir():
         raise ValueError(f"{d} exists and is not a directory")
-    tag = uuid.uuid4().hex[:12]
+    tensors = peft_tensors(adapter)  # every process: gathers sharded factors
+    tag = distributed.agreed_tag()
+    if distributed.is_primary():
+        _write_peft_files(d, tensors, adapter, tag, base_model_name_or_path, task_type)
+    distributed.barrier(f"jlora_save_peft_{tag}")  # the others wait and write nothing
+    return d
+
+
+# The adapter_config.json keys that change the tree load_peft builds (ranks, scales,
+# dropout); their digest is written with the tensors.
+_CONFIG_KEYS_CHECKED = ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "lora_dropout", "use_dora")
+
+
+def _config_digest(cfg: dict) -> str:
+    return json_digest({k: cfg.get(k) for k in _CONFIG_KEYS_CHECKED})
+
+
+def _jlora_metadata(tensors: dict[str, np.ndarray], cfg: dict) -> str:
+    """The ``jlora`` entry of the safetensors metadata (PEFT ignores it): a SHA-256 per
+    tensor and a digest of the config keys that shape the loaded tree."""
+    return json.dumps(
+        {
+            "version": 1,
+            "algorithm": "sha256",
+            "tensors": {k: sha256_hex(v) for k, v in sorted(tensors.items())},
+            "config_keys": list(_CONFIG_KEYS_CHECKED),
+            "config_digest": _config_digest(cfg),
+        },
+        sort_keys=True,
+        separators=(",", ":"),
+    )
+
+
+def _sorted_metadata(data: bytes) -> bytes:
+    """``data`` (a safetensors file) with its ``__metadata__`` keys in sorted order.
+
+    safetensors keeps the metadata in a hash map, so two keys come out in either order
+    from one process to the next; sorted, the same adapter gives the same bytes. The
+    header is JSON after an 8-byte little-endian length, padded with spaces to a multiple
+    of 8; tensor offsets count from the end of the header, so they do not change."""
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+    header = {"__metadata__": header.pop("__metadata__"), **header}
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + data[8 + n:]
+
+
+def _write_peft_files(d: Path, tensors: dict, adapter: Adapter, tag: str, base_model_name_or_path, task_type) -> None:
+    from safetensors.numpy import save as st_save
+
+    cfg = peft_config_dict(adapter, base_model_name_or_path=base_model_name_or_path, task_type=task_type)
+    LoraConfig.from_dict(cfg)  # what we write must read back
+    files = {
+        WEIGHTS_NAME: _sorted_metadata(st_save(tensors, metadata={"format": "pt", "jlora": _jlora_metadata(tensors, cfg)})),
+        CONFIG_NAME: (json.dumps(cfg, indent=2, sort_keys=True) + "\n").encode(),
+    }
     others = [f for f in d.iterdir() if f.name not in files and not f.name.startswith(".")] if d.exists() else []
     if not others:
         # A fresh directory, or one holding only the adapter: write a new directory and
@@ -360,7 +417,6 @@ def write_peft(
             except BaseException:
                 tmp_file.unlink(missing_ok=True)
                 raise
-    return d
 
 
 def save_peft(
@@ -383,6 +439,14 @@ def save_peft(
     recognised from the paths for NNX Qwen3 / Llama 3 / Gemma 3 trees, transformers'
     rules for Hugging Face Flax models); ``Trainable`` leaves are written under their PyTorch names and layouts. The scale is
     carried as ``lora_alpha``/``alpha_pattern`` so PEFT computes the same ``s``.
+
+    The safetensors metadata also holds, under ``"jlora"``, a SHA-256 of every tensor
+    and a digest of the config keys that set ranks and scales; :func:`load_peft` checks
+    them (PEFT ignores the key).
+
+    With several processes every process calls ``save_peft``: the factors are gathered
+    (``process_allgather``; LoRA factors are small), the primary process writes the
+    files, byte for byte what one process writes, and the others wait and write nothing.
 
     Args:
       directory: created if missing (atomically); files in an existing directory are
@@ -426,9 +490,9 @@ def _read_config_dict(d: Path) -> dict:
             f"{d}: missing {CONFIG_NAME}; a PEFT adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}"
         )
     try:
-        cfg = json.loads(path.read_text())
+        cfg = json.loads(path.read_bytes().decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
+        raise ValueError(f"{path}: not valid JSON (truncated or corrupt?): {err}") from None
     if not isinstance(cfg, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
     peft_type = cfg.get("peft_type")
@@ -443,26 +507,65 @@ def read_peft_config(directory: Union[str, os.PathLike]) -> LoraConfig:
     cfg = _read_config_dict(d)
     try:
         return LoraConfig.from_dict(cfg)
-    except (ValueError, TypeError) as err:
-        raise type(err)(f"{d / CONFIG_NAME}: {err}") from None
+    except (ValueError, TypeError, KeyError, AttributeError) as err:
+        raise ValueError(f"{d / CONFIG_NAME}: not a valid LoRA adapter config: {err}") from None
 
 
-def _read_tensors(path: Path) -> dict[str, np.ndarray]:
+def _read_tensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """The tensors and the metadata of a safetensors file."""
     from safetensors import safe_open
 
     try:
         out = {}
         with safe_open(str(path), framework="numpy") as f:
+            meta = f.metadata() or {}
             for k in f.keys():
                 out[k] = f.get_tensor(k)
-        return out
+        return out, meta
     except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
         raise ValueError(f"{path}: not a readable safetensors file (truncated or corrupt?): {err}") from None
 
 
-def read_peft(directory: Union[str, os.PathLike]) -> Adapter:
+def _verify(path: Path, tensors: dict[str, np.ndarray], meta: dict[str, str], cfg: dict) -> None:
+    """Checks the SHA-256s and the config digest jlora wrote (files written by PEFT itself
+    carry none and pass unchecked)."""
+    raw = meta.get("jlora")
+    if raw is None:
+        return
+    try:
+        info = json.loads(raw)
+        recorded = dict(info["tensors"])
+        algorithm = info["algorithm"]
+    except (ValueError, TypeError, KeyError) as err:
+        raise ValueError(f"{path}: the 'jlora' entry of the safetensors metadata is corrupt: {err}") from None
+    if algorithm != "sha256":
+        raise ValueError(f"{path}: unknown checksum algorithm {algorithm!r} in the 'jlora' metadata")
+    missing = sorted(set(recorded) - set(tensors))
+    extra = sorted(set(tensors) - set(recorded))
+    if missing or extra:
+        raise ValueError(
+            f"{path}: the tensors differ from those jlora wrote: missing {missing}, not written by jlora {extra}"
+        )
+    for name in sorted(recorded):
+        got = sha256_hex(tensors[name])
+        if got != recorded[name]:
+            raise ValueError(
+                f"{path}: checksum mismatch for tensor {name!r}: recorded sha256 {recorded[name]}, read {got}; "
+                "the file is corrupt"
+            )
+    want = info.get("config_digest")
+    if want is not None and _config_digest(cfg) != want:
+        keys = ", ".join(info.get("config_keys", _CONFIG_KEYS_CHECKED))
+        raise ValueError(
+            f"{path.parent / CONFIG_NAME}: the keys that set ranks, scales and dropout ({keys}) differ from those "
+            f"written with {path.name}: the file was edited or is corrupt (pass verify=False to load it as it is)"
+        )
+
+
+def read_peft(directory: Union[str, os.PathLike], *, verify: bool = True) -> Adapter:
     """Reads a PEFT LoRA adapter into records (PyTorch names, factors flattened to
-    ``(in, r)`` / ``(r, out)``); no base model needed."""
+    ``(in, r)`` / ``(r, out)``); no base model needed. With ``verify``, the checksums
+    jlora wrote into the safetensors metadata are checked (see :func:`load_peft`)."""
     d = _peft_dir(directory)
     cfg = _read_config_dict(d)
     config = read_peft_config(d)
@@ -474,7 +577,9 @@ def read_peft(directory: Union[str, os.PathLike]) -> Adapter:
                 "safetensors (PEFT: save_pretrained(..., safe_serialization=True))"
             )
         raise FileNotFoundError(f"{d}: missing {WEIGHTS_NAME}")
-    tensors = _read_tensors(path)
+    tensors, st_meta = _read_tensors(path)
+    if verify:
+        _verify(path, tensors, st_meta, cfg)
     factors: dict[str, dict[str, np.ndarray]] = {}
     kinds: dict[str, str] = {}
     params: list[ParamRecord] = []
@@ -539,6 +644,7 @@ def load_peft(
     layouts: LayoutSpec = None,
     dtype: Any = None,
     shardings: ShardingSpec = None,
+    verify: bool = True,
 ) -> Any:
     """The LoRA tree of a PEFT adapter directory over the base ``params``.
 
@@ -553,6 +659,15 @@ def load_peft(
     that are not in ``params`` (all listed), factors whose shapes do not fit the base
     kernel (the path and both shapes) — all ``ValueError``.
 
+    Files written by :func:`save_peft` carry a SHA-256 of every tensor and a digest of
+    the config keys that set ranks and scales in the safetensors metadata (key
+    ``"jlora"``, which PEFT ignores); they are checked before anything is built, and a
+    mismatch is a ``ValueError`` naming the file and the tensor. Files written by PEFT
+    itself have no checksums and load unchecked.
+
+    With several processes every process calls ``load_peft``: each reads the (small)
+    file whole and places its own shards of A and B.
+
     Args:
       directory: the PEFT adapter directory.
       params: the base parameters, e.g. ``FlaxLlamaForCausalLM.params``.
@@ -560,12 +675,13 @@ def load_peft(
       layouts: kernel layout overrides, as in :func:`jlora.wrap`.
       dtype: dtype of A and B (default: as stored, usually float32).
       shardings: as in :func:`jlora.load`.
+      verify: check jlora's checksums (``False`` skips it, e.g. for an edited config).
 
     Example:
       >>> lp = jlora.load_peft("my-peft-adapter", model.params)          # doctest: +SKIP
       >>> logits = jlora.lora(model.__call__)(ids, params=lp).logits      # doctest: +SKIP
     """
-    adapter = read_peft(directory)
+    adapter = read_peft(directory, verify=verify)
     return tree_from_adapter(
         adapter, params, layouts=layouts, name_map=name_map, prefix=prefix, strict=False,
         shardings=shardings, dtype=dtype,

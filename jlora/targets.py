@@ -22,6 +22,7 @@ import collections
 import dataclasses
 import re
 import sys
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Optional, Union
 
@@ -430,6 +431,26 @@ def _format_list(items: Sequence[str], limit: int = 40) -> str:
     return shown + more
 
 
+def warn_rank_above_size(path: str, shape: tuple[int, ...], layout: Sequence[str], r: int) -> None:
+    """Warns when ``r`` exceeds a target's smaller side, ``min(in_features, out_features)``:
+    ``A·B`` can never have a rank above it, so the extra rank only costs memory."""
+    kl = KernelLayout(tuple(layout))
+    n_in = 1
+    for i in kl.in_axes:
+        n_in *= int(shape[i])
+    n_out = 1
+    for i in kl.out_axes:
+        n_out *= int(shape[i])
+    if r > min(n_in, n_out):
+        warnings.warn(
+            f"{path}: r={r} is above min(in_features={n_in}, out_features={n_out}) = {min(n_in, n_out)}; "
+            f"the update s·A·B has rank at most {min(n_in, n_out)}, so the extra rank only costs memory "
+            "(use rank_pattern to give this module a smaller r)",
+            UserWarning,
+            stacklevel=4,
+        )
+
+
 def plan_targets(
     entries: Sequence[LeafEntry],
     config: LoraConfig,
@@ -562,6 +583,7 @@ def plan_targets(
                 )
             r = _pattern_value(config.rank_pattern, key, config.r)
             alpha = _pattern_value(config.alpha_pattern, key, config.lora_alpha)
+            warn_rank_above_size(e.path, tuple(e.leaf.shape), layout, int(r))
             targets[e.index] = TargetSpec(
                 r=int(r), alpha=alpha, scale=config.scale_for(int(r), alpha), layout=layout,
                 embedding=kinds[e.index] == "embedding",

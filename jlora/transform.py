@@ -1255,6 +1255,9 @@ def _run(fn, args, kwargs, key, on_materialize, events, adapter_ids=None):
                 f"adapter_ids must be a 1-D integer array (one adapter index per example, -1 for the base "
                 f"model; see jlora.adapter_ids), got {adapter_ids.dtype}{list(adapter_ids.shape)}"
             )
+        from .adapters import check_adapter_ids  # issue 16: no silent out-of-range ids
+
+        check_adapter_ids(adapter_ids, names)
     statics = list(flat)
     dyn_idx: list[int] = []
     dyn_vals: list[Any] = []
@@ -1312,7 +1315,10 @@ def lora(fn: Callable[..., Any], *, on_materialize: OnMaterialize = "warn") -> C
     - ``adapter_ids``: for trees with several named adapters (:mod:`jlora.adapters`), a
       mixed batch: one adapter index per example (from :func:`jlora.adapter_ids`; ``-1``
       for the base model alone), applied along axis 0 of each targeted layer's input.
-      Without it, the active adapters' deltas are summed for every example.
+      Without it, the active adapters' deltas are summed for every example. Concrete
+      ids outside ``-1 .. n_adapters - 1`` raise ``ValueError``; traced ids (under
+      ``jit``) cannot be checked, and an out-of-range id there selects no adapter (the
+      example gets the base model), so build ids with :func:`jlora.adapter_ids`.
 
     Non-array arguments (Python bools, strings, ints) are static.
 

@@ -33,6 +33,22 @@ def factor_sharding(w: Any, layout: tuple[str, ...]):
     )
 
 
+def check_param_tree(params: Any) -> None:
+    """``TypeError`` unless ``params`` is a pytree with at least one array (or
+    ``jax.ShapeDtypeStruct``) leaf, saying what it got instead."""
+    leaves = jax.tree_util.tree_leaves(params, is_leaf=_is_node)
+    if any(_is_node(x) or (hasattr(x, "shape") and hasattr(x, "dtype")) for x in leaves):
+        return
+    if not leaves or leaves == [params]:
+        got = f"{type(params).__name__} {params!r:.60}"
+    else:
+        got = f"a {type(params).__name__} whose {len(leaves)} leaves hold no array (e.g. {type(leaves[0]).__name__} {leaves[0]!r:.40})"
+    raise TypeError(
+        f"wrap(params, config): params must be a parameter pytree of arrays (a Linen variables['params'] dict, "
+        f"an nnx.State or nnx.Module, Hugging Face model.params, or jax.ShapeDtypeStructs), got {got}"
+    )
+
+
 def wrap(
     params: Any,
     config: LoraConfig,
@@ -99,6 +115,7 @@ def wrap(
     """
     if not isinstance(config, LoraConfig):
         raise TypeError(f"config must be a jlora.LoraConfig, got {type(config).__name__}")
+    check_param_tree(params)
     if not isinstance(example_args, (tuple, list)):
         raise TypeError(
             f"example_args must be a tuple of apply_fn's other arguments, e.g. example_args=(ids,), "
