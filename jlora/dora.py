@@ -74,7 +74,8 @@ def weight_norm(w: jax.Array, a: jax.Array, b: jax.Array, scale: float, layout: 
     w32, a32, b32 = w.astype(f32), a.astype(f32), b.astype(f32)
     st = tuple(range(ns))
     a_in = tuple(range(ns, ns + n_in))
-    w2 = jnp.sum(jnp.square(w32), axis=ins)  # (*stack, *out)
+    # ‖W‖² per (stack, out), its axes put in canonical order (stack axes may sit anywhere in W)
+    w2 = jnp.transpose(jnp.sum(jnp.square(w32), axis=ins), _canonical_from_kept(layout))
     # AᵀW: (*stack, r, *out) -- contracts the input axes; r x d_out per layer
     aw = jax.lax.dot_general(a32, w32, ((a_in, ins), (st, stack)), precision=_HI)
     cross = jnp.sum(aw * b32, axis=ns)
@@ -98,9 +99,17 @@ def magnitude_scale(w: jax.Array, a: jax.Array, b: jax.Array, magnitude: jax.Arr
     return magnitude.astype(jnp.float32) / n
 
 
+def _canonical_from_kept(layout: Sequence[str]) -> list[int]:
+    """Permutation taking the kernel's non-input axes (in kernel order) to (*stack, *out)."""
+    kept = [r for r in layout if r != "in"]
+    return [i for i, r in enumerate(kept) if r == "stack"] + [i for i, r in enumerate(kept) if r == "out"]
+
+
 def scale_to_kernel(k: jax.Array, layout: Sequence[str], shape: Sequence[int]) -> jax.Array:
-    """``k`` ``(*stack, *out)`` reshaped to broadcast against a kernel of ``shape`` in
+    """``k`` ``(*stack, *out)`` arranged to broadcast against a kernel of ``shape`` in
     ``layout`` (size 1 along the input axes)."""
+    perm = _canonical_from_kept(layout)
+    k = jnp.transpose(k, [perm.index(i) for i in range(len(perm))])  # to kernel order
     return k.reshape(tuple(1 if role == "in" else int(n) for role, n in zip(layout, shape)))
 
 
