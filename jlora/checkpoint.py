@@ -22,6 +22,12 @@ the base model, is JSON in the checkpoint's ``custom_metadata``::
      "torch_modules": [every kernel module of the base, by PyTorch name],
      "name_map": "hf" | "qwen3" | "llama3" | "gemma3" | ...}   # the map that gave the names
 
+Variants add, per target, arrays next to ``a``/``b`` (``"magnitude"``: DoRA's ``m``;
+``"a0"``/``"b0"``: the initial factors of PiSSA/OLoRA, so that loading rebuilds the
+residual base ``W − s·a0·b0`` exactly, ``pissa_niter_N`` included, without running the
+SVD again), described in the target's metadata as ``"arrays": {name: {"shape",
+"dtype"}}``, and ``"init": "pissa" | "pissa_niter_N" | "olora"``.
+
 ``path`` is the Flax leaf path; ``torch`` the PyTorch module name(s) (one per layer for
 stacked kernels, or per slice of a kernel that holds several modules; see
 :mod:`jlora.name_maps`); ``layout`` may be ``null`` for adapters converted
@@ -107,6 +113,10 @@ VERSION = 1
 # Orbax encoding
 
 
+# optional per-target arrays, stored next to "a" and "b" when present
+_VARIANT_ARRAYS = ("magnitude", "a0", "b0")
+
+
 def _map_name(source: Any) -> Optional[str]:
     name = source if isinstance(source, str) else getattr(source, "name", None)
     return name if isinstance(name, str) else None
@@ -130,6 +140,12 @@ def _encode(adapter: Adapter) -> tuple[dict, dict]:
             if not isinstance(x, (jax.Array, np.ndarray)):
                 raise TypeError(f"{t.path}: {name.upper()} is {type(x).__name__}, expected an array")
         tree["lora"][key] = {"a": t.a, "b": t.b}
+        extra = {}
+        for name in _VARIANT_ARRAYS:  # DoRA's magnitude, PiSSA/OLoRA's initial factors
+            x = getattr(t, name)
+            if x is not None:
+                tree["lora"][key][name] = x
+                extra[name] = {"shape": list(x.shape), "dtype": dtype_name(x.dtype)}
         meta["targets"].append(
             {
                 "key": key,
@@ -147,6 +163,8 @@ def _encode(adapter: Adapter) -> tuple[dict, dict]:
                 "a_dtype": dtype_name(t.a.dtype),
                 "b_shape": list(t.b.shape),
                 "b_dtype": dtype_name(t.b.dtype),
+                **({"arrays": extra} if extra else {}),
+                **({"init": t.init} if t.init is not None else {}),
             }
         )
     if adapter.params:
@@ -225,6 +243,9 @@ def _decode_records(meta: dict) -> tuple[Adapter, dict[int, str], dict[int, str]
             dropout=float(m.get("dropout", 0.0)),
             kind=m.get("kind", "linear"),
             torch=tuple(m["torch"]) if m.get("torch") is not None else None,
+            init=m.get("init"),
+            **{n: jax.ShapeDtypeStruct(tuple(v["shape"]), jnp.dtype(v["dtype"])) for n, v in m.get("arrays", {}).items()
+               if n in _VARIANT_ARRAYS},
         )
         targets.append(t)
         tkeys[id(t)] = m["key"]
@@ -247,6 +268,7 @@ def _stored_abstract(meta: dict) -> dict:
         tree["lora"][m["key"]] = {
             "a": jax.ShapeDtypeStruct(tuple(m["a_shape"]), jnp.dtype(m["a_dtype"])),
             "b": jax.ShapeDtypeStruct(tuple(m["b_shape"]), jnp.dtype(m["b_dtype"])),
+            **{n: jax.ShapeDtypeStruct(tuple(v["shape"]), jnp.dtype(v["dtype"])) for n, v in m.get("arrays", {}).items()},
         }
     if meta.get("params"):
         tree["params"] = {m["key"]: jax.ShapeDtypeStruct(tuple(m["shape"]), jnp.dtype(m["dtype"])) for m in meta["params"]}
@@ -339,6 +361,9 @@ def _restore(handler: ocp.StandardCheckpointHandler, directory: epath.Path, args
             target["lora"][k] = {
                 "a": jax.ShapeDtypeStruct(tuple(t.a.shape), t.a.dtype, sharding=a_sh),
                 "b": jax.ShapeDtypeStruct(tuple(t.b.shape), t.b.dtype, sharding=b_sh),
+                **{n: jax.ShapeDtypeStruct(tuple(getattr(t, n).shape), getattr(t, n).dtype,
+                                           sharding={"a0": a_sh, "b0": b_sh}.get(n, host))
+                   for n in _VARIANT_ARRAYS if getattr(t, n) is not None},
             }
     for pp in pps:
         for p, _ in pp.parts:
@@ -497,8 +522,9 @@ def read_adapter(path: Union[str, os.PathLike], *, verify: bool = True) -> Adapt
     if verify:
         _verify(restored, meta, str(d))
     for t in adapter.targets:
-        t.a = np.asarray(restored["lora"][tkeys[id(t)]]["a"])
-        t.b = np.asarray(restored["lora"][tkeys[id(t)]]["b"])
+        for name in ("a", "b") + _VARIANT_ARRAYS:
+            if name in ("a", "b") or getattr(t, name) is not None:
+                setattr(t, name, np.asarray(restored["lora"][tkeys[id(t)]][name]))
     for p in adapter.params:
         p.value = np.asarray(restored["params"][pkeys[id(p)]])
     return adapter

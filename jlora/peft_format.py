@@ -26,6 +26,7 @@ writes the tensors, and nothing is ever unpickled.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -52,6 +53,7 @@ from .records import (
 )
 from .config import LoraConfig
 from .integrity import json_digest, sha256_hex
+from .inits import is_residual_init
 from .targets import LayoutSpec
 
 __all__ = [
@@ -63,6 +65,7 @@ __all__ = [
     "read_peft_config",
     "write_peft",
     "peft_tensors",
+    "convert_to_lora_records",
 ]
 
 CONFIG_NAME = "adapter_config.json"
@@ -141,7 +144,15 @@ def peft_tensors(adapter: Adapter) -> dict[str, np.ndarray]:
                 names = (f"{PEFT_PREFIX}{module}.lora_embedding_A", f"{PEFT_PREFIX}{module}.lora_embedding_B")
             else:
                 names = (f"{PEFT_PREFIX}{module}.lora_A.weight", f"{PEFT_PREFIX}{module}.lora_B.weight")
-            for name, x in zip(names, (A, B)):
+            tensors = [(names[0], A), (names[1], B)]
+            if t.magnitude is not None:
+                # DoRA: no ".weight" suffix; (out,) for Linear/Embedding, (1, out, 1, ...) for ConvNd
+                m = _host(t.magnitude)
+                m = (m[i] if stacked else m).reshape(-1)
+                if t.kind == "conv":
+                    m = m.reshape((1, -1) + (1,) * (A.ndim - 2))
+                tensors.append((f"{PEFT_PREFIX}{module}.lora_magnitude_vector", np.ascontiguousarray(m)))
+            for name, x in tensors:
                 if name in out:
                     raise ValueError(f"two targets map to the PyTorch name {name!r}; pass name_map=")
                 out[name] = x
@@ -259,6 +270,11 @@ def peft_config_dict(
         cfg["bias"] = "none" if not biases else ("lora_only" if bias_modules <= targets else "all")
         mts = sorted({n.rsplit(".", 1)[0] for p in others for n in p.torch or ()})
         cfg["modules_to_save"] = mts or None
+        cfg["use_dora"] = any(t.magnitude is not None for t in adapter.targets)
+        inits = sorted({t.init for t in adapter.targets if t.init is not None})
+        if len(inits) > 1:
+            raise ValueError(f"the targets use different initialisations {inits}; pass config=")
+        cfg["init_lora_weights"] = inits[0] if inits else True
 
     def selects_exactly(c: dict) -> bool:
         if not all(peft_matches(c, t) for t in targets):
@@ -419,6 +435,54 @@ def _write_peft_files(d: Path, tensors: dict, adapter: Adapter, tag: str, base_m
                 raise
 
 
+def convert_to_lora_records(adapter: Adapter) -> Adapter:
+    """A PiSSA/OLoRA adapter as a plain LoRA adapter for the *original* base (PEFT's
+    ``path_initial_model_for_weight_conversion``), from the initial factors the records
+    carry::
+
+        A' = [A | A₀]   (in, 2r)      B' = [B; −B₀]   (2r, out)
+        s·A'·B' = s·A·B − s·A₀·B₀  so  W + s·A'·B' = W_res + s·A·B
+
+    Rank and alpha are doubled (``alpha·√2`` with rsLoRA; ``rank_pattern`` and
+    ``alpha_pattern`` too), so every scale is unchanged, and ``init_lora_weights`` becomes
+    ``True``. DoRA magnitudes and fully trained leaves (``modules_to_save``, biases) are
+    carried over (PEFT 0.21.2 drops them). Targets without a residual are kept as they are.
+    Raises ``ValueError`` for a residual target whose initial factors are not stored (an
+    adapter read from PEFT's files: load it on its base with :func:`load_peft` first).
+    """
+    cfg = dict(adapter.config) if adapter.config is not None else None
+    rslora = bool(cfg.get("use_rslora", False)) if cfg else False
+    grow = math.sqrt(2.0) if rslora else 2.0
+    targets = []
+    for t in adapter.targets:
+        if t.init is None:
+            targets.append(t)
+            continue
+        if t.a0 is None or t.b0 is None or t.layout is None:
+            raise ValueError(
+                f"{t.path or t.torch}: init_lora_weights={t.init!r} but the initial factors A0/B0 are not stored; "
+                "load the adapter on its base first (jlora.load_peft / jlora.load) and save the tree"
+            )
+        ns = t.layout.count("stack")
+        a = np.concatenate([np.asarray(t.a), np.asarray(t.a0, dtype=np.asarray(t.a).dtype)], axis=-1)
+        b = np.concatenate([np.asarray(t.b), -np.asarray(t.b0, dtype=np.asarray(t.b).dtype)], axis=ns)
+        targets.append(dataclasses.replace(
+            t, a=a, b=b, r=2 * t.r, alpha=alpha_from_scale(t.scale, 2 * t.r, rslora), init=None, a0=None, b0=None,
+        ))
+    if cfg is not None and any(t.init is not None for t in adapter.targets):
+        cfg["r"] = 2 * int(cfg["r"])
+        cfg["lora_alpha"] = _clean(cfg["lora_alpha"] * grow)
+        cfg["rank_pattern"] = {k: 2 * int(v) for k, v in (cfg.get("rank_pattern") or {}).items()}
+        cfg["alpha_pattern"] = {k: _clean(v * grow) for k, v in (cfg.get("alpha_pattern") or {}).items()}
+        cfg["init_lora_weights"] = True
+    return dataclasses.replace(adapter, targets=targets, config=cfg)
+
+
+def _clean(x: float) -> Union[int, float]:
+    r = round(x)
+    return int(r) if abs(x - r) <= 1e-9 * max(1.0, abs(x)) else float(x)
+
+
 def save_peft(
     directory: Union[str, os.PathLike],
     lp: Any,
@@ -428,6 +492,7 @@ def save_peft(
     prefix: Optional[str] = None,
     base_model_name_or_path: Optional[str] = None,
     task_type: Optional[str] = None,
+    convert_to_lora: bool = False,
 ) -> Path:
     """Writes a LoRA tree as a PEFT adapter: ``adapter_config.json`` +
     ``adapter_model.safetensors``, loadable by ``PeftModel.from_pretrained`` and by
@@ -461,12 +526,27 @@ def save_peft(
       prefix: module path prepended to every PyTorch name (e.g. ``"bert"`` to use an
         adapter trained on ``FlaxBertModel`` with ``BertForSequenceClassification``).
       base_model_name_or_path, task_type: written into the config (PEFT's keys).
+      convert_to_lora: for PiSSA/OLoRA trees (whose ``w`` is the residual ``W − s·A₀·B₀``):
+        write a plain LoRA adapter of rank ``2r`` that loads on the *original* base
+        (:func:`convert_to_lora`). Without it the files are what PEFT writes for such an
+        adapter (``init_lora_weights="pissa"``/``"olora"``...): PEFT and :func:`load_peft`
+        run the initialisation again on the original base, then load A and B (exact for
+        ``"pissa"`` and ``"olora"``; ``"pissa_niter_N"`` is randomised: PEFT's torch RNG
+        gives another residual, :func:`load_peft` reproduces it with the ``rng`` of
+        :func:`jlora.wrap`). Convert before sharing a ``pissa_niter_N`` adapter.
+
+    DoRA trees are written with ``lora_magnitude_vector`` (no ``.weight`` suffix; ``(out,)``,
+    ``(1, out, 1, ...)`` for convolutions) and ``"use_dora": true``.
 
     Example:
       >>> jlora.save_peft("out/adapter", lp, config=config, base_model_name_or_path="gpt2")  # doctest: +SKIP
       >>> # torch: PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained("gpt2"), "out/adapter")
     """
     adapter = adapter_from_tree(lp, config, name_map=name_map, prefix=prefix)
+    if convert_to_lora:
+        if adapter.config is None:
+            adapter = dataclasses.replace(adapter, config=peft_config_dict(adapter))
+        adapter = convert_to_lora_records(adapter)
     return write_peft(directory, adapter, base_model_name_or_path=base_model_name_or_path, task_type=task_type)
 
 
@@ -583,8 +663,12 @@ def read_peft(directory: Union[str, os.PathLike], *, verify: bool = True) -> Ada
     factors: dict[str, dict[str, np.ndarray]] = {}
     kinds: dict[str, str] = {}
     params: list[ParamRecord] = []
+    magnitudes: dict[str, np.ndarray] = {}
     for key, x in tensors.items():
         name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+        if name.endswith(".lora_magnitude_vector"):
+            magnitudes[name[: -len(".lora_magnitude_vector")]] = x
+            continue
         m = _LORA_RE.match(name)
         emb = _EMB_RE.match(name)
         if m or emb:
@@ -606,6 +690,12 @@ def read_peft(directory: Union[str, os.PathLike], *, verify: bool = True) -> Ada
         params.append(ParamRecord(path=None, value=x, torch=(name,), torch_layout=True))
     rslora = bool(config.use_rslora)
     targets: list[TargetRecord] = []
+    stray = sorted(set(magnitudes) - set(factors))
+    if stray:
+        raise ValueError(f"{path}: lora_magnitude_vector for module(s) {stray} without lora_A/lora_B")
+    if magnitudes and not config.use_dora:
+        raise ValueError(f"{path}: the file has DoRA magnitudes (lora_magnitude_vector) but {CONFIG_NAME} says "
+                         "use_dora=false")
     for module, ab in factors.items():
         if set(ab) != {"A", "B"}:
             missing = "B" if "A" in ab else "A"
@@ -619,10 +709,17 @@ def read_peft(directory: Union[str, os.PathLike], *, verify: bool = True) -> Ada
         if r_cfg != r:
             raise ValueError(f"{path}: {module}: lora_A has rank {r} but {CONFIG_NAME} gives r={r_cfg}")
         alpha = _pattern(dict(config.alpha_pattern), module, config.lora_alpha)
+        magnitude = magnitudes.get(module)
+        if config.use_dora and magnitude is None:
+            raise ValueError(f"{path}: {CONFIG_NAME} says use_dora=true but module {module!r} has no "
+                             "lora_magnitude_vector")
+        # PiSSA/OLoRA: PEFT initialises Linear/Conv1D layers from W (embeddings keep the default init)
+        init = config.init_lora_weights if is_residual_init(config.init_lora_weights) and kind != "embedding" else None
         targets.append(
             TargetRecord(
                 path=None, a=a, b=b, r=r, scale=config.scale_for(r, alpha), alpha=alpha, layout=None,
                 dropout=float(config.lora_dropout), kind=kind, torch=(module,),
+                magnitude=None if magnitude is None else np.ascontiguousarray(magnitude.reshape(-1)), init=init,
             )
         )
     if not targets and not params:
@@ -645,6 +742,7 @@ def load_peft(
     dtype: Any = None,
     shardings: ShardingSpec = None,
     verify: bool = True,
+    rng: Any = None,
 ) -> Any:
     """The LoRA tree of a PEFT adapter directory over the base ``params``.
 
@@ -676,6 +774,16 @@ def load_peft(
       dtype: dtype of A and B (default: as stored, usually float32).
       shardings: as in :func:`jlora.load`.
       verify: check jlora's checksums (``False`` skips it, e.g. for an edited config).
+      rng: for ``init_lora_weights="pissa_niter_N"`` adapters, the key given to
+        :func:`jlora.wrap` (default ``jax.random.key(0)``, wrap's default).
+
+    DoRA adapters (``use_dora``) come with their magnitudes. PiSSA/OLoRA adapters
+    (``init_lora_weights="pissa"``, ``"pissa_niter_N"``, ``"olora"``, not converted) are
+    loaded as PEFT loads them: on the *original* ``params`` the initialisation is run again
+    (SVD / randomised SVD / QR) to get the residual base and the initial factors (kept for
+    :func:`jlora.unload` and conversion), then the trained A and B replace the initial
+    ones. This is exact for ``"pissa"`` and ``"olora"``; ``"pissa_niter_N"`` reproduces
+    the trained model only with the same ``rng`` (PEFT's reload never does).
 
     Example:
       >>> lp = jlora.load_peft("my-peft-adapter", model.params)          # doctest: +SKIP
@@ -684,5 +792,5 @@ def load_peft(
     adapter = read_peft(directory, verify=verify)
     return tree_from_adapter(
         adapter, params, layouts=layouts, name_map=name_map, prefix=prefix, strict=False,
-        shardings=shardings, dtype=dtype,
+        shardings=shardings, dtype=dtype, rng=rng,
     )
