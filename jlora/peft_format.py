@@ -38,13 +38,14 @@ from typing import Any, Optional, Union
 
 import numpy as np
 
-from . import hf
-from .checkpoint import (
+from . import name_maps
+from .atomic import replace_directory, temp_sibling
+from .atomic import recover_interrupted_save
+from .records import (
     Adapter,
     ParamRecord,
     ShardingSpec,
     TargetRecord,
-    recover_interrupted_save,
     adapter_from_tree,
     alpha_from_scale,
     tree_from_adapter,
@@ -124,7 +125,11 @@ def peft_tensors(adapter: Adapter) -> dict[str, np.ndarray]:
             raise ValueError(f"{t.path}: only one stack axis maps to PyTorch layers, layout {t.layout}")
         n_layers = a.shape[0] if stacked else 1
         if len(t.torch) != n_layers:
-            raise ValueError(f"{t.path}: {n_layers} layer(s) but {len(t.torch)} PyTorch name(s) {t.torch}")
+            hint = (
+                f"; the kernel holds {len(t.torch)} PyTorch modules along its first axis: wrap it with a 'stack' "
+                "first axis (e.g. layouts={'kv_einsum': ('stack', 'out', 'in', 'out')})" if not stacked else ""
+            )
+            raise ValueError(f"{t.path}: {n_layers} layer(s) but {len(t.torch)} PyTorch name(s) {t.torch}{hint}")
         for i, module in enumerate(t.torch):
             A, B = to_torch(a[i] if stacked else a, b[i] if stacked else b, t.kind)
             if t.kind == "embedding":
@@ -141,10 +146,11 @@ def peft_tensors(adapter: Adapter) -> dict[str, np.ndarray]:
             raise ValueError(f"{p.path}: no PyTorch name for this parameter; pass name_map=")
         v = _host(p.value)
         names = p.path.split("/") if p.path else None
-        for i, tname in enumerate(p.torch):
-            x = v[i] if len(p.torch) > 1 else v
-            if not p.torch_layout and names is not None:
-                x = hf.param_to_torch(names, x)
+        if not p.torch_layout and names is not None:
+            xs = name_maps.record_param_to_torch(names, v, len(p.torch), adapter.name_map)
+        else:
+            xs = [v[i] if len(p.torch) > 1 else v for i in range(len(p.torch))]
+        for tname, x in zip(p.torch, xs):
             module, leaf = tname.rsplit(".", 1) if "." in tname else ("", tname)
             if module in target_modules:
                 tname = f"{module}.base_layer.{leaf}"
@@ -326,7 +332,7 @@ def write_peft(
         # rename it into place (the old one is moved aside first; readers recover it if a
         # kill lands between the two renames).
         d.parent.mkdir(parents=True, exist_ok=True)
-        tmp = d.parent / f".{d.name}.jlora-tmp-{tag}"
+        tmp = temp_sibling(d, tag)
         tmp.mkdir()
         try:
             for name, data in files.items():
@@ -334,15 +340,7 @@ def write_peft(
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        if d.exists():
-            old = d.parent / f".{d.name}.jlora-old-{tag}"
-            os.rename(d, old)
-            os.rename(tmp, d)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, d)
-        for stale in list(d.parent.glob(f".{d.name}.jlora-old-*")) + list(d.parent.glob(f".{d.name}.jlora-tmp-*")):
-            shutil.rmtree(stale, ignore_errors=True)
+        replace_directory(tmp, d, tag)
     else:
         # Other files live here (a README, a tokenizer): replace our two files one by one,
         # atomically each, weights first.
@@ -362,7 +360,7 @@ def save_peft(
     lp: Any,
     *,
     config: Optional[LoraConfig] = None,
-    name_map: hf.NameMap = None,
+    name_map: name_maps.NameMapSpec = None,
     prefix: Optional[str] = None,
     base_model_name_or_path: Optional[str] = None,
     task_type: Optional[str] = None,
@@ -373,8 +371,9 @@ def save_peft(
 
     Tensor names are ``base_model.model.<torch module>.lora_A.weight`` (r, in) and
     ``...lora_B.weight`` (out, r) (``lora_embedding_A/B`` for embeddings), with PyTorch
-    module names derived from the Flax paths by :mod:`jlora.hf` (transformers' rules);
-    ``Trainable`` leaves are written under their PyTorch names and layouts. The scale is
+    module names derived from the tree's paths by a name map (:mod:`jlora.name_maps`:
+    recognised from the paths for NNX Qwen3 / Llama 3 / Gemma 3 trees, transformers'
+    rules for Hugging Face Flax models); ``Trainable`` leaves are written under their PyTorch names and layouts. The scale is
     carried as ``lora_alpha``/``alpha_pattern`` so PEFT computes the same ``s``.
 
     Args:
@@ -383,8 +382,10 @@ def save_peft(
       lp: the LoRA tree.
       config: the :class:`LoraConfig` used to wrap (without it one is reconstructed from
         the tree: ranks, alphas, target names).
-      name_map: ``{flax module path: torch module path}`` or a function, for models
-        whose PyTorch names differ from their Flax paths.
+      name_map: which name map gives the PyTorch names (see :func:`jlora.name_maps.for_tree`):
+        ``None`` (recognised from the paths), ``"hf"``, ``"qwen3"``, ``"llama3"``,
+        ``"gemma3"``, a :class:`jlora.name_maps.FamilyMap`, or overrides
+        ``{module path: torch module path}`` / a function of the module path.
       prefix: module path prepended to every PyTorch name (e.g. ``"bert"`` to use an
         adapter trained on ``FlaxBertModel`` with ``BertForSequenceClassification``).
       base_model_name_or_path, task_type: written into the config (PEFT's keys).
@@ -525,7 +526,7 @@ def load_peft(
     directory: Union[str, os.PathLike],
     params: Any,
     *,
-    name_map: hf.NameMap = None,
+    name_map: name_maps.NameMapSpec = None,
     prefix: Optional[str] = None,
     layouts: LayoutSpec = None,
     dtype: Any = None,

@@ -1026,21 +1026,29 @@ def _flatten_vals(vals: Sequence[Any]):
 
 
 def _rule_remat(eqn, invals, ctx):
-    """``jax.checkpoint`` / ``nn.remat``: re-applied around the interpreted body with the
-    same ``policy`` and ``prevent_cse``; the dropout key is an argument, so the
-    recomputation draws the same masks."""
+    """``jax.checkpoint`` / ``nn.remat`` / ``nnx.remat``: re-applied around the interpreted
+    body with the same ``policy`` and ``prevent_cse``; the dropout key is an argument, so
+    the recomputation draws the same masks. LoRA values returned by the body stay
+    factored (``nnx.remat`` returns the module's state)."""
     p = eqn.params
     jaxpr, consts = _open(p["jaxpr"])
     flat, rebuild = _flatten_vals(invals)
     has_key = ctx.key is not None
+    out_rebuild: list[Callable] = []
 
     def body(key, *arrays):
         sub = ctx.child(key if has_key else None)
-        return eval_jaxpr(jaxpr, consts, rebuild(arrays), sub)
+        # LoRA values the body returns (an NNX module's state going in and out of
+        # nnx.remat) leave factored, as W and its factors, and are rebuilt outside.
+        outs = eval_jaxpr(jaxpr, consts, rebuild(arrays), sub, materialize_out=False)
+        out_flat, out_rb = _flatten_vals(outs)
+        out_rebuild.append(out_rb)
+        return out_flat
 
     key = ctx.next_key() if has_key else jnp.zeros((), jnp.uint32)
     fn = jax.checkpoint(body, prevent_cse=p.get("prevent_cse", True), policy=p.get("policy"))
-    return fn(key, *flat)
+    out = fn(key, *flat)
+    return out_rebuild[-1](out)
 
 
 def _rule_cond(eqn, invals, ctx):

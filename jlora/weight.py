@@ -1,24 +1,27 @@
 """`LoraWeight`, the pytree node that carries a kernel and its LoRA factors.
 
 A kernel ``W`` of any rank is described by its *layout*: a role for each of its axes,
-``"stack"`` (a leading layer axis from ``nn.scan``/stacked layers), ``"in"`` (contracted
-with the input) or ``"out"`` (an output feature axis). The factors are stored in a
-canonical shape whatever the kernel's layout::
+``"stack"`` (a layer axis from ``nn.scan``/stacked layers, or any axis along which the
+kernel holds independent matrices, at any position), ``"in"`` (contracted with the
+input) or ``"out"`` (an output feature axis). The factors are stored in a canonical
+shape whatever the kernel's layout, the stack axes first, in their kernel order::
 
     A: (*stack, *in, r)      B: (*stack, r, *out)
     ΔW[stack, in, out] = Σ_k A[stack, in, k] · B[stack, k, out]
 
 and ``ΔW`` is then permuted into ``W``'s axis order. Examples of layouts:
 
-=========================================  ==========================
-Flax ``Dense`` kernel (in, out)            ``("in", "out")``
-HF GPT-2 ``FlaxConv1D`` kernel (out, in)   ``("out", "in")``
-``DenseGeneral`` (embed, heads, head_dim)  ``("in", "out", "out")``
-``DenseGeneral`` (heads, head_dim, embed)  ``("in", "in", "out")``
-``nn.scan``-stacked Dense (layers, in, out)  ``("stack", "in", "out")``
-``Conv`` kernel (h, w, in, out)            ``("in", "in", "in", "out")``
-``Embed`` table (vocab, features)          ``("in", "out")``
-=========================================  ==========================
+==================================================  =================================
+Flax ``Dense`` kernel (in, out)                     ``("in", "out")``
+HF GPT-2 ``FlaxConv1D`` kernel (out, in)            ``("out", "in")``
+``DenseGeneral`` (embed, heads, head_dim)           ``("in", "out", "out")``
+``DenseGeneral`` (heads, head_dim, embed)           ``("in", "in", "out")``
+``nn.scan``-stacked Dense (layers, in, out)         ``("stack", "in", "out")``
+MaxText stack, scan axis 1 (in, layers, out)        ``("in", "stack", "out")``
+Gemma ``kv_einsum`` (2, kv_heads, embed, head_dim)  ``("stack", "out", "in", "out")``
+``Conv`` kernel (h, w, in, out)                     ``("in", "in", "in", "out")``
+``Embed`` table (vocab, features)                   ``("in", "out")``
+==================================================  =================================
 """
 
 from __future__ import annotations
@@ -67,9 +70,6 @@ class KernelLayout:
             raise ValueError(f"KernelLayout{roles}: unknown roles {bad}; valid roles are {_ROLES}")
         if "in" not in roles or "out" not in roles:
             raise ValueError(f"KernelLayout{roles}: needs at least one 'in' and one 'out' axis")
-        n_stack = roles.count("stack")
-        if roles[:n_stack] != ("stack",) * n_stack:
-            raise ValueError(f"KernelLayout{roles}: 'stack' axes must lead")
 
     @property
     def stack_axes(self) -> tuple[int, ...]:

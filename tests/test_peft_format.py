@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import jlora  # noqa: E402
 from jlora import hf  # noqa: E402
-from jlora.checkpoint import adapter_from_tree  # noqa: E402
+from jlora.records import adapter_from_tree  # noqa: E402
 from jlora.peft_format import peft_tensors, read_peft  # noqa: E402
 
 torch = pytest.importorskip("torch")
