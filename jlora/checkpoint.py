@@ -192,6 +192,8 @@ def _encode(adapter: Adapter) -> tuple[dict, dict]:
     for m in meta["targets"]:
         m["a_checksum"] = sums["lora"][m["key"]]["a"]
         m["b_checksum"] = sums["lora"][m["key"]]["b"]
+        for name, info in m.get("arrays", {}).items():  # DoRA's magnitude, PiSSA/OLoRA's A0/B0
+            info["checksum"] = sums["lora"][m["key"]][name]
     for m in meta["params"]:
         m["checksum"] = sums["params"][m["key"]]
     meta["checksum_algorithm"] = ARRAY_ALGORITHM
@@ -329,6 +331,10 @@ def _verify(restored: dict, meta: dict, where: str) -> None:
         for name in ("a", "b"):
             expected.append((f"factor {name.upper()} of target {m.get('path') or m.get('torch')} "
                              f"(Orbax key lora/{m['key']}/{name})", m.get(f"{name}_checksum"), None))
+            arrays.append(restored["lora"][m["key"]][name])
+        for name, info in m.get("arrays", {}).items():
+            expected.append((f"{name} of target {m.get('path') or m.get('torch')} (Orbax key lora/{m['key']}/{name})",
+                             info.get("checksum"), None))
             arrays.append(restored["lora"][m["key"]][name])
     for m in meta.get("params", []):
         expected.append((f"trained parameter {m.get('path') or m.get('torch')} (Orbax key params/{m['key']})",

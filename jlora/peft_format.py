@@ -120,10 +120,16 @@ def peft_tensors(adapter: Adapter) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     target_modules: set[str] = set()
     # all factors whole on this process, one collective for all of them when sharded
-    hosted = distributed.gather_to_host([x for t in adapter.targets for x in (t.a, t.b)] + [p.value for p in adapter.params])
+    dora = [t for t in adapter.targets if t.magnitude is not None]
+    hosted = distributed.gather_to_host(
+        [x for t in adapter.targets for x in (t.a, t.b)] + [p.value for p in adapter.params]
+        + [t.magnitude for t in dora]
+    )
     host_a = {id(t): hosted[2 * i] for i, t in enumerate(adapter.targets)}
     host_b = {id(t): hosted[2 * i + 1] for i, t in enumerate(adapter.targets)}
-    host_v = {id(p): hosted[2 * len(adapter.targets) + i] for i, p in enumerate(adapter.params)}
+    n_ab = 2 * len(adapter.targets)
+    host_v = {id(p): hosted[n_ab + i] for i, p in enumerate(adapter.params)}
+    host_m = {id(t): hosted[n_ab + len(adapter.params) + i] for i, t in enumerate(dora)}
     for t in adapter.targets:
         if not t.torch:
             raise ValueError(f"{t.path}: no PyTorch module name for this target; pass name_map=")
@@ -147,7 +153,7 @@ def peft_tensors(adapter: Adapter) -> dict[str, np.ndarray]:
             tensors = [(names[0], A), (names[1], B)]
             if t.magnitude is not None:
                 # DoRA: no ".weight" suffix; (out,) for Linear/Embedding, (1, out, 1, ...) for ConvNd
-                m = _host(t.magnitude)
+                m = host_m[id(t)]
                 m = (m[i] if stacked else m).reshape(-1)
                 if t.kind == "conv":
                     m = m.reshape((1, -1) + (1,) * (A.ndim - 2))
