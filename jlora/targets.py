@@ -548,10 +548,13 @@ def plan_targets(
         kinds = {e.index: _kernel_kind(e, uses, explicit=not all_linear) for e in leaves}
         kernels = [e for e in leaves if kinds[e.index]]
         if all_linear:
-            if uses is None:
-                kernels = [e for e in kernels if e.name in ("kernel", "w", "weight")]
-            else:
-                kernels = [e for e in kernels if kinds[e.index] == "linear"]
+            def linear(e: LeafEntry) -> bool:
+                u = used_as_kernel(e)
+                if u is not None:
+                    return u.kind == "linear" or (u.kind is None and any(x.problem for x in u.uses))
+                return e.name in ("kernel", "w", "weight")
+
+            kernels = [e for e in kernels if linear(e)]
         if not kernels:
             if not all_linear:
                 matched_without_kernel.append(f"{key} (leaves: {', '.join(e.name for e in leaves)})")
