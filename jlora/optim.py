@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from .weight import MultiLoraWeight, Trainable, is_lora_weight, is_trainable
@@ -56,7 +57,20 @@ def optimizer(tx: optax.GradientTransformation) -> optax.GradientTransformation:
       >>> updates, state = tx.update(grads, state, lp)     # doctest: +SKIP
       >>> lp = optax.apply_updates(lp, updates)            # doctest: +SKIP
     """
-    return optax.multi_transform({TRAINABLE: tx, FROZEN: optax.set_to_zero()}, trainable_labels)
+    return optax.multi_transform({TRAINABLE: tx, FROZEN: _frozen()}, trainable_labels)
+
+
+def _frozen() -> optax.GradientTransformation:
+    """``optax.set_to_zero()``, except that the ``float0`` gradient of an integer leaf (the
+    codes of a quantized base, with ``jax.grad(..., allow_int=True)``) becomes an integer
+    zero, so that ``optax.apply_updates`` leaves the codes as they are."""
+
+    def update(updates, state, params=None):
+        del params
+        zero = lambda u: jnp.zeros(u.shape, jnp.uint8) if u.dtype == jax.dtypes.float0 else jnp.zeros_like(u)  # noqa: E731
+        return jax.tree_util.tree_map(zero, updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
 def partition(lp: Any) -> tuple[Any, Any]:

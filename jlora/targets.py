@@ -17,6 +17,7 @@ from typing import Any, Optional, Union
 import jax
 
 from .config import LoraConfig
+from .quantization import is_quantized
 from .weight import KernelLayout, is_lora_node
 
 __all__ = [
@@ -104,7 +105,8 @@ class Plan:
 
 def flatten_params(params: Any) -> tuple[list[LeafEntry], Any]:
     """Flattens ``params`` (dict, FrozenDict, ``nnx.State``, HF ``model.params``)."""
-    flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_lora_node)
+    # a jlora.QuantizedArray (a quantized kernel) is one leaf, of the kernel's shape
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: is_lora_node(x) or is_quantized(x))
     entries = [LeafEntry(i, path_names(p), leaf) for i, (p, leaf) in enumerate(flat)]
     for e in entries:
         if is_lora_node(e.leaf):
@@ -339,7 +341,8 @@ def plan_targets(entries: Sequence[LeafEntry], config: LoraConfig, layouts: Layo
                 if all_linear:
                     continue
                 raise ValueError(f"{e.path}: kernel of shape {tuple(e.leaf.shape)} has fewer than 2 axes")
-            layout = user_layout(layouts, e) or infer_layout(e, facts)
+            # a quantized kernel knows its layout (jlora.quantize inferred or was told it)
+            layout = user_layout(layouts, e) or (e.leaf.layout if is_quantized(e.leaf) else infer_layout(e, facts))
             try:
                 KernelLayout(layout).factor_shapes(tuple(e.leaf.shape), 1)  # validates length
             except ValueError as err:
