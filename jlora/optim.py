@@ -121,7 +121,7 @@ def _full_updates(params: Any, updates: dict[str, Any]) -> Any:
 
     flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_node)
     # zeros for every array under a frozen child (a QuantizedArray base holds several)
-    zero = lambda v: None if v is None else jax.tree_util.tree_map(jnp.zeros_like, v)  # noqa: E731
+    zero = lambda v: None if v is None else jax.tree_util.tree_map(_zero_update, v)  # noqa: E731
     leaves = []
     for path, x in flat:
         name = "/".join(path_names(path))
@@ -196,6 +196,13 @@ def nnx_trainable(path: Any, x: Any) -> bool:
     """
     del path
     return isinstance(_unwrap_variable(x), (LoraWeight, MultiLoraWeight, Trainable))
+
+
+def _zero_update(u: Any) -> Any:
+    """A zero update like ``u``; for the ``float0`` gradient of an integer leaf (the codes of
+    a quantized base, with ``jax.grad(..., allow_int=True)``) an integer zero, so that
+    ``optax.apply_updates`` leaves the codes as they are."""
+    return jnp.zeros(u.shape, jnp.uint8) if u.dtype == jax.dtypes.float0 else jnp.zeros_like(u)
 
 
 def partition(lp: Any) -> tuple[Any, Any]:
