@@ -19,10 +19,18 @@ the base model, is JSON in the checkpoint's ``custom_metadata``::
                   "a_shape": [768, 8], "a_dtype": "float32", "b_shape": [8, 2304], "b_dtype": "float32"}, ...],
      "params": [{"key": "p0000", "path": ".../bias", "shape": [...], "dtype": "...",
                  "torch": ["..."], "torch_layout": false}, ...],
-     "torch_modules": [every kernel module of the base, by PyTorch name]}
+     "torch_modules": [every kernel module of the base, by PyTorch name],
+     "name_map": "hf" | "qwen3" | "llama3" | "gemma3" | ...}   # the map that gave the names
+
+Variants add, per target, arrays next to ``a``/``b`` (``"magnitude"``: DoRA's ``m``;
+``"a0"``/``"b0"``: the initial factors of PiSSA/OLoRA, so that loading rebuilds the
+residual base ``W − s·a0·b0`` exactly, ``pissa_niter_N`` included, without running the
+SVD again), described in the target's metadata as ``"arrays": {name: {"shape",
+"dtype"}}``, and ``"init": "pissa" | "pissa_niter_N" | "olora"``.
 
 ``path`` is the Flax leaf path; ``torch`` the PyTorch module name(s) (one per layer for
-stacked kernels; see :mod:`jlora.hf`); ``layout`` may be ``null`` for adapters converted
+stacked kernels, or per slice of a kernel that holds several modules; see
+:mod:`jlora.name_maps`); ``layout`` may be ``null`` for adapters converted
 from PEFT without a base model, in which case ``A`` is stored (in_features, r) and ``B``
 (r, out_features) and both are reshaped to the base kernel's layout on load.
 
@@ -62,7 +70,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from . import distributed, hf
+from . import distributed, name_maps
 from .atomic import recover_interrupted_save as _recover, replace_directory, temp_sibling
 from .config import LoraConfig
 from .integrity import ARRAY_ALGORITHM, array_checksums, json_digest
@@ -105,6 +113,15 @@ VERSION = 1
 # Orbax encoding
 
 
+# optional per-target arrays, stored next to "a" and "b" when present
+_VARIANT_ARRAYS = ("magnitude", "a0", "b0")
+
+
+def _map_name(source: Any) -> Optional[str]:
+    name = source if isinstance(source, str) else getattr(source, "name", None)
+    return name if isinstance(name, str) else None
+
+
 def _encode(adapter: Adapter) -> tuple[dict, dict]:
     tree: dict[str, Any] = {"lora": {}}
     meta: dict[str, Any] = {
@@ -114,6 +131,7 @@ def _encode(adapter: Adapter) -> tuple[dict, dict]:
         "targets": [],
         "params": [],
         "torch_modules": adapter.torch_modules,
+        "name_map": _map_name(adapter.name_map),
     }
     for i, t in enumerate(adapter.targets):
         key = f"t{i:04d}"
@@ -122,6 +140,12 @@ def _encode(adapter: Adapter) -> tuple[dict, dict]:
             if not isinstance(x, (jax.Array, np.ndarray)):
                 raise TypeError(f"{t.path}: {name.upper()} is {type(x).__name__}, expected an array")
         tree["lora"][key] = {"a": t.a, "b": t.b}
+        extra = {}
+        for name in _VARIANT_ARRAYS:  # DoRA's magnitude, PiSSA/OLoRA's initial factors
+            x = getattr(t, name)
+            if x is not None:
+                tree["lora"][key][name] = x
+                extra[name] = {"shape": list(x.shape), "dtype": dtype_name(x.dtype)}
         meta["targets"].append(
             {
                 "key": key,
@@ -139,6 +163,8 @@ def _encode(adapter: Adapter) -> tuple[dict, dict]:
                 "a_dtype": dtype_name(t.a.dtype),
                 "b_shape": list(t.b.shape),
                 "b_dtype": dtype_name(t.b.dtype),
+                **({"arrays": extra} if extra else {}),
+                **({"init": t.init} if t.init is not None else {}),
             }
         )
     if adapter.params:
@@ -166,6 +192,8 @@ def _encode(adapter: Adapter) -> tuple[dict, dict]:
     for m in meta["targets"]:
         m["a_checksum"] = sums["lora"][m["key"]]["a"]
         m["b_checksum"] = sums["lora"][m["key"]]["b"]
+        for name, info in m.get("arrays", {}).items():  # DoRA's magnitude, PiSSA/OLoRA's A0/B0
+            info["checksum"] = sums["lora"][m["key"]][name]
     for m in meta["params"]:
         m["checksum"] = sums["params"][m["key"]]
     meta["checksum_algorithm"] = ARRAY_ALGORITHM
@@ -217,6 +245,9 @@ def _decode_records(meta: dict) -> tuple[Adapter, dict[int, str], dict[int, str]
             dropout=float(m.get("dropout", 0.0)),
             kind=m.get("kind", "linear"),
             torch=tuple(m["torch"]) if m.get("torch") is not None else None,
+            init=m.get("init"),
+            **{n: jax.ShapeDtypeStruct(tuple(v["shape"]), jnp.dtype(v["dtype"])) for n, v in m.get("arrays", {}).items()
+               if n in _VARIANT_ARRAYS},
         )
         targets.append(t)
         tkeys[id(t)] = m["key"]
@@ -229,7 +260,8 @@ def _decode_records(meta: dict) -> tuple[Adapter, dict[int, str], dict[int, str]
         )
         params.append(p)
         pkeys[id(p)] = m["key"]
-    return Adapter(targets, params, meta.get("config"), meta.get("torch_modules")), tkeys, pkeys
+    adapter = Adapter(targets, params, meta.get("config"), meta.get("torch_modules"), meta.get("name_map"))
+    return adapter, tkeys, pkeys
 
 
 def _stored_abstract(meta: dict) -> dict:
@@ -238,6 +270,7 @@ def _stored_abstract(meta: dict) -> dict:
         tree["lora"][m["key"]] = {
             "a": jax.ShapeDtypeStruct(tuple(m["a_shape"]), jnp.dtype(m["a_dtype"])),
             "b": jax.ShapeDtypeStruct(tuple(m["b_shape"]), jnp.dtype(m["b_dtype"])),
+            **{n: jax.ShapeDtypeStruct(tuple(v["shape"]), jnp.dtype(v["dtype"])) for n, v in m.get("arrays", {}).items()},
         }
     if meta.get("params"):
         tree["params"] = {m["key"]: jax.ShapeDtypeStruct(tuple(m["shape"]), jnp.dtype(m["dtype"])) for m in meta["params"]}
@@ -299,6 +332,10 @@ def _verify(restored: dict, meta: dict, where: str) -> None:
             expected.append((f"factor {name.upper()} of target {m.get('path') or m.get('torch')} "
                              f"(Orbax key lora/{m['key']}/{name})", m.get(f"{name}_checksum"), None))
             arrays.append(restored["lora"][m["key"]][name])
+        for name, info in m.get("arrays", {}).items():
+            expected.append((f"{name} of target {m.get('path') or m.get('torch')} (Orbax key lora/{m['key']}/{name})",
+                             info.get("checksum"), None))
+            arrays.append(restored["lora"][m["key"]][name])
     for m in meta.get("params", []):
         expected.append((f"trained parameter {m.get('path') or m.get('torch')} (Orbax key params/{m['key']})",
                          m.get("checksum"), None))
@@ -330,6 +367,9 @@ def _restore(handler: ocp.StandardCheckpointHandler, directory: epath.Path, args
             target["lora"][k] = {
                 "a": jax.ShapeDtypeStruct(tuple(t.a.shape), t.a.dtype, sharding=a_sh),
                 "b": jax.ShapeDtypeStruct(tuple(t.b.shape), t.b.dtype, sharding=b_sh),
+                **{n: jax.ShapeDtypeStruct(tuple(getattr(t, n).shape), getattr(t, n).dtype,
+                                           sharding={"a0": a_sh, "b0": b_sh}.get(n, host))
+                   for n in _VARIANT_ARRAYS if getattr(t, n) is not None},
             }
     for pp in pps:
         for p, _ in pp.parts:
@@ -389,7 +429,7 @@ class AdapterSave(ocp.args.CheckpointArgs):
 
     lp: Any
     config: Optional[LoraConfig] = None
-    name_map: hf.NameMap = None
+    name_map: name_maps.NameMapSpec = None
     prefix: Optional[str] = None
 
 
@@ -409,7 +449,7 @@ class AdapterRestore(ocp.args.CheckpointArgs):
     strict: bool = True
     dtype: Any = None
     layouts: LayoutSpec = None
-    name_map: hf.NameMap = None
+    name_map: name_maps.NameMapSpec = None
     prefix: Optional[str] = None
     verify: bool = True
 
@@ -488,8 +528,9 @@ def read_adapter(path: Union[str, os.PathLike], *, verify: bool = True) -> Adapt
     if verify:
         _verify(restored, meta, str(d))
     for t in adapter.targets:
-        t.a = np.asarray(restored["lora"][tkeys[id(t)]]["a"])
-        t.b = np.asarray(restored["lora"][tkeys[id(t)]]["b"])
+        for name in ("a", "b") + _VARIANT_ARRAYS:
+            if name in ("a", "b") or getattr(t, name) is not None:
+                setattr(t, name, np.asarray(restored["lora"][tkeys[id(t)]][name]))
     for p in adapter.params:
         p.value = np.asarray(restored["params"][pkeys[id(p)]])
     return adapter
@@ -531,7 +572,7 @@ def save(
     lp: Any,
     *,
     config: Optional[LoraConfig] = None,
-    name_map: hf.NameMap = None,
+    name_map: name_maps.NameMapSpec = None,
     prefix: Optional[str] = None,
     overwrite: bool = True,
 ) -> Path:
@@ -551,7 +592,9 @@ def save(
       lp: the LoRA tree (from :func:`jlora.wrap`).
       config: the :class:`LoraConfig` used to wrap; stored for :func:`jlora.save_peft` /
         ``jlora convert``.
-      name_map, prefix: PyTorch naming overrides (see :class:`jlora.hf.TorchNames`).
+      name_map, prefix: which name map gives the PyTorch names (``None``: recognised
+        from the paths; see :func:`jlora.name_maps.for_tree`), and a module path
+        prepended to them.
 
     Example:
       >>> jlora.save("ckpt/adapter", lp, config=config)          # doctest: +SKIP
@@ -571,7 +614,7 @@ def load(
     strict: bool = True,
     dtype: Any = None,
     layouts: LayoutSpec = None,
-    name_map: hf.NameMap = None,
+    name_map: name_maps.NameMapSpec = None,
     prefix: Optional[str] = None,
     verify: bool = True,
 ) -> Any:

@@ -26,6 +26,7 @@ writes the tensors, and nothing is ever unpickled.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -38,7 +39,7 @@ from typing import Any, Optional, Union
 
 import numpy as np
 
-from . import distributed, hf
+from . import distributed, name_maps
 from .atomic import replace_directory, temp_sibling
 from .atomic import recover_interrupted_save
 from .records import (
@@ -52,6 +53,7 @@ from .records import (
 )
 from .config import LoraConfig
 from .integrity import json_digest, sha256_hex
+from .inits import is_residual_init
 from .targets import LayoutSpec
 
 __all__ = [
@@ -63,6 +65,7 @@ __all__ = [
     "read_peft_config",
     "write_peft",
     "peft_tensors",
+    "convert_to_lora_records",
 ]
 
 CONFIG_NAME = "adapter_config.json"
@@ -117,10 +120,16 @@ def peft_tensors(adapter: Adapter) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     target_modules: set[str] = set()
     # all factors whole on this process, one collective for all of them when sharded
-    hosted = distributed.gather_to_host([x for t in adapter.targets for x in (t.a, t.b)] + [p.value for p in adapter.params])
+    dora = [t for t in adapter.targets if t.magnitude is not None]
+    hosted = distributed.gather_to_host(
+        [x for t in adapter.targets for x in (t.a, t.b)] + [p.value for p in adapter.params]
+        + [t.magnitude for t in dora]
+    )
     host_a = {id(t): hosted[2 * i] for i, t in enumerate(adapter.targets)}
     host_b = {id(t): hosted[2 * i + 1] for i, t in enumerate(adapter.targets)}
-    host_v = {id(p): hosted[2 * len(adapter.targets) + i] for i, p in enumerate(adapter.params)}
+    n_ab = 2 * len(adapter.targets)
+    host_v = {id(p): hosted[n_ab + i] for i, p in enumerate(adapter.params)}
+    host_m = {id(t): hosted[n_ab + len(adapter.params) + i] for i, t in enumerate(dora)}
     for t in adapter.targets:
         if not t.torch:
             raise ValueError(f"{t.path}: no PyTorch module name for this target; pass name_map=")
@@ -130,14 +139,26 @@ def peft_tensors(adapter: Adapter) -> dict[str, np.ndarray]:
             raise ValueError(f"{t.path}: only one stack axis maps to PyTorch layers, layout {t.layout}")
         n_layers = a.shape[0] if stacked else 1
         if len(t.torch) != n_layers:
-            raise ValueError(f"{t.path}: {n_layers} layer(s) but {len(t.torch)} PyTorch name(s) {t.torch}")
+            hint = (
+                f"; the kernel holds {len(t.torch)} PyTorch modules along its first axis: wrap it with a 'stack' "
+                "first axis (e.g. layouts={'kv_einsum': ('stack', 'out', 'in', 'out')})" if not stacked else ""
+            )
+            raise ValueError(f"{t.path}: {n_layers} layer(s) but {len(t.torch)} PyTorch name(s) {t.torch}{hint}")
         for i, module in enumerate(t.torch):
             A, B = to_torch(a[i] if stacked else a, b[i] if stacked else b, t.kind)
             if t.kind == "embedding":
                 names = (f"{PEFT_PREFIX}{module}.lora_embedding_A", f"{PEFT_PREFIX}{module}.lora_embedding_B")
             else:
                 names = (f"{PEFT_PREFIX}{module}.lora_A.weight", f"{PEFT_PREFIX}{module}.lora_B.weight")
-            for name, x in zip(names, (A, B)):
+            tensors = [(names[0], A), (names[1], B)]
+            if t.magnitude is not None:
+                # DoRA: no ".weight" suffix; (out,) for Linear/Embedding, (1, out, 1, ...) for ConvNd
+                m = host_m[id(t)]
+                m = (m[i] if stacked else m).reshape(-1)
+                if t.kind == "conv":
+                    m = m.reshape((1, -1) + (1,) * (A.ndim - 2))
+                tensors.append((f"{PEFT_PREFIX}{module}.lora_magnitude_vector", np.ascontiguousarray(m)))
+            for name, x in tensors:
                 if name in out:
                     raise ValueError(f"two targets map to the PyTorch name {name!r}; pass name_map=")
                 out[name] = x
@@ -147,10 +168,11 @@ def peft_tensors(adapter: Adapter) -> dict[str, np.ndarray]:
             raise ValueError(f"{p.path}: no PyTorch name for this parameter; pass name_map=")
         v = host_v[id(p)]
         names = p.path.split("/") if p.path else None
-        for i, tname in enumerate(p.torch):
-            x = v[i] if len(p.torch) > 1 else v
-            if not p.torch_layout and names is not None:
-                x = hf.param_to_torch(names, x)
+        if not p.torch_layout and names is not None:
+            xs = name_maps.record_param_to_torch(names, v, len(p.torch), adapter.name_map)
+        else:
+            xs = [v[i] if len(p.torch) > 1 else v for i in range(len(p.torch))]
+        for tname, x in zip(p.torch, xs):
             module, leaf = tname.rsplit(".", 1) if "." in tname else ("", tname)
             if module in target_modules:
                 tname = f"{module}.base_layer.{leaf}"
@@ -254,11 +276,24 @@ def peft_config_dict(
         cfg["bias"] = "none" if not biases else ("lora_only" if bias_modules <= targets else "all")
         mts = sorted({n.rsplit(".", 1)[0] for p in others for n in p.torch or ()})
         cfg["modules_to_save"] = mts or None
+        cfg["use_dora"] = any(t.magnitude is not None for t in adapter.targets)
+        inits = sorted({t.init for t in adapter.targets if t.init is not None})
+        if len(inits) > 1:
+            raise ValueError(f"the targets use different initialisations {inits}; pass config=")
+        cfg["init_lora_weights"] = inits[0] if inits else True
 
     def selects_exactly(c: dict) -> bool:
         if not all(peft_matches(c, t) for t in targets):
             return False
         return candidates is None or not any(peft_matches(c, m) for m in candidates - targets)
+
+    if adapter.config is not None and cfg.get("modules_to_save"):
+        # The config names JAX modules; PEFT matches PyTorch ones (an NNX "embedder" is
+        # "embed_tokens"): name the trained modules by their PyTorch names where they differ.
+        trained = {n.rsplit(".", 1)[0] for p in adapter.params for n in p.torch or () if not n.endswith(".bias")}
+        pattern = lambda m, t: re.match(rf"(^|.*\.){m}($|\..*)", t) is not None  # noqa: E731
+        if trained and not all(any(pattern(m, t) for t in trained) for m in cfg["modules_to_save"]):
+            cfg["modules_to_save"] = sorted({t.rsplit(".", 1)[-1] for t in trained})
 
     keep = adapter.config is not None and cfg.get("target_modules") not in ("all-linear", None)
     if not (keep and selects_exactly(cfg)) and targets:
@@ -406,15 +441,64 @@ def _write_peft_files(d: Path, tensors: dict, adapter: Adapter, tag: str, base_m
                 raise
 
 
+def convert_to_lora_records(adapter: Adapter) -> Adapter:
+    """A PiSSA/OLoRA adapter as a plain LoRA adapter for the *original* base (PEFT's
+    ``path_initial_model_for_weight_conversion``), from the initial factors the records
+    carry::
+
+        A' = [A | A₀]   (in, 2r)      B' = [B; −B₀]   (2r, out)
+        s·A'·B' = s·A·B − s·A₀·B₀  so  W + s·A'·B' = W_res + s·A·B
+
+    Rank and alpha are doubled (``alpha·√2`` with rsLoRA; ``rank_pattern`` and
+    ``alpha_pattern`` too), so every scale is unchanged, and ``init_lora_weights`` becomes
+    ``True``. DoRA magnitudes and fully trained leaves (``modules_to_save``, biases) are
+    carried over (PEFT 0.21.2 drops them). Targets without a residual are kept as they are.
+    Raises ``ValueError`` for a residual target whose initial factors are not stored (an
+    adapter read from PEFT's files: load it on its base with :func:`load_peft` first).
+    """
+    cfg = dict(adapter.config) if adapter.config is not None else None
+    rslora = bool(cfg.get("use_rslora", False)) if cfg else False
+    grow = math.sqrt(2.0) if rslora else 2.0
+    targets = []
+    for t in adapter.targets:
+        if t.init is None:
+            targets.append(t)
+            continue
+        if t.a0 is None or t.b0 is None or t.layout is None:
+            raise ValueError(
+                f"{t.path or t.torch}: init_lora_weights={t.init!r} but the initial factors A0/B0 are not stored; "
+                "load the adapter on its base first (jlora.load_peft / jlora.load) and save the tree"
+            )
+        ns = t.layout.count("stack")
+        a = np.concatenate([np.asarray(t.a), np.asarray(t.a0, dtype=np.asarray(t.a).dtype)], axis=-1)
+        b = np.concatenate([np.asarray(t.b), -np.asarray(t.b0, dtype=np.asarray(t.b).dtype)], axis=ns)
+        targets.append(dataclasses.replace(
+            t, a=a, b=b, r=2 * t.r, alpha=alpha_from_scale(t.scale, 2 * t.r, rslora), init=None, a0=None, b0=None,
+        ))
+    if cfg is not None and any(t.init is not None for t in adapter.targets):
+        cfg["r"] = 2 * int(cfg["r"])
+        cfg["lora_alpha"] = _clean(cfg["lora_alpha"] * grow)
+        cfg["rank_pattern"] = {k: 2 * int(v) for k, v in (cfg.get("rank_pattern") or {}).items()}
+        cfg["alpha_pattern"] = {k: _clean(v * grow) for k, v in (cfg.get("alpha_pattern") or {}).items()}
+        cfg["init_lora_weights"] = True
+    return dataclasses.replace(adapter, targets=targets, config=cfg)
+
+
+def _clean(x: float) -> Union[int, float]:
+    r = round(x)
+    return int(r) if abs(x - r) <= 1e-9 * max(1.0, abs(x)) else float(x)
+
+
 def save_peft(
     directory: Union[str, os.PathLike],
     lp: Any,
     *,
     config: Optional[LoraConfig] = None,
-    name_map: hf.NameMap = None,
+    name_map: name_maps.NameMapSpec = None,
     prefix: Optional[str] = None,
     base_model_name_or_path: Optional[str] = None,
     task_type: Optional[str] = None,
+    convert_to_lora: bool = False,
 ) -> Path:
     """Writes a LoRA tree as a PEFT adapter: ``adapter_config.json`` +
     ``adapter_model.safetensors``, loadable by ``PeftModel.from_pretrained`` and by
@@ -422,8 +506,9 @@ def save_peft(
 
     Tensor names are ``base_model.model.<torch module>.lora_A.weight`` (r, in) and
     ``...lora_B.weight`` (out, r) (``lora_embedding_A/B`` for embeddings), with PyTorch
-    module names derived from the Flax paths by :mod:`jlora.hf` (transformers' rules);
-    ``Trainable`` leaves are written under their PyTorch names and layouts. The scale is
+    module names derived from the tree's paths by a name map (:mod:`jlora.name_maps`:
+    recognised from the paths for NNX Qwen3 / Llama 3 / Gemma 3 trees, transformers'
+    rules for Hugging Face Flax models); ``Trainable`` leaves are written under their PyTorch names and layouts. The scale is
     carried as ``lora_alpha``/``alpha_pattern`` so PEFT computes the same ``s``.
 
     The safetensors metadata also holds, under ``"jlora"``, a SHA-256 of every tensor
@@ -440,17 +525,34 @@ def save_peft(
       lp: the LoRA tree.
       config: the :class:`LoraConfig` used to wrap (without it one is reconstructed from
         the tree: ranks, alphas, target names).
-      name_map: ``{flax module path: torch module path}`` or a function, for models
-        whose PyTorch names differ from their Flax paths.
+      name_map: which name map gives the PyTorch names (see :func:`jlora.name_maps.for_tree`):
+        ``None`` (recognised from the paths), ``"hf"``, ``"qwen3"``, ``"llama3"``,
+        ``"gemma3"``, a :class:`jlora.name_maps.FamilyMap`, or overrides
+        ``{module path: torch module path}`` / a function of the module path.
       prefix: module path prepended to every PyTorch name (e.g. ``"bert"`` to use an
         adapter trained on ``FlaxBertModel`` with ``BertForSequenceClassification``).
       base_model_name_or_path, task_type: written into the config (PEFT's keys).
+      convert_to_lora: for PiSSA/OLoRA trees (whose ``w`` is the residual ``W − s·A₀·B₀``):
+        write a plain LoRA adapter of rank ``2r`` that loads on the *original* base
+        (:func:`convert_to_lora`). Without it the files are what PEFT writes for such an
+        adapter (``init_lora_weights="pissa"``/``"olora"``...): PEFT and :func:`load_peft`
+        run the initialisation again on the original base, then load A and B (exact for
+        ``"pissa"`` and ``"olora"``; ``"pissa_niter_N"`` is randomised: PEFT's torch RNG
+        gives another residual, :func:`load_peft` reproduces it with the ``rng`` of
+        :func:`jlora.wrap`). Convert before sharing a ``pissa_niter_N`` adapter.
+
+    DoRA trees are written with ``lora_magnitude_vector`` (no ``.weight`` suffix; ``(out,)``,
+    ``(1, out, 1, ...)`` for convolutions) and ``"use_dora": true``.
 
     Example:
       >>> jlora.save_peft("out/adapter", lp, config=config, base_model_name_or_path="gpt2")  # doctest: +SKIP
       >>> # torch: PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained("gpt2"), "out/adapter")
     """
     adapter = adapter_from_tree(lp, config, name_map=name_map, prefix=prefix)
+    if convert_to_lora:
+        if adapter.config is None:
+            adapter = dataclasses.replace(adapter, config=peft_config_dict(adapter))
+        adapter = convert_to_lora_records(adapter)
     return write_peft(directory, adapter, base_model_name_or_path=base_model_name_or_path, task_type=task_type)
 
 
@@ -567,8 +669,12 @@ def read_peft(directory: Union[str, os.PathLike], *, verify: bool = True) -> Ada
     factors: dict[str, dict[str, np.ndarray]] = {}
     kinds: dict[str, str] = {}
     params: list[ParamRecord] = []
+    magnitudes: dict[str, np.ndarray] = {}
     for key, x in tensors.items():
         name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+        if name.endswith(".lora_magnitude_vector"):
+            magnitudes[name[: -len(".lora_magnitude_vector")]] = x
+            continue
         m = _LORA_RE.match(name)
         emb = _EMB_RE.match(name)
         if m or emb:
@@ -590,6 +696,12 @@ def read_peft(directory: Union[str, os.PathLike], *, verify: bool = True) -> Ada
         params.append(ParamRecord(path=None, value=x, torch=(name,), torch_layout=True))
     rslora = bool(config.use_rslora)
     targets: list[TargetRecord] = []
+    stray = sorted(set(magnitudes) - set(factors))
+    if stray:
+        raise ValueError(f"{path}: lora_magnitude_vector for module(s) {stray} without lora_A/lora_B")
+    if magnitudes and not config.use_dora:
+        raise ValueError(f"{path}: the file has DoRA magnitudes (lora_magnitude_vector) but {CONFIG_NAME} says "
+                         "use_dora=false")
     for module, ab in factors.items():
         if set(ab) != {"A", "B"}:
             missing = "B" if "A" in ab else "A"
@@ -603,10 +715,17 @@ def read_peft(directory: Union[str, os.PathLike], *, verify: bool = True) -> Ada
         if r_cfg != r:
             raise ValueError(f"{path}: {module}: lora_A has rank {r} but {CONFIG_NAME} gives r={r_cfg}")
         alpha = _pattern(dict(config.alpha_pattern), module, config.lora_alpha)
+        magnitude = magnitudes.get(module)
+        if config.use_dora and magnitude is None:
+            raise ValueError(f"{path}: {CONFIG_NAME} says use_dora=true but module {module!r} has no "
+                             "lora_magnitude_vector")
+        # PiSSA/OLoRA: PEFT initialises Linear/Conv1D layers from W (embeddings keep the default init)
+        init = config.init_lora_weights if is_residual_init(config.init_lora_weights) and kind != "embedding" else None
         targets.append(
             TargetRecord(
                 path=None, a=a, b=b, r=r, scale=config.scale_for(r, alpha), alpha=alpha, layout=None,
                 dropout=float(config.lora_dropout), kind=kind, torch=(module,),
+                magnitude=None if magnitude is None else np.ascontiguousarray(magnitude.reshape(-1)), init=init,
             )
         )
     if not targets and not params:
@@ -623,12 +742,13 @@ def load_peft(
     directory: Union[str, os.PathLike],
     params: Any,
     *,
-    name_map: hf.NameMap = None,
+    name_map: name_maps.NameMapSpec = None,
     prefix: Optional[str] = None,
     layouts: LayoutSpec = None,
     dtype: Any = None,
     shardings: ShardingSpec = None,
     verify: bool = True,
+    rng: Any = None,
 ) -> Any:
     """The LoRA tree of a PEFT adapter directory over the base ``params``.
 
@@ -660,6 +780,16 @@ def load_peft(
       dtype: dtype of A and B (default: as stored, usually float32).
       shardings: as in :func:`jlora.load`.
       verify: check jlora's checksums (``False`` skips it, e.g. for an edited config).
+      rng: for ``init_lora_weights="pissa_niter_N"`` adapters, the key given to
+        :func:`jlora.wrap` (default ``jax.random.key(0)``, wrap's default).
+
+    DoRA adapters (``use_dora``) come with their magnitudes. PiSSA/OLoRA adapters
+    (``init_lora_weights="pissa"``, ``"pissa_niter_N"``, ``"olora"``, not converted) are
+    loaded as PEFT loads them: on the *original* ``params`` the initialisation is run again
+    (SVD / randomised SVD / QR) to get the residual base and the initial factors (kept for
+    :func:`jlora.unload` and conversion), then the trained A and B replace the initial
+    ones. This is exact for ``"pissa"`` and ``"olora"``; ``"pissa_niter_N"`` reproduces
+    the trained model only with the same ``rng`` (PEFT's reload never does).
 
     Example:
       >>> lp = jlora.load_peft("my-peft-adapter", model.params)          # doctest: +SKIP
@@ -668,5 +798,5 @@ def load_peft(
     adapter = read_peft(directory, verify=verify)
     return tree_from_adapter(
         adapter, params, layouts=layouts, name_map=name_map, prefix=prefix, strict=False,
-        shardings=shardings, dtype=dtype,
+        shardings=shardings, dtype=dtype, rng=rng,
     )

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import hf
+from . import name_maps
 from .config import LoraConfig
 from .distributed import local_device, place
 from .targets import KERNEL_LEAF_NAMES, LayoutSpec, LeafEntry, TreeFacts, flatten_params, infer_layout, path_names, user_layout
@@ -59,7 +59,14 @@ ShardingSpec = Union[None, jax.sharding.Sharding, Callable[[str, str], Optional[
 class TargetRecord:
     """One LoRA target. ``a``/``b`` are canonical ``(*stack, *in, r)``/``(*stack, r, *out)``
     when ``layout`` is known, else flat ``(in_features, r)``/``(r, out_features)`` (conv:
-    ``(*spatial, in, r)``/``(r, out)``). They may be ``jax.ShapeDtypeStruct``."""
+    ``(*spatial, in, r)``/``(r, out)``). They may be ``jax.ShapeDtypeStruct``.
+
+    Variants: ``magnitude`` is DoRA's ``m`` (canonical ``(*stack, *out)``, or flat
+    ``(out_features,)``); ``init`` names a PiSSA/OLoRA initialisation (the base of the
+    trained model is then the residual ``W − s·a0·b0``), with the initial factors
+    ``a0``/``b0`` (shaped as ``a``/``b``) where the storage keeps them (Orbax); without
+    them the initialisation is run again on the base when the tree is built (PEFT's files).
+    """
 
     path: Optional[str]
     a: Any
@@ -73,10 +80,15 @@ class TargetRecord:
     dropout: float = 0.0
     kind: str = "linear"
     torch: Optional[tuple[str, ...]] = None
+    magnitude: Any = None
+    init: Optional[str] = None
+    a0: Any = None
+    b0: Any = None
 
     @property
     def n_params(self) -> int:
-        return int(np.prod(self.a.shape)) + int(np.prod(self.b.shape))
+        m = int(np.prod(self.magnitude.shape)) if self.magnitude is not None else 0
+        return int(np.prod(self.a.shape)) + int(np.prod(self.b.shape)) + m
 
 
 @dataclasses.dataclass
@@ -104,6 +116,7 @@ class Adapter:
     params: list[ParamRecord]
     config: Optional[dict] = None
     torch_modules: Optional[list[str]] = None
+    name_map: Any = None  # the name map that named it: "hf", "qwen3", ... or a FamilyMap
 
     @property
     def n_params(self) -> int:
@@ -132,7 +145,7 @@ def adapter_from_tree(
     lp: Any,
     config: Optional[LoraConfig] = None,
     *,
-    name_map: hf.NameMap = None,
+    name_map: name_maps.NameMapSpec = None,
     prefix: Optional[str] = None,
 ) -> Adapter:
     """The records of a LoRA tree (trained leaves only, with PyTorch names).
@@ -169,7 +182,7 @@ def adapter_from_tree(
             shapes.append((names, tuple(np.shape(x.value)), 0))
         elif hasattr(x, "shape"):
             shapes.append((names, tuple(x.shape), 0))
-    tn = hf.TorchNames(shapes, name_map=name_map, prefix=prefix)
+    tn = name_maps.for_tree(shapes, name_map, prefix)
     rslora = bool(config.use_rslora) if config is not None else False
     targets: list[TargetRecord] = []
     params: list[ParamRecord] = []
@@ -182,22 +195,25 @@ def adapter_from_tree(
                     f"{path}: the adapter is merged into W (jlora.merge_adapter); call jlora.unmerge_adapter first"
                 )
             r = int(x.a.shape[-1])
-            kind = hf.module_kind(names, x.layout)
+            kind = tn.kind(names, x.layout)
             targets.append(
                 TargetRecord(
                     path=path, a=x.a, b=x.b, r=r, scale=float(x.scale), alpha=alpha_from_scale(x.scale, r, rslora),
                     layout=tuple(x.layout), base_shape=tuple(int(s) for s in x.w.shape),
                     base_dtype=dtype_name(x.w.dtype), dropout=float(x.dropout), kind=kind,
-                    torch=tuple(tn.modules(names)),
+                    torch=tuple(tn.modules(names)), magnitude=x.magnitude, init=x.init, a0=x.a0, b0=x.b0,
                 )
             )
         elif is_trainable(x):
             params.append(ParamRecord(path="/".join(names), value=x.value, torch=tuple(tn.params(names))))
-        if names and names[-1] in KERNEL_LEAF_NAMES and not is_trainable(x):
+        if names and not is_trainable(x):
             shape = getattr(x.w if is_lora_weight(x) else x, "shape", None)
-            if shape is not None and len(shape) >= 2:
+            if shape is not None and len(shape) >= 2 and tn.is_kernel(names, tuple(shape)):
                 torch_modules.extend(tn.modules(names))
-    return Adapter(targets, params, config.to_dict() if config is not None else None, sorted(set(torch_modules)))
+    source = name_map if isinstance(name_map, name_maps.FamilyMap) else tn.name
+    return Adapter(
+        targets, params, config.to_dict() if config is not None else None, sorted(set(torch_modules)), source
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -254,6 +270,7 @@ class _ParamPlacement:
     parts: list[tuple[ParamRecord, Optional[int]]]
     exact: bool
     sharding: Any = None
+    names: Any = None  # the base's name map (converts values stored in PyTorch layout)
 
 
 def _fmt(items: Sequence[str], limit: int = 30) -> str:
@@ -265,7 +282,9 @@ def _fmt(items: Sequence[str], limit: int = 30) -> str:
 class _BaseIndex:
     """Lookups into the base tree: by Flax path and by PyTorch name."""
 
-    def __init__(self, entries: list[LeafEntry], layouts: LayoutSpec, name_map: hf.NameMap, prefix: Optional[str]):
+    def __init__(
+        self, entries: list[LeafEntry], layouts: LayoutSpec, name_map: name_maps.NameMapSpec, prefix: Optional[str]
+    ):
         self.entries = entries
         self.by_path = {e.path: e for e in entries}
         self._layouts_spec = layouts
@@ -274,16 +293,28 @@ class _BaseIndex:
         self._facts: Optional[TreeFacts] = None
         self._layouts: dict[int, tuple[str, ...]] = {}
         self._torch: Optional[tuple[dict, dict]] = None
+        self._map0: Optional[name_maps.TreeNames] = None
+        self.names: Optional[name_maps.TreeNames] = None  # set by torch_tables
+
+    def name_map(self) -> name_maps.TreeNames:
+        """The base's name map without stack information (layouts, which leaves are kernels)."""
+        if self._map0 is None:
+            leaves = [(e.names, tuple(e.leaf.shape), 0) for e in self.entries if hasattr(e.leaf, "shape")]
+            self._map0 = name_maps.for_tree(leaves, self._name_map, self._prefix)
+        return self._map0
 
     def layout(self, e: LeafEntry) -> tuple[str, ...]:
         if e.index not in self._layouts:
             if self._facts is None:
                 self._facts = TreeFacts(self.entries)
-            self._layouts[e.index] = tuple(user_layout(self._layouts_spec, e) or infer_layout(e, self._facts))
+            known = self.name_map().layout(e.names, tuple(e.leaf.shape))
+            self._layouts[e.index] = tuple(user_layout(self._layouts_spec, e) or known or infer_layout(e, self._facts))
         return self._layouts[e.index]
 
     def _kernel_layout_or_none(self, e: LeafEntry) -> Optional[tuple[str, ...]]:
-        if e.name not in KERNEL_LEAF_NAMES or not hasattr(e.leaf, "shape") or len(e.leaf.shape) < 2:
+        if not hasattr(e.leaf, "shape") or len(e.leaf.shape) < 2:
+            return None
+        if not self.name_map().is_kernel(e.names, tuple(e.leaf.shape)):
             return None
         try:
             return self.layout(e)
@@ -299,20 +330,26 @@ class _BaseIndex:
                     continue
                 lay = self._kernel_layout_or_none(e)
                 shapes.append((e.names, tuple(e.leaf.shape), lay.count("stack") if lay else 0))
-            tn = hf.TorchNames(shapes, name_map=self._name_map, prefix=self._prefix)
+            tn = self.names = name_maps.for_tree(shapes, self._name_map, self._prefix)
             modules: dict[str, tuple[LeafEntry, Optional[int]]] = {}
             params: dict[str, tuple[LeafEntry, Optional[int]]] = {}
             for e in self.entries:
                 if not hasattr(e.leaf, "shape"):
                     continue
-                stacked = tn.stack_of(e.names) is not None
-                if e.name in KERNEL_LEAF_NAMES and len(e.leaf.shape) >= 2:
+                stacked = tn.split(e.names)
+                if tn.is_kernel(e.names, tuple(e.leaf.shape)):
                     for i, m in enumerate(tn.modules(e.names)):
                         modules.setdefault(m, (e, i if stacked else None))
                 for i, p in enumerate(tn.params(e.names)):
                     params.setdefault(p, (e, i if stacked else None))
             self._torch = (modules, params)
         return self._torch
+
+    def torch_names(self) -> name_maps.TreeNames:
+        """The base's name map with stack information (PyTorch names, layouts of tensors)."""
+        self.torch_tables()
+        assert self.names is not None
+        return self.names
 
     def top_level(self) -> list[str]:
         return sorted({e.names[0] for e in self.entries if e.names})
@@ -376,7 +413,7 @@ def plan_adapter(
     params: Any,
     *,
     layouts: LayoutSpec = None,
-    name_map: hf.NameMap = None,
+    name_map: name_maps.NameMapSpec = None,
     prefix: Optional[str] = None,
     strict: bool = True,
     shardings: ShardingSpec = None,
@@ -526,12 +563,12 @@ def plan_adapter(
             if len(parts) != 1:
                 raise ValueError(f"{e.path}: {len(parts)} adapter entries map to the same parameter")
             got = tuple(p0.value.shape)
-            if p0.torch_layout and e.name == "kernel":
-                got = tuple(reversed(got)) if len(got) != 4 else (got[2], got[3], got[1], got[0])
-            if got != shape:
+            want = index.torch_names().torch_shapes(e.names, shape)[0] if p0.torch_layout else shape
+            if got != want:
                 raise ValueError(
                     f"{e.path}: shape mismatch: the adapter has {got}"
                     f"{' (from ' + p0.torch[0] + ')' if p0.torch_layout and p0.torch else ''}, the base has {shape}"
+                    f"{' (PyTorch layout ' + str(want) + ')' if p0.torch_layout else ''}"
                 )
             if strict and not p0.torch_layout and dtype_name(p0.value.dtype) != dtype_name(e.leaf.dtype):
                 raise ValueError(
@@ -545,15 +582,14 @@ def plan_adapter(
             parts = sorted(parts, key=lambda p: p[1])
             for p, layer in parts:
                 got = tuple(p.value.shape)
-                if p.torch_layout and e.name == "kernel":
-                    got = tuple(reversed(got)) if len(got) != 4 else (got[2], got[3], got[1], got[0])
-                if got != shape[1:]:
-                    raise ValueError(f"{e.path}: shape mismatch at layer {layer}: the adapter has {got}, the base {shape[1:]}")
+                want = index.torch_names().torch_shapes(e.names, shape)[layer] if p.torch_layout else shape[1:]
+                if got != want:
+                    raise ValueError(f"{e.path}: shape mismatch at layer {layer}: the adapter has {got}, expected {want}")
         sh = _user_sharding(shardings, e.path, "value") or _sharding_of(e.leaf)
         if sh is None:
             sh = jax.sharding.SingleDeviceSharding(local_device())
         exact = parts[0][1] is None and not p0.torch_layout
-        pplacements.append(_ParamPlacement(e, parts, exact, sh))
+        pplacements.append(_ParamPlacement(e, parts, exact, sh, index.torch_names() if p0.torch_layout else None))
     return entries, treedef, placements, pplacements
 
 
@@ -564,8 +600,14 @@ def assemble_tree(
     pplacements: list[_ParamPlacement],
     arrays: Callable[[Any, str], Any],
     dtype: Any = None,
+    rng: Optional[jax.Array] = None,
 ) -> Any:
-    """Builds the LoRA tree; ``arrays(record, "a"|"b"|"value")`` gives a record's data."""
+    """Builds the LoRA tree; ``arrays(record, "a"|"b"|"magnitude"|"a0"|"b0"|"value")``
+    gives a record's data (called for DoRA's and PiSSA's arrays only where the record has
+    them). PiSSA/OLoRA targets get the residual base: ``W − s·a0·b0`` from the stored
+    initial factors, or, where none are stored (PEFT's files), from the initialisation
+    run again on the base (``rng`` seeds ``pissa_niter_N``: ``jax.random.fold_in(rng,
+    leaf index)`` as :func:`jlora.wrap` does; default ``jax.random.key(0)``)."""
     leaves: list[Any] = [e.leaf for e in entries]
 
     def put(x, sharding, dt):
@@ -588,19 +630,71 @@ def assemble_tree(
             a = np.stack(a_list) if pl.parts[0][1] is not None else a_list[0]
             b = np.stack(b_list) if pl.parts[0][1] is not None else b_list[0]
         a, b = put(a, pl.a_sharding, dtype), put(b, pl.b_sharding, dtype)
-        leaves[pl.entry.index] = LoraWeight(pl.entry.leaf, a, b, scale=float(t0.scale), layout=pl.layout, dropout=float(t0.dropout))
+        lw = LoraWeight(pl.entry.leaf, a, b, scale=float(t0.scale), layout=pl.layout, dropout=float(t0.dropout))
+        leaves[pl.entry.index] = _with_variants(lw, pl, arrays, dtype, rng)
     for pp in pplacements:
         e = pp.entry
-        vals = []
-        for p, _layer in pp.parts:
-            v = arrays(p, "value")
-            if p.torch_layout:
-                v = hf.param_from_torch(e.names, np.asarray(v))
-            vals.append(v)
-        v = np.stack([np.asarray(x) for x in vals]) if pp.parts[0][1] is not None else vals[0]
+        vals = [arrays(p, "value") for p, _layer in pp.parts]
+        if pp.parts[0][0].torch_layout:
+            v = pp.names.param_from_torch(e.names, [np.asarray(x) for x in vals], tuple(e.leaf.shape))
+        else:
+            v = np.stack([np.asarray(x) for x in vals]) if pp.parts[0][1] is not None else vals[0]
         v = put(jnp.asarray(v) if not isinstance(v, jax.Array) else v, pp.sharding, e.leaf.dtype)
         leaves[e.index] = Trainable(v)
     return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def _variant_array(pl: _Placement, arrays: Callable[[Any, str], Any], name: str, shape: tuple[int, ...]) -> Any:
+    """A record's DoRA/PiSSA array in canonical ``shape`` (per-layer records stacked)."""
+    if pl.exact:
+        return arrays(pl.parts[0][0], name)
+    per = [np.asarray(arrays(t, name)) for t, _ in pl.parts]
+    if pl.parts[0][1] is not None:
+        return np.stack([x.reshape(shape[1:]) for x in per])
+    return per[0].reshape(shape)
+
+
+def _with_variants(lw: LoraWeight, pl: _Placement, arrays: Callable[[Any, str], Any], dtype: Any,
+                   rng: Optional[jax.Array]) -> LoraWeight:
+    """DoRA's magnitude and PiSSA/OLoRA's residual base on a freshly built LoraWeight."""
+    t0 = pl.parts[0][0]
+    kl = KernelLayout(pl.layout)
+    shape = tuple(int(s) for s in pl.entry.leaf.shape)
+    where = pl.entry.path
+    if t0.magnitude is not None:
+        m_shape = tuple(shape[i] for i in kl.stack_axes) + tuple(shape[i] for i in kl.out_axes)
+        if pl.exact and tuple(t0.magnitude.shape) != m_shape:
+            raise ValueError(
+                f"{where}: DoRA magnitude of shape {tuple(t0.magnitude.shape)} does not fit the base kernel "
+                f"{shape} (layout {pl.layout}): expected {m_shape}"
+            )
+        n_out = int(np.prod([shape[i] for i in kl.out_axes]))
+        if not pl.exact and any(t.magnitude is None or int(np.prod(t.magnitude.shape)) != n_out for t, _ in pl.parts):
+            raise ValueError(
+                f"{where}: DoRA magnitude (lora_magnitude_vector) of shape {tuple(t0.magnitude.shape)} does not fit "
+                f"the base kernel {shape} (layout {pl.layout}): expected {n_out} values (out_features) per layer"
+            )
+        m = jnp.asarray(_variant_array(pl, arrays, "magnitude", m_shape))
+        lw = lw.replace(magnitude=m if dtype is None else m.astype(dtype))
+    if t0.init is None:
+        return lw
+    from .inits import init_residual_factors, is_residual_init, residual_kernel
+
+    if not is_residual_init(t0.init):
+        raise ValueError(f"{where}: unknown initialisation {t0.init!r} in the adapter")
+    base = pl.entry.leaf
+    if t0.a0 is not None:
+        a0 = jnp.asarray(_variant_array(pl, arrays, "a0", tuple(lw.a.shape))).astype(lw.a.dtype)
+        b0 = jnp.asarray(_variant_array(pl, arrays, "b0", tuple(lw.b.shape))).astype(lw.b.dtype)
+    elif isinstance(base, jax.ShapeDtypeStruct):
+        a0 = jax.ShapeDtypeStruct(lw.a.shape, lw.a.dtype)
+        b0 = jax.ShapeDtypeStruct(lw.b.shape, lw.b.dtype)
+    else:
+        key = jax.random.fold_in(rng if rng is not None else jax.random.key(0), pl.entry.index)
+        a0, b0 = init_residual_factors(base, pl.layout, lw.rank, lw.scale, t0.init, key, where)
+        a0, b0 = a0.astype(lw.a.dtype), b0.astype(lw.b.dtype)
+    w = base if isinstance(base, jax.ShapeDtypeStruct) else residual_kernel(base, a0, b0, lw.scale, pl.layout)
+    return lw.replace(w=w, a0=a0, b0=b0, init=t0.init)
 
 
 def tree_from_adapter(
@@ -608,15 +702,17 @@ def tree_from_adapter(
     params: Any,
     *,
     layouts: LayoutSpec = None,
-    name_map: hf.NameMap = None,
+    name_map: name_maps.NameMapSpec = None,
     prefix: Optional[str] = None,
     strict: bool = True,
     shardings: ShardingSpec = None,
     dtype: Any = None,
+    rng: Optional[jax.Array] = None,
 ) -> Any:
-    """The LoRA tree of ``adapter`` over the base ``params`` (validated; see :func:`load`)."""
+    """The LoRA tree of ``adapter`` over the base ``params`` (validated; see :func:`load`;
+    ``rng``: see :func:`assemble_tree`)."""
     entries, treedef, pls, pps = plan_adapter(
         adapter, params, layouts=layouts, name_map=name_map, prefix=prefix, strict=strict, shardings=shardings
     )
-    return assemble_tree(entries, treedef, pls, pps, lambda rec, k: getattr(rec, k), dtype)
+    return assemble_tree(entries, treedef, pls, pps, lambda rec, k: getattr(rec, k), dtype, rng)
 
