@@ -102,7 +102,7 @@ def written(tmp_path_factory):
 
 def _sources(w):
     """(name, directory, load with the base, read without it, what a correct load returns)."""
-    lp, base, base_t = w["lp"], w["base"], w["base_t"]
+    base, base_t = w["base"], w["base_t"]
     ref_orbax = jlora.load(w["root"] / "orbax", base)
     ref_peft = jlora.load_peft(w["root"] / "peft", base)
     ref_torch = jlora.load_peft(w["root"] / "peft_by_peft", base_t)
