@@ -22,6 +22,10 @@ checkpoints, and so that a notebook can load a real checkpoint without torch::
 :func:`config_from_hf` a :class:`DecoderConfig` from ``config.json`` / a PretrainedConfig
 =====================  ===================================================================
 
+:mod:`jlora.models.bert` is a BERT encoder (``load_bert`` / ``save_bert`` over a
+Hugging Face BERT directory, e.g. all-MiniLM-L6-v2), imported on its own:
+``from jlora.models import bert``.
+
 The PEFT names of these trees come from the family maps in :mod:`jlora.name_maps`,
 recognised from the paths, so ``jlora.save_peft(dir, lp)`` writes an adapter that
 ``PeftModel.from_pretrained`` loads on the PyTorch model of the same checkpoint.
