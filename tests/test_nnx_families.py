@@ -149,6 +149,25 @@ def test_loader_errors_name_the_problem(tmp_path):
         jm.config_from_hf({"model_type": "gpt2"})
     with pytest.raises(FileNotFoundError, match="config.json"):
         jm.from_pretrained(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no such checkpoint"):
+        jm.from_pretrained(tmp_path / "missing")
+
+
+def test_hub_id_goes_through_snapshot_download(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    c = case("llama3")
+    c.torch_model.save_pretrained(tmp_path, safe_serialization=True)
+    asked = {}
+
+    def fake_snapshot_download(repo_id, allow_patterns=None, **kw):
+        asked.update(repo_id=repo_id, allow_patterns=allow_patterns)
+        return str(tmp_path)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    m = jm.from_pretrained("meta-llama/Tiny-Test")
+    assert asked["repo_id"] == "meta-llama/Tiny-Test" and "*.safetensors" in asked["allow_patterns"]
+    assert _max_err(m(jnp.asarray(c.ids)), torch_logits(c.torch_model, c.ids)) <= TOL
 
 
 def test_eval_shape_constructor_allocates_nothing():

@@ -43,6 +43,7 @@ __all__ = [
     "build",
     "abstract",
     "from_pretrained",
+    "resolve_checkpoint",
     "from_torch",
     "from_tensors",
     "state_dict",
@@ -244,11 +245,35 @@ def from_tensors(
     return nnx.merge(graphdef, state)
 
 
+def resolve_checkpoint(name_or_path: Union[str, os.PathLike]) -> Path:
+    """A local checkpoint directory: ``name_or_path`` itself if it is a directory, else a
+    Hugging Face Hub id (``"Qwen/Qwen3-0.6B"``) fetched with
+    ``huggingface_hub.snapshot_download`` (config, tokenizer and safetensors files only;
+    the Hub's cache is reused, and ``HF_HUB_OFFLINE=1`` uses it without the network)."""
+    d = Path(name_or_path).expanduser()
+    if d.is_dir():
+        return d
+    name = os.fspath(name_or_path)
+    if d.exists() or name.count("/") != 1 or name.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"{name_or_path}: no such checkpoint directory")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise FileNotFoundError(
+            f"{name_or_path}: not a local directory, and huggingface_hub (to download it from the Hub) is not "
+            "installed: pip install huggingface_hub, or pass a directory"
+        ) from None
+    patterns = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]
+    return Path(snapshot_download(name, allow_patterns=patterns))
+
+
 def from_pretrained(
-    directory: Union[str, os.PathLike],
+    name_or_path: Union[str, os.PathLike],
     **overrides: Any,
 ) -> nnx.Module:
-    """An NNX model with the weights of a local Hugging Face checkpoint directory.
+    """An NNX model with the weights of a Hugging Face checkpoint: a local directory
+    (``config.json`` + ``*.safetensors``) or a Hub id such as ``"Qwen/Qwen3-0.6B"``
+    (downloaded with ``huggingface_hub``, see :func:`resolve_checkpoint`).
 
     Reads ``config.json`` (:func:`jlora.models.config_from_hf`) and the safetensors
     files; no torch, no transformers. ``overrides`` set :class:`DecoderConfig` fields,
@@ -256,13 +281,12 @@ def from_pretrained(
     are upcast), ``dtype="bfloat16"`` (computation), ``remat=True``.
 
     Example:
-      >>> from huggingface_hub import snapshot_download                   # doctest: +SKIP
-      >>> model = jlora.models.from_pretrained(snapshot_download("Qwen/Qwen3-0.6B"))  # doctest: +SKIP
+      >>> model = jlora.models.from_pretrained("Qwen/Qwen3-0.6B")             # doctest: +SKIP
       >>> logits = model(ids)                                              # doctest: +SKIP
     """
-    d = Path(directory)
+    d = resolve_checkpoint(name_or_path)
     if not (d / "config.json").is_file():
-        raise FileNotFoundError(f"{directory}: no config.json (expected a Hugging Face checkpoint directory)")
+        raise FileNotFoundError(f"{name_or_path}: no config.json (expected a Hugging Face checkpoint directory)")
     config = config_from_hf(d / "config.json", **overrides)
     return from_tensors(config, read_safetensors(d), where=str(d))
 
