@@ -208,18 +208,19 @@ def test_pissa_niter_invariants_and_reproducibility(tmp_path):
     assert rel_err(d_niter, d_exact) <= 1e-3
     w = np.asarray(lin.params["lin"]["kernel"])
     assert np.abs(np.asarray(lw.w) + d_niter - w).max() <= 1e-6
-    assert rel_err(jlora.lora(lin.apply)(lp, lin.x), lin.apply(lin.params, lin.x)) <= 1e-5
+    forward = jax.jit(jlora.lora(lin.apply))
+    assert rel_err(forward(lp, lin.x), lin.apply(lin.params, lin.x)) <= 1e-5
     again = jlora.wrap(lin.params, config, rng=jax.random.key(7))["lin"]["kernel"]
     other = jlora.wrap(lin.params, config, rng=jax.random.key(8))["lin"]["kernel"]
     assert np.array_equal(np.asarray(again.a), np.asarray(lw.a)) and not np.array_equal(np.asarray(other.a), np.asarray(lw.a))
 
     trained = _train(lp)
-    y = np.asarray(jlora.lora(lin.apply)(trained, lin.x))
+    y = np.asarray(forward(trained, lin.x))
     jlora.save_peft(tmp_path / "p", trained, config=config)
-    np.testing.assert_array_equal(np.asarray(jlora.lora(lin.apply)(
+    np.testing.assert_array_equal(np.asarray(forward(
         jlora.load_peft(tmp_path / "p", lin.params, rng=jax.random.key(7)), lin.x)), y)
     jlora.save(tmp_path / "o", trained, config=config)
-    np.testing.assert_array_equal(np.asarray(jlora.lora(lin.apply)(jlora.load(tmp_path / "o", lin.params), lin.x)), y)
+    np.testing.assert_array_equal(np.asarray(forward(jlora.load(tmp_path / "o", lin.params), lin.x)), y)
 
 
 @pytest.mark.parametrize("init", ["pissa", "olora"])
@@ -285,4 +286,4 @@ def test_residual_init_errors_and_embeddings():
     assert lp["conv"]["kernel"].a0 is not None
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert rel_err(jlora.lora(case.apply)(lp, case.inputs), case.apply(case.params, case.inputs)) <= 1e-5
+        assert rel_err(jax.jit(jlora.lora(case.apply))(lp, case.inputs), case.apply(case.params, case.inputs)) <= 1e-5
