@@ -31,13 +31,16 @@ def run_notebook(name: str, python: str, subs: Optional[dict] = None, timeout: i
     return json.loads(proc.stdout)
 
 
-def check_quickstart(out: dict) -> str:
+def check_quickstart(out: dict, learns: bool = True) -> str:
+    """``learns``: the training loss must go down (the offline path's random model over
+    bytes learns in 20 steps; a random base under LoRA alone need not)."""
     text = out["text"]
     assert re.search(r"trainable params: [\d,]+ \|\| all params: [\d,]+", text), text[-3000:]
     assert re.search(r"layers/0/attn/q_proj/w\s+W \(\d+, \d+, \d+\)", text), text[-3000:]  # einsum kernels wrapped
     assert "wrapped == base: True" in text
     m = re.search(r"loss ([\d.]+) -> ([\d.]+) in", text)
-    assert m and float(m.group(2)) < float(m.group(1)), text[-3000:]
+    assert m, text[-3000:]
+    assert float(m.group(2)) < float(m.group(1)) or not learns, m.group(0)
     assert "merged == adapter: True" in text
     assert "reloaded == trained: True" in text
     assert "adapter_model.safetensors" in text and "fine-tuned (merged)" in text
