@@ -22,6 +22,7 @@ from .adapters import (
 from .config import LoraConfig
 from .merge import merge, merge_adapter, unmerge_adapter
 from .optim import combine, optimizer, partition, trainable_labels
+from .quantization import QuantConfig, QuantizedArray, dequantize, quantize, quantize_array
 from .transform import LoraReport, MaterializationError, MaterializationWarning, explain, lora
 from .weight import KernelLayout, LoraWeight, MultiLoraWeight, Trainable
 from .wrap import count_parameters, is_lora_tree, lora_leaves, print_trainable_parameters, unload, wrap
@@ -63,6 +64,11 @@ __all__ = [
     "active_adapters",
     "adapter_ids",
     "add_weighted_adapter",
+    "QuantConfig",
+    "QuantizedArray",
+    "quantize",
+    "quantize_array",
+    "dequantize",
 ]
 
 from . import hf

@@ -17,8 +17,9 @@ FROZEN = "frozen"
 
 
 def trainable_labels(lp: Any) -> Any:
-    """A tree like ``lp`` with ``"trainable"`` at A, B and ``Trainable`` values and
-    ``"frozen"`` everywhere else (the labels of :func:`optimizer`).
+    """A tree like ``lp`` with ``"trainable"`` at A, B, DoRA's magnitude and ``Trainable``
+    values and ``"frozen"`` everywhere else (the labels of :func:`optimizer`), PiSSA/OLoRA's
+    initial factors and DoRA's saved norm included.
 
     >>> trainable_labels(lp)["dense"]["kernel"]   # doctest: +SKIP
     LoraWeight(w='frozen', a='trainable', b='trainable', ...)
@@ -26,19 +27,28 @@ def trainable_labels(lp: Any) -> Any:
 
     def label(x):
         if is_lora_weight(x):
-            return x.replace(w=FROZEN, a=TRAINABLE, b=TRAINABLE)
+            return _label_pair(x, TRAINABLE).replace(w=FROZEN)
         if isinstance(x, MultiLoraWeight):
             live = {id(p) for p in x.active_pairs()}
-            adapters = {
-                n: p.replace(a=TRAINABLE if id(p) in live else FROZEN, b=TRAINABLE if id(p) in live else FROZEN)
-                for n, p in x.adapters.items()
-            }
+            adapters = {n: _label_pair(p, TRAINABLE if id(p) in live else FROZEN) for n, p in x.adapters.items()}
             return x.replace(w=FROZEN, adapters=adapters)
         if is_trainable(x):
             return Trainable(jax.tree_util.tree_map(lambda _: TRAINABLE, x.value))
         return FROZEN
 
     return jax.tree_util.tree_map(label, lp, is_leaf=_is_node)
+
+
+def _label_pair(p: Any, how: str) -> Any:
+    """Labels of one adapter's children: ``how`` for A, B and DoRA's magnitude; frozen
+    for DoRA's saved norm and PiSSA/OLoRA's initial factors (absent children stay None)."""
+    tag = lambda v, t: None if v is None else t  # noqa: E731
+    return p.replace(a=how, b=how, magnitude=tag(p.magnitude, how), weight_norm=tag(p.weight_norm, FROZEN),
+                     a0=tag(p.a0, FROZEN), b0=tag(p.b0, FROZEN))
+
+
+_TRAINED = ("a", "b", "magnitude")
+_KEPT = ("weight_norm", "a0", "b0")
 
 
 def optimizer(tx: optax.GradientTransformation) -> optax.GradientTransformation:
@@ -72,13 +82,21 @@ def partition(lp: Any) -> tuple[Any, Any]:
     ``combine(trainable, frozen)`` rebuilds ``lp``.
     """
 
+    def part(p, trained: bool, want_trainable: bool):
+        # the trained children (A, B, m) of a trained adapter go to the trainable part;
+        # everything else (W, a frozen adapter, DoRA's saved norm, PiSSA's A0/B0) to the frozen one
+        if trained and want_trainable:
+            return p.replace(**{n: None for n in _KEPT})
+        if trained:
+            return p.replace(**{n: None for n in _TRAINED})
+        return p if not want_trainable else p.replace(**{n: None for n in _TRAINED + _KEPT})
+
     def split(x, want_trainable: bool):
         if is_lora_weight(x):
-            return x.replace(w=None, a=x.a, b=x.b) if want_trainable else x.replace(w=x.w, a=None, b=None)
+            return part(x, True, want_trainable).replace(w=None if want_trainable else x.w)
         if isinstance(x, MultiLoraWeight):
             live = {id(p) for p in x.active_pairs()}
-            keep = lambda p: (id(p) in live) == want_trainable  # noqa: E731
-            adapters = {n: p if keep(p) else p.replace(a=None, b=None) for n, p in x.adapters.items()}
+            adapters = {n: part(p, id(p) in live, want_trainable) for n, p in x.adapters.items()}
             return x.replace(w=None if want_trainable else x.w, adapters=adapters)
         if is_trainable(x):
             return x if want_trainable else None
@@ -92,13 +110,15 @@ def partition(lp: Any) -> tuple[Any, Any]:
 def combine(trainable: Any, frozen: Any) -> Any:
     """Inverse of :func:`partition`: takes each leaf from whichever tree holds it."""
 
+    def join(t, f):
+        both = {n: getattr(t, n) if getattr(t, n) is not None else getattr(f, n) for n in _TRAINED + _KEPT}
+        return t.replace(**both)
+
     def pick(t, f):
         if is_lora_weight(t):
-            return t.replace(w=f.w)
+            return join(t, f).replace(w=f.w)
         if isinstance(t, MultiLoraWeight):
-            adapters = {
-                n: p if p.a is not None else f.adapters[n] for n, p in t.adapters.items()
-            }
+            adapters = {n: join(p, f.adapters[n]) for n, p in t.adapters.items()}
             return t.replace(w=f.w, adapters=adapters)
         return f if t is None else t
 

@@ -31,6 +31,7 @@ import numpy as np
 
 from . import name_maps
 from .config import LoraConfig
+from .distributed import local_device, place
 from .targets import KERNEL_LEAF_NAMES, LayoutSpec, LeafEntry, TreeFacts, flatten_params, infer_layout, path_names, user_layout
 from .weight import KernelLayout, LoraWeight, Trainable, is_lora_weight, is_trainable
 
@@ -58,7 +59,14 @@ ShardingSpec = Union[None, jax.sharding.Sharding, Callable[[str, str], Optional[
 class TargetRecord:
     """One LoRA target. ``a``/``b`` are canonical ``(*stack, *in, r)``/``(*stack, r, *out)``
     when ``layout`` is known, else flat ``(in_features, r)``/``(r, out_features)`` (conv:
-    ``(*spatial, in, r)``/``(r, out)``). They may be ``jax.ShapeDtypeStruct``."""
+    ``(*spatial, in, r)``/``(r, out)``). They may be ``jax.ShapeDtypeStruct``.
+
+    Variants: ``magnitude`` is DoRA's ``m`` (canonical ``(*stack, *out)``, or flat
+    ``(out_features,)``); ``init`` names a PiSSA/OLoRA initialisation (the base of the
+    trained model is then the residual ``W − s·a0·b0``), with the initial factors
+    ``a0``/``b0`` (shaped as ``a``/``b``) where the storage keeps them (Orbax); without
+    them the initialisation is run again on the base when the tree is built (PEFT's files).
+    """
 
     path: Optional[str]
     a: Any
@@ -72,10 +80,15 @@ class TargetRecord:
     dropout: float = 0.0
     kind: str = "linear"
     torch: Optional[tuple[str, ...]] = None
+    magnitude: Any = None
+    init: Optional[str] = None
+    a0: Any = None
+    b0: Any = None
 
     @property
     def n_params(self) -> int:
-        return int(np.prod(self.a.shape)) + int(np.prod(self.b.shape))
+        m = int(np.prod(self.magnitude.shape)) if self.magnitude is not None else 0
+        return int(np.prod(self.a.shape)) + int(np.prod(self.b.shape)) + m
 
 
 @dataclasses.dataclass
@@ -188,7 +201,7 @@ def adapter_from_tree(
                     path=path, a=x.a, b=x.b, r=r, scale=float(x.scale), alpha=alpha_from_scale(x.scale, r, rslora),
                     layout=tuple(x.layout), base_shape=tuple(int(s) for s in x.w.shape),
                     base_dtype=dtype_name(x.w.dtype), dropout=float(x.dropout), kind=kind,
-                    torch=tuple(tn.modules(names)),
+                    torch=tuple(tn.modules(names)), magnitude=x.magnitude, init=x.init, a0=x.a0, b0=x.b0,
                 )
             )
         elif is_trainable(x):
@@ -225,7 +238,7 @@ def _default_factor_shardings(w: Any, layout: tuple[str, ...]):
         mesh = jax.sharding.Mesh(np.array(sorted(s.device_set, key=lambda d: d.id)), ("d",))
         rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         return rep, rep
-    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    dev = jax.sharding.SingleDeviceSharding(local_device())
     return dev, dev
 
 
@@ -574,7 +587,7 @@ def plan_adapter(
                     raise ValueError(f"{e.path}: shape mismatch at layer {layer}: the adapter has {got}, expected {want}")
         sh = _user_sharding(shardings, e.path, "value") or _sharding_of(e.leaf)
         if sh is None:
-            sh = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+            sh = jax.sharding.SingleDeviceSharding(local_device())
         exact = parts[0][1] is None and not p0.torch_layout
         pplacements.append(_ParamPlacement(e, parts, exact, sh, index.torch_names() if p0.torch_layout else None))
     return entries, treedef, placements, pplacements
@@ -587,15 +600,19 @@ def assemble_tree(
     pplacements: list[_ParamPlacement],
     arrays: Callable[[Any, str], Any],
     dtype: Any = None,
+    rng: Optional[jax.Array] = None,
 ) -> Any:
-    """Builds the LoRA tree; ``arrays(record, "a"|"b"|"value")`` gives a record's data."""
+    """Builds the LoRA tree; ``arrays(record, "a"|"b"|"magnitude"|"a0"|"b0"|"value")``
+    gives a record's data (called for DoRA's and PiSSA's arrays only where the record has
+    them). PiSSA/OLoRA targets get the residual base: ``W − s·a0·b0`` from the stored
+    initial factors, or, where none are stored (PEFT's files), from the initialisation
+    run again on the base (``rng`` seeds ``pissa_niter_N``: ``jax.random.fold_in(rng,
+    leaf index)`` as :func:`jlora.wrap` does; default ``jax.random.key(0)``)."""
     leaves: list[Any] = [e.leaf for e in entries]
 
     def put(x, sharding, dt):
         x = x if dt is None else x.astype(dt)
-        if isinstance(x, jax.Array) and x.sharding == sharding:
-            return x
-        return jax.device_put(x, sharding)
+        return place(x, sharding)  # shardings may span processes
 
     for pl in placements:
         t0 = pl.parts[0][0]
@@ -613,7 +630,8 @@ def assemble_tree(
             a = np.stack(a_list) if pl.parts[0][1] is not None else a_list[0]
             b = np.stack(b_list) if pl.parts[0][1] is not None else b_list[0]
         a, b = put(a, pl.a_sharding, dtype), put(b, pl.b_sharding, dtype)
-        leaves[pl.entry.index] = LoraWeight(pl.entry.leaf, a, b, scale=float(t0.scale), layout=pl.layout, dropout=float(t0.dropout))
+        lw = LoraWeight(pl.entry.leaf, a, b, scale=float(t0.scale), layout=pl.layout, dropout=float(t0.dropout))
+        leaves[pl.entry.index] = _with_variants(lw, pl, arrays, dtype, rng)
     for pp in pplacements:
         e = pp.entry
         vals = [arrays(p, "value") for p, _layer in pp.parts]
@@ -626,6 +644,59 @@ def assemble_tree(
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
+def _variant_array(pl: _Placement, arrays: Callable[[Any, str], Any], name: str, shape: tuple[int, ...]) -> Any:
+    """A record's DoRA/PiSSA array in canonical ``shape`` (per-layer records stacked)."""
+    if pl.exact:
+        return arrays(pl.parts[0][0], name)
+    per = [np.asarray(arrays(t, name)) for t, _ in pl.parts]
+    if pl.parts[0][1] is not None:
+        return np.stack([x.reshape(shape[1:]) for x in per])
+    return per[0].reshape(shape)
+
+
+def _with_variants(lw: LoraWeight, pl: _Placement, arrays: Callable[[Any, str], Any], dtype: Any,
+                   rng: Optional[jax.Array]) -> LoraWeight:
+    """DoRA's magnitude and PiSSA/OLoRA's residual base on a freshly built LoraWeight."""
+    t0 = pl.parts[0][0]
+    kl = KernelLayout(pl.layout)
+    shape = tuple(int(s) for s in pl.entry.leaf.shape)
+    where = pl.entry.path
+    if t0.magnitude is not None:
+        m_shape = tuple(shape[i] for i in kl.stack_axes) + tuple(shape[i] for i in kl.out_axes)
+        if pl.exact and tuple(t0.magnitude.shape) != m_shape:
+            raise ValueError(
+                f"{where}: DoRA magnitude of shape {tuple(t0.magnitude.shape)} does not fit the base kernel "
+                f"{shape} (layout {pl.layout}): expected {m_shape}"
+            )
+        n_out = int(np.prod([shape[i] for i in kl.out_axes]))
+        if not pl.exact and any(t.magnitude is None or int(np.prod(t.magnitude.shape)) != n_out for t, _ in pl.parts):
+            raise ValueError(
+                f"{where}: DoRA magnitude (lora_magnitude_vector) of shape {tuple(t0.magnitude.shape)} does not fit "
+                f"the base kernel {shape} (layout {pl.layout}): expected {n_out} values (out_features) per layer"
+            )
+        m = jnp.asarray(_variant_array(pl, arrays, "magnitude", m_shape))
+        lw = lw.replace(magnitude=m if dtype is None else m.astype(dtype))
+    if t0.init is None:
+        return lw
+    from .inits import init_residual_factors, is_residual_init, residual_kernel
+
+    if not is_residual_init(t0.init):
+        raise ValueError(f"{where}: unknown initialisation {t0.init!r} in the adapter")
+    base = pl.entry.leaf
+    if t0.a0 is not None:
+        a0 = jnp.asarray(_variant_array(pl, arrays, "a0", tuple(lw.a.shape))).astype(lw.a.dtype)
+        b0 = jnp.asarray(_variant_array(pl, arrays, "b0", tuple(lw.b.shape))).astype(lw.b.dtype)
+    elif isinstance(base, jax.ShapeDtypeStruct):
+        a0 = jax.ShapeDtypeStruct(lw.a.shape, lw.a.dtype)
+        b0 = jax.ShapeDtypeStruct(lw.b.shape, lw.b.dtype)
+    else:
+        key = jax.random.fold_in(rng if rng is not None else jax.random.key(0), pl.entry.index)
+        a0, b0 = init_residual_factors(base, pl.layout, lw.rank, lw.scale, t0.init, key, where)
+        a0, b0 = a0.astype(lw.a.dtype), b0.astype(lw.b.dtype)
+    w = base if isinstance(base, jax.ShapeDtypeStruct) else residual_kernel(base, a0, b0, lw.scale, pl.layout)
+    return lw.replace(w=w, a0=a0, b0=b0, init=t0.init)
+
+
 def tree_from_adapter(
     adapter: Adapter,
     params: Any,
@@ -636,10 +707,12 @@ def tree_from_adapter(
     strict: bool = True,
     shardings: ShardingSpec = None,
     dtype: Any = None,
+    rng: Optional[jax.Array] = None,
 ) -> Any:
-    """The LoRA tree of ``adapter`` over the base ``params`` (validated; see :func:`load`)."""
+    """The LoRA tree of ``adapter`` over the base ``params`` (validated; see :func:`load`;
+    ``rng``: see :func:`assemble_tree`)."""
     entries, treedef, pls, pps = plan_adapter(
         adapter, params, layouts=layouts, name_map=name_map, prefix=prefix, strict=strict, shardings=shardings
     )
-    return assemble_tree(entries, treedef, pls, pps, lambda rec, k: getattr(rec, k), dtype)
+    return assemble_tree(entries, treedef, pls, pps, lambda rec, k: getattr(rec, k), dtype, rng)
 
