@@ -13,7 +13,6 @@ table must agree with PEFT's count on the PyTorch Qwen3-0.6B.
 
 from __future__ import annotations
 
-import inspect
 import json
 import sys
 
@@ -32,8 +31,6 @@ peft = pytest.importorskip("peft")
 pytest.importorskip("nbclient")
 pytest.importorskip("ipykernel")
 
-if "apply_fn" not in inspect.signature(jlora.wrap).parameters:  # until core's wrap(apply_fn=) is on main
-    pytest.skip("the notebooks need jlora.wrap(apply_fn=, example_args=)", allow_module_level=True)
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

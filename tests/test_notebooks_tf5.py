@@ -9,20 +9,16 @@ offline path (a random Qwen3 over bytes); its PyTorch check must say it was skip
 
 from __future__ import annotations
 
-import inspect
 import os
 import subprocess
 import time
 
 import pytest
 
-import jlora
 from notebook_checks import ROOT, check_lora_explained, check_quickstart, count_row, run_notebook
 
 if os.environ.get("JLORA_SKIP_TF5") == "1":
     pytest.skip("JLORA_SKIP_TF5=1", allow_module_level=True)
-if "apply_fn" not in inspect.signature(jlora.wrap).parameters:  # until core's wrap(apply_fn=) is on main
-    pytest.skip("the notebooks need jlora.wrap(apply_fn=, example_args=)", allow_module_level=True)
 
 
 @pytest.fixture(scope="module")
