@@ -638,6 +638,8 @@ def load(
         ``Trainable`` values their base leaf's sharding.
       strict: base dtypes must match the adapter's; ``False`` casts instead.
       dtype: cast A and B to this dtype (default: as stored).
+      name_map, prefix: how PyTorch names map to ``params`` for adapters converted from PEFT
+        (``None``: recognised from the paths; see :func:`jlora.name_maps.for_tree`).
       verify: compare every array read with the checksum recorded when it was written,
         and the metadata with its digest (``ValueError`` naming the checkpoint and the
         tensor on a mismatch); ``False`` skips that.
