@@ -213,3 +213,17 @@ def test_save_pretrained_is_an_hf_checkpoint(tmp_path):
     assert np.abs(ref).max() > 1.0
     assert _max_err(m(jnp.asarray(ids)), ref) <= TOL
     assert jm.config_from_hf(tmp_path) == cfg
+
+
+def test_checkpoint_names_nested_or_bare():
+    """A multimodal Gemma 3 checkpoint nests the text model (model.language_model.*), a bare
+    Qwen3Model has no leading model.: both load."""
+    c = case("gemma3")
+    nested = {k.replace("model.", "model.language_model.", 1): v for k, v in c.base_state.items()}
+    m = jm.from_torch(nested, c.torch_model.config)
+    np.testing.assert_array_equal(np.asarray(m.layers[2].attn.kv_einsum.w[...]), np.asarray(c.model.layers[2].attn.kv_einsum.w[...]))
+    q = case("qwen3")
+    bare = {k[len("model."):]: v for k, v in q.base_state.items() if k.startswith("model.")}
+    bare["lm_head.weight"] = q.base_state["lm_head.weight"]
+    m = jm.from_torch(bare, q.torch_model.config)
+    np.testing.assert_array_equal(np.asarray(m.final_norm.w[...]), np.asarray(q.model.final_norm.w[...]))

@@ -178,11 +178,13 @@ def read_safetensors(directory: Union[str, os.PathLike]) -> dict[str, Callable[[
 # Filling a model from PyTorch-named tensors
 
 
-def _prefix_candidates(config: DecoderConfig) -> list[tuple[str, str]]:
-    """Rewrites of the leading ``model.`` of the family's names: bare ``Qwen3Model``
-    checkpoints have none, multimodal Gemma 3 ones nest the text model."""
-    out = [("model.", "model."), ("model.", ""), ("model.", "model.language_model."), ("model.", "language_model.model.")]
-    return out
+# Where the family's names ("model.layers.0...") may live in a checkpoint: as they are, in a
+# bare Qwen3Model/LlamaModel (no "model."), or nested in a multimodal Gemma 3.
+_PREFIXES = ("model.", "", "model.language_model.", "language_model.model.")
+
+
+def _with_prefix(name: str, prefix: str) -> str:
+    return prefix + name[len("model."):] if name.startswith("model.") else name
 
 
 def from_tensors(
@@ -202,23 +204,15 @@ def from_tensors(
     wanted = [tn.params(names) for names, _, _ in leaves]
     all_names = [n for ns in wanted for n in ns]
     available = set(tensors)
-    rewrite = None
-    for old, new in _prefix_candidates(config):
-        fix = (lambda n, old=old, new=new: new + n[len(old):] if n.startswith(old) else n)
-        if all(fix(n) in available for n in all_names):
-            rewrite = fix
-            break
-    if rewrite is None:
-        best = min(
-            (lambda fix: [n for n in all_names if fix(n) not in available])(
-                lambda n, old=old, new=new: new + n[len(old):] if n.startswith(old) else n
-            )
-            for old, new in _prefix_candidates(config)
-        )
+    missing_by_prefix = {p: [n for n in all_names if _with_prefix(n, p) not in available] for p in _PREFIXES}
+    prefix = next((p for p in _PREFIXES if not missing_by_prefix[p]), None)
+    if prefix is None:
+        best = min(missing_by_prefix.values(), key=len)
         raise ValueError(
             f"{where}: {len(best)} tensor(s) the {config.family} model needs are missing: {best[:12]}"
             f"{' ...' if len(best) > 12 else ''}; the checkpoint has e.g. {sorted(available)[:8]}"
         )
+    rewrite = lambda n: _with_prefix(n, prefix)  # noqa: E731
     pdt = jnp.dtype(config.param_dtype)
     values = []
     used = set()
