@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .config import LoraConfig
+from .quantization import is_quantized
 from .weight import DEFAULT_ADAPTER, LoraWeight, MultiLoraWeight, Trainable, delta
 from .weight import is_lora_node as _is_node
 
@@ -143,7 +144,8 @@ def _attach(lp: Any, single: Any, name: str, active: Optional[bool] = None) -> A
         w = new.w if new.a0 is not None else m.w
         return m.replace(w=w, adapters=adapters, active=act)
 
-    return jax.tree_util.tree_map(join, lp, single, is_leaf=_is_node)
+    # a quantized base kernel (jlora.QuantizedArray) is one leaf on both sides
+    return jax.tree_util.tree_map(join, lp, single, is_leaf=lambda x: _is_node(x) or is_quantized(x))
 
 
 def _residual_names(tree: Any, default: str = DEFAULT_ADAPTER) -> list[str]:

@@ -76,7 +76,7 @@ def _shape(x) -> str:
 def inspect_adapter(path: str, *, as_json: bool = False, out=None) -> dict:
     """Prints (and returns) a summary of the adapter at ``path``."""
     from .checkpoint import find_adapter_dir
-    from .peft_format import CONFIG_NAME, WEIGHTS_NAME, to_torch
+    from .peft_format import CONFIG_NAME, WEIGHTS_NAME, module_factors, to_torch
 
     out = out or sys.stdout
     fmt = detect_format(path)
@@ -89,11 +89,8 @@ def inspect_adapter(path: str, *, as_json: bool = False, out=None) -> dict:
         size = _disk_size(where)
     rows = []
     for t in adapter.targets:
-        names = list(t.torch or [t.path])
-        stacked = t.layout is not None and "stack" in t.layout
-        for i, name in enumerate(names):
-            a = t.a[i] if stacked else t.a
-            b = t.b[i] if stacked else t.b
+        pieces = module_factors(t) if t.torch else [(t.path, t.a, t.b)]
+        for name, a, b in pieces:
             A, B = to_torch(a, b, t.kind)
             rows.append(
                 {

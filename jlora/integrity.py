@@ -12,7 +12,7 @@ Two kinds, one per format:
       checksum = "%08x%08x" % (lane_0, lane_1)
 
   A sum of per-element hashes is exact integer arithmetic, so XLA computes it on the
-  sharded array itself (one jitted call for the whole adapter): on save every process
+  sharded array itself (one small jitted program per shape and sharding): on save every process
   hashes only its own shards, and on load a process that read only its shards can
   still verify the whole array; the result is the same for 1 or N processes.
 * **PEFT files** (read whole by every process): SHA-256 of each tensor's bytes as
@@ -29,7 +29,6 @@ Orbax metadata and of the ``adapter_config.json`` keys that change the loaded tr
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 from typing import Any
@@ -82,9 +81,9 @@ def _hash(x: jax.Array) -> jax.Array:
     return jnp.stack(lanes)
 
 
-@functools.partial(jax.jit)
-def _hash_tree(tree: Any) -> Any:
-    return jax.tree_util.tree_map(_hash, tree)
+# One small program per (shape, dtype, sharding): the layers of a model share them, so a
+# deep model compiles no more than a shallow one.
+_hash_jit = jax.jit(_hash)
 
 
 def array_checksums(tree: Any) -> Any:
@@ -102,18 +101,13 @@ def array_checksums(tree: Any) -> Any:
         return tree
     local = jax.local_devices()[0]
     vals = [x if isinstance(x, jax.Array) else jax.device_put(np.asarray(x), local) for x in leaves]
-    # one jitted call per set of devices (a computation runs on one set); the groups are
-    # formed in the same order on every process, so the collectives line up
-    groups: dict[tuple[int, ...], list[int]] = {}
-    for i, v in enumerate(vals):
-        groups.setdefault(tuple(sorted(d.id for d in v.sharding.device_set)), []).append(i)
-    res: list[str] = [""] * len(vals)
-    for idx in groups.values():
-        out = _hash_tree([vals[i] for i in idx])
-        for i, lanes in zip(idx, out):
-            # the result is replicated: any addressable shard holds it
-            v = np.asarray(lanes.addressable_data(0)).astype(np.uint64)
-            res[i] = f"{int(v[0]):08x}{int(v[1]):08x}"
+    # dispatched in the same order on every process, so the collectives line up; all
+    # are in flight before the first result is fetched
+    out = [_hash_jit(v) for v in vals]
+    res = []
+    for lanes in out:
+        v = np.asarray(lanes.addressable_data(0)).astype(np.uint64)  # replicated: any shard has it
+        res.append(f"{int(v[0]):08x}{int(v[1]):08x}")
     return jax.tree_util.tree_unflatten(treedef, res)
 
 

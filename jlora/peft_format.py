@@ -66,6 +66,7 @@ __all__ = [
     "write_peft",
     "peft_tensors",
     "convert_to_lora_records",
+    "module_factors",
 ]
 
 CONFIG_NAME = "adapter_config.json"
@@ -112,6 +113,40 @@ def _from_torch(A: np.ndarray, B: np.ndarray, kind: str, where: str) -> tuple[np
     return np.ascontiguousarray(a), np.ascontiguousarray(b)
 
 
+def module_factors(t: TargetRecord, a: Any = None, b: Any = None) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """``[(torch module, a, b)]``: one target's factors per PyTorch module it stands for.
+
+    One module: the factors as they are. Several, one per slice of the kernel's first
+    axis (``nn.scan`` layers; Gemma's ``kv_einsum`` = ``k_proj``, ``v_proj``): slice ``i``
+    of a ``"stack"`` axis has factors ``a[i]``, ``b[i]``; if that axis is an output axis
+    (a layout found from the einsum alone, one A shared by k and v) slice ``i`` is
+    ``A · B[:, i]``, i.e. ``a`` and ``b[:, i]``; if it is an input axis, ``a[i]`` and ``b``.
+    ``a``/``b``: the factors as host arrays (default: ``t.a``/``t.b``, which must then be
+    addressable here; :func:`peft_tensors` passes them gathered across processes).
+    """
+    if not t.torch:
+        raise ValueError(f"{t.path}: no PyTorch module name for this target; pass name_map=")
+    a = np.asarray(t.a if a is None else a)
+    b = np.asarray(t.b if b is None else b)
+    stacked = t.layout is not None and "stack" in t.layout
+    if stacked and t.layout.count("stack") != 1:
+        raise ValueError(f"{t.path}: only one stack axis maps to PyTorch layers, layout {t.layout}")
+    if stacked:
+        if len(t.torch) != a.shape[0]:
+            raise ValueError(f"{t.path}: {a.shape[0]} layer(s) but {len(t.torch)} PyTorch name(s) {t.torch}")
+        return [(m, a[i], b[i]) for i, m in enumerate(t.torch)]
+    if len(t.torch) == 1:
+        return [(t.torch[0], a, b)]
+    first = t.layout[0] if t.layout else None
+    if first is None or t.base_shape is None or int(t.base_shape[0]) != len(t.torch):
+        raise ValueError(
+            f"{t.path}: 1 adapter but {len(t.torch)} PyTorch names {t.torch}; the kernel's first axis must hold them"
+        )
+    if first == "out":
+        return [(m, a, b[:, i]) for i, m in enumerate(t.torch)]
+    return [(m, a[i], b) for i, m in enumerate(t.torch)]
+
+
 def peft_tensors(adapter: Adapter) -> dict[str, np.ndarray]:
     """The ``adapter_model.safetensors`` tensors of ``adapter`` (PEFT names and layouts).
 
@@ -131,21 +166,12 @@ def peft_tensors(adapter: Adapter) -> dict[str, np.ndarray]:
     host_v = {id(p): hosted[n_ab + i] for i, p in enumerate(adapter.params)}
     host_m = {id(t): hosted[n_ab + len(adapter.params) + i] for i, t in enumerate(dora)}
     for t in adapter.targets:
-        if not t.torch:
-            raise ValueError(f"{t.path}: no PyTorch module name for this target; pass name_map=")
-        a, b = host_a[id(t)], host_b[id(t)]
         stacked = t.layout is not None and "stack" in t.layout
-        if stacked and t.layout.count("stack") != 1:
-            raise ValueError(f"{t.path}: only one stack axis maps to PyTorch layers, layout {t.layout}")
-        n_layers = a.shape[0] if stacked else 1
-        if len(t.torch) != n_layers:
-            hint = (
-                f"; the kernel holds {len(t.torch)} PyTorch modules along its first axis: wrap it with a 'stack' "
-                "first axis (e.g. layouts={'kv_einsum': ('stack', 'out', 'in', 'out')})" if not stacked else ""
-            )
-            raise ValueError(f"{t.path}: {n_layers} layer(s) but {len(t.torch)} PyTorch name(s) {t.torch}{hint}")
-        for i, module in enumerate(t.torch):
-            A, B = to_torch(a[i] if stacked else a, b[i] if stacked else b, t.kind)
+        per_module = module_factors(t, host_a[id(t)], host_b[id(t)])
+        # the magnitude follows the output axes: split like B when the modules are slices of them
+        split_m = stacked or (len(per_module) > 1 and t.layout is not None and t.layout[0] == "out")
+        for i, (module, a, b) in enumerate(per_module):
+            A, B = to_torch(a, b, t.kind)
             if t.kind == "embedding":
                 names = (f"{PEFT_PREFIX}{module}.lora_embedding_A", f"{PEFT_PREFIX}{module}.lora_embedding_B")
             else:
@@ -154,7 +180,7 @@ def peft_tensors(adapter: Adapter) -> dict[str, np.ndarray]:
             if t.magnitude is not None:
                 # DoRA: no ".weight" suffix; (out,) for Linear/Embedding, (1, out, 1, ...) for ConvNd
                 m = host_m[id(t)]
-                m = (m[i] if stacked else m).reshape(-1)
+                m = (m[i] if split_m else m).reshape(-1)
                 if t.kind == "conv":
                     m = m.reshape((1, -1) + (1,) * (A.ndim - 2))
                 tensors.append((f"{PEFT_PREFIX}{module}.lora_magnitude_vector", np.ascontiguousarray(m)))

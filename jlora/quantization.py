@@ -526,6 +526,9 @@ class QuantizedArray:
 
     def __repr__(self) -> str:
         dq = "+dq" if self.double_quant and self.quant_type != "int8" else ""
+        if not hasattr(self.absmax, "shape"):  # children replaced by a tree_map
+            kids = ", ".join(f"{n}={getattr(self, n)!r}" for n in _CHILDREN)
+            return f"QuantizedArray({self.quant_type}{dq}, item_shape={self.item_shape}, {kids})"
         return (f"QuantizedArray({self.quant_type}{dq}, shape={self.shape}, dtype={np.dtype(self.dtype).name}, "
                 f"layout={self.layout}, compute_dtype={np.dtype(self.compute_dtype).name})")
 

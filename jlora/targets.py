@@ -29,6 +29,7 @@ from typing import Any, Optional, Union
 import jax
 
 from .config import LoraConfig
+from .quantization import is_quantized
 from .weight import KernelLayout, is_lora_node
 
 __all__ = [
@@ -149,8 +150,9 @@ def _param_flags(params: Any, n: int) -> list[bool]:
 
 def flatten_params(params: Any) -> tuple[list[LeafEntry], Any]:
     """Flattens ``params`` (dict, FrozenDict, ``nnx.State``, an ``nnx.Module``, HF
-    ``model.params``)."""
-    flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_lora_node)
+    ``model.params``); a ``jlora.QuantizedArray`` (a quantized kernel) is one leaf, of the
+    kernel's shape."""
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: is_lora_node(x) or is_quantized(x))
     flags = _param_flags(params, len(flat))
     entries = [LeafEntry(i, path_names(p), leaf, flags[i]) for i, (p, leaf) in enumerate(flat)]
     for e in entries:
@@ -509,6 +511,8 @@ def plan_targets(
 
     def resolve_layout(e: LeafEntry) -> tuple[str, ...]:
         """layouts= (checked against the uses), else the uses' layout, else inference."""
+        if is_quantized(e.leaf):  # a quantized kernel knows its layout (jlora.quantize inferred or was told it)
+            return user_layout(layouts, e) or e.leaf.layout
         used = used_as_kernel(e)
         layout = user_layout(layouts, e)
         if layout is not None:
@@ -548,10 +552,13 @@ def plan_targets(
         kinds = {e.index: _kernel_kind(e, uses, explicit=not all_linear) for e in leaves}
         kernels = [e for e in leaves if kinds[e.index]]
         if all_linear:
-            if uses is None:
-                kernels = [e for e in kernels if e.name in ("kernel", "w", "weight")]
-            else:
-                kernels = [e for e in kernels if kinds[e.index] == "linear"]
+            def linear(e: LeafEntry) -> bool:
+                u = used_as_kernel(e)
+                if u is not None:
+                    return u.kind == "linear" or (u.kind is None and any(x.problem for x in u.uses))
+                return e.name in ("kernel", "w", "weight")
+
+            kernels = [e for e in kernels if linear(e)]
         if not kernels:
             if not all_linear:
                 matched_without_kernel.append(f"{key} (leaves: {', '.join(e.name for e in leaves)})")

@@ -130,8 +130,9 @@ class LeafUse:
         bad = [u for u in self.uses if u.problem]
         if bad:
             raise ValueError(
-                f"{self.path} (shape {self.shape}): its use fits no kernel layout: {bad[0].describe()}"
-                "; pass layouts= for it, or leave it out of target_modules"
+                f"{self.path} (shape {self.shape}): its use fits no kernel layout: {bad[0].describe()}. "
+                "Leave it out of target_modules, or pass layouts= for it (jlora.lora then forms W + s·A·B "
+                "at the uses the layout does not fit; jlora.explain lists them)"
             )
         uses = self.kernel_uses
         if not uses:
@@ -148,20 +149,32 @@ class LeafUse:
             if merged is None:
                 raise ValueError(
                     f"{self.path} (shape {self.shape}) is used in two incompatible ways: "
-                    f"{ref.describe()}; and {u.describe()}. One kernel layout cannot serve both; "
-                    "pass layouts= for it, or leave it out of target_modules"
+                    f"{ref.describe()}; and {u.describe()}. One kernel layout cannot serve both: leave it out "
+                    "of target_modules, or pass layouts= for it (jlora.lora then forms W + s·A·B at the uses "
+                    "the layout does not fit; jlora.explain lists them)"
                 )
             layout = merged
         return tuple(layout)
 
     def check(self, layout: Sequence[str]) -> None:
-        """Raises ``ValueError`` when ``layout`` (from ``layouts=``) does not fit a use."""
+        """Raises ``ValueError`` when ``layout`` (from ``layouts=``) fits none of the uses.
+
+        Where the uses agree, the layout must fit them all; where they conflict, fitting
+        one of them is enough (``lora`` forms ``W + s·A·B`` at the others)."""
         layout = tuple(layout)
         if len(layout) != len(self.shape):
             raise ValueError(f"{self.path}: layout {layout} has {len(layout)} roles for a kernel of shape {self.shape}")
-        for u in self.kernel_uses:
-            if _fits(layout, u.roles) or (u.primitive == "dot_general" and _fits(layout, _swap(u.roles))):
-                continue
+        uses = self.kernel_uses
+        fits = [_fits(layout, u.roles) or (u.primitive == "dot_general" and _fits(layout, _swap(u.roles))) for u in uses]
+        if all(fits):
+            return
+        try:
+            self.layout()
+            agree = True
+        except ValueError:
+            agree = False
+        if agree or not any(fits):
+            u = uses[fits.index(False)]
             raise ValueError(
                 f"{self.path} (shape {self.shape}): layouts= gives {layout}, but the model uses it "
                 f"{u.describe()}; a 'stack' axis may be kept in the output or batched, 'in' axes must be "
@@ -245,8 +258,9 @@ def _open(j: Any) -> tuple[Any, Sequence[Any]]:
 
 
 def _roles_of(t: _Track, view_roles: Sequence[str], ndim: int) -> tuple[tuple[str, ...], str]:
-    """Leaf-axis roles from the roles of the view's axes; a problem string if an axis
-    gets two roles or the use has no contracted or no kept axis."""
+    """Leaf-axis roles from the roles of the view's axes, and a problem string if an axis
+    gets two roles; no roles where the use has no contracted or no kept axis (then it is
+    not a kernel use)."""
     got: dict[int, set[str]] = {}
     for ax, role in zip(t.axes, view_roles):
         for k in ax:
@@ -262,10 +276,8 @@ def _roles_of(t: _Track, view_roles: Sequence[str], ndim: int) -> tuple[tuple[st
         else:
             roles.append("?")
             problem = problem or f"axis {k} is split between {' and '.join(sorted(rs))} parts"
-    if not problem and "in" not in roles:
-        problem = "no axis is contracted with the input"
-    if not problem and "out" not in roles:
-        problem = "no axis of it stays in the output"
+    if not problem and ("in" not in roles or "out" not in roles):
+        return (), ""  # nothing contracted, or nothing kept: not a kernel use (e.g. x·w·y)
     return tuple(roles), problem
 
 

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .config import LoraConfig
+from .quantization import is_quantized
 from .targets import LayoutSpec, flatten_params, plan_targets
 from .weight import KernelLayout, LoraWeight, MultiLoraWeight, Trainable, init_factors, is_lora_weight, is_trainable
 from .weight import is_lora_node as _is_node
@@ -134,7 +135,10 @@ def wrap(
     if rng is None:
         rng = jax.random.key(0)
 
-    abstract = any(isinstance(e.leaf, jax.ShapeDtypeStruct) for e in entries)
+    abstract = any(
+        isinstance(e.leaf, jax.ShapeDtypeStruct) or (is_quantized(e.leaf) and isinstance(e.leaf.codes, jax.ShapeDtypeStruct))
+        for e in entries
+    )
     if abstract:
         # Trace the same function on abstract values: allocates nothing.
         def concrete(p, key):
@@ -273,7 +277,8 @@ def count_parameters(lp: Any) -> tuple[int, int]:
     """
     trainable = 0
     total = 0
-    for x in jax.tree_util.tree_leaves(lp, is_leaf=_is_node):
+    # a quantized kernel counts its parameters (its shape), not its bytes, as PEFT counts
+    for x in jax.tree_util.tree_leaves(lp, is_leaf=lambda x: _is_node(x) or is_quantized(x)):
         if is_lora_weight(x):
             n = _size(x.a) + _size(x.b) + _size(x.magnitude)
             trainable += n

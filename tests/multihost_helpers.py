@@ -1,10 +1,8 @@
-"""A small Llama-shaped model trained FSDP × TP on a ('data', 'model') mesh, and the
-worker that tests/test_multiprocess.py starts twice (one process per "host").
-
-Plain JAX (no transformers import: each process starts in about a second): embedding,
-per layer RMSNorm → grouped-query attention (q/k/v/o_proj) → RMSNorm → SwiGLU MLP
-(gate/up/down_proj), final norm, lm_head; parameter paths as Hugging Face's Flax Llama,
-so PEFT files get Llama's PyTorch names.
+"""The worker that tests/test_multiprocess.py starts twice (one process per "host"):
+FSDP × TP training of examples/multihost.py's small Llama-shaped model (plain JAX, no
+transformers import: a process starts in about a second; Hugging Face Flax Llama's
+parameter paths, so PEFT files get Llama's PyTorch names) on a ('data', 'model') mesh,
+then every save and load API from both processes.
 
     python tests/multihost_helpers.py PROCESS_ID PORT WORKDIR   # what the test runs
 """
@@ -19,11 +17,25 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-VOCAB, D, HEADS, KV_HEADS, HEAD_DIM, FFN, LAYERS, SEQ, BATCH = 64, 32, 4, 2, 8, 64, 2, 8, 4
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+def _example():
+    """examples/multihost.py as a module (by file: examples/ stays off sys.path)."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "multihost.py")
+    if "jlora_example_multihost" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("jlora_example_multihost", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+    return sys.modules["jlora_example_multihost"]
+
+
+EX = _example()  # the example's model
+
+DIMS = EX.SMOKE
+TARGETS = EX.TARGETS
 STEPS = 4
 
 
@@ -35,87 +47,17 @@ def config():
 
 def base_params(seed: int = 0) -> dict:
     """The same numpy parameters in every process."""
-    rng = np.random.default_rng(seed)
-    f = lambda *s: (0.2 * rng.standard_normal(s)).astype(np.float32)  # noqa: E731
-    layers = {}
-    for i in range(LAYERS):
-        layers[str(i)] = {
-            "self_attn": {
-                "q_proj": {"kernel": f(D, HEADS * HEAD_DIM)},
-                "k_proj": {"kernel": f(D, KV_HEADS * HEAD_DIM)},
-                "v_proj": {"kernel": f(D, KV_HEADS * HEAD_DIM)},
-                "o_proj": {"kernel": f(HEADS * HEAD_DIM, D)},
-            },
-            "mlp": {"gate_proj": {"kernel": f(D, FFN)}, "up_proj": {"kernel": f(D, FFN)},
-                    "down_proj": {"kernel": f(FFN, D)}},
-            "input_layernorm": {"weight": np.ones(D, np.float32)},
-            "post_attention_layernorm": {"weight": np.ones(D, np.float32)},
-        }
-    return {"model": {"embed_tokens": {"embedding": f(VOCAB, D)}, "layers": layers,
-                      "norm": {"weight": np.ones(D, np.float32)}},
-            "lm_head": {"kernel": f(D, VOCAB)}}
+    return EX.base_params(DIMS, seed)
 
 
-def spec_for(path: str, ndim: int):
-    """FSDP × TP: column-parallel kernels (in, out) split in over 'data' and out over
-    'model'; row-parallel ones (o_proj, down_proj) the other way round."""
-    P = jax.sharding.PartitionSpec
-    if ndim < 2:
-        return P()
-    if any(n in path for n in ("o_proj", "down_proj")):
-        return P("model", "data")
-    if "embed_tokens" in path:
-        return P(None, "model")
-    return P("data", "model")
-
-
-def path_str(path) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
-
-
-def make_mesh():
-    auto = jax.sharding.AxisType.Auto
-    return jax.make_mesh((2, 2), ("data", "model"), axis_types=(auto, auto))
-
-
-def place(params: dict, mesh) -> dict:
-    from jlora.distributed import place as put
-
-    def one(path, x):
-        return put(x, jax.sharding.NamedSharding(mesh, spec_for(path_str(path), np.ndim(x))))
-
-    return jax.tree_util.tree_map_with_path(one, params)
-
-
-def _rms(x, w):
-    return x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + 1e-6) * w
-
-
-def apply(p: dict, ids: jax.Array) -> jax.Array:
-    x = p["model"]["embed_tokens"]["embedding"][ids]
-    b, t = ids.shape
-    mask = jnp.tril(jnp.ones((t, t), bool))
-    for i in range(LAYERS):
-        lay = p["model"]["layers"][str(i)]
-        at = lay["self_attn"]
-        h = _rms(x, lay["input_layernorm"]["weight"])
-        q = (h @ at["q_proj"]["kernel"]).reshape(b, t, HEADS, HEAD_DIM)
-        k = (h @ at["k_proj"]["kernel"]).reshape(b, t, KV_HEADS, HEAD_DIM)
-        v = (h @ at["v_proj"]["kernel"]).reshape(b, t, KV_HEADS, HEAD_DIM)
-        k, v = jnp.repeat(k, HEADS // KV_HEADS, 2), jnp.repeat(v, HEADS // KV_HEADS, 2)
-        s = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(HEAD_DIM)
-        a = jax.nn.softmax(jnp.where(mask, s, -1e9), -1)
-        o = jnp.einsum("bhqk,bkhd->bqhd", a, v).reshape(b, t, HEADS * HEAD_DIM)
-        x = x + o @ at["o_proj"]["kernel"]
-        h = _rms(x, lay["post_attention_layernorm"]["weight"])
-        m = lay["mlp"]
-        x = x + (jax.nn.silu(h @ m["gate_proj"]["kernel"]) * (h @ m["up_proj"]["kernel"])) @ m["down_proj"]["kernel"]
-    return _rms(x, p["model"]["norm"]["weight"]) @ p["lm_head"]["kernel"]
+apply = EX.make_apply(DIMS)
+make_mesh = EX.make_mesh
+place = EX.place_on
 
 
 def batch(step: int) -> np.ndarray:
     """Training tokens (the same batch every step: the loss must fall)."""
-    return np.random.default_rng(100).integers(0, VOCAB, (BATCH, SEQ + 1)).astype(np.int32)
+    return np.random.default_rng(100).integers(0, DIMS.vocab, (DIMS.batch, DIMS.seq + 1)).astype(np.int32)
 
 
 def make_train_step(tx, shardings=None):

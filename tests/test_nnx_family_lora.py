@@ -16,7 +16,7 @@ import pytest
 from flax import nnx
 
 import jlora
-from family_models import FAMILIES, TARGETS, case, peft_adapter, torch_logits
+from family_models import FAMILIES, NNX_TARGETS, TARGETS, case, needs_wrap_by_use, peft_adapter, torch_logits
 
 TOL = 1e-4
 
@@ -31,6 +31,16 @@ def loaded(family: str):
     no layouts: both come from the family map recognised in the paths)."""
     d, _ = peft_adapter(family)
     return jlora.load_peft(d, case(family).state)
+
+
+@functools.lru_cache(maxsize=None)
+def wrapped(family: str):
+    """``jlora.wrap`` over the NNX state, the seven projections by their NNX names, targets
+    and layouts found by use, non-zero factors (``init_lora_weights=False``, as PEFT)."""
+    c = case(family)
+    config = jlora.LoraConfig(r=4, lora_alpha=8, target_modules=NNX_TARGETS[family], init_lora_weights=False)
+    lp = jlora.wrap(c.state, config, rng=jax.random.key(0), apply_fn=c.apply, example_args=(jnp.asarray(c.ids),))
+    return config, lp
 
 
 @functools.lru_cache(maxsize=None)
@@ -88,19 +98,29 @@ def test_save_peft_loads_in_peft(family, tmp_path):
     assert max(_max_err(theirs[k], tensors[k]) for k in theirs) == 0.0
 
 
+@needs_wrap_by_use
 @pytest.mark.parametrize("family", FAMILIES)
-def test_explain_every_target_factored(family):
+def test_every_target_factored(family):
+    """All seven projections (q/k/v/o, gate/up/down) adapted, none ever materialised:
+    ``explain`` and ``on_materialize="error"``, on the wrapped tree and the loaded one."""
     c = case(family)
-    report = jlora.explain(c.apply, loaded(family), jnp.asarray(c.ids))
-    assert not report.materialized
     n_modules = 6 if family == "gemma3" else 7
-    assert len(set(report.factored)) == n_modules * len(c.model.layers)
+    _, lp = wrapped(family)
+    leaves = _lora_leaves(lp)
+    assert len(leaves) == n_modules * len(c.model.layers)
+    assert all(float(jnp.abs(w.b).max()) > 0 for w in leaves.values())
+    for tree in (lp, loaded(family)):
+        report = jlora.explain(c.apply, tree, jnp.asarray(c.ids))
+        assert not report.materialized
+        assert len(set(report.factored)) == n_modules * len(c.model.layers)
+    forward(family)(lp, jnp.asarray(c.ids))  # on_materialize="error": raises on any materialisation
 
 
+@needs_wrap_by_use
 @pytest.mark.parametrize("family", FAMILIES)
 def test_factored_equals_merged(family):
     c = case(family)
-    lp = loaded(family)
+    _, lp = wrapped(family)
     merged = jlora.merge(lp)
     assert not _lora_leaves(merged)
     want = np.asarray(jax.jit(c.apply)(merged, jnp.asarray(c.ids)))
@@ -109,10 +129,16 @@ def test_factored_equals_merged(family):
     assert _max_err(want, jax.jit(c.apply)(c.state, jnp.asarray(c.ids))) > 0.05
 
 
+@needs_wrap_by_use
 @pytest.mark.parametrize("family", FAMILIES)
-def test_training_changes_factors_only(family):
+def test_training_changes_factors_only_and_saves_for_peft(family, tmp_path):
+    """A few AdamW steps: W bit-identical, every factor moved; the trained adapter, written
+    by save_peft with the wrap config (NNX module names), loads in PEFT on the torch
+    model and computes what jlora computes."""
+    import peft
+
     c = case(family)
-    lp = loaded(family)
+    config, lp = wrapped(family)
     fwd = jlora.lora(c.apply, on_materialize="error")
     ids = jnp.asarray(c.ids)
 
@@ -144,6 +170,12 @@ def test_training_changes_factors_only(family):
                        if not isinstance(x, jlora.LoraWeight)]
     for x, y in zip(plain(lp), plain(new)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+    jlora.save_peft(tmp_path, new, config=config)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert sorted(cfg["target_modules"]) == sorted(TARGETS)  # PyTorch names, not the NNX ones
+    pm = peft.PeftModel.from_pretrained(c.fresh_torch(), str(tmp_path))
+    assert _max_err(torch_logits(pm, c.ids), forward(family)(new, ids)) <= TOL
 
 
 def test_orbax_and_cli_convert_keep_the_family_names(tmp_path):

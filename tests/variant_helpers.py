@@ -25,7 +25,10 @@ def torch_state(params: Any) -> dict:
     out = {}
     for p, x in jax.tree_util.tree_flatten_with_path(params)[0]:
         names = path_names(p)
-        out[hf.torch_param_name(names)] = torch.tensor(np.array(hf.param_to_torch(names, np.asarray(x))))
+        v = np.array(hf.param_to_torch(names, np.asarray(x)))
+        bf16 = v.dtype.name == "bfloat16"
+        t = torch.tensor(v.astype(np.float32) if bf16 else v)
+        out[hf.torch_param_name(names)] = t.to(torch.bfloat16) if bf16 else t
     return out
 
 
