@@ -22,6 +22,7 @@ from .adapters import (
 from .config import LoraConfig
 from .merge import merge, merge_adapter, unmerge_adapter
 from .optim import combine, nnx_trainable, optimizer, partition, trainable_labels
+from .quantization import QuantConfig, QuantizedArray, dequantize, quantize, quantize_array
 from .transform import LoraReport, MaterializationError, MaterializationWarning, explain, lora
 from .weight import KernelLayout, LoraWeight, MultiLoraWeight, Trainable
 from .wrap import count_parameters, is_lora_tree, lora_leaves, print_trainable_parameters, unload, wrap
@@ -64,11 +65,16 @@ __all__ = [
     "active_adapters",
     "adapter_ids",
     "add_weighted_adapter",
+    "QuantConfig",
+    "QuantizedArray",
+    "quantize",
+    "quantize_array",
+    "dequantize",
 ]
 
-from . import hf
+from . import hf, name_maps
 from .checkpoint import load, save
 from .hf import default_target_modules
 from .peft_format import load_peft, save_peft
 
-__all__ += ["save", "load", "save_peft", "load_peft", "hf", "default_target_modules"]
+__all__ += ["save", "load", "save_peft", "load_peft", "hf", "name_maps", "default_target_modules"]

@@ -20,8 +20,9 @@ FROZEN = "frozen"
 
 
 def trainable_labels(lp: Any) -> Any:
-    """A tree like ``lp`` with ``"trainable"`` at A, B and ``Trainable`` values and
-    ``"frozen"`` everywhere else (the labels of :func:`optimizer`).
+    """A tree like ``lp`` with ``"trainable"`` at A, B, DoRA's magnitude and ``Trainable``
+    values and ``"frozen"`` everywhere else (the labels of :func:`optimizer`), PiSSA/OLoRA's
+    initial factors and DoRA's saved norm included.
 
     >>> trainable_labels(lp)["dense"]["kernel"]   # doctest: +SKIP
     LoraWeight(w='frozen', a='trainable', b='trainable', ...)
@@ -29,19 +30,28 @@ def trainable_labels(lp: Any) -> Any:
 
     def label(x):
         if is_lora_weight(x):
-            return x.replace(w=FROZEN, a=TRAINABLE, b=TRAINABLE)
+            return _label_pair(x, TRAINABLE).replace(w=FROZEN)
         if isinstance(x, MultiLoraWeight):
             live = {id(p) for p in x.active_pairs()}
-            adapters = {
-                n: p.replace(a=TRAINABLE if id(p) in live else FROZEN, b=TRAINABLE if id(p) in live else FROZEN)
-                for n, p in x.adapters.items()
-            }
+            adapters = {n: _label_pair(p, TRAINABLE if id(p) in live else FROZEN) for n, p in x.adapters.items()}
             return x.replace(w=FROZEN, adapters=adapters)
         if is_trainable(x):
             return Trainable(jax.tree_util.tree_map(lambda _: TRAINABLE, x.value))
         return FROZEN
 
     return jax.tree_util.tree_map(label, lp, is_leaf=_is_node)
+
+
+def _label_pair(p: Any, how: str) -> Any:
+    """Labels of one adapter's children: ``how`` for A, B and DoRA's magnitude; frozen
+    for DoRA's saved norm and PiSSA/OLoRA's initial factors (absent children stay None)."""
+    tag = lambda v, t: None if v is None else t  # noqa: E731
+    return p.replace(a=how, b=how, magnitude=tag(p.magnitude, how), weight_norm=tag(p.weight_norm, FROZEN),
+                     a0=tag(p.a0, FROZEN), b0=tag(p.b0, FROZEN))
+
+
+_TRAINED = ("a", "b", "magnitude")
+_KEPT = ("weight_norm", "a0", "b0")
 
 
 class LoraOptState(NamedTuple):
@@ -77,17 +87,32 @@ def _trainable_arrays(tree: Any) -> dict[str, Any]:
         x = _unwrap_variable(x)
         name = "/".join(path_names(path))
         if is_lora_weight(x):
-            if x.a is not None:
-                out[f"{name}/a"], out[f"{name}/b"] = x.a, x.b
+            _put_trained(out, name, x)
         elif isinstance(x, MultiLoraWeight):
             live = {id(p) for p in x.active_pairs()}
             for n, p in x.adapters.items():
-                if id(p) in live and p.a is not None:
-                    out[f"{name}/{n}/a"], out[f"{name}/{n}/b"] = p.a, p.b
+                if id(p) in live:
+                    _put_trained(out, f"{name}/{n}", p)
         elif is_trainable(x):
             for sub, v in jax.tree_util.tree_flatten_with_path(x.value)[0]:
                 out["/".join((name, *path_names(sub)))] = v
     return out
+
+
+def _put_trained(out: dict[str, Any], name: str, p: Any) -> None:
+    """Adds one adapter's trained children (A, B and DoRA's magnitude) to ``out``."""
+    for child in _TRAINED:
+        v = getattr(p, child)
+        if v is not None:
+            out[f"{name}/{child}"] = v
+
+
+def _pair_updates(p: Any, updates: dict[str, Any], name: str, zero: Any) -> Any:
+    """One adapter with its trained children taken from ``updates`` (zeros where absent)
+    and zeros for its frozen children (DoRA's saved norm, PiSSA/OLoRA's A0/B0)."""
+    new = {c: updates.get(f"{name}/{c}", zero(getattr(p, c))) for c in _TRAINED}
+    new.update({c: zero(getattr(p, c)) for c in _KEPT})
+    return p.replace(**new)
 
 
 def _full_updates(params: Any, updates: dict[str, Any]) -> Any:
@@ -95,18 +120,15 @@ def _full_updates(params: Any, updates: dict[str, Any]) -> Any:
     from .targets import path_names
 
     flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_node)
-    zero = lambda v: None if v is None else jnp.zeros_like(v)  # noqa: E731
+    # zeros for every array under a frozen child (a QuantizedArray base holds several)
+    zero = lambda v: None if v is None else jax.tree_util.tree_map(_zero_update, v)  # noqa: E731
     leaves = []
     for path, x in flat:
         name = "/".join(path_names(path))
         if is_lora_weight(x):
-            a, b = updates.get(f"{name}/a"), updates.get(f"{name}/b")
-            leaves.append(x.replace(w=zero(x.w), a=zero(x.a) if a is None else a, b=zero(x.b) if b is None else b))
+            leaves.append(_pair_updates(x, updates, name, zero).replace(w=zero(x.w)))
         elif isinstance(x, MultiLoraWeight):
-            adapters = {}
-            for n, p in x.adapters.items():
-                a, b = updates.get(f"{name}/{n}/a"), updates.get(f"{name}/{n}/b")
-                adapters[n] = p.replace(a=zero(p.a) if a is None else a, b=zero(p.b) if b is None else b)
+            adapters = {n: _pair_updates(p, updates, f"{name}/{n}", zero) for n, p in x.adapters.items()}
             leaves.append(x.replace(w=zero(x.w), adapters=adapters))
         elif is_trainable(x):
             sub_flat, sub_def = jax.tree_util.tree_flatten_with_path(x.value)
@@ -121,7 +143,7 @@ def _full_updates(params: Any, updates: dict[str, Any]) -> Any:
 def optimizer(tx: optax.GradientTransformation) -> optax.GradientTransformation:
     """``tx`` on the trainable leaves, a zero update on the frozen ones.
 
-    A, B and leaves marked ``Trainable`` (by ``bias=`` or ``modules_to_save``) are
+    A, B, DoRA's magnitude and leaves marked ``Trainable`` (by ``bias=`` or ``modules_to_save``) are
     updated by ``tx``; every other leaf, the base kernels included, gets a zero update
     and holds no optimizer state::
 
@@ -176,6 +198,13 @@ def nnx_trainable(path: Any, x: Any) -> bool:
     return isinstance(_unwrap_variable(x), (LoraWeight, MultiLoraWeight, Trainable))
 
 
+def _zero_update(u: Any) -> Any:
+    """A zero update like ``u``; for the ``float0`` gradient of an integer leaf (the codes of
+    a quantized base, with ``jax.grad(..., allow_int=True)``) an integer zero, so that
+    ``optax.apply_updates`` leaves the codes as they are."""
+    return jnp.zeros(u.shape, jnp.uint8) if u.dtype == jax.dtypes.float0 else jnp.zeros_like(u)
+
+
 def partition(lp: Any) -> tuple[Any, Any]:
     """Splits a LoRA tree into ``(trainable, frozen)`` trees of the same structure, with
     ``None`` where the other part holds the leaf (equinox's ``partition``).
@@ -189,13 +218,21 @@ def partition(lp: Any) -> tuple[Any, Any]:
     ``combine(trainable, frozen)`` rebuilds ``lp``.
     """
 
+    def part(p, trained: bool, want_trainable: bool):
+        # the trained children (A, B, m) of a trained adapter go to the trainable part;
+        # everything else (W, a frozen adapter, DoRA's saved norm, PiSSA's A0/B0) to the frozen one
+        if trained and want_trainable:
+            return p.replace(**{n: None for n in _KEPT})
+        if trained:
+            return p.replace(**{n: None for n in _TRAINED})
+        return p if not want_trainable else p.replace(**{n: None for n in _TRAINED + _KEPT})
+
     def split(x, want_trainable: bool):
         if is_lora_weight(x):
-            return x.replace(w=None, a=x.a, b=x.b) if want_trainable else x.replace(w=x.w, a=None, b=None)
+            return part(x, True, want_trainable).replace(w=None if want_trainable else x.w)
         if isinstance(x, MultiLoraWeight):
             live = {id(p) for p in x.active_pairs()}
-            keep = lambda p: (id(p) in live) == want_trainable  # noqa: E731
-            adapters = {n: p if keep(p) else p.replace(a=None, b=None) for n, p in x.adapters.items()}
+            adapters = {n: part(p, id(p) in live, want_trainable) for n, p in x.adapters.items()}
             return x.replace(w=None if want_trainable else x.w, adapters=adapters)
         if is_trainable(x):
             return x if want_trainable else None
@@ -209,13 +246,15 @@ def partition(lp: Any) -> tuple[Any, Any]:
 def combine(trainable: Any, frozen: Any) -> Any:
     """Inverse of :func:`partition`: takes each leaf from whichever tree holds it."""
 
+    def join(t, f):
+        both = {n: getattr(t, n) if getattr(t, n) is not None else getattr(f, n) for n in _TRAINED + _KEPT}
+        return t.replace(**both)
+
     def pick(t, f):
         if is_lora_weight(t):
-            return t.replace(w=f.w)
+            return join(t, f).replace(w=f.w)
         if isinstance(t, MultiLoraWeight):
-            adapters = {
-                n: p if p.a is not None else f.adapters[n] for n, p in t.adapters.items()
-            }
+            adapters = {n: join(p, f.adapters[n]) for n, p in t.adapters.items()}
             return t.replace(w=f.w, adapters=adapters)
         return f if t is None else t
 

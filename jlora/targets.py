@@ -22,12 +22,14 @@ import collections
 import dataclasses
 import re
 import sys
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Optional, Union
 
 import jax
 
 from .config import LoraConfig
+from .quantization import is_quantized
 from .weight import KernelLayout, is_lora_node
 
 __all__ = [
@@ -148,8 +150,9 @@ def _param_flags(params: Any, n: int) -> list[bool]:
 
 def flatten_params(params: Any) -> tuple[list[LeafEntry], Any]:
     """Flattens ``params`` (dict, FrozenDict, ``nnx.State``, an ``nnx.Module``, HF
-    ``model.params``)."""
-    flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_lora_node)
+    ``model.params``); a ``jlora.QuantizedArray`` (a quantized kernel) is one leaf, of the
+    kernel's shape."""
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: is_lora_node(x) or is_quantized(x))
     flags = _param_flags(params, len(flat))
     entries = [LeafEntry(i, path_names(p), leaf, flags[i]) for i, (p, leaf) in enumerate(flat)]
     for e in entries:
@@ -430,6 +433,26 @@ def _format_list(items: Sequence[str], limit: int = 40) -> str:
     return shown + more
 
 
+def warn_rank_above_size(path: str, shape: tuple[int, ...], layout: Sequence[str], r: int) -> None:
+    """Warns when ``r`` exceeds a target's smaller side, ``min(in_features, out_features)``:
+    ``A·B`` can never have a rank above it, so the extra rank only costs memory."""
+    kl = KernelLayout(tuple(layout))
+    n_in = 1
+    for i in kl.in_axes:
+        n_in *= int(shape[i])
+    n_out = 1
+    for i in kl.out_axes:
+        n_out *= int(shape[i])
+    if r > min(n_in, n_out):
+        warnings.warn(
+            f"{path}: r={r} is above min(in_features={n_in}, out_features={n_out}) = {min(n_in, n_out)}; "
+            f"the update s·A·B has rank at most {min(n_in, n_out)}, so the extra rank only costs memory "
+            "(use rank_pattern to give this module a smaller r)",
+            UserWarning,
+            stacklevel=4,
+        )
+
+
 def plan_targets(
     entries: Sequence[LeafEntry],
     config: LoraConfig,
@@ -488,6 +511,8 @@ def plan_targets(
 
     def resolve_layout(e: LeafEntry) -> tuple[str, ...]:
         """layouts= (checked against the uses), else the uses' layout, else inference."""
+        if is_quantized(e.leaf):  # a quantized kernel knows its layout (jlora.quantize inferred or was told it)
+            return user_layout(layouts, e) or e.leaf.layout
         used = used_as_kernel(e)
         layout = user_layout(layouts, e)
         if layout is not None:
@@ -565,6 +590,7 @@ def plan_targets(
                 )
             r = _pattern_value(config.rank_pattern, key, config.r)
             alpha = _pattern_value(config.alpha_pattern, key, config.lora_alpha)
+            warn_rank_above_size(e.path, tuple(e.leaf.shape), layout, int(r))
             targets[e.index] = TargetSpec(
                 r=int(r), alpha=alpha, scale=config.scale_for(int(r), alpha), layout=layout,
                 embedding=kinds[e.index] == "embedding",
