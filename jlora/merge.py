@@ -52,9 +52,15 @@ def merge(lp: Any, *, safe: bool = False) -> Any:
       safe: first check that every merged kernel is finite; raise ``ValueError`` naming
         the first target that is not, before returning anything.
 
+    An ``nnx.Module`` gives a module of the same class (its ``nnx.State`` a State).
+
     >>> merged = merge(lp)                                    # doctest: +SKIP
     >>> model.apply({"params": merged}, x)                    # doctest: +SKIP
     """
+    from .wrap import is_nnx_module, map_module_state
+
+    if is_nnx_module(lp):
+        return map_module_state(lambda s: merge(s, safe=safe), lp)
     if safe:
         from .targets import path_names
 
@@ -99,6 +105,10 @@ def merge_adapter(lp: Any) -> Any:
 
     >>> lp2 = merge_adapter(lp); lp3 = unmerge_adapter(lp2)   # doctest: +SKIP
     """
+    from .wrap import is_nnx_module, map_module_state
+
+    if is_nnx_module(lp):
+        return map_module_state(merge_adapter, lp)
     return _set_merged(lp, True)
 
 
@@ -106,4 +116,8 @@ def unmerge_adapter(lp: Any) -> Any:
     """PEFT's ``unmerge_adapter``: ``w ← w − s·ΔW`` (float32, so ``W`` comes back to
     within float32 rounding for a float32 base) and ``merged=False``. DoRA:
     ``w ← w·(n/m) − s·ΔW`` with the norm ``n`` that :func:`merge_adapter` kept."""
+    from .wrap import is_nnx_module, map_module_state
+
+    if is_nnx_module(lp):
+        return map_module_state(unmerge_adapter, lp)
     return _set_merged(lp, False)

@@ -458,6 +458,7 @@ def plan_targets(
     config: LoraConfig,
     layouts: LayoutSpec = None,
     uses: Optional[Mapping[int, Any]] = None,
+    aliases: Optional[Mapping[str, Sequence[str]]] = None,
 ) -> Plan:
     """Matches ``config`` against the tree: targets with (r, alpha, scale, layout), and
     the leaves made trainable in full by ``bias`` / ``modules_to_save``.
@@ -466,7 +467,8 @@ def plan_targets(
     every leaf the model contracts a kernel, with the layout of its use; ``layouts=``
     still wins, and is checked against the uses. ``"all-linear"`` is then every kernel
     used in a ``dot_general`` (einsum kernels included; not embeddings, convolutions or
-    the output head).
+    the output head). ``aliases`` (``{module path: other paths of the same module}``, an
+    NNX module shared by two attributes) lets any of a module's names select it.
 
     Raises ``ValueError`` when ``target_modules`` (or one of its entries) matches nothing,
     listing the module paths that could have matched, when a target's layout cannot be
@@ -530,10 +532,11 @@ def plan_targets(
 
     targets: dict[int, TargetSpec] = {}
     matched_without_kernel: list[str] = []
+    aliases = aliases or {}
     for key, leaves in modules.items():
         if not key:
             continue
-        if not is_target_module(key):
+        if not (is_target_module(key) or any(is_target_module(k) for k in aliases.get(key, ()))):
             if config.layers_to_transform is not None and is_target_module(key, layer_filter=False):
                 # Named, but its path has no layer index: a stacked (nn.scan) kernel holds
                 # every layer, and selecting some of them is not supported; say so.
@@ -614,7 +617,10 @@ def plan_targets(
     if isinstance(tm, tuple) and not all_linear:
         unmatched = [
             t for t in tm
-            if not any((m == t or m.endswith("." + t)) for m in (entries[i].module for i in targets))
+            if not any(
+                (m == t or m.endswith("." + t))
+                for i in targets for m in (entries[i].module, *aliases.get(entries[i].module, ()))
+            )
         ]
         if unmatched:
             raise ValueError(

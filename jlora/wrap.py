@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Sequence
 import warnings
 from typing import Any, Optional
@@ -17,6 +18,20 @@ from .weight import KernelLayout, LoraWeight, MultiLoraWeight, Trainable, init_f
 from .weight import is_lora_node as _is_node
 
 __all__ = ["wrap", "unload", "count_parameters", "print_trainable_parameters", "is_lora_tree", "lora_leaves"]
+
+
+def is_nnx_module(x: Any) -> bool:
+    nnx = sys.modules.get("flax.nnx")
+    return nnx is not None and isinstance(x, nnx.Module)
+
+
+def map_module_state(fn: Callable[[Any], Any], module: Any) -> Any:
+    """``fn`` applied to an ``nnx.Module``'s state (``nnx.split``: each Variable once, even
+    where several attributes share it), and the result merged back into a new module of
+    the same class (``nnx.merge``); the module itself is unchanged."""
+    nnx = sys.modules["flax.nnx"]
+    graphdef, state = nnx.split(module)
+    return nnx.merge(graphdef, fn(state))
 
 
 def factor_sharding(w: Any, layout: tuple[str, ...]):
@@ -125,13 +140,52 @@ def wrap(
         )
     if example_args and apply_fn is None:
         raise ValueError("example_args= is given without apply_fn=: pass the model's forward as apply_fn")
+    if is_nnx_module(params):
+        # Through the module's graph state, so that a Variable shared by two attributes
+        # (weight tying by reference) is wrapped once and stays shared; target_modules may
+        # name it by any of its paths.
+        nnx = sys.modules["flax.nnx"]
+        graphdef = nnx.graphdef(params)
+        on_state = None
+        if apply_fn is not None:
+            on_state = lambda s, *args: apply_fn(nnx.merge(graphdef, s), *args)  # noqa: E731
+        aliases = _module_aliases(params)
+        return map_module_state(
+            lambda s: _wrap_tree(s, config, rng, on_state, tuple(example_args), dtype, layouts, aliases), params
+        )
+    return _wrap_tree(params, config, rng, apply_fn, tuple(example_args), dtype, layouts, None)
+
+
+def _module_aliases(module: Any) -> dict[str, list[str]]:
+    """``{module path: the other paths of the same module}`` for the Variables an
+    ``nnx.Module`` reaches by more than one attribute path."""
+    from .targets import LeafEntry, path_names
+
+    nnx = sys.modules["flax.nnx"]
+    paths: dict[int, list[str]] = {}
+    flat = jax.tree_util.tree_flatten_with_path(module, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]
+    for path, x in flat:
+        if isinstance(x, nnx.Variable):
+            paths.setdefault(id(x), []).append(LeafEntry(0, path_names(path), None).module)
+    out: dict[str, list[str]] = {}
+    for group in paths.values():
+        for key in group:
+            others = [k for k in group if k != key]
+            if others:
+                out.setdefault(key, []).extend(others)
+    return out
+
+
+def _wrap_tree(params: Any, config: LoraConfig, rng: Optional[jax.Array], apply_fn: Optional[Callable[..., Any]],
+               example_args: tuple, dtype: Any, layouts: LayoutSpec, aliases: Optional[dict]) -> Any:
+    """:func:`wrap` on a pytree (an ``nnx.Module`` has become its state)."""
     entries, treedef = flatten_params(params)
     uses = None
     if apply_fn is not None:
         from .usage import find_kernel_uses
 
-        uses = find_kernel_uses(apply_fn, params, tuple(example_args), is_leaf=_is_node)
-    plan = plan_targets(entries, config, layouts, uses)
+        uses = find_kernel_uses(apply_fn, params, example_args, is_leaf=_is_node)
+    plan = plan_targets(entries, config, layouts, uses, aliases)
     if rng is None:
         rng = jax.random.key(0)
 
@@ -219,6 +273,8 @@ def lora_leaves(tree: Any) -> list[tuple[str, LoraWeight]]:
     """``[(path, LoraWeight), ...]`` in tree order, paths ``/``-joined."""
     from .targets import path_names
 
+    if is_nnx_module(tree):  # each Variable once, as nnx.split sees it
+        tree = sys.modules["flax.nnx"].state(tree)
     flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_node)[0]
     return [("/".join(path_names(p)), x) for p, x in flat if is_lora_weight(x)]
 
@@ -236,7 +292,8 @@ def unload(lp: Any) -> Any:
 
     >>> base = unload(wrap(params, config))   # doctest: +SKIP
     """
-
+    if is_nnx_module(lp):
+        return map_module_state(unload, lp)
     return jax.tree_util.tree_map(_original_base, lp, is_leaf=_is_node)
 
 
@@ -275,6 +332,8 @@ def count_parameters(lp: Any) -> tuple[int, int]:
     >>> count_parameters(lp)  # doctest: +SKIP
     (811008, 125250816)
     """
+    if is_nnx_module(lp):  # each Variable once, as nnx.split sees it
+        lp = sys.modules["flax.nnx"].state(lp)
     trainable = 0
     total = 0
     # a quantized kernel counts its parameters (its shape), not its bytes, as PEFT counts

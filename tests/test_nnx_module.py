@@ -57,6 +57,30 @@ def test_module_in_module_out_state_in_state_out():
     assert {p for p, _ in jlora.lora_leaves(ls)} == {p for p, _ in jlora.lora_leaves(lm)}
 
 
+def test_variable_shared_by_two_attributes_stays_shared():
+    """Weight tying by reference (one nnx.Linear under two names): wrapped once, still one
+    object after wrap, merge and unload; both uses factored; factored == merged."""
+
+    class Tied(nnx.Module):
+        def __init__(self):
+            self.enc = nnx.Linear(4, 4, rngs=nnx.Rngs(0))
+            self.dec = self.enc
+
+        def __call__(self, x):
+            return self.dec(jnp.tanh(self.enc(x)))
+
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 4), np.float32))
+    lm = jlora.wrap(Tied(), jlora.LoraConfig(r=2, lora_alpha=2, target_modules=["enc"], init_lora_weights=False),
+                    apply_fn=call, example_args=(x,))
+    assert lm.enc is lm.dec and isinstance(lm.dec.kernel.get_value(), jlora.LoraWeight)
+    assert jlora.count_parameters(lm) == (16, 36) and len(jlora.lora_leaves(lm)) == 1
+    report = jlora.explain(call, lm, x)
+    assert report.materialized == [] and len(report.events) == 2
+    merged, unloaded = jlora.merge(lm), jlora.unload(lm)
+    assert merged.enc is merged.dec and unloaded.enc is unloaded.dec
+    assert rel_err(jlora.lora(call, on_materialize="error")(lm, x), merged(x)) <= 1e-5
+
+
 def _nnx_optimizer_run(tx, wrt, steps: int):
     """Trains a copy of the wrapped module with nnx.Optimizer(model, tx, wrt) and nnx.jit."""
     graphdef, state = nnx.split(wrapped())
