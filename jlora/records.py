@@ -123,6 +123,13 @@ class Adapter:
         return sum(t.n_params for t in self.targets) + sum(p.n_params for p in self.params)
 
 
+
+def stack_first(shape: tuple[int, ...], layout: Sequence[str]) -> tuple[int, ...]:
+    """``shape`` with its stack axes first (as the factors hold them): the name maps count
+    a kernel's layers on its first axis (MaxText's ``(in, L, out)`` has them at axis 1)."""
+    stack = [i for i, r in enumerate(layout) if r == "stack"]
+    return tuple(shape[i] for i in stack) + tuple(s for i, s in enumerate(shape) if i not in stack)
+
 def _is_node(x: Any) -> bool:
     return isinstance(x, (LoraWeight, Trainable))
 
@@ -177,7 +184,7 @@ def adapter_from_tree(
     shapes = []
     for names, x in leaves:
         if is_lora_weight(x):
-            shapes.append((names, tuple(x.w.shape), x.layout.count("stack")))
+            shapes.append((names, stack_first(tuple(x.w.shape), x.layout), x.layout.count("stack")))
         elif is_trainable(x):
             shapes.append((names, tuple(np.shape(x.value)), 0))
         elif hasattr(x, "shape"):
@@ -329,7 +336,8 @@ class _BaseIndex:
                 if not hasattr(e.leaf, "shape"):
                     continue
                 lay = self._kernel_layout_or_none(e)
-                shapes.append((e.names, tuple(e.leaf.shape), lay.count("stack") if lay else 0))
+                shape = tuple(e.leaf.shape)
+                shapes.append((e.names, stack_first(shape, lay) if lay else shape, lay.count("stack") if lay else 0))
             tn = self.names = name_maps.for_tree(shapes, self._name_map, self._prefix)
             modules: dict[str, tuple[LeafEntry, Optional[int]]] = {}
             params: dict[str, tuple[LeafEntry, Optional[int]]] = {}
@@ -526,9 +534,10 @@ def plan_adapter(
             if n_stack != 1:
                 raise ValueError(f"{e.path}: per-layer adapter entries need a kernel with one stack axis, got {layout}")
             layers = sorted(layer for _, layer in parts)
-            if layers != list(range(shape[0])):
+            n_layers = shape[kl.stack_axes[0]]
+            if layers != list(range(n_layers)):
                 raise ValueError(
-                    f"{e.path}: stacked kernel with {shape[0]} layers, but the adapter has layers {layers}; "
+                    f"{e.path}: stacked kernel with {n_layers} layers, but the adapter has layers {layers}; "
                     "every layer needs an adapter"
                 )
             per_layer = tuple(s for i, s in enumerate(shape) if i not in kl.stack_axes)

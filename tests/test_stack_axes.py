@@ -100,3 +100,18 @@ def test_maxtext_scan_stays_factored_and_trains():
     for (path, w0), (_, w1) in zip(jlora.lora_leaves(lp), jlora.lora_leaves(new)):
         assert np.array_equal(np.asarray(w0.w), np.asarray(w1.w)), path
         assert not np.array_equal(np.asarray(w0.a), np.asarray(w1.a)), path
+
+
+def test_maxtext_adapter_round_trips_orbax_and_peft(tmp_path):
+    """Both formats keep a middle stack axis: canonical factors in Orbax, one PyTorch
+    module per layer in PEFT files, and back onto the base bit for bit."""
+    lp = wrapped(False)
+    _, params = um.maxtext()
+    jlora.save(tmp_path / "orbax", lp)
+    jlora.save_peft(tmp_path / "peft", lp)
+    for back in (jlora.load(tmp_path / "orbax", params), jlora.load_peft(tmp_path / "peft", params)):
+        got = dict(jlora.lora_leaves(back))
+        for path, w in jlora.lora_leaves(lp):
+            assert got[path].layout == w.layout, path
+            np.testing.assert_array_equal(np.asarray(got[path].a), np.asarray(w.a), err_msg=path)
+            np.testing.assert_array_equal(np.asarray(got[path].b), np.asarray(w.b), err_msg=path)
