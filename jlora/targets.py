@@ -433,6 +433,18 @@ def _format_list(items: Sequence[str], limit: int = 40) -> str:
     return shown + more
 
 
+def stacklevel_outside_jlora() -> int:
+    """``stacklevel`` for ``warnings.warn`` from inside jlora that points at the caller's
+    frame (the first one outside the package), however deep the call."""
+    import os
+
+    here = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(here):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def warn_rank_above_size(path: str, shape: tuple[int, ...], layout: Sequence[str], r: int) -> None:
     """Warns when ``r`` exceeds a target's smaller side, ``min(in_features, out_features)``:
     ``A·B`` can never have a rank above it, so the extra rank only costs memory."""
@@ -449,7 +461,7 @@ def warn_rank_above_size(path: str, shape: tuple[int, ...], layout: Sequence[str
             f"the update s·A·B has rank at most {min(n_in, n_out)}, so the extra rank only costs memory "
             "(use rank_pattern to give this module a smaller r)",
             UserWarning,
-            stacklevel=4,
+            stacklevel=stacklevel_outside_jlora(),
         )
 
 

@@ -13,7 +13,7 @@ import numpy as np
 
 from .config import LoraConfig
 from .quantization import is_quantized
-from .targets import LayoutSpec, flatten_params, plan_targets
+from .targets import LayoutSpec, flatten_params, plan_targets, stacklevel_outside_jlora
 from .weight import KernelLayout, LoraWeight, MultiLoraWeight, Trainable, init_factors, is_lora_weight, is_trainable
 from .weight import is_lora_node as _is_node
 
@@ -228,7 +228,7 @@ def _attach(entries: Sequence[Any], treedef: Any, plan: Any, config: LoraConfig,
             "applies PiSSA/OLoRA to Linear layers only and gives embeddings its default init (A = 0, "
             "B ~ N(0, 1)); jlora does the same, so these tables are not changed",
             UserWarning,
-            stacklevel=2,
+            stacklevel=stacklevel_outside_jlora(),
         )
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
