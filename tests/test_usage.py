@@ -66,7 +66,8 @@ def test_einsum_kernels_found_by_use_stay_factored(family):
     assert len(jlora.lora_leaves(lp)) == um.L * (len(want) - (family == "gemma")) + (family == "gemma")
     assert type(lp) is type(um.tunix() if family == "tunix" else um.gemma())
     report = assert_all_factored(call, lp, um.ids())
-    assert_factored_equals_merged(call, lp, um.ids())
+    # tunix: gradients are checked on the same tree under nnx.remat (test_remat.py)
+    assert_factored_equals_merged(call, lp, um.ids(), grads=family == "gemma")
     if family == "gemma":
         # the embedding is gathered by rows and read transposed by the tied head (x·Eᵀ):
         # one layout (in, out) serves both uses, both factored
