@@ -92,6 +92,18 @@ def test_all_linear_takes_einsum_kernels_not_head_or_embedding(family):
     assert not any(p.startswith(("lm_head", "embedder")) for p, _ in jlora.lora_leaves(lp))
 
 
+def test_head_and_embedding_by_name():
+    """lm_head/w (D, V) and the bare embedder/input_embedding (V, D), named explicitly:
+    (in, out) each, the embedding gathered by rows, both factored."""
+    config = jlora.LoraConfig(r=2, target_modules=["lm_head", "input_embedding"])
+    lp = jlora.wrap(um.tunix(), config, apply_fn=call, example_args=(um.ids(),))
+    assert {p: w.layout for p, w in jlora.lora_leaves(lp)} == {
+        "lm_head/w": ("in", "out"), "embedder/input_embedding": ("in", "out")
+    }
+    report = assert_all_factored(call, lp, um.ids())
+    assert sorted(e.primitive for e in report.events) == ["dot_general", "gather"]
+
+
 def test_layouts_checked_against_use():
     config = jlora.LoraConfig(r=2, target_modules=["q_einsum"])
     with pytest.raises(ValueError, match=r"q_einsum/w.*layouts= gives \('in', 'out', 'out'\).*BTD,NDH->BTNH"):
