@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .config import LoraConfig
+from .quantization import is_quantized
 from .weight import DEFAULT_ADAPTER, LoraWeight, MultiLoraWeight, Trainable, delta
 from .weight import is_lora_node as _is_node
 
@@ -46,6 +47,7 @@ __all__ = [
     "adapter_names",
     "active_adapters",
     "adapter_ids",
+    "check_adapter_ids",
     "add_weighted_adapter",
 ]
 
@@ -142,7 +144,8 @@ def _attach(lp: Any, single: Any, name: str, active: Optional[bool] = None) -> A
         w = new.w if new.a0 is not None else m.w
         return m.replace(w=w, adapters=adapters, active=act)
 
-    return jax.tree_util.tree_map(join, lp, single, is_leaf=_is_node)
+    # a quantized base kernel (jlora.QuantizedArray) is one leaf on both sides
+    return jax.tree_util.tree_map(join, lp, single, is_leaf=lambda x: _is_node(x) or is_quantized(x))
 
 
 def _residual_names(tree: Any, default: str = DEFAULT_ADAPTER) -> list[str]:
@@ -305,6 +308,12 @@ def adapter_ids(lp: Any, names: Sequence[str]) -> jax.Array:
     ``"__base__"`` (the base model alone). Pass the result as ``adapter_ids=`` to the
     function returned by ``jlora.lora``.
 
+    ``ids[e] = adapter_names(lp).index(names[e])``, ``-1`` for ``"__base__"``. This is
+    the safe way to build ids: an unknown name is a ``ValueError``. Hand-made concrete
+    ids outside ``-1 .. len(adapter_names(lp)) - 1`` are a ``ValueError`` too (see
+    :func:`check_adapter_ids`); traced ids (inside ``jit``) cannot be checked, and an
+    out-of-range index there selects no adapter: that example gets the base model.
+
     >>> ids = adapter_ids(lp, ["a", "b", "__base__", "a"])     # doctest: +SKIP
     >>> y = jlora.lora(apply)(lp, x, adapter_ids=ids)           # doctest: +SKIP
     """
@@ -318,6 +327,39 @@ def adapter_ids(lp: Any, names: Sequence[str]) -> jax.Array:
         else:
             raise ValueError(f"unknown adapter {n!r}; existing adapters: {existing} (or {BASE_ADAPTER!r})")
     return jnp.asarray(out, jnp.int32)
+
+
+def check_adapter_ids(ids: Any, names: Sequence[str]) -> None:
+    """Raises ``ValueError`` if concrete ``ids`` hold an index outside ``-1 .. len(names)-1``.
+
+    ``names`` are the tree's adapter names (``adapter_names(lp)``); ``-1`` is the base
+    model. Traced ids (under ``jit``/``vmap``) are not checked: there an out-of-range index
+    matches no adapter, so that example computes the base model alone. Only the shards
+    this process holds are checked for a multi-process global array.
+
+    >>> check_adapter_ids(np.array([0, -1]), ["a", "b"])
+    >>> check_adapter_ids(np.array([2]), ["a", "b"])
+    Traceback (most recent call last):
+    ...
+    ValueError: adapter_ids[0] = 2 is out of range: valid ids are -1 (the base model) and 0..1 for the adapters ['a', 'b'] (0='a', 1='b'); jlora.adapter_ids(lp, names) builds them from names
+    """
+    if isinstance(ids, jax.core.Tracer):
+        return
+    if isinstance(ids, jax.Array) and not ids.is_fully_addressable:
+        chunks = [(s.index[0].start or 0 if s.index else 0, np.asarray(s.data).reshape(-1)) for s in ids.addressable_shards]
+    else:
+        chunks = [(0, np.asarray(ids).reshape(-1))]
+    n = len(names)
+    for start, vals in chunks:
+        bad = np.nonzero((vals < -1) | (vals >= n))[0]
+        if bad.size:
+            i = int(bad[0])
+            listing = ", ".join(f"{k}={nm!r}" for k, nm in enumerate(names))
+            raise ValueError(
+                f"adapter_ids[{start + i}] = {int(vals[i])} is out of range: valid ids are -1 (the base model) and "
+                f"0..{n - 1} for the adapters {list(names)} ({listing}); jlora.adapter_ids(lp, names) builds them "
+                "from names"
+            )
 
 
 # ----------------------------------------------------------------------------------

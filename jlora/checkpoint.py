@@ -36,14 +36,30 @@ from PEFT without a base model, in which case ``A`` is stored (in_features, r) a
 
 :func:`save` is atomic: it writes to a temporary directory next to ``path`` and renames
 it into place, so a save killed at any point leaves the previous checkpoint loadable.
+
+**Integrity.** Each target record also carries ``a_checksum``/``b_checksum`` and each
+param record ``checksum`` (:func:`jlora.integrity.array_checksums`, algorithm
+``"checksum_algorithm": "jlora-fmix64-v1"``: independent of sharding and of the number of
+processes), and the metadata its own ``"digest"`` (SHA-256 of the rest as canonical
+JSON). :func:`load` verifies all of them and raises ``ValueError`` naming the checkpoint
+and the tensor on a mismatch; a missing, truncated or garbled file is a
+``FileNotFoundError``/``ValueError`` naming the directory and the file. Checkpoints
+written before checksums existed load unverified.
+
+**Several processes.** Every process calls :func:`save` / :func:`load` (and
+``CheckpointManager.save``/``restore`` with :class:`AdapterSave` / :class:`AdapterRestore`)
+as with Orbax: the temporary directory's name is drawn on the primary process and
+broadcast, Orbax writes each process's shards, the primary alone writes the metadata and
+does the renames, and no process returns before the new checkpoint is in place.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
-import uuid
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -54,9 +70,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from . import name_maps
+from . import distributed, name_maps
 from .atomic import recover_interrupted_save as _recover, replace_directory, temp_sibling
 from .config import LoraConfig
+from .integrity import ARRAY_ALGORITHM, array_checksums, json_digest
 from .records import (
     Adapter,
     ParamRecord,
@@ -165,15 +182,52 @@ def _encode(adapter: Adapter) -> tuple[dict, dict]:
                 "torch_layout": p.torch_layout,
             }
         )
+    if distributed.is_multiprocess():
+        # Orbax writes a numpy array once, from the primary; a jax.Array on this
+        # process's devices only is the same value on every process: write it once too
+        tree = jax.tree_util.tree_map(
+            lambda x: np.asarray(x) if isinstance(x, jax.Array) and x.is_fully_addressable else x, tree
+        )
+    sums = array_checksums(tree)  # one jitted call; a collective for global arrays
+    for m in meta["targets"]:
+        m["a_checksum"] = sums["lora"][m["key"]]["a"]
+        m["b_checksum"] = sums["lora"][m["key"]]["b"]
+        for name, info in m.get("arrays", {}).items():  # DoRA's magnitude, PiSSA/OLoRA's A0/B0
+            info["checksum"] = sums["lora"][m["key"]][name]
+    for m in meta["params"]:
+        m["checksum"] = sums["params"][m["key"]]
+    meta["checksum_algorithm"] = ARRAY_ALGORITHM
+    meta["digest"] = json_digest(meta)
     return tree, meta
 
 
-def _decode_meta(meta: Any, where: str) -> tuple[Adapter, dict[int, str], dict[int, str]]:
+def _check_digest(meta: dict, where: str) -> None:
+    digest = meta.get("digest")
+    if digest is not None and json_digest({k: v for k, v in meta.items() if k != "digest"}) != digest:
+        raise ValueError(
+            f"{where}: jlora's metadata in _METADATA does not match the digest recorded with it: the file was "
+            "modified or is corrupt; restore the checkpoint from a copy"
+        )
+
+
+def _decode_meta(meta: Any, where: str, verify: bool = True) -> tuple[Adapter, dict[int, str], dict[int, str]]:
     """An Adapter with ``jax.ShapeDtypeStruct`` arrays, and the Orbax keys by record id."""
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ValueError(f"{where}: not a jlora adapter checkpoint (no '{FORMAT}' metadata)")
-    if int(meta.get("version", 0)) > VERSION:
-        raise ValueError(f"{where}: adapter format version {meta['version']} is newer than this jlora ({VERSION})")
+    if verify:
+        _check_digest(meta, where)
+    version = meta.get("version", 0)
+    if not isinstance(version, int) or version > VERSION:
+        raise ValueError(f"{where}: adapter format version {version!r}; this jlora reads versions up to {VERSION}")
+    try:
+        return _decode_records(meta)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as err:
+        raise ValueError(
+            f"{where}: malformed jlora metadata in _METADATA ({type(err).__name__}: {err}); the checkpoint is corrupt"
+        ) from None
+
+
+def _decode_records(meta: dict) -> tuple[Adapter, dict[int, str], dict[int, str]]:
     targets, params = [], []
     tkeys: dict[int, str] = {}
     pkeys: dict[int, str] = {}
@@ -223,14 +277,88 @@ def _stored_abstract(meta: dict) -> dict:
     return tree
 
 
+def _short(err: BaseException) -> str:
+    """The informative line of an Orbax/TensorStore error (they carry whole tracebacks)."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    codes = ("NOT_FOUND", "DATA_LOSS", "OUT_OF_RANGE", "INVALID_ARGUMENT", "FAILED_PRECONDITION", "UNKNOWN")
+    line = next((ln for ln in lines if any(c in ln for c in codes)), lines[-1] if lines else "")
+    line = line.split(" [tensorstore_spec=", 1)[0]
+    return f"{type(err).__name__}: {line[:400]}"
+
+
+def _read_custom_metadata(handler: ocp.StandardCheckpointHandler, directory: epath.Path) -> Any:
+    """jlora's metadata of the checkpoint item at ``directory``; errors name the file."""
+    f = Path(directory) / "_METADATA"
+    if not f.is_file():
+        raise FileNotFoundError(f"{directory}: missing {f.name}: the checkpoint is incomplete or damaged")
+    try:
+        json.loads(f.read_bytes().decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(
+            f"{directory}: cannot read the checkpoint metadata file {f.name} (truncated or corrupt?): "
+            f"{type(err).__name__}: {err}"
+        ) from None
+    try:
+        return handler.metadata(directory).custom_metadata
+    except Exception as err:  # noqa: BLE001 - Orbax/TensorStore raise many types
+        raise ValueError(
+            f"{directory}: cannot read the arrays' metadata from the checkpoint's array store (manifest.ocdbt, "
+            f"d/, ocdbt.process_*/ under {directory}: missing, truncated or corrupt): {_short(err)}"
+        ) from err
+
+
+def _orbax_restore(handler: ocp.StandardCheckpointHandler, directory: epath.Path, target: Any) -> Any:
+    try:
+        return ocp.StandardCheckpointHandler.restore(handler, directory, args=ocp.args.StandardRestore(target))
+    except Exception as err:  # noqa: BLE001 - TensorStore / Orbax errors of many types
+        raise ValueError(
+            f"{directory}: cannot read the array data: a file under {directory} (manifest.ocdbt, ocdbt.process_*/, "
+            f"d/, array_metadatas/) is missing, truncated or corrupt: {_short(err)}"
+        ) from err
+
+
+def _verify(restored: dict, meta: dict, where: str) -> None:
+    """Compares the checksums recorded at save time with the arrays just read."""
+    algorithm = meta.get("checksum_algorithm")
+    if algorithm is None:
+        return  # written before jlora recorded checksums
+    if algorithm != ARRAY_ALGORITHM:
+        warnings.warn(f"{where}: unknown checksum algorithm {algorithm!r}; the arrays are not verified", stacklevel=3)
+        return
+    expected: list[tuple[str, str, Any]] = []
+    arrays: list[Any] = []
+    for m in meta["targets"]:
+        for name in ("a", "b"):
+            expected.append((f"factor {name.upper()} of target {m.get('path') or m.get('torch')} "
+                             f"(Orbax key lora/{m['key']}/{name})", m.get(f"{name}_checksum"), None))
+            arrays.append(restored["lora"][m["key"]][name])
+        for name, info in m.get("arrays", {}).items():
+            expected.append((f"{name} of target {m.get('path') or m.get('torch')} (Orbax key lora/{m['key']}/{name})",
+                             info.get("checksum"), None))
+            arrays.append(restored["lora"][m["key"]][name])
+    for m in meta.get("params", []):
+        expected.append((f"trained parameter {m.get('path') or m.get('torch')} (Orbax key params/{m['key']})",
+                         m.get("checksum"), None))
+        arrays.append(restored["params"][m["key"]])
+    got = array_checksums(arrays)
+    for (what, want, _), have in zip(expected, got):
+        if want != have:
+            raise ValueError(
+                f"{where}: checksum mismatch for {what}: recorded {want}, read {have}; the checkpoint's array data "
+                f"(under {where}/ocdbt.process_*/d/) is corrupt: restore it from a copy"
+            )
+
+
 def _restore(handler: ocp.StandardCheckpointHandler, directory: epath.Path, args: "AdapterRestore") -> Any:
-    meta = handler.metadata(directory).custom_metadata
-    adapter, tkeys, pkeys = _decode_meta(meta, str(directory))
+    meta = _read_custom_metadata(handler, directory)
+    adapter, tkeys, pkeys = _decode_meta(meta, str(directory), args.verify)
     entries, treedef, pls, pps = plan_adapter(
         adapter, args.params, layouts=args.layouts, name_map=args.name_map, prefix=args.prefix,
         strict=args.strict, shardings=args.shardings,
     )
-    host = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    # Records that need reshaping (converted from PEFT) are read whole on each process;
+    # the others are read straight onto their shardings, each process reading its shards.
+    host = jax.sharding.SingleDeviceSharding(distributed.local_device())
     target = _stored_abstract(meta)
     for pl in pls:
         for t, _ in pl.parts:
@@ -258,7 +386,9 @@ def _restore(handler: ocp.StandardCheckpointHandler, directory: epath.Path, args
                     n: (x if x.sharding is not None else jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=host))
                     for n, x in v.items()
                 }
-    restored = ocp.StandardCheckpointHandler.restore(handler, directory, args=ocp.args.StandardRestore(target))
+    restored = _orbax_restore(handler, directory, target)
+    if args.verify:
+        _verify(restored, meta, str(directory))
 
     def arrays(rec, name):
         if isinstance(rec, TargetRecord):
@@ -321,6 +451,7 @@ class AdapterRestore(ocp.args.CheckpointArgs):
     layouts: LayoutSpec = None
     name_map: name_maps.NameMapSpec = None
     prefix: Optional[str] = None
+    verify: bool = True
 
 
 # --------------------------------------------------------------------------------------
@@ -337,6 +468,9 @@ def recover_interrupted_save(path: Path, complete: Callable[[Path], bool] = _is_
     return _recover(path, complete)
 
 
+_ORBAX_FILES = ("_CHECKPOINT_METADATA", "manifest.ocdbt", "_sharding", "commit_success.txt")
+
+
 def find_adapter_dir(path: Union[str, os.PathLike]) -> Path:
     """The Orbax item directory holding a jlora adapter: ``path`` itself, a
     ``CheckpointManager`` step directory (its item written with :class:`AdapterSave`), or
@@ -344,45 +478,55 @@ def find_adapter_dir(path: Union[str, os.PathLike]) -> Path:
     p = recover_interrupted_save(Path(path).absolute())
     if not p.exists():
         raise FileNotFoundError(f"{path}: no such checkpoint")
+    if not p.is_dir():
+        raise ValueError(f"{path}: a file, not a checkpoint directory")
     if (p / "_METADATA").is_file():
         return p
+    if any((p / f).exists() for f in _ORBAX_FILES) or (p / "ocdbt.process_0").is_dir():
+        raise FileNotFoundError(f"{p}: missing _METADATA: the Orbax checkpoint is incomplete or damaged")
     steps = sorted((c for c in p.iterdir() if c.is_dir() and c.name.isdigit()), key=lambda c: int(c.name))
     if steps:
         p = steps[-1]
+    unreadable: list[str] = []
     for child in sorted(c for c in p.iterdir() if c.is_dir()):
         if (child / "_METADATA").is_file():
             try:
                 meta = ocp.StandardCheckpointHandler().metadata(epath.Path(child)).custom_metadata
-            except Exception:  # noqa: BLE001 - not an Orbax pytree
+            except Exception as err:  # noqa: BLE001 - another item, or a damaged one
+                unreadable.append(f"{child}/_METADATA ({type(err).__name__}: {err})")
                 continue
             if isinstance(meta, dict) and meta.get("format") == FORMAT:
                 return child
+        elif any((child / f).exists() for f in _ORBAX_FILES):
+            unreadable.append(f"{child}: missing _METADATA")
     hint = "; it is a PEFT adapter: use jlora.load_peft" if (p / "adapter_config.json").exists() else ""
+    if unreadable:
+        hint += f"; unreadable Orbax items (damaged?): {'; '.join(unreadable)}"
     raise ValueError(f"{path}: not a jlora Orbax adapter checkpoint (no _METADATA with '{FORMAT}' metadata){hint}")
 
 
 def read_metadata(path: Union[str, os.PathLike]) -> dict:
     """The JSON metadata of an Orbax adapter checkpoint (no array data is read)."""
     d = find_adapter_dir(path)
-    try:
-        meta = ocp.StandardCheckpointHandler().metadata(epath.Path(d)).custom_metadata
-    except Exception as err:  # noqa: BLE001
-        raise ValueError(f"{d}: unreadable Orbax checkpoint metadata: {err}") from None
+    meta = _read_custom_metadata(ocp.StandardCheckpointHandler(), epath.Path(d))
     _decode_meta(meta, str(d))
     return meta
 
 
-def read_adapter(path: Union[str, os.PathLike]) -> Adapter:
-    """The whole adapter of an Orbax checkpoint as records with numpy arrays (no base)."""
+def read_adapter(path: Union[str, os.PathLike], *, verify: bool = True) -> Adapter:
+    """The whole adapter of an Orbax checkpoint as records with numpy arrays (no base),
+    checksums verified (``verify=False`` skips that). Every process reads all of it."""
     d = find_adapter_dir(path)
     handler = ocp.StandardCheckpointHandler()
-    meta = handler.metadata(epath.Path(d)).custom_metadata
-    adapter, tkeys, pkeys = _decode_meta(meta, str(d))
-    host = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    meta = _read_custom_metadata(handler, epath.Path(d))
+    adapter, tkeys, pkeys = _decode_meta(meta, str(d), verify)
+    host = jax.sharding.SingleDeviceSharding(distributed.local_device())
     target = jax.tree_util.tree_map(
         lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=host), _stored_abstract(meta)
     )
-    restored = handler.restore(epath.Path(d), args=ocp.args.StandardRestore(target))
+    restored = _orbax_restore(handler, epath.Path(d), target)
+    if verify:
+        _verify(restored, meta, str(d))
     for t in adapter.targets:
         for name in ("a", "b") + _VARIANT_ARRAYS:
             if name in ("a", "b") or getattr(t, name) is not None:
@@ -393,25 +537,34 @@ def read_adapter(path: Union[str, os.PathLike]) -> Adapter:
 
 
 def write_adapter(path: Union[str, os.PathLike], adapter: Adapter, *, overwrite: bool = True) -> Path:
-    """Writes ``adapter`` as an Orbax checkpoint at ``path``, atomically (see :func:`save`)."""
-    tree, meta = _encode(adapter)
+    """Writes ``adapter`` as an Orbax checkpoint at ``path``, atomically (see :func:`save`).
+
+    With several processes every process calls it: they agree on one temporary
+    directory, Orbax writes each process's shards into it, and the primary alone
+    renames it into place; all return once it is there."""
     path = Path(path).absolute()
     if path.exists():
         if not overwrite:
             raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
         if path.is_file() or (any(path.iterdir()) and not _is_adapter_dir(path)):
             raise ValueError(f"{path} exists and is not a jlora adapter checkpoint; refusing to replace it")
+    tree, meta = _encode(adapter)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tag = uuid.uuid4().hex[:12]
+    tag = distributed.agreed_tag()
     tmp = temp_sibling(path, tag)
     try:
         ocp.Checkpointer(ocp.StandardCheckpointHandler()).save(
             epath.Path(tmp), args=ocp.args.StandardSave(tree, custom_metadata=meta)
         )
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if distributed.is_primary():  # with Orbax's own temporary directory inside/beside it
+            for leftover in [tmp, *tmp.parent.glob(f"{tmp.name}.orbax-checkpoint-tmp*")]:
+                shutil.rmtree(leftover, ignore_errors=True)
         raise
-    return replace_directory(tmp, path, tag)
+    if distributed.is_primary():
+        replace_directory(tmp, path, tag)
+    distributed.barrier(f"jlora_save_{tag}")  # nobody returns before the rename
+    return path
 
 
 def save(
@@ -463,6 +616,7 @@ def load(
     layouts: LayoutSpec = None,
     name_map: name_maps.NameMapSpec = None,
     prefix: Optional[str] = None,
+    verify: bool = True,
 ) -> Any:
     """The LoRA tree of the adapter at ``path`` over the base ``params``.
 
@@ -482,6 +636,13 @@ def load(
         ``Trainable`` values their base leaf's sharding.
       strict: base dtypes must match the adapter's; ``False`` casts instead.
       dtype: cast A and B to this dtype (default: as stored).
+      verify: compare every array read with the checksum recorded when it was written,
+        and the metadata with its digest (``ValueError`` naming the checkpoint and the
+        tensor on a mismatch); ``False`` skips that.
+
+    With several processes (``jax.distributed.initialize``) every process calls
+    ``load``; with ``params`` on a global mesh, A and B land on the shardings
+    :func:`jlora.wrap` would give them, and each process reads only its own shards.
 
     Example:
       >>> lp = jlora.load("ckpt/adapter", model.params)           # doctest: +SKIP
@@ -491,6 +652,7 @@ def load(
     return handler.restore(
         epath.Path(d),
         args=AdapterRestore(
-            params, shardings=shardings, strict=strict, dtype=dtype, layouts=layouts, name_map=name_map, prefix=prefix
+            params, shardings=shardings, strict=strict, dtype=dtype, layouts=layouts, name_map=name_map,
+            prefix=prefix, verify=verify,
         ),
     )

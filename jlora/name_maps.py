@@ -84,6 +84,8 @@ __all__ = [
     "module_kind",
     "family_of",
     "record_param_to_torch",
+    "layouts",
+    "tree_leaves",
 ]
 
 Leaves = Sequence[tuple[tuple[str, ...], Optional[tuple[int, ...]], int]]
@@ -782,3 +784,55 @@ def record_param_to_torch(names: Sequence[str], value: Any, n: int, source: Any 
     v = np.asarray(value)
     conv = kernel_to_torch if tuple(names)[-1] == "kernel" else np.asarray
     return [conv(v[i] if n > 1 else v) for i in range(n)]
+
+
+def tree_leaves(params: Any) -> list[tuple[tuple[str, ...], tuple[int, ...], int]]:
+    """``[(names, shape, 0)]`` for every array leaf of ``params`` (a dict, an ``nnx.State``
+    or ``nnx.Module``, a LoRA tree: a ``LoraWeight`` counts as its kernel, with its stack
+    axes), the input of :func:`for_tree`."""
+    import jax
+
+    from .targets import path_names
+
+    def node(x: Any) -> bool:
+        return type(x).__name__ in ("LoraWeight", "MultiLoraWeight", "Trainable")
+
+    out = []
+    for keypath, x in jax.tree_util.tree_flatten_with_path(params, is_leaf=node)[0]:
+        n_stack = 0
+        if type(x).__name__ in ("LoraWeight", "MultiLoraWeight"):
+            n_stack = tuple(x.layout).count("stack")
+            x = x.w
+        elif type(x).__name__ == "Trainable":
+            x = x.value
+        shape = getattr(x, "shape", None)
+        if shape is not None:
+            out.append((path_names(keypath), tuple(int(d) for d in shape), n_stack))
+    return out
+
+
+def layouts(params: Any, name_map: NameMapSpec = None) -> Callable[[str, tuple[int, ...]], Optional[tuple[str, ...]]]:
+    """The kernel layouts a name map knows for the leaves of ``params``, as a ``layouts=``
+    argument of :func:`jlora.wrap` (``None`` for kernels it does not know, which are then
+    inferred as usual).
+
+    Use it to wrap a tree so that its adapter is exactly PEFT's: Gemma 3's ``kv_einsum``
+    (2, K, D, H) gets ``("stack", "out", "in", "out")``, i.e. separate factors for k and v
+    (PEFT's ``k_proj`` and ``v_proj``), where a layout found from its einsum alone would
+    be ``("out", "out", "in", "out")`` (one adapter shared by k and v).
+
+    >>> lp = jlora.wrap(state, config, layouts=jlora.name_maps.layouts(state))  # doctest: +SKIP
+    """
+    leaves = tree_leaves(params)
+    tn = for_tree([(n, s, 0) for n, s, _ in leaves], name_map)
+    table: dict[str, tuple[str, ...]] = {}
+    for names, shape, _ in leaves:
+        lay = tn.layout(names, shape)
+        if lay is not None:
+            table[".".join(names[:-1])] = lay
+
+    def spec(module: str, shape: tuple[int, ...]) -> Optional[tuple[str, ...]]:
+        lay = table.get(module)
+        return lay if lay is not None and len(lay) == len(tuple(shape)) else None
+
+    return spec

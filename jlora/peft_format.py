@@ -32,14 +32,14 @@ import math
 import os
 import re
 import shutil
-import uuid
+import struct
 from collections import Counter
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import numpy as np
 
-from . import name_maps
+from . import distributed, name_maps
 from .atomic import replace_directory, temp_sibling
 from .atomic import recover_interrupted_save
 from .records import (
@@ -52,6 +52,7 @@ from .records import (
     tree_from_adapter,
 )
 from .config import LoraConfig
+from .integrity import json_digest, sha256_hex
 from .inits import is_residual_init
 from .targets import LayoutSpec
 
@@ -65,6 +66,7 @@ __all__ = [
     "write_peft",
     "peft_tensors",
     "convert_to_lora_records",
+    "module_factors",
 ]
 
 CONFIG_NAME = "adapter_config.json"
@@ -111,30 +113,65 @@ def _from_torch(A: np.ndarray, B: np.ndarray, kind: str, where: str) -> tuple[np
     return np.ascontiguousarray(a), np.ascontiguousarray(b)
 
 
-def _host(x: Any) -> np.ndarray:
-    return np.asarray(x)
+def module_factors(t: TargetRecord, a: Any = None, b: Any = None) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """``[(torch module, a, b)]``: one target's factors per PyTorch module it stands for.
+
+    One module: the factors as they are. Several, one per slice of the kernel's first
+    axis (``nn.scan`` layers; Gemma's ``kv_einsum`` = ``k_proj``, ``v_proj``): slice ``i``
+    of a ``"stack"`` axis has factors ``a[i]``, ``b[i]``; if that axis is an output axis
+    (a layout found from the einsum alone, one A shared by k and v) slice ``i`` is
+    ``A · B[:, i]``, i.e. ``a`` and ``b[:, i]``; if it is an input axis, ``a[i]`` and ``b``.
+    ``a``/``b``: the factors as host arrays (default: ``t.a``/``t.b``, which must then be
+    addressable here; :func:`peft_tensors` passes them gathered across processes).
+    """
+    if not t.torch:
+        raise ValueError(f"{t.path}: no PyTorch module name for this target; pass name_map=")
+    a = np.asarray(t.a if a is None else a)
+    b = np.asarray(t.b if b is None else b)
+    stacked = t.layout is not None and "stack" in t.layout
+    if stacked and t.layout.count("stack") != 1:
+        raise ValueError(f"{t.path}: only one stack axis maps to PyTorch layers, layout {t.layout}")
+    if stacked:
+        if len(t.torch) != a.shape[0]:
+            raise ValueError(f"{t.path}: {a.shape[0]} layer(s) but {len(t.torch)} PyTorch name(s) {t.torch}")
+        return [(m, a[i], b[i]) for i, m in enumerate(t.torch)]
+    if len(t.torch) == 1:
+        return [(t.torch[0], a, b)]
+    first = t.layout[0] if t.layout else None
+    if first is None or t.base_shape is None or int(t.base_shape[0]) != len(t.torch):
+        raise ValueError(
+            f"{t.path}: 1 adapter but {len(t.torch)} PyTorch names {t.torch}; the kernel's first axis must hold them"
+        )
+    if first == "out":
+        return [(m, a, b[:, i]) for i, m in enumerate(t.torch)]
+    return [(m, a[i], b) for i, m in enumerate(t.torch)]
 
 
 def peft_tensors(adapter: Adapter) -> dict[str, np.ndarray]:
-    """The ``adapter_model.safetensors`` tensors of ``adapter`` (PEFT names and layouts)."""
+    """The ``adapter_model.safetensors`` tensors of ``adapter`` (PEFT names and layouts).
+
+    Factors sharded over several processes are gathered: then every process must call
+    this (a collective)."""
     out: dict[str, np.ndarray] = {}
     target_modules: set[str] = set()
+    # all factors whole on this process, one collective for all of them when sharded
+    dora = [t for t in adapter.targets if t.magnitude is not None]
+    hosted = distributed.gather_to_host(
+        [x for t in adapter.targets for x in (t.a, t.b)] + [p.value for p in adapter.params]
+        + [t.magnitude for t in dora]
+    )
+    host_a = {id(t): hosted[2 * i] for i, t in enumerate(adapter.targets)}
+    host_b = {id(t): hosted[2 * i + 1] for i, t in enumerate(adapter.targets)}
+    n_ab = 2 * len(adapter.targets)
+    host_v = {id(p): hosted[n_ab + i] for i, p in enumerate(adapter.params)}
+    host_m = {id(t): hosted[n_ab + len(adapter.params) + i] for i, t in enumerate(dora)}
     for t in adapter.targets:
-        if not t.torch:
-            raise ValueError(f"{t.path}: no PyTorch module name for this target; pass name_map=")
-        a, b = _host(t.a), _host(t.b)
         stacked = t.layout is not None and "stack" in t.layout
-        if stacked and t.layout.count("stack") != 1:
-            raise ValueError(f"{t.path}: only one stack axis maps to PyTorch layers, layout {t.layout}")
-        n_layers = a.shape[0] if stacked else 1
-        if len(t.torch) != n_layers:
-            hint = (
-                f"; the kernel holds {len(t.torch)} PyTorch modules along its first axis: wrap it with a 'stack' "
-                "first axis (e.g. layouts={'kv_einsum': ('stack', 'out', 'in', 'out')})" if not stacked else ""
-            )
-            raise ValueError(f"{t.path}: {n_layers} layer(s) but {len(t.torch)} PyTorch name(s) {t.torch}{hint}")
-        for i, module in enumerate(t.torch):
-            A, B = to_torch(a[i] if stacked else a, b[i] if stacked else b, t.kind)
+        per_module = module_factors(t, host_a[id(t)], host_b[id(t)])
+        # the magnitude follows the output axes: split like B when the modules are slices of them
+        split_m = stacked or (len(per_module) > 1 and t.layout is not None and t.layout[0] == "out")
+        for i, (module, a, b) in enumerate(per_module):
+            A, B = to_torch(a, b, t.kind)
             if t.kind == "embedding":
                 names = (f"{PEFT_PREFIX}{module}.lora_embedding_A", f"{PEFT_PREFIX}{module}.lora_embedding_B")
             else:
@@ -142,8 +179,8 @@ def peft_tensors(adapter: Adapter) -> dict[str, np.ndarray]:
             tensors = [(names[0], A), (names[1], B)]
             if t.magnitude is not None:
                 # DoRA: no ".weight" suffix; (out,) for Linear/Embedding, (1, out, 1, ...) for ConvNd
-                m = _host(t.magnitude)
-                m = (m[i] if stacked else m).reshape(-1)
+                m = host_m[id(t)]
+                m = (m[i] if split_m else m).reshape(-1)
                 if t.kind == "conv":
                     m = m.reshape((1, -1) + (1,) * (A.ndim - 2))
                 tensors.append((f"{PEFT_PREFIX}{module}.lora_magnitude_vector", np.ascontiguousarray(m)))
@@ -155,7 +192,7 @@ def peft_tensors(adapter: Adapter) -> dict[str, np.ndarray]:
     for p in adapter.params:
         if not p.torch:
             raise ValueError(f"{p.path}: no PyTorch name for this parameter; pass name_map=")
-        v = _host(p.value)
+        v = host_v[id(p)]
         names = p.path.split("/") if p.path else None
         if not p.torch_layout and names is not None:
             xs = name_maps.record_param_to_torch(names, v, len(p.torch), adapter.name_map)
@@ -276,6 +313,14 @@ def peft_config_dict(
             return False
         return candidates is None or not any(peft_matches(c, m) for m in candidates - targets)
 
+    if adapter.config is not None and cfg.get("modules_to_save"):
+        # The config names JAX modules; PEFT matches PyTorch ones (an NNX "embedder" is
+        # "embed_tokens"): name the trained modules by their PyTorch names where they differ.
+        trained = {n.rsplit(".", 1)[0] for p in adapter.params for n in p.torch or () if not n.endswith(".bias")}
+        pattern = lambda m, t: re.match(rf"(^|.*\.){m}($|\..*)", t) is not None  # noqa: E731
+        if trained and not all(any(pattern(m, t) for t in trained) for m in cfg["modules_to_save"]):
+            cfg["modules_to_save"] = sorted({t.rsplit(".", 1)[-1] for t in trained})
+
     keep = adapter.config is not None and cfg.get("target_modules") not in ("all-linear", None)
     if not (keep and selects_exactly(cfg)) and targets:
         trial = dict(cfg, exclude_modules=None, layers_to_transform=None, layers_pattern=None)
@@ -328,20 +373,72 @@ def write_peft(
     base_model_name_or_path: Optional[str] = None,
     task_type: Optional[str] = None,
 ) -> Path:
-    """Writes ``adapter`` in PEFT's format (see :func:`save_peft`)."""
-    from safetensors.numpy import save as st_save
+    """Writes ``adapter`` in PEFT's format (see :func:`save_peft`).
 
-    tensors = peft_tensors(adapter)
-    cfg = peft_config_dict(adapter, base_model_name_or_path=base_model_name_or_path, task_type=task_type)
-    LoraConfig.from_dict(cfg)  # what we write must read back
-    files = {
-        WEIGHTS_NAME: st_save(tensors, metadata={"format": "pt"}),
-        CONFIG_NAME: (json.dumps(cfg, indent=2, sort_keys=True) + "\n").encode(),
-    }
+    With several processes every process calls it: sharded factors are gathered, the
+    primary process writes the files, the others wait for it and write nothing."""
+
     d = Path(directory).absolute()
     if d.exists() and not d.is_dir():
         raise ValueError(f"{d} exists and is not a directory")
-    tag = uuid.uuid4().hex[:12]
+    tensors = peft_tensors(adapter)  # every process: gathers sharded factors
+    tag = distributed.agreed_tag()
+    if distributed.is_primary():
+        _write_peft_files(d, tensors, adapter, tag, base_model_name_or_path, task_type)
+    distributed.barrier(f"jlora_save_peft_{tag}")  # the others wait and write nothing
+    return d
+
+
+# The adapter_config.json keys that change the tree load_peft builds (ranks, scales,
+# dropout); their digest is written with the tensors.
+_CONFIG_KEYS_CHECKED = ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "lora_dropout", "use_dora")
+
+
+def _config_digest(cfg: dict) -> str:
+    return json_digest({k: cfg.get(k) for k in _CONFIG_KEYS_CHECKED})
+
+
+def _jlora_metadata(tensors: dict[str, np.ndarray], cfg: dict) -> str:
+    """The ``jlora`` entry of the safetensors metadata (PEFT ignores it): a SHA-256 per
+    tensor and a digest of the config keys that shape the loaded tree."""
+    return json.dumps(
+        {
+            "version": 1,
+            "algorithm": "sha256",
+            "tensors": {k: sha256_hex(v) for k, v in sorted(tensors.items())},
+            "config_keys": list(_CONFIG_KEYS_CHECKED),
+            "config_digest": _config_digest(cfg),
+        },
+        sort_keys=True,
+        separators=(",", ":"),
+    )
+
+
+def _sorted_metadata(data: bytes) -> bytes:
+    """``data`` (a safetensors file) with its ``__metadata__`` keys in sorted order.
+
+    safetensors keeps the metadata in a hash map, so two keys come out in either order
+    from one process to the next; sorted, the same adapter gives the same bytes. The
+    header is JSON after an 8-byte little-endian length, padded with spaces to a multiple
+    of 8; tensor offsets count from the end of the header, so they do not change."""
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+    header = {"__metadata__": header.pop("__metadata__"), **header}
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + data[8 + n:]
+
+
+def _write_peft_files(d: Path, tensors: dict, adapter: Adapter, tag: str, base_model_name_or_path, task_type) -> None:
+    from safetensors.numpy import save as st_save
+
+    cfg = peft_config_dict(adapter, base_model_name_or_path=base_model_name_or_path, task_type=task_type)
+    LoraConfig.from_dict(cfg)  # what we write must read back
+    files = {
+        WEIGHTS_NAME: _sorted_metadata(st_save(tensors, metadata={"format": "pt", "jlora": _jlora_metadata(tensors, cfg)})),
+        CONFIG_NAME: (json.dumps(cfg, indent=2, sort_keys=True) + "\n").encode(),
+    }
     others = [f for f in d.iterdir() if f.name not in files and not f.name.startswith(".")] if d.exists() else []
     if not others:
         # A fresh directory, or one holding only the adapter: write a new directory and
@@ -368,7 +465,6 @@ def write_peft(
             except BaseException:
                 tmp_file.unlink(missing_ok=True)
                 raise
-    return d
 
 
 def convert_to_lora_records(adapter: Adapter) -> Adapter:
@@ -441,6 +537,14 @@ def save_peft(
     rules for Hugging Face Flax models); ``Trainable`` leaves are written under their PyTorch names and layouts. The scale is
     carried as ``lora_alpha``/``alpha_pattern`` so PEFT computes the same ``s``.
 
+    The safetensors metadata also holds, under ``"jlora"``, a SHA-256 of every tensor
+    and a digest of the config keys that set ranks and scales; :func:`load_peft` checks
+    them (PEFT ignores the key).
+
+    With several processes every process calls ``save_peft``: the factors are gathered
+    (``process_allgather``; LoRA factors are small), the primary process writes the
+    files, byte for byte what one process writes, and the others wait and write nothing.
+
     Args:
       directory: created if missing (atomically); files in an existing directory are
         replaced one by one, atomically, and nothing else in it is touched.
@@ -498,9 +602,9 @@ def _read_config_dict(d: Path) -> dict:
             f"{d}: missing {CONFIG_NAME}; a PEFT adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}"
         )
     try:
-        cfg = json.loads(path.read_text())
+        cfg = json.loads(path.read_bytes().decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
+        raise ValueError(f"{path}: not valid JSON (truncated or corrupt?): {err}") from None
     if not isinstance(cfg, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
     peft_type = cfg.get("peft_type")
@@ -515,26 +619,65 @@ def read_peft_config(directory: Union[str, os.PathLike]) -> LoraConfig:
     cfg = _read_config_dict(d)
     try:
         return LoraConfig.from_dict(cfg)
-    except (ValueError, TypeError) as err:
-        raise type(err)(f"{d / CONFIG_NAME}: {err}") from None
+    except (ValueError, TypeError, KeyError, AttributeError) as err:
+        raise ValueError(f"{d / CONFIG_NAME}: not a valid LoRA adapter config: {err}") from None
 
 
-def _read_tensors(path: Path) -> dict[str, np.ndarray]:
+def _read_tensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """The tensors and the metadata of a safetensors file."""
     from safetensors import safe_open
 
     try:
         out = {}
         with safe_open(str(path), framework="numpy") as f:
+            meta = f.metadata() or {}
             for k in f.keys():
                 out[k] = f.get_tensor(k)
-        return out
+        return out, meta
     except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
         raise ValueError(f"{path}: not a readable safetensors file (truncated or corrupt?): {err}") from None
 
 
-def read_peft(directory: Union[str, os.PathLike]) -> Adapter:
+def _verify(path: Path, tensors: dict[str, np.ndarray], meta: dict[str, str], cfg: dict) -> None:
+    """Checks the SHA-256s and the config digest jlora wrote (files written by PEFT itself
+    carry none and pass unchecked)."""
+    raw = meta.get("jlora")
+    if raw is None:
+        return
+    try:
+        info = json.loads(raw)
+        recorded = dict(info["tensors"])
+        algorithm = info["algorithm"]
+    except (ValueError, TypeError, KeyError) as err:
+        raise ValueError(f"{path}: the 'jlora' entry of the safetensors metadata is corrupt: {err}") from None
+    if algorithm != "sha256":
+        raise ValueError(f"{path}: unknown checksum algorithm {algorithm!r} in the 'jlora' metadata")
+    missing = sorted(set(recorded) - set(tensors))
+    extra = sorted(set(tensors) - set(recorded))
+    if missing or extra:
+        raise ValueError(
+            f"{path}: the tensors differ from those jlora wrote: missing {missing}, not written by jlora {extra}"
+        )
+    for name in sorted(recorded):
+        got = sha256_hex(tensors[name])
+        if got != recorded[name]:
+            raise ValueError(
+                f"{path}: checksum mismatch for tensor {name!r}: recorded sha256 {recorded[name]}, read {got}; "
+                "the file is corrupt"
+            )
+    want = info.get("config_digest")
+    if want is not None and _config_digest(cfg) != want:
+        keys = ", ".join(info.get("config_keys", _CONFIG_KEYS_CHECKED))
+        raise ValueError(
+            f"{path.parent / CONFIG_NAME}: the keys that set ranks, scales and dropout ({keys}) differ from those "
+            f"written with {path.name}: the file was edited or is corrupt (pass verify=False to load it as it is)"
+        )
+
+
+def read_peft(directory: Union[str, os.PathLike], *, verify: bool = True) -> Adapter:
     """Reads a PEFT LoRA adapter into records (PyTorch names, factors flattened to
-    ``(in, r)`` / ``(r, out)``); no base model needed."""
+    ``(in, r)`` / ``(r, out)``); no base model needed. With ``verify``, the checksums
+    jlora wrote into the safetensors metadata are checked (see :func:`load_peft`)."""
     d = _peft_dir(directory)
     cfg = _read_config_dict(d)
     config = read_peft_config(d)
@@ -546,7 +689,9 @@ def read_peft(directory: Union[str, os.PathLike]) -> Adapter:
                 "safetensors (PEFT: save_pretrained(..., safe_serialization=True))"
             )
         raise FileNotFoundError(f"{d}: missing {WEIGHTS_NAME}")
-    tensors = _read_tensors(path)
+    tensors, st_meta = _read_tensors(path)
+    if verify:
+        _verify(path, tensors, st_meta, cfg)
     factors: dict[str, dict[str, np.ndarray]] = {}
     kinds: dict[str, str] = {}
     params: list[ParamRecord] = []
@@ -628,6 +773,7 @@ def load_peft(
     layouts: LayoutSpec = None,
     dtype: Any = None,
     shardings: ShardingSpec = None,
+    verify: bool = True,
     rng: Any = None,
 ) -> Any:
     """The LoRA tree of a PEFT adapter directory over the base ``params``.
@@ -643,6 +789,15 @@ def load_peft(
     that are not in ``params`` (all listed), factors whose shapes do not fit the base
     kernel (the path and both shapes) — all ``ValueError``.
 
+    Files written by :func:`save_peft` carry a SHA-256 of every tensor and a digest of
+    the config keys that set ranks and scales in the safetensors metadata (key
+    ``"jlora"``, which PEFT ignores); they are checked before anything is built, and a
+    mismatch is a ``ValueError`` naming the file and the tensor. Files written by PEFT
+    itself have no checksums and load unchecked.
+
+    With several processes every process calls ``load_peft``: each reads the (small)
+    file whole and places its own shards of A and B.
+
     Args:
       directory: the PEFT adapter directory.
       params: the base parameters, e.g. ``FlaxLlamaForCausalLM.params``.
@@ -650,6 +805,7 @@ def load_peft(
       layouts: kernel layout overrides, as in :func:`jlora.wrap`.
       dtype: dtype of A and B (default: as stored, usually float32).
       shardings: as in :func:`jlora.load`.
+      verify: check jlora's checksums (``False`` skips it, e.g. for an edited config).
       rng: for ``init_lora_weights="pissa_niter_N"`` adapters, the key given to
         :func:`jlora.wrap` (default ``jax.random.key(0)``, wrap's default).
 
@@ -665,7 +821,7 @@ def load_peft(
       >>> lp = jlora.load_peft("my-peft-adapter", model.params)          # doctest: +SKIP
       >>> logits = jlora.lora(model.__call__)(ids, params=lp).logits      # doctest: +SKIP
     """
-    adapter = read_peft(directory)
+    adapter = read_peft(directory, verify=verify)
     return tree_from_adapter(
         adapter, params, layouts=layouts, name_map=name_map, prefix=prefix, strict=False,
         shardings=shardings, dtype=dtype, rng=rng,

@@ -31,6 +31,7 @@ import numpy as np
 
 from . import name_maps
 from .config import LoraConfig
+from .distributed import local_device, place
 from .targets import KERNEL_LEAF_NAMES, LayoutSpec, LeafEntry, TreeFacts, flatten_params, infer_layout, path_names, user_layout
 from .weight import KernelLayout, LoraWeight, Trainable, is_lora_weight, is_trainable
 
@@ -237,7 +238,7 @@ def _default_factor_shardings(w: Any, layout: tuple[str, ...]):
         mesh = jax.sharding.Mesh(np.array(sorted(s.device_set, key=lambda d: d.id)), ("d",))
         rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         return rep, rep
-    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    dev = jax.sharding.SingleDeviceSharding(local_device())
     return dev, dev
 
 
@@ -586,7 +587,7 @@ def plan_adapter(
                     raise ValueError(f"{e.path}: shape mismatch at layer {layer}: the adapter has {got}, expected {want}")
         sh = _user_sharding(shardings, e.path, "value") or _sharding_of(e.leaf)
         if sh is None:
-            sh = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+            sh = jax.sharding.SingleDeviceSharding(local_device())
         exact = parts[0][1] is None and not p0.torch_layout
         pplacements.append(_ParamPlacement(e, parts, exact, sh, index.torch_names() if p0.torch_layout else None))
     return entries, treedef, placements, pplacements
@@ -611,9 +612,7 @@ def assemble_tree(
 
     def put(x, sharding, dt):
         x = x if dt is None else x.astype(dt)
-        if isinstance(x, jax.Array) and x.sharding == sharding:
-            return x
-        return jax.device_put(x, sharding)
+        return place(x, sharding)  # shardings may span processes
 
     for pl in placements:
         t0 = pl.parts[0][0]

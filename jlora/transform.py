@@ -74,6 +74,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from .dora import magnitude_scale
+from . import qforward as _quant
+from .quantization import is_quantized
 from .targets import path_names
 from .weight import LoraWeight, MultiLoraWeight, Trainable
 
@@ -218,16 +220,17 @@ class _Lora:
                 f"jlora: LoRA weight {self.path!r} would have to be materialised, but a mixed batch "
                 "(adapter_ids=) needs every use of a weight to stay factored"
             )
-        compute = jnp.promote_types(self.w.dtype, jnp.float32)
+        w = _quant.dense(self.w)  # a quantized base is dequantized here
+        compute = jnp.promote_types(w.dtype, jnp.float32)
         if any(p.k is not None for p in self.pairs):
             # DoRA: out ← k⊙(out + s·ΔW) per adapter, in order (jlora.dora.chain_kernel)
-            out = self.w.astype(compute)
+            out = w.astype(compute)
             for p in self.pairs:
                 out = out + self.pair_delta_view(p, compute)
                 if p.k is not None:
                     out = out * _k_on(p.k, self.n_stack, list(self.axes)).astype(compute)
-            return out.astype(self.w.dtype)
-        return (self.w.astype(compute) + self.delta_view(compute)).astype(self.w.dtype)
+            return out.astype(w.dtype)
+        return (w.astype(compute) + self.delta_view(compute)).astype(w.dtype)
 
 
 def _roles_str(lv: "_Lora") -> str:
@@ -394,6 +397,8 @@ def _bind_params(primitive: Any, params: dict) -> tuple[tuple, dict]:
 
 
 def _bind_with(primitive: Any, params: dict, invals: Sequence[Any]) -> Any:
+    if any(_quant.is_view(x) for x in invals):  # a quantized kernel (jlora.qforward)
+        return _quant.bind(primitive, params, invals, _bind_with)
     subfuns, bind_params = _bind_params(primitive, params)
     return primitive.bind(*subfuns, *invals, **bind_params)
 
@@ -406,7 +411,7 @@ def _materialize(x: Any, ctx: _Context, eqn: Any, reason: str = "") -> Any:
     if isinstance(x, _Lora):
         ctx.record(x, eqn, "materialized", reason)
         return x.materialize(ctx.adapter_ids)
-    return x
+    return _quant.dense(x)
 
 
 def _dropout(x: jax.Array, pair: _Pair, ctx: _Context) -> jax.Array:
@@ -466,6 +471,8 @@ def eval_jaxpr(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], ctx: _Con
             if any(isinstance(x, _Lora) for x in invals):
                 rule = _RULES.get(eqn.primitive.name, _rule_materialize)
                 outvals = rule(eqn, invals, ctx)
+            elif _structural(eqn) and any(_quant.is_view(x) for x in invals):
+                outvals = _RULES[eqn.primitive.name](eqn, invals, ctx)  # a quantized kernel goes inside
             else:
                 outvals = _bind(eqn, invals)
         if not eqn.primitive.multiple_results:
@@ -1124,6 +1131,7 @@ def _inline(*jaxpr_params: str):
         jaxpr, consts = _open(_sub_jaxpr(eqn.params, jaxpr_params))
         return eval_jaxpr(jaxpr, consts, invals, ctx, materialize_out=False)
 
+    rule.structural = True
     return rule
 
 
@@ -1260,6 +1268,7 @@ def _rule_scan(eqn, invals, ctx):
     init = [_materialize(v, ctx, eqn, "LoRA weight carried through a scan") for v in invals[nc:nc + ncar]]
     xs = []
     for v in invals[nc + ncar:]:
+        v = v.with_w(_quant.prepare_scanned(v.w)) if isinstance(v, _Lora) else _quant.prepare_scanned(v)
         if isinstance(v, _Lora) and v.axes[0][0] != "s":
             v = _materialize(v, ctx, eqn, "scan slices a non-stack axis of the weight")
         xs.append(v)
@@ -1349,6 +1358,15 @@ for _name, _rule in [
         _RULES.setdefault(_prim.name, _rule)
 
 
+for _rule in (_rule_remat, _rule_cond, _rule_while, _rule_scan):
+    _rule.structural = True  # also evaluated for a quantized kernel alone (jlora.qforward)
+
+
+def _structural(eqn: Any) -> bool:
+    """Whether the equation's rule evaluates a nested body (jit, scan, remat, cond, ...)."""
+    return getattr(_RULES.get(eqn.primitive.name), "structural", False)
+
+
 # ----------------------------------------------------------------------------------
 # The public transform
 # ----------------------------------------------------------------------------------
@@ -1379,7 +1397,7 @@ def _adapter_names(leaves: Sequence[Any]) -> list[str]:
 def _lora_value(leaf: Any, path: str, names: list[str], mixed: bool) -> Any:
     """The interpreter's value for a LoRA node: a ``_Lora``, or a plain kernel when no
     adapter applies (merged, disabled, none active)."""
-    w = jax.lax.stop_gradient(leaf.w)
+    w = _quant.as_value(leaf.w) if is_quantized(leaf.w) else jax.lax.stop_gradient(leaf.w)
     if isinstance(leaf, LoraWeight):
         if leaf.merged:
             if mixed:
@@ -1411,7 +1429,9 @@ def _dora_k(w: Any, x: LoraWeight, n_stack: int) -> Any:
 
 
 def _run(fn, args, kwargs, key, on_materialize, events, adapter_ids=None):
-    flat_with_path, treedef = jax.tree_util.tree_flatten_with_path((args, kwargs), is_leaf=_is_node)
+    flat_with_path, treedef = jax.tree_util.tree_flatten_with_path(
+        (args, kwargs), is_leaf=lambda x: _is_node(x) or is_quantized(x)
+    )
     flat = [leaf for _, leaf in flat_with_path]
     names = _adapter_names(flat)
     mixed = adapter_ids is not None
@@ -1422,6 +1442,9 @@ def _run(fn, args, kwargs, key, on_materialize, events, adapter_ids=None):
                 f"adapter_ids must be a 1-D integer array (one adapter index per example, -1 for the base "
                 f"model; see jlora.adapter_ids), got {adapter_ids.dtype}{list(adapter_ids.shape)}"
             )
+        from .adapters import check_adapter_ids  # issue 16: no silent out-of-range ids
+
+        check_adapter_ids(adapter_ids, names)
     statics = list(flat)
     dyn_idx: list[int] = []
     dyn_vals: list[Any] = []
@@ -1433,6 +1456,9 @@ def _run(fn, args, kwargs, key, on_materialize, events, adapter_ids=None):
         elif isinstance(leaf, Trainable):
             dyn_idx.append(i)
             dyn_vals.append(leaf.value)
+        elif is_quantized(leaf):  # a frozen quantized kernel that is not a LoRA target
+            dyn_idx.append(i)
+            dyn_vals.append(_quant.as_value(leaf))
         elif _is_dynamic(leaf):
             dyn_idx.append(i)
             dyn_vals.append(leaf)
@@ -1455,6 +1481,8 @@ def _abstract(value: Any) -> jax.ShapeDtypeStruct:
     """Shape, dtype and sharding of ``value`` (an array or a tracer), to trace ``fn`` with:
     under a mesh with ``Explicit`` axes the sharding is part of the type, and a jaxpr traced
     without it would build replicated intermediates that clash with the real ones."""
+    if _quant.is_view(value):
+        return value.aval
     t = jax.typeof(value)
     return jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=t.sharding)
 
@@ -1479,7 +1507,10 @@ def lora(fn: Callable[..., Any], *, on_materialize: OnMaterialize = "warn") -> C
     - ``adapter_ids``: for trees with several named adapters (:mod:`jlora.adapters`), a
       mixed batch: one adapter index per example (from :func:`jlora.adapter_ids`; ``-1``
       for the base model alone), applied along axis 0 of each targeted layer's input.
-      Without it, the active adapters' deltas are summed for every example.
+      Without it, the active adapters' deltas are summed for every example. Concrete
+      ids outside ``-1 .. n_adapters - 1`` raise ``ValueError``; traced ids (under
+      ``jit``) cannot be checked, and an out-of-range id there selects no adapter (the
+      example gets the base model), so build ids with :func:`jlora.adapter_ids`.
 
     Non-array arguments (Python bools, strings, ints) are static.
 

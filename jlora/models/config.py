@@ -26,7 +26,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-__all__ = ["DecoderConfig", "config_from_hf", "FAMILIES", "rope_frequencies"]
+__all__ = ["DecoderConfig", "config_from_hf", "hf_config_dict", "FAMILIES", "rope_frequencies"]
 
 FAMILIES = ("qwen3", "llama3", "gemma3")
 _MODEL_TYPES = {"qwen3": "qwen3", "llama": "llama3", "gemma3_text": "gemma3", "gemma3": "gemma3"}
@@ -136,7 +136,7 @@ class DecoderConfig:
         """Number of parameters of the model this config builds.
 
         >>> DecoderConfig("llama3", 10, 8, 16, 1, 2, 1, 4).num_params()
-        784
+        760
         """
         D, F, N, K, H, V = self.embed_dim, self.hidden_dim, self.num_heads, self.num_kv_heads, self.head_dim, self.vocab_size
         attn = D * N * H * 2 + D * K * H * 2 + (2 * H if self.qk_norm else 0)
@@ -246,6 +246,58 @@ def config_from_hf(hf_config: Any, **overrides: Any) -> DecoderConfig:
         )
     kwargs.update(overrides)
     return DecoderConfig(**kwargs)
+
+
+_HF_MODEL = {
+    "qwen3": ("qwen3", "Qwen3ForCausalLM", "silu"),
+    "llama3": ("llama", "LlamaForCausalLM", "silu"),
+    "gemma3": ("gemma3_text", "Gemma3ForCausalLM", "gelu_pytorch_tanh"),
+}
+
+
+def hf_config_dict(config: DecoderConfig) -> dict[str, Any]:
+    """The Hugging Face ``config.json`` of a :class:`DecoderConfig` (inverse of
+    :func:`config_from_hf`): ``transformers.AutoConfig.for_model(**d)`` /
+    ``AutoModelForCausalLM.from_pretrained(dir)`` build the PyTorch twin.
+
+    >>> hf_config_dict(DecoderConfig("llama3", 64, 16, 32, 2, 4, 2, 8))["model_type"]
+    'llama'
+    """
+    model_type, arch, act = _HF_MODEL[config.family]
+    d: dict[str, Any] = {
+        "model_type": model_type,
+        "architectures": [arch],
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.embed_dim,
+        "intermediate_size": config.hidden_dim,
+        "num_hidden_layers": config.num_layers,
+        "num_attention_heads": config.num_heads,
+        "num_key_value_heads": config.num_kv_heads,
+        "head_dim": config.head_dim,
+        "rms_norm_eps": config.rms_norm_eps,
+        "rope_theta": config.rope_theta,
+        "rope_scaling": dict(config.rope_scaling) if config.rope_scaling is not None else None,
+        "tie_word_embeddings": config.tie_embeddings,
+        "initializer_range": config.initializer_range,
+        "attention_bias": False,
+        "torch_dtype": config.param_dtype,
+        "hidden_activation" if config.family == "gemma3" else "hidden_act": act,
+    }
+    if config.family == "llama3":
+        d["mlp_bias"] = False
+    if config.family == "qwen3":
+        sliding = "sliding_attention" in config.layer_types
+        d.update(use_sliding_window=sliding, sliding_window=config.sliding_window, layer_types=list(config.layer_types))
+    if config.family == "gemma3":
+        d.update(
+            layer_types=list(config.layer_types),
+            sliding_window=config.sliding_window,
+            query_pre_attn_scalar=config.query_pre_attn_scalar if config.query_pre_attn_scalar is not None else config.head_dim,
+            rope_local_base_freq=config.rope_local_base_freq,
+            final_logit_softcapping=config.final_logit_softcapping,
+            attn_logit_softcapping=config.attn_logit_softcapping,
+        )
+    return d
 
 
 def rope_frequencies(head_dim: int, theta: float, scaling: Optional[tuple[tuple[str, Any], ...]] = None) -> np.ndarray:

@@ -34,7 +34,7 @@ from flax import nnx
 
 from .. import name_maps
 from ..targets import path_names
-from .config import DecoderConfig, config_from_hf
+from .config import DecoderConfig, config_from_hf, hf_config_dict
 from .decoder import Llama3, Qwen3
 from .gemma3 import Gemma3
 
@@ -46,7 +46,9 @@ __all__ = [
     "from_torch",
     "from_tensors",
     "state_dict",
+    "save_pretrained",
     "read_safetensors",
+    "write_safetensors",
 ]
 
 MODEL_CLASSES: dict[str, type] = {"qwen3": Qwen3, "llama3": Llama3, "gemma3": Gemma3}
@@ -325,3 +327,52 @@ def state_dict(model: nnx.Module, *, prefix: str = "") -> dict[str, np.ndarray]:
                 name = prefix + name[len("model."):]
             out[name] = v
     return out
+
+
+_ST_NAMES = {np.dtype(v).name: k for k, v in _ST_DTYPES.items()}
+
+
+def write_safetensors(path: Union[str, os.PathLike], tensors: Mapping[str, Any], metadata: Optional[dict] = None) -> None:
+    """Writes ``{name: array}`` as one ``.safetensors`` file (any numpy dtype of the
+    format, ``bfloat16`` included), readable by ``safetensors`` and ``transformers``."""
+    import ml_dtypes
+
+    names = {**_ST_NAMES, np.dtype(ml_dtypes.bfloat16).name: "BF16"}
+    header: dict[str, Any] = {"__metadata__": dict(metadata or {"format": "pt"})}
+    offset = 0
+    arrays = []
+    for name in sorted(tensors):
+        x = np.ascontiguousarray(np.asarray(tensors[name]))
+        if x.dtype.name not in names:
+            raise ValueError(f"{name}: dtype {x.dtype} cannot be stored in safetensors")
+        header[name] = {"dtype": names[x.dtype.name], "shape": list(x.shape), "data_offsets": [offset, offset + x.nbytes]}
+        offset += x.nbytes
+        arrays.append(x)
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little"))
+        f.write(blob)
+        for x in arrays:
+            f.write(x.tobytes())
+
+
+def save_pretrained(model: nnx.Module, directory: Union[str, os.PathLike]) -> Path:
+    """Writes ``model`` as a Hugging Face checkpoint directory (``config.json`` +
+    ``model.safetensors``, PyTorch names and layouts): what
+    ``AutoModelForCausalLM.from_pretrained(directory)`` and :func:`from_pretrained` read.
+    A merged fine-tune saved this way is a plain model again.
+
+    >>> jlora.models.save_pretrained(model, "out/base")                      # doctest: +SKIP
+    """
+    config = getattr(model, "config", None)
+    if not isinstance(config, DecoderConfig):
+        raise TypeError(f"save_pretrained needs a jlora.models model (with a DecoderConfig), got {type(model).__name__}")
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    tensors = state_dict(model)
+    write_safetensors(d / "model.safetensors", tensors)
+    cfg = hf_config_dict(config)
+    cfg["torch_dtype"] = str(next(iter(tensors.values())).dtype) if tensors else config.param_dtype
+    (d / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    return d
