@@ -125,6 +125,28 @@ def batchify(pairs, tok, seq_len):
     return ids, mask
 
 
+def answer_loss(forward, lp, ids, mask):
+    """Mean next-token cross-entropy over the positions where ``mask`` is 1 (the answer):
+    ``sum_t mask_t * -log p(ids_{t+1} | ids_{<=t}) / sum_t mask_t``."""
+    logits = forward(lp, ids[:, :-1])
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), ids[:, 1:])
+    return (nll * mask).sum() / mask.sum()
+
+
+def make_sft_step(forward, tx):
+    """The SFT train step ``(trainable, frozen, opt_state, ids, mask) -> (trainable,
+    opt_state, loss)``: gradients of :func:`answer_loss` for the trainable part only. The
+    frozen base is an argument (not a closed-over constant), so one compiled step serves
+    any base of the same shapes."""
+
+    def step(trainable, frozen, opt_state, ids, mask):
+        loss, grads = jax.value_and_grad(lambda t: answer_loss(forward, jlora.combine(t, frozen), ids, mask))(trainable)
+        updates, opt_state = tx.update(grads, opt_state, trainable)
+        return optax.apply_updates(trainable, updates), opt_state, loss
+
+    return step
+
+
 def generate(model, params, tok, prompt: str, max_new_tokens: int) -> str:
     ids = jnp.asarray([tok.encode(prompt)], jnp.int32)
     out = model.generate(ids, params=params, max_new_tokens=max_new_tokens, do_sample=False,
@@ -157,21 +179,10 @@ def main() -> None:
     jlora.print_trainable_parameters(lp)
 
     forward = jlora.lora(lambda params, x: model(x, params=params).logits)
-
-    def loss_fn(trainable, frozen, x, m):
-        logits = forward(jlora.combine(trainable, frozen), x[:, :-1])
-        nll = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), x[:, 1:])
-        return (nll * m).sum() / m.sum()
-
     tx = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, args.lr, max(args.steps // 20, 1), args.steps))
     trainable, frozen = jlora.partition(lp)  # differentiate the factors only
     opt_state = tx.init(trainable)
-
-    @jax.jit
-    def step(trainable, opt_state, x, m):
-        loss, grads = jax.value_and_grad(loss_fn)(trainable, frozen, x, m)
-        updates, opt_state = tx.update(grads, opt_state, trainable)
-        return optax.apply_updates(trainable, updates), opt_state, loss
+    step = jax.jit(make_sft_step(forward, tx))
 
     n_new = 32 if args.smoke else 120
     shown = pairs[:2]
@@ -182,7 +193,7 @@ def main() -> None:
     t0, n_tok = time.perf_counter(), 0
     for i in bar:
         idx = rng.integers(0, len(pairs), args.batch_size)
-        trainable, opt_state, loss = step(trainable, opt_state, ids[idx], mask[idx])
+        trainable, opt_state, loss = step(trainable, frozen, opt_state, ids[idx], mask[idx])
         if i == 0:
             first, t0 = float(loss), time.perf_counter()
         else:
