@@ -120,6 +120,8 @@ class Shape:
     fan_in_fan_out: bool
     batch: int
     length: int
+    rank: int = RANK
+    alpha: int = ALPHA
 
 
 def gpt2_config(tiny: bool, n_positions: Optional[int] = None):
@@ -328,7 +330,7 @@ def qwix_step(shape: Shape, model, params, lp, ids) -> JaxStep:
     """qwix's LoRA on the same Flax module, with jlora's base weights and initial factors."""
     import qwix
 
-    provider = qwix.LoraProvider(module_path=shape.qwix_regex, rank=RANK, alpha=float(ALPHA))
+    provider = qwix.LoraProvider(module_path=shape.qwix_regex, rank=shape.rank, alpha=float(shape.alpha))
     qmodule = qwix.apply_lora_to_model(model.module, provider)
     mask = jnp.ones_like(ids)
     pos = jnp.broadcast_to(jnp.arange(ids.shape[1])[None], ids.shape)
@@ -413,7 +415,7 @@ class TorchStep:
         if kind == "peft":
             from peft import LoraConfig, get_peft_model
 
-            pcfg = LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=shape.targets, lora_dropout=0.0,
+            pcfg = LoraConfig(r=shape.rank, lora_alpha=shape.alpha, target_modules=shape.targets, lora_dropout=0.0,
                               fan_in_fan_out=shape.fan_in_fan_out)
             self.model = get_peft_model(model, pcfg)
             self.same_factors = self.same_weights and self._copy_factors(lp)
@@ -503,7 +505,7 @@ def run_shape(shape: Shape, args, issue3: bool) -> dict:
     params = model.params
     ids_np = np.random.default_rng(0).integers(0, shape.cfg.vocab_size, (shape.batch, shape.length), dtype=np.int32)
     ids = jnp.asarray(ids_np)
-    config = jlora.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=shape.targets)
+    config = jlora.LoraConfig(r=shape.rank, lora_alpha=shape.alpha, target_modules=shape.targets)
     lp = jlora.wrap(params, config, rng=jax.random.key(0))
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
