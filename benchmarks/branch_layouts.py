@@ -19,6 +19,11 @@ compiled and measured; all compute the same function (checked against the first)
 * ``custom_vjp``: ``2-D, s on t`` with a hand-written backward (dx, dA, dB).
 * ``elementwise u``: ``u = Σ_r t[:, r]·B[r]`` as broadcast-multiply-reduce, so that XLA
   could fuse the rank-r product into the add and its consumer.
+* ``merged W + s·A·B, factored tangents``: ``x·(W + s·A·B)ᵀ`` (one product forward, one
+  for dx) with a ``custom_jvp`` whose tangent is factored, so that the gradients of A and
+  B are still rank-r products (no d_in x d_out weight gradient); costs forming the merged
+  kernel every step (kernel-sized traffic and an A·B product) instead of activation-sized
+  traffic.
 
 Measured: XLA's FLOPs and bytes accessed, the thunks of the optimised module (how many,
 how many are activation-sized copies/transposes, i.e. a ``copy``/``transpose`` in a
@@ -116,6 +121,27 @@ def v_cvjp(x, w, a, b):
     return _lin(x.reshape(-1, x.shape[-1]), w, a, b).reshape(x.shape[:-1] + (w.shape[0],))
 
 
+@jax.custom_jvp
+def _merged_lin(x2, w, a, b):
+    return jax.lax.dot_general(x2, w + S * (a @ b).T, (((1,), (1,)), ((), ())))
+
+
+@_merged_lin.defjvp
+def _merged_lin_jvp(primals, tangents):
+    x2, w, a, b = primals
+    dx, _, da, db = tangents
+    wm = w + S * (a @ b).T
+    y = jax.lax.dot_general(x2, wm, (((1,), (1,)), ((), ())))
+    t = x2 @ a
+    dy = jax.lax.dot_general(dx, wm, (((1,), (1,)), ((), ()))) + S * ((x2 @ da) @ b) + S * (t @ db)
+    return y, dy
+
+
+def v_merged_fwd(x, w, a, b):
+    w = jax.lax.stop_gradient(w)
+    return _merged_lin(x.reshape(-1, x.shape[-1]), w, a, b).reshape(x.shape[:-1] + (w.shape[0],))
+
+
 def v_elementwise(x, w, a, b):
     w = jax.lax.stop_gradient(w)
     t = (x.reshape(-1, x.shape[-1]) @ a) * S
@@ -140,6 +166,7 @@ VARIANTS = {
     "2-D incl. base": v_2d_all,
     "custom_vjp": v_cvjp,
     "elementwise u": v_elementwise,
+    "merged W + s·A·B, factored tangents": v_merged_fwd,
 }
 
 

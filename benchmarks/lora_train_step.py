@@ -715,24 +715,26 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: CPU count)")
     ap.add_argument("--no-torch", action="store_true", help="skip PEFT and the torch steps")
     ap.add_argument("--profile", action="store_true", help="also trace the JAX steps (per-thunk breakdown)")
+    ap.add_argument("--peers-only", action="store_true", help="skip issue 3's full / merged / fulltree variants")
     ap.add_argument("--write", action="store_true", help="write the results into BENCHMARKS.md")
     args = ap.parse_args(argv)
-    if args.write and (args.tiny or args.shape != "all" or args.no_torch):
-        ap.error("--write records the full run only; drop --tiny / --shape / --no-torch")
+    if args.write and (args.tiny or args.shape != "all" or args.no_torch or args.peers_only):
+        ap.error("--write records the full run only; drop --tiny / --shape / --no-torch / --peers-only")
     command = "python benchmarks/lora_train_step.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     t_start = time.perf_counter()
     source = provenance()
     names = ["gpt2", "llama"] if args.shape == "all" else [args.shape]
     parts, all_ratios = [], {}
     for shape in shapes(names, args.tiny):
-        res = run_shape(shape, args, issue3=shape.name == "gpt2")
+        issue3 = shape.name == "gpt2" and not args.peers_only
+        res = run_shape(shape, args, issue3=issue3)
         text, ratios = peers_report(res, args)
         all_ratios[shape.name] = ratios
         parts.append(text)
-        if shape.name == "gpt2":
+        if issue3:
             parts.append(issue3_report(res, args))
         print()
-        print(parts[-1] if shape.name != "gpt2" else parts[-2] + "\n\n" + parts[-1], flush=True)
+        print(parts[-1] if not issue3 else parts[-2] + "\n\n" + parts[-1], flush=True)
     summary = ["| shape | jlora / faster peer (ratio of medians) | bound |", "|---|---|---|"]
     for name, r in all_ratios.items():
         summary.append(f"| {name} | {r['jlora/faster_peer']:.3f} | <= {PEER_BOUND} |")
