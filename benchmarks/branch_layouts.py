@@ -264,7 +264,23 @@ def main(argv=None) -> int:
             "## How the LoRA branch is written for XLA:CPU (one layer, forward + backward)",
             "",
             "Issue 14: the candidates tried for `x·W + s·(x·A)·B` on one GPT-2 layer; jlora now emits the "
-            "2-D form with the scale on the rank-r intermediate (`lora_branch` in `jlora/transform.py`).",
+            "2-D form with the scale on the rank-r intermediate (`lora_branch` in `jlora/transform.py`). "
+            "What the deterministic columns show:",
+            "",
+            "- **kept -- 2-D products, s on t** (jlora): no activation-sized copy, the fewest bytes of all "
+            "factored forms. Over the model's own 3-D axes XLA:CPU transposes the cotangent `dy` into a "
+            "(d_out, tokens) copy to form `dB = tᵀ·dy`, whatever the scale placement.",
+            "- **no gain -- s on A or on t but 3-D**: removes the scaled copy of `dy`, keeps the transposed one.",
+            "- **no gain -- the base product flattened too** and **a hand-written `custom_vjp`**: the same "
+            "optimised HLO as jlora's form (and a `custom_vjp` would stop forward-mode differentiation of "
+            "`lora(fn)`), so not used.",
+            "- **worse -- elementwise rank-r product** (broadcast-multiply-reduce, hoping XLA fuses it into "
+            "the add): XLA materialises the (tokens, r, d_out) broadcast; several times the bytes.",
+            "- **worse at this size -- merged kernel `W + s·A·B` in the forward, factored tangents**: one "
+            "product instead of three, but forming the merged kernel every step moves kernel-sized data "
+            "(d_in·d_out per target); it would only pay where tokens per step exceed the kernel's "
+            "d_in·d_out/(d_in + d_out) several times over, and it keeps the merged kernel as a residual "
+            "(more peak memory).",
         ]
         write_section("branch_layouts", "benchmarks/branch_layouts.py", intro, command=command, source=source,
                       packages=("jax", "jaxlib"), report=text)
