@@ -923,38 +923,19 @@ def _rule_dot_general(eqn, invals, ctx):
             return (k_ex.astype(acc) * (base.astype(acc) + delta.astype(acc))).astype(out_dtype)
         return _add_delta(base, delta, out_dtype)
     stack_label = lambda j: ("batch", stack_batch.index(j)) if j in stack_batch else ("s", j)  # noqa: E731
+    spec = _BranchSpec(
+        mode=mode, xc=xc, xb=xb, first_contract_in=tuple(k for _, k in cgroups), stack_batch=tuple(stack_batch),
+        stack_free=tuple(stack_free), lora_free=tuple(lora_free), lora_is_rhs=lora_is_rhs, n_stack=ns,
+        precision=precision, dtype=fdtype, base=base, target=tuple(target),
+    )
     terms = []
     for i, pair in enumerate(lv.pairs):
+        # y = x·W + (s·(dropout(x)·A))·B; over W's output axes (tied embeddings x·Wᵀ): (s·(x·Bᵀ))·Aᵀ
         if mode == "in":
-            # y = x·W + s·((dropout(x)·A)·B)
             xd = _dropout(x.astype(fdtype), pair, ctx)
-            first, second, second_r, g2, n2 = pair.a, pair.b, ns, "b", lv.n_out
-            first_contract = [ns + k for _, k in cgroups]
         else:
-            # contraction over W's output axes (e.g. tied embeddings x·Wᵀ): (x·Bᵀ)·Aᵀ
             xd = (x if pair_x is None else pair_x[i]).astype(fdtype)
-            first, second, second_r, g2, n2 = pair.b, pair.a, pair.a.ndim - 1, "a", lv.n_in
-            first_contract = [ns + 1 + k for _, k in cgroups]
-        labels = (
-            [("batch", i) for i in range(nbat)] + [("s", k) for k in stack_free]
-            + x_free + [(g2, k) for k in range(n2)]
-        )
-        t_labels = [("batch", i) for i in range(nbat)] + x_free + [("s", k) for k in stack_free] + [("r", 0)]
-        # t: (batch..., x_free..., stack_free..., r)
-        t = jax.lax.dot_general(
-            xd, first.astype(fdtype), ((xc, tuple(first_contract)), (xb, tuple(stack_batch))),
-            precision=precision, preferred_element_type=fdtype,
-            out_sharding=_like_output(base, target, t_labels),
-        )
-        t_batch = tuple(range(nbat)) + tuple(nbat + nx_free + i for i in range(nsf))
-        # u: (batch..., stack_free..., x_free..., second's free factor axes in factor order)
-        u = jax.lax.dot_general(
-            t, second.astype(fdtype),
-            (((t.ndim - 1,), (second_r,)), (t_batch, tuple(stack_batch) + tuple(stack_free))),
-            precision=precision, preferred_element_type=fdtype,
-            out_sharding=_like_output(base, target, labels),
-        )
-        u = jnp.transpose(u, [labels.index(lab) for lab in target]) * jnp.asarray(pair.scale, fdtype)
+        u = lora_branch(xd, pair.a, pair.b, pair.scale, spec)
         mask = _example_mask(pair, ctx, lv, u.ndim, ex_axis, None if ex_axis is None else u.shape[ex_axis], fdtype)
         if mask is not None:
             u = u * mask
@@ -1001,6 +982,142 @@ def _dora_scaled_inputs(lv, x, xc, xb, cgroups, stack_batch, stack_free, ctx):
     acc = jnp.promote_types(x.dtype, jnp.float32)
     scaled = [x if ci is None else (x.astype(acc) * ci).astype(x.dtype) for ci in cum]
     return [scaled[0]] + scaled
+
+
+@dataclasses.dataclass(frozen=True)
+class _BranchSpec:
+    """How a ``dot_general`` with a LoRA kernel contracts, in factor terms (built by
+    ``_rule_dot_general``; what :func:`lora_branch` needs to emit the branch).
+
+    ``mode`` is ``"in"`` (the contraction covers W's input axes: ``(x·A)·B``) or ``"out"``
+    (its output axes, e.g. tied embeddings: ``(x·Bᵀ)·Aᵀ``). ``xc``/``xb``: contracting and
+    batch dimensions of ``x``; ``first_contract_in[i]`` the factor axis (input axis of A,
+    or output axis of B in mode ``"out"``) that ``xc[i]`` contracts with; ``stack_batch``
+    the stack axes matched to ``xb``; ``stack_free`` the stack axes left free (all layers
+    applied to one input); ``lora_free`` the kernel's free view axes in view order;
+    ``target`` the labels of the model's output axes.
+    """
+
+    mode: str
+    xc: tuple
+    xb: tuple
+    first_contract_in: tuple
+    stack_batch: tuple
+    stack_free: tuple
+    lora_free: tuple
+    lora_is_rhs: bool
+    n_stack: int
+    precision: Any
+    dtype: Any
+    base: Any
+    target: tuple
+
+
+def lora_branch(xd: jax.Array, a: jax.Array, b: jax.Array, scale: float, spec: _BranchSpec) -> jax.Array:
+    """The LoRA branch ``(s·(x·A))·B`` of one factor pair, in the layout of the model's
+    own product ``x·W`` (``spec.target``), computed in ``spec.dtype``.
+
+    The scale multiplies the rank-``r`` intermediate ``t = x·A`` (``tokens x r``
+    elements) rather than the product (``tokens x d_out``), so neither the forward nor the
+    backward pass scales an activation-sized array. Where the contraction allows it (no
+    stacked-free axes, batch dimensions leading, contracted axes trailing in ``x``, no
+    ``Explicit`` mesh axes) both products are emitted as plain matrix products on
+    ``x`` flattened to ``(batch..., tokens, d_in)``, with the tiny factors reshaped and
+    permuted instead of the activations: XLA:CPU then runs all four backward products
+    without transposing an activation-sized cotangent (measured in
+    ``benchmarks/lora_train_step.py``). Otherwise the general ``dot_general`` form.
+
+    >>> # inside the interpreter: u = lora_branch(x, pair.a, pair.b, pair.scale, spec)
+    """
+    flat = _flat_branch(xd, a, b, scale, spec)
+    if flat is not None:
+        return flat
+    return _general_branch(xd, a, b, scale, spec)
+
+
+def _factor_roles(a, b, spec: _BranchSpec):
+    """``(first, second, first_contract, first_r, second_r, second_free)`` for the mode."""
+    ns = spec.n_stack
+    if spec.mode == "in":
+        first, second = a, b
+        first_contract = [ns + k for k in spec.first_contract_in]
+        first_r, second_r = a.ndim - 1, ns
+        second_free = [ns + 1 + k for g, k in spec.lora_free if g != "s"]
+    else:
+        first, second = b, a
+        first_contract = [ns + 1 + k for k in spec.first_contract_in]
+        first_r, second_r = ns, a.ndim - 1
+        second_free = [ns + k for g, k in spec.lora_free if g != "s"]
+    return first, second, first_contract, first_r, second_r, second_free
+
+
+def _flat_branch(xd, a, b, scale, spec: _BranchSpec):
+    """The branch as (batched) 2-D matrix products, or None where it does not apply."""
+    nbat, nc = len(spec.xb), len(spec.xc)
+    if (
+        spec.stack_free or tuple(spec.xb) != tuple(range(nbat))
+        or sorted(spec.xc) != list(range(xd.ndim - nc, xd.ndim))
+        or _explicit_sharding(spec.base) is not None
+    ):
+        return None
+    first, second, first_contract, first_r, second_r, second_free = _factor_roles(a, b, spec)
+    dtype, precision = spec.dtype, spec.precision
+    sb = list(spec.stack_batch)
+    bshape = tuple(xd.shape[:nbat])
+    free_shape = tuple(xd.shape[nbat:xd.ndim - nc])
+    m = int(np.prod(free_shape, dtype=np.int64))
+    k = int(np.prod(xd.shape[xd.ndim - nc:], dtype=np.int64))
+    contract_order = [first_contract[i] for i in sorted(range(nc), key=lambda i: spec.xc[i])]
+    r = first.shape[first_r]
+    first_m = jnp.transpose(first, sb + contract_order + [first_r]).reshape(bshape + (k, r)).astype(dtype)
+    out_shape = tuple(second.shape[i] for i in second_free)
+    n = int(np.prod(out_shape, dtype=np.int64))
+    second_m = jnp.transpose(second, sb + [second_r] + second_free).reshape(bshape + (r, n)).astype(dtype)
+    x3 = xd.reshape(bshape + (m, k))
+    bat = tuple(range(nbat))
+    t = jax.lax.dot_general(
+        x3, first_m, (((nbat + 1,), (nbat,)), (bat, bat)), precision=precision, preferred_element_type=dtype,
+    ) * jnp.asarray(scale, dtype)  # (batch..., tokens, r)
+    if spec.lora_is_rhs:
+        u = jax.lax.dot_general(
+            t, second_m, (((nbat + 1,), (nbat,)), (bat, bat)), precision=precision, preferred_element_type=dtype,
+        )  # (batch..., tokens, d_out)
+        return u.reshape(bshape + free_shape + out_shape)
+    u = jax.lax.dot_general(
+        second_m, t, (((nbat,), (nbat + 1,)), (bat, bat)), precision=precision, preferred_element_type=dtype,
+    )  # (batch..., d_out, tokens)
+    return u.reshape(bshape + out_shape + free_shape)
+
+
+def _general_branch(xd, a, b, scale, spec: _BranchSpec):
+    """The branch as two ``dot_general`` over the factors' own axes, then a transpose."""
+    first, second, first_contract, _, second_r, _ = _factor_roles(a, b, spec)
+    dtype, precision, base, target = spec.dtype, spec.precision, spec.base, list(spec.target)
+    xc, xb, stack_batch, stack_free = spec.xc, spec.xb, spec.stack_batch, spec.stack_free
+    nbat, nsf = len(xb), len(stack_free)
+    nx_free = xd.ndim - len(xc) - nbat
+    x_free = [("x", j) for j in range(nx_free)]
+    g2, n2 = ("b", second.ndim - spec.n_stack - 1) if spec.mode == "in" else ("a", second.ndim - spec.n_stack - 1)
+    labels = (
+        [("batch", i) for i in range(nbat)] + [("s", k) for k in stack_free]
+        + x_free + [(g2, k) for k in range(n2)]
+    )
+    t_labels = [("batch", i) for i in range(nbat)] + x_free + [("s", k) for k in stack_free] + [("r", 0)]
+    # t: (batch..., x_free..., stack_free..., r), scaled
+    t = jax.lax.dot_general(
+        xd, first.astype(dtype), ((xc, tuple(first_contract)), (xb, tuple(stack_batch))),
+        precision=precision, preferred_element_type=dtype,
+        out_sharding=_like_output(base, target, t_labels),
+    ) * jnp.asarray(scale, dtype)
+    t_batch = tuple(range(nbat)) + tuple(nbat + nx_free + i for i in range(nsf))
+    # u: (batch..., stack_free..., x_free..., second's free factor axes in factor order)
+    u = jax.lax.dot_general(
+        t, second.astype(dtype),
+        (((t.ndim - 1,), (second_r,)), (t_batch, tuple(stack_batch) + tuple(stack_free))),
+        precision=precision, preferred_element_type=dtype,
+        out_sharding=_like_output(base, target, labels),
+    )
+    return jnp.transpose(u, [labels.index(lab) for lab in target])
 
 
 def _rule_gather(eqn, invals, ctx):
