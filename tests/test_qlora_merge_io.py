@@ -166,3 +166,39 @@ def test_bitsandbytes_state_dict_round_trip(quant_type, dq):
     loaded = quant_io.from_bnb_state_dict(theirs.state_dict(), compute_dtype=jnp.float32)
     assert loaded.shape == (128, 64) and loaded.layout == ("in", "out")
     np.testing.assert_array_equal(np.asarray(loaded.dequantize(jnp.float32)).T, ref.numpy())
+
+
+def test_adapter_files_stay_plain_lora_and_inspect_shows_the_base(net, tmp_path):
+    """jlora.save / save_peft over a quantized base write the factors only (the PEFT file:
+    lora_A/lora_B tensors, nothing of the base), loading them over the same quantized base
+    gives the same forward, and ``jlora inspect`` reports the base's quantization."""
+    import io
+    import json
+
+    from safetensors import safe_open
+
+    from jlora import cli
+
+    model, params, x = net
+    q = jlora.quantize(params, jlora.QuantConfig(compute_dtype=jnp.float32))
+    config = jlora.LoraConfig(r=4, lora_alpha=8, target_modules=["up", "mid"], init_lora_weights=False)
+    lp = jlora.wrap(q, config, rng=jax.random.key(2))
+    jlora.save(tmp_path / "orbax", lp, config=config)
+    jlora.save_peft(tmp_path / "peft", lp, config=config)
+    with safe_open(str(tmp_path / "peft" / "adapter_model.safetensors"), framework="numpy") as f:
+        keys = sorted(f.keys())
+    assert keys and all(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in keys)
+    forward = jlora.lora(lambda p, x: model.apply({"params": p}, x), on_materialize="error")
+    y = forward(lp, x)
+    for back in (jlora.load(tmp_path / "orbax", q), jlora.load_peft(tmp_path / "peft", q)):
+        assert isinstance(back["up"]["kernel"].w, jlora.QuantizedArray)
+        np.testing.assert_array_equal(np.asarray(forward(back, x)), np.asarray(y))
+    for sub in ("orbax", "peft"):
+        buf = io.StringIO()
+        summary = cli.inspect_adapter(str(tmp_path / sub), as_json=True, out=buf)
+        base = json.loads(buf.getvalue())["base_quantization"]
+        assert base == summary["base_quantization"]
+        assert base["quantization_config"]["bnb_4bit_quant_type"] == "nf4" and base["quantized_kernels"] == 3
+        text = io.StringIO()
+        cli.inspect_adapter(str(tmp_path / sub), out=text)
+        assert "base: quantized, nf4 + double quantization (blocks of 64)" in text.getvalue()
