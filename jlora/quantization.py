@@ -592,6 +592,21 @@ def _check_roles(shape: tuple[int, ...], layout: Sequence[str], what: str) -> tu
     return n_stack, roles
 
 
+def _replicated(x: Any) -> Any:
+    """``x`` resharded to replicated where it lives on a mesh with ``Explicit`` axes (where
+    shardings are types and the codec's flat reshapes of a sharded axis are errors);
+    unchanged otherwise (``Auto`` axes: XLA propagates shardings itself)."""
+    if x is None:
+        return None
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    mesh = getattr(sharding, "mesh", None)
+    if not any(t == jax.sharding.AxisType.Explicit for t in getattr(mesh, "axis_types", ())):
+        return x
+    if all(e is None for e in getattr(sharding, "spec", ())):
+        return x
+    return jax.sharding.reshard(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+
+
 def _vmap_n(f, n: int):
     for _ in range(n):
         f = jax.vmap(f)
@@ -602,6 +617,7 @@ def _vmap_n(f, n: int):
 def _quantize_kernel(w: jax.Array, layout: tuple[str, ...], qt: str, bs: int, dq: bool):
     n_stack = layout.count("stack")
     roles = layout[n_stack:]
+    w = _replicated(w)
 
     def item(k):
         w2d = _to_torch_2d(k, roles)
@@ -669,7 +685,7 @@ def _item_dense(q: QuantizedArray, codes, absmax, nested, offset) -> jax.Array:
 def _dequantize_stacked(q: QuantizedArray, dtype: Optional[np.dtype]) -> jax.Array:
     n_stack = len(q.stack_shape)
     f = _vmap_n(functools.partial(_item_dense, q), n_stack)
-    out = f(q.codes, q.absmax, q.nested_absmax, q.offset)
+    out = f(*(_replicated(getattr(q, n)) for n in _CHILDREN))
     return out if dtype is None else out.astype(dtype)
 
 

@@ -228,6 +228,19 @@ _SHARDED = textwrap.dedent(
         out["same_codes"] = bool(np.array_equal(np.asarray(up.codes), np.asarray(jlora.quantize_array(
             np.asarray(params["up"]["kernel"]), config.__class__(quant_type=qt)).codes)))
         print(json.dumps({qt: out}))
+
+    # a mesh with Explicit axes (shardings are types): quantized and used the same way
+    emesh = jax.make_mesh((2,), ("model",), axis_types=(AxisType.Explicit,))
+    with jax.set_mesh(emesh):
+        eput = lambda a, spec: jax.device_put(a, NamedSharding(emesh, spec))
+        eparams = jax.tree_util.tree_map(lambda a, b: eput(np.asarray(a), b.sharding.spec), params, params)
+        q = jlora.quantize(eparams, config)
+        lp = jlora.wrap(q, jlora.LoraConfig(r=4, target_modules=["up", "down"], init_lora_weights=False))
+        x = eput(np.asarray(jax.random.normal(k[2], (8, 128))), P())
+        y = jax.jit(jlora.lora(model, on_materialize="error"))(lp, x)
+        ref = model(jlora.merge(jlora.dequantize(jax.device_get(lp))), np.asarray(x))
+        print(json.dumps({"explicit": {"up_codes": spec(q["up"]["kernel"].codes),
+                                       "rel": float(np.max(np.abs(np.asarray(y) - ref)) / np.max(np.abs(ref)))}}))
     """
 )
 
@@ -236,7 +249,8 @@ def test_packed_arrays_are_sharded_like_their_kernel():
     """On a 2-device CPU mesh (fresh process): a column-parallel kernel's codes and
     absmax are sharded by rows of the PyTorch layout (int8: CB rows, and a row-parallel
     kernel's CB by columns); the codes equal the unsharded kernel's; the jitted LoRA
-    forward equals the dense reference."""
+    forward equals the dense reference. The same on a mesh with Explicit axes (where the
+    packed arrays are gathered for the codec and at each use)."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
                PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run([sys.executable, "-c", _SHARDED], capture_output=True, text=True, env=env, timeout=300)
@@ -251,3 +265,4 @@ def test_packed_arrays_are_sharded_like_their_kernel():
     assert int8["up_codes"] == ["model", None] and int8["down_codes"] == [None, "model"]
     for out in (nf4, int8):
         assert out["same_codes"] and out["rel"] < 1e-5
+    assert got["explicit"]["up_codes"] == ["model"] and got["explicit"]["rel"] < 1e-5
