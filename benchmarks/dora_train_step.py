@@ -231,7 +231,13 @@ def main(argv=None) -> int:
             ["## DoRA train step (GPT-2 small): factored norm vs LoRA, and PEFT DoRA", "",
              "DoRA in jlora keeps the factored step: the norm ‖W + s·A·B‖ comes from ‖W‖², AᵀW (r x d_out) and "
              "AᵀA (r x r), so the step costs what the LoRA step costs and forms no d_in x d_out product. "
-             "`dora-merged` forms W + s·A·B inside the step, as PEFT's DoRA forward does (cost analysis only)."],
+             "`dora-merged` forms W + s·A·B inside the step, as PEFT's DoRA forward does (cost analysis only).",
+             "",
+             "Why the peak bytes exceed the LoRA step's: the gradient of the magnitude, ∂m = Σ_tokens g ⊙ z / n, "
+             "needs each target's pre-scale output z = x·W + s·(x·A)·B (tokens x d_out, kept from the forward; "
+             "here 12 layers x 512 tokens x (2304 + 768 + 768) x 4 B = 90 MiB). The only alternatives are to "
+             "recompute x·W in the backward pass (+22% FLOPs here) or the weight gradient xᵀg (kernel-shaped); "
+             "jlora keeps z."],
             command=command.strip(), source=provenance(), packages=["jax", "jaxlib", "flax", "optax", "torch", "peft",
                                                                     "transformers"],
             report=report,

@@ -193,7 +193,7 @@ def main() -> None:
     ids = held_out[0][:, :-1]
     adapted = np.asarray(jax.jit(forward)(lp, ids))
     nnx.update(model, jlora.merge(lp))
-    merged = np.asarray(model(ids))
+    merged = np.asarray(nnx.jit(lambda m, x: m(x))(model, ids))
     err = float(np.abs(merged - adapted).max())
     print(f"merged model == adapter model: {err <= 1e-4 * max(1.0, float(np.abs(adapted).max()))} (max |diff| {err:.2e})")
     jm.save_pretrained(model, out / "merged")

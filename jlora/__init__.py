@@ -75,9 +75,9 @@ __all__ = [
     "load_quantized",
 ]
 
-from . import hf
+from . import hf, name_maps
 from .checkpoint import load, save
 from .hf import default_target_modules
 from .peft_format import load_peft, save_peft
 
-__all__ += ["save", "load", "save_peft", "load_peft", "hf", "default_target_modules"]
+__all__ += ["save", "load", "save_peft", "load_peft", "hf", "name_maps", "default_target_modules"]

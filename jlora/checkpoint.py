@@ -471,7 +471,9 @@ def recover_interrupted_save(path: Path, complete: Callable[[Path], bool] = _is_
     return _recover(path, complete)
 
 
-_ORBAX_FILES = ("_CHECKPOINT_METADATA", "manifest.ocdbt", "_sharding", "commit_success.txt")
+# what an Orbax item directory holds besides _METADATA (a CheckpointManager step
+# directory has _CHECKPOINT_METADATA and commit_success.txt too, so those do not tell)
+_ORBAX_FILES = ("manifest.ocdbt", "_sharding", "array_metadatas", "ocdbt.process_0")
 
 
 def find_adapter_dir(path: Union[str, os.PathLike]) -> Path:
@@ -485,7 +487,7 @@ def find_adapter_dir(path: Union[str, os.PathLike]) -> Path:
         raise ValueError(f"{path}: a file, not a checkpoint directory")
     if (p / "_METADATA").is_file():
         return p
-    if any((p / f).exists() for f in _ORBAX_FILES) or (p / "ocdbt.process_0").is_dir():
+    if any((p / f).exists() for f in _ORBAX_FILES):
         raise FileNotFoundError(f"{p}: missing _METADATA: the Orbax checkpoint is incomplete or damaged")
     steps = sorted((c for c in p.iterdir() if c.is_dir() and c.name.isdigit()), key=lambda c: int(c.name))
     if steps:
@@ -639,6 +641,8 @@ def load(
         ``Trainable`` values their base leaf's sharding.
       strict: base dtypes must match the adapter's; ``False`` casts instead.
       dtype: cast A and B to this dtype (default: as stored).
+      name_map, prefix: how PyTorch names map to ``params`` for adapters converted from PEFT
+        (``None``: recognised from the paths; see :func:`jlora.name_maps.for_tree`).
       verify: compare every array read with the checksum recorded when it was written,
         and the metadata with its digest (``ValueError`` naming the checkpoint and the
         tensor on a mismatch); ``False`` skips that.

@@ -46,6 +46,14 @@ __all__ = ["weight_norm", "magnitude_scale", "scale_to_kernel", "merge_kernel", 
 _HI = jax.lax.Precision.HIGHEST
 
 
+def _dense(w: Any) -> Any:
+    """A quantized base (``jlora.QuantizedArray``) dequantized (PEFT's QDoRA dequantizes
+    too); any other kernel as it is."""
+    from .quantization import is_quantized
+
+    return w.dequantize() if is_quantized(w) else w
+
+
 def _axes(layout: Sequence[str]) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
     roles = tuple(layout)
     pick = lambda role: tuple(i for i, r in enumerate(roles) if r == role)  # noqa: E731
@@ -71,7 +79,7 @@ def weight_norm(w: jax.Array, a: jax.Array, b: jax.Array, scale: float, layout: 
     stack, ins, _ = _axes(layout)
     ns, n_in = len(stack), len(ins)
     f32 = jnp.float32
-    w32, a32, b32 = w.astype(f32), a.astype(f32), b.astype(f32)
+    w32, a32, b32 = _dense(w).astype(f32), a.astype(f32), b.astype(f32)
     st = tuple(range(ns))
     a_in = tuple(range(ns, ns + n_in))
     # ‖W‖² per (stack, out), its axes put in canonical order (stack axes may sit anywhere in W)
@@ -126,6 +134,7 @@ def merge_kernel(w: jax.Array, a: jax.Array, b: jax.Array, magnitude: jax.Array,
     takes the norm on the base without earlier merged adapters). Keep ``n`` to unmerge.
     """
     n = weight_norm(w if base is None else base, a, b, scale, layout)
+    w = _dense(w)
     compute = jnp.promote_types(w.dtype, jnp.float32)
     merged = w.astype(compute) + scale * _delta(a, b, layout, compute)
     k = scale_to_kernel(magnitude.astype(compute) / n.astype(compute), layout, w.shape)
@@ -146,6 +155,7 @@ def chain_kernel(w: jax.Array, pairs: Sequence[Any], layout: Sequence[str]) -> j
     composition): ``out ← kᵢ⊙(out + sᵢ·ΔWᵢ)`` for a DoRA adapter (``kᵢ`` from
     ``‖w + sᵢΔWᵢ‖``), ``out ← out + sᵢ·ΔWᵢ`` for a plain one. ``pairs`` are ``LoraWeight``s
     (their ``w`` is ignored). Computed in float32, returned in ``w``'s dtype."""
+    w = _dense(w)
     compute = jnp.promote_types(w.dtype, jnp.float32)
     out = w.astype(compute)
     for p in pairs:

@@ -103,9 +103,12 @@ def init_residual_factors(w: jax.Array, layout: Sequence[str], r: int, scale: fl
     True
     """
     where = f" at {path!r}" if path else ""
-    if not jnp.issubdtype(w.dtype, jnp.floating):
+    from .quantization import is_quantized
+
+    if is_quantized(w) or not jnp.issubdtype(w.dtype, jnp.floating):
         raise TypeError(
-            f"init_lora_weights={init!r}{where}: the base kernel has dtype {w.dtype}; PiSSA/OLoRA need a float "
+            f"init_lora_weights={init!r}{where}: the base kernel is {'quantized' if is_quantized(w) else w.dtype}; "
+            "PiSSA/OLoRA need a float "
             "kernel (float32, float16 or bfloat16). Initialise on the float weights, then quantize the residual."
         )
     m, s_shape, i_shape, o_shape = _torch_matrix(w, layout)

@@ -130,16 +130,3 @@ def peft_adapter(family: str) -> tuple[str, np.ndarray]:
     pm.save_pretrained(d)
     return d, torch_logits(pm, c.ids)
 
-
-def _wrap_finds_targets_by_use() -> bool:
-    import inspect
-
-    import jlora
-
-    return "apply_fn" in inspect.signature(jlora.wrap).parameters
-
-
-# Until core's wrap(apply_fn=, example_args=) reaches this branch (then this marker goes).
-needs_wrap_by_use = __import__("pytest").mark.skipif(
-    not _wrap_finds_targets_by_use(), reason="needs jlora.wrap(apply_fn=, example_args=)"
-)

@@ -19,8 +19,20 @@ from typing import Any
 import jax
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
-import multihost as EX  # noqa: E402  the example's model: examples/multihost.py
+def _example():
+    """examples/multihost.py as a module (by file: examples/ stays off sys.path)."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "multihost.py")
+    if "jlora_example_multihost" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("jlora_example_multihost", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+    return sys.modules["jlora_example_multihost"]
+
+
+EX = _example()  # the example's model
 
 DIMS = EX.SMOKE
 TARGETS = EX.TARGETS

@@ -37,13 +37,13 @@ def check_quickstart(out: dict, learns: bool = True) -> str:
     text = out["text"]
     assert re.search(r"trainable params: [\d,]+ \|\| all params: [\d,]+", text), text[-3000:]
     assert re.search(r"layers/0/attn/q_proj/w\s+W \(\d+, \d+, \d+\)", text), text[-3000:]  # einsum kernels wrapped
-    assert "wrapped == base: True" in text
+    assert "wrapped == base: True" in text, text[-4000:]
     m = re.search(r"loss ([\d.]+) -> ([\d.]+) in", text)
     assert m, text[-3000:]
     assert float(m.group(2)) < float(m.group(1)) or not learns, m.group(0)
-    assert "merged == adapter: True" in text
-    assert "reloaded == trained: True" in text
-    assert "adapter_model.safetensors" in text and "fine-tuned (merged)" in text
+    assert "merged == adapter: True" in text, text[-4000:]
+    assert "reloaded == trained: True" in text, text[-4000:]
+    assert "adapter_model.safetensors" in text and "fine-tuned (merged)" in text, text[-4000:]
     assert out["images"] == 1, out["images"]  # the loss curve
     return text
 
@@ -52,8 +52,8 @@ def check_lora_explained(out: dict) -> str:
     text = out["text"]
     assert "layer 0 query kernel W: (384, 384) float32" in text, text[-3000:]
     assert re.search(r"numerical rank: ΔW (\d+) \(r = \1\), W 384", text), text[-3000:]
-    assert "merge == W + s*A@B: True" in text
-    assert "merged model == adapter model: True" in text
+    assert "merge == W + s*A@B: True" in text, text[-4000:]
+    assert "merged model == adapter model: True" in text, text[-4000:]
     assert re.search(r"Qwen3-0\.6B, abstract: [\d,]+ parameters, 0 bytes allocated", text), text[-3000:]
     assert out["images"] == 3, out["images"]  # singular values, update size vs rank, parameter counts
     return text

@@ -61,15 +61,24 @@ def main() -> int:
     finally:
         if args.save:
             nbformat.write(nb, args.save)
-    texts, images = [], 0
+    # A print() may reach the notebook as several stream messages (the kernel flushes on a
+    # timer), so consecutive outputs of one stream are joined as they are, other outputs by lines.
+    texts, images, last = [], 0, None
     for cell in nb.cells:
         for o in cell.get("outputs", []):
             if o.get("output_type") == "stream":
-                texts.append(o["text"])
-            elif "text/plain" in o.get("data", {}):
+                if last == o["name"] and texts:
+                    texts[-1] += o["text"]
+                else:
+                    texts.append(o["text"])
+                last = o["name"]
+                continue
+            last = None
+            if "text/plain" in o.get("data", {}):
                 texts.append(o["data"]["text/plain"])
             if "image/png" in o.get("data", {}):
                 images += 1
+        last = None
     json.dump({"text": "\n".join(texts), "images": images, "seconds": time.perf_counter() - t0,
                "python": sys.executable}, sys.stdout)
     return 0

@@ -43,8 +43,7 @@ def test_multihost_example_smoke(tmp_path):
     assert re.search(r"\[process 1\]   A on cpu:\d+\[16:32, 0:8\]", out), out[-3000:]
     assert f"Orbax adapter:      {tmp_path}/adapter" in out and f"CheckpointManager:  {tmp_path}/ckpt/3" in out
 
-    sys.path.insert(0, str(ROOT / "examples"))
-    import multihost as ex
+    from multihost_helpers import EX as ex  # the example's module
 
     base = ex.base_params(ex.SMOKE)
     orbax = dict(jlora.lora_leaves(jlora.load(tmp_path / "adapter", base)))

@@ -8,11 +8,9 @@ import re
 
 import numpy as np
 
-from family_models import needs_wrap_by_use
 from test_examples import run_example
 
 
-@needs_wrap_by_use
 def test_nnx_finetune_smoke(tmp_path):
     out = run_example("nnx_finetune.py", "--smoke", "--family", "gemma3", "--remat", "--output-dir", str(tmp_path))
     assert "model: Gemma3 (random)" in out

@@ -1,7 +1,8 @@
 """Issue 16: no silently wrong adapter from a damaged file.
 
-The corruption sweep: for an Orbax checkpoint and a PEFT directory written by jlora, and
-a PEFT directory written by PEFT itself (``save_pretrained`` on torch), every file in
+The corruption sweep: for an Orbax checkpoint, a ``CheckpointManager`` directory (adapter
+and optimizer state) and a PEFT directory written by jlora, and a PEFT directory
+written by PEFT itself (``save_pretrained`` on torch), every file in
 turn is (a) deleted, (b) truncated to half, (c) has 16 bytes in its middle overwritten;
 each load (``jlora.load`` / ``jlora.load_peft``, and the base-free readers the CLI uses)
 must raise ``ValueError``/``FileNotFoundError`` naming the directory (and the file, for
@@ -88,6 +89,13 @@ def written(tmp_path_factory):
     jlora.save(root / "orbax", lp, config=H.CONFIG)
     jlora.save(root / "orbax_other", H.numpy_lora(2), config=H.CONFIG)  # same shapes, other values
     jlora.save_peft(root / "peft", lp, config=H.CONFIG)
+    import orbax.checkpoint as ocp
+
+    mngr = ocp.CheckpointManager(root / "manager")
+    mngr.save(3, args=ocp.args.Composite(adapter=checkpoint.AdapterSave(lp, H.CONFIG),
+                                         opt_state=ocp.args.StandardSave({"mu": np.arange(4.0)})))
+    mngr.wait_until_finished()
+    mngr.close()
 
     torch.manual_seed(0)
     model = _TinyTorch()
@@ -109,6 +117,8 @@ def _sources(w):
     return [
         ("orbax", w["root"] / "orbax", lambda d: jlora.load(d, base), checkpoint.read_adapter, ref_orbax,
          checkpoint.read_adapter(w["root"] / "orbax")),
+        ("manager", w["root"] / "manager", lambda d: jlora.load(d, base), checkpoint.read_adapter, ref_orbax,
+         checkpoint.read_adapter(w["root"] / "orbax")),
         ("peft", w["root"] / "peft", lambda d: jlora.load_peft(d, base), peft_format.read_peft, ref_peft,
          peft_format.read_peft(w["root"] / "peft")),
         ("peft_by_peft", w["root"] / "peft_by_peft", lambda d: jlora.load_peft(d, base_t), peft_format.read_peft,
@@ -121,6 +131,8 @@ def test_references_are_right(written):
     lp = written["lp"]
     got = jlora.load(written["root"] / "orbax", written["base"])
     assert _same(jlora.partition(got)[0], jlora.partition(lp)[0])
+    for d in (written["root"] / "manager", written["root"] / "manager" / "3", written["root"] / "manager" / "3" / "adapter"):
+        assert _same(jlora.load(d, written["base"]), got), d  # root, step and item directories
     got = jlora.load_peft(written["root"] / "peft", written["base"])
     for (path, x), (_, y) in zip(jlora.lora_leaves(got), jlora.lora_leaves(lp)):
         np.testing.assert_allclose(np.asarray(x.a), y.a, rtol=0, atol=0, err_msg=path)

@@ -149,6 +149,25 @@ def test_loader_errors_name_the_problem(tmp_path):
         jm.config_from_hf({"model_type": "gpt2"})
     with pytest.raises(FileNotFoundError, match="config.json"):
         jm.from_pretrained(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no such checkpoint"):
+        jm.from_pretrained(tmp_path / "missing")
+
+
+def test_hub_id_goes_through_snapshot_download(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    c = case("llama3")
+    c.torch_model.save_pretrained(tmp_path, safe_serialization=True)
+    asked = {}
+
+    def fake_snapshot_download(repo_id, allow_patterns=None, **kw):
+        asked.update(repo_id=repo_id, allow_patterns=allow_patterns)
+        return str(tmp_path)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    m = jm.from_pretrained("meta-llama/Tiny-Test")
+    assert asked["repo_id"] == "meta-llama/Tiny-Test" and "*.safetensors" in asked["allow_patterns"]
+    assert _max_err(m(jnp.asarray(c.ids)), torch_logits(c.torch_model, c.ids)) <= TOL
 
 
 def test_eval_shape_constructor_allocates_nothing():
@@ -181,7 +200,7 @@ def test_save_pretrained_is_an_hf_checkpoint(tmp_path):
     import transformers
 
     cfg = jm.DecoderConfig(
-        "gemma3", 64, 16, 32, 2, 4, 2, 8, tie_embeddings=True, initializer_range=0.3,
+        "gemma3", VOCAB, 32, 64, 2, 4, 2, 8, tie_embeddings=True, initializer_range=0.15,
         layer_types=("sliding_attention", "full_attention"), sliding_window=3, query_pre_attn_scalar=10.0,
         final_logit_softcapping=4.0, rope_scaling={"rope_type": "linear", "factor": 2.0},
     )
@@ -189,8 +208,22 @@ def test_save_pretrained_is_an_hf_checkpoint(tmp_path):
     jm.save_pretrained(m, tmp_path)
     tm = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert type(tm).__name__ == "Gemma3ForCausalLM"
-    ids = np.random.RandomState(0).randint(0, 64, (2, 7))
+    ids = case("gemma3").ids  # the shapes the other tests ran eagerly already
     ref = torch_logits(tm, ids)
     assert np.abs(ref).max() > 1.0
     assert _max_err(m(jnp.asarray(ids)), ref) <= TOL
     assert jm.config_from_hf(tmp_path) == cfg
+
+
+def test_checkpoint_names_nested_or_bare():
+    """A multimodal Gemma 3 checkpoint nests the text model (model.language_model.*), a bare
+    Qwen3Model has no leading model.: both load."""
+    c = case("gemma3")
+    nested = {k.replace("model.", "model.language_model.", 1): v for k, v in c.base_state.items()}
+    m = jm.from_torch(nested, c.torch_model.config)
+    np.testing.assert_array_equal(np.asarray(m.layers[2].attn.kv_einsum.w[...]), np.asarray(c.model.layers[2].attn.kv_einsum.w[...]))
+    q = case("qwen3")
+    bare = {k[len("model."):]: v for k, v in q.base_state.items() if k.startswith("model.")}
+    bare["lm_head.weight"] = q.base_state["lm_head.weight"]
+    m = jm.from_torch(bare, q.torch_model.config)
+    np.testing.assert_array_equal(np.asarray(m.final_norm.w[...]), np.asarray(q.model.final_norm.w[...]))

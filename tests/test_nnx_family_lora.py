@@ -16,7 +16,7 @@ import pytest
 from flax import nnx
 
 import jlora
-from family_models import FAMILIES, NNX_TARGETS, TARGETS, case, needs_wrap_by_use, peft_adapter, torch_logits
+from family_models import FAMILIES, NNX_TARGETS, TARGETS, case, peft_adapter, torch_logits
 
 TOL = 1e-4
 
@@ -98,7 +98,6 @@ def test_save_peft_loads_in_peft(family, tmp_path):
     assert max(_max_err(theirs[k], tensors[k]) for k in theirs) == 0.0
 
 
-@needs_wrap_by_use
 @pytest.mark.parametrize("family", FAMILIES)
 def test_every_target_factored(family):
     """All seven projections (q/k/v/o, gate/up/down) adapted, none ever materialised:
@@ -116,7 +115,6 @@ def test_every_target_factored(family):
     forward(family)(lp, jnp.asarray(c.ids))  # on_materialize="error": raises on any materialisation
 
 
-@needs_wrap_by_use
 @pytest.mark.parametrize("family", FAMILIES)
 def test_factored_equals_merged(family):
     c = case(family)
@@ -129,7 +127,6 @@ def test_factored_equals_merged(family):
     assert _max_err(want, jax.jit(c.apply)(c.state, jnp.asarray(c.ids))) > 0.05
 
 
-@needs_wrap_by_use
 @pytest.mark.parametrize("family", FAMILIES)
 def test_training_changes_factors_only_and_saves_for_peft(family, tmp_path):
     """A few AdamW steps: W bit-identical, every factor moved; the trained adapter, written
@@ -195,3 +192,22 @@ def test_orbax_and_cli_convert_keep_the_family_names(tmp_path):
     assert cli.main(["convert", str(tmp_path / "orbax"), str(tmp_path / "peft")]) == 0
     pm = peft.PeftModel.from_pretrained(c.fresh_torch(), str(tmp_path / "peft"))
     assert _max_err(torch_logits(pm, c.ids), peft_adapter("gemma3")[1]) <= TOL
+
+
+def test_modules_to_save_named_for_peft(tmp_path):
+    """modules_to_save=["embedder"] (the NNX name) trains the embedding in full; the PEFT
+    config names it as PEFT's model does (embed_tokens), and PEFT loads it."""
+    import peft
+
+    c = case("qwen3")
+    ids = jnp.asarray(c.ids)
+    config = jlora.LoraConfig(r=4, lora_alpha=8, target_modules=NNX_TARGETS["qwen3"], init_lora_weights=False,
+                              modules_to_save=["embedder"])
+    lp = jlora.wrap(c.state, config, rng=jax.random.key(0), apply_fn=c.apply, example_args=(ids,))
+    node = lambda x: isinstance(x, (jlora.Trainable, jlora.LoraWeight))  # noqa: E731
+    lp = jax.tree_util.tree_map(lambda x: jlora.Trainable(x.value * 1.5) if isinstance(x, jlora.Trainable) else x,
+                                lp, is_leaf=node)
+    jlora.save_peft(tmp_path, lp, config=config)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["modules_to_save"] == ["embed_tokens"]
+    pm = peft.PeftModel.from_pretrained(c.fresh_torch(), str(tmp_path))
+    assert _max_err(torch_logits(pm, c.ids), forward("qwen3")(lp, ids)) <= TOL

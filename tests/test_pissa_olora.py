@@ -287,3 +287,53 @@ def test_residual_init_errors_and_embeddings():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert rel_err(jax.jit(jlora.lora(case.apply))(lp, case.inputs), case.apply(case.params, case.inputs)) <= 1e-5
+
+
+def test_conversion_doubles_patterns_and_keeps_dora(tmp_path):
+    """Two Linear layers with rank_pattern / alpha_pattern / rsLoRA, PiSSA + DoRA: the
+    magnitude is ‖W‖ of the original weight (as PEFT); the converted adapter has every rank
+    doubled and every alpha ×√2 (so each scale is unchanged), keeps the DoRA magnitudes
+    (PEFT's conversion drops them) and loads in PEFT on the original base."""
+    import flax.linen as nn
+
+    class Two(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(10, name="b")(jnp.tanh(nn.Dense(12, name="a")(x)))
+
+    model = Two()
+    x = np.random.RandomState(0).standard_normal((4, 16)).astype(np.float32)
+    params = model.init(jax.random.key(0), x)["params"]
+    apply = lambda p, x: model.apply({"params": p}, x)  # noqa: E731
+    kw = dict(r=4, lora_alpha=6, target_modules=["a", "b"], rank_pattern={"b": 2}, alpha_pattern={"b": 3},
+              use_rslora=True, use_dora=True, init_lora_weights="pissa")
+    config = jlora.LoraConfig(**kw)
+    lp = jlora.wrap(params, config)
+    np.testing.assert_allclose(np.asarray(lp["a"]["kernel"].magnitude),
+                               np.linalg.norm(np.asarray(params["a"]["kernel"]), axis=0), rtol=1e-5)
+
+    class TwoT(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(16, 12), torch.nn.Linear(12, 10)
+
+        def forward(self, x):
+            return self.b(torch.tanh(self.a(x)))
+
+    net = TwoT()
+    net.load_state_dict(torch_state(params))
+    pm = peft.get_peft_model(net, peft.LoraConfig(**kw))
+    ref_m = pm.base_model.model.a.lora_magnitude_vector["default"].weight.detach().numpy()
+    np.testing.assert_allclose(np.asarray(lp["a"]["kernel"].magnitude), ref_m, rtol=1e-5)
+
+    trained = _train(lp)
+    y = np.asarray(jlora.lora(apply)(trained, x))
+    jlora.save_peft(tmp_path / "c", trained, config=config, convert_to_lora=True)
+    cfg = json.loads((tmp_path / "c" / "adapter_config.json").read_text())
+    assert (cfg["r"], cfg["rank_pattern"], cfg["init_lora_weights"], cfg["use_dora"]) == (8, {"b": 4}, True, True)
+    np.testing.assert_allclose([cfg["lora_alpha"], cfg["alpha_pattern"]["b"]], [6 * 2 ** 0.5, 3 * 2 ** 0.5])
+    net2 = TwoT()
+    net2.load_state_dict(torch_state(params))
+    loaded = peft.PeftModel.from_pretrained(net2, tmp_path / "c").eval()
+    with torch.no_grad():
+        assert np.abs(loaded(torch.tensor(x)).numpy() - y).max() <= 1e-5

@@ -15,7 +15,7 @@ checkpoints, and so that a notebook can load a real checkpoint without torch::
 =====================  ===================================================================
 :func:`build`          a randomly initialised model of a :class:`DecoderConfig`
 :func:`abstract`       the same under ``nnx.eval_shape`` (``ShapeDtypeStruct`` leaves)
-:func:`from_pretrained`  a local HF safetensors directory (no torch, no transformers)
+:func:`from_pretrained`  an HF checkpoint: a local safetensors directory or a Hub id (no torch, no transformers)
 :func:`from_torch`     a transformers PyTorch model or a state dict
 :func:`state_dict`     an NNX model as PyTorch-named numpy arrays
 :func:`save_pretrained`  an NNX model as an HF checkpoint directory (``config.json`` + safetensors)
@@ -42,6 +42,7 @@ from .loader import (
     from_tensors,
     from_torch,
     read_safetensors,
+    resolve_checkpoint,
     save_pretrained,
     state_dict,
     write_safetensors,
@@ -66,5 +67,6 @@ __all__ = [
     "state_dict",
     "save_pretrained",
     "read_safetensors",
+    "resolve_checkpoint",
     "write_safetensors",
 ]

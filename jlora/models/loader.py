@@ -43,6 +43,7 @@ __all__ = [
     "build",
     "abstract",
     "from_pretrained",
+    "resolve_checkpoint",
     "from_torch",
     "from_tensors",
     "state_dict",
@@ -177,11 +178,13 @@ def read_safetensors(directory: Union[str, os.PathLike]) -> dict[str, Callable[[
 # Filling a model from PyTorch-named tensors
 
 
-def _prefix_candidates(config: DecoderConfig) -> list[tuple[str, str]]:
-    """Rewrites of the leading ``model.`` of the family's names: bare ``Qwen3Model``
-    checkpoints have none, multimodal Gemma 3 ones nest the text model."""
-    out = [("model.", "model."), ("model.", ""), ("model.", "model.language_model."), ("model.", "language_model.model.")]
-    return out
+# Where the family's names ("model.layers.0...") may live in a checkpoint: as they are, in a
+# bare Qwen3Model/LlamaModel (no "model."), or nested in a multimodal Gemma 3.
+_PREFIXES = ("model.", "", "model.language_model.", "language_model.model.")
+
+
+def _with_prefix(name: str, prefix: str) -> str:
+    return prefix + name[len("model."):] if name.startswith("model.") else name
 
 
 def from_tensors(
@@ -201,23 +204,15 @@ def from_tensors(
     wanted = [tn.params(names) for names, _, _ in leaves]
     all_names = [n for ns in wanted for n in ns]
     available = set(tensors)
-    rewrite = None
-    for old, new in _prefix_candidates(config):
-        fix = (lambda n, old=old, new=new: new + n[len(old):] if n.startswith(old) else n)
-        if all(fix(n) in available for n in all_names):
-            rewrite = fix
-            break
-    if rewrite is None:
-        best = min(
-            (lambda fix: [n for n in all_names if fix(n) not in available])(
-                lambda n, old=old, new=new: new + n[len(old):] if n.startswith(old) else n
-            )
-            for old, new in _prefix_candidates(config)
-        )
+    missing_by_prefix = {p: [n for n in all_names if _with_prefix(n, p) not in available] for p in _PREFIXES}
+    prefix = next((p for p in _PREFIXES if not missing_by_prefix[p]), None)
+    if prefix is None:
+        best = min(missing_by_prefix.values(), key=len)
         raise ValueError(
             f"{where}: {len(best)} tensor(s) the {config.family} model needs are missing: {best[:12]}"
             f"{' ...' if len(best) > 12 else ''}; the checkpoint has e.g. {sorted(available)[:8]}"
         )
+    rewrite = lambda n: _with_prefix(n, prefix)  # noqa: E731
     pdt = jnp.dtype(config.param_dtype)
     values = []
     used = set()
@@ -244,11 +239,35 @@ def from_tensors(
     return nnx.merge(graphdef, state)
 
 
+def resolve_checkpoint(name_or_path: Union[str, os.PathLike]) -> Path:
+    """A local checkpoint directory: ``name_or_path`` itself if it is a directory, else a
+    Hugging Face Hub id (``"Qwen/Qwen3-0.6B"``) fetched with
+    ``huggingface_hub.snapshot_download`` (config, tokenizer and safetensors files only;
+    the Hub's cache is reused, and ``HF_HUB_OFFLINE=1`` uses it without the network)."""
+    d = Path(name_or_path).expanduser()
+    if d.is_dir():
+        return d
+    name = os.fspath(name_or_path)
+    if d.exists() or name.count("/") != 1 or name.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"{name_or_path}: no such checkpoint directory")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise FileNotFoundError(
+            f"{name_or_path}: not a local directory, and huggingface_hub (to download it from the Hub) is not "
+            "installed: pip install huggingface_hub, or pass a directory"
+        ) from None
+    patterns = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]
+    return Path(snapshot_download(name, allow_patterns=patterns))
+
+
 def from_pretrained(
-    directory: Union[str, os.PathLike],
+    name_or_path: Union[str, os.PathLike],
     **overrides: Any,
 ) -> nnx.Module:
-    """An NNX model with the weights of a local Hugging Face checkpoint directory.
+    """An NNX model with the weights of a Hugging Face checkpoint: a local directory
+    (``config.json`` + ``*.safetensors``) or a Hub id such as ``"Qwen/Qwen3-0.6B"``
+    (downloaded with ``huggingface_hub``, see :func:`resolve_checkpoint`).
 
     Reads ``config.json`` (:func:`jlora.models.config_from_hf`) and the safetensors
     files; no torch, no transformers. ``overrides`` set :class:`DecoderConfig` fields,
@@ -256,13 +275,12 @@ def from_pretrained(
     are upcast), ``dtype="bfloat16"`` (computation), ``remat=True``.
 
     Example:
-      >>> from huggingface_hub import snapshot_download                   # doctest: +SKIP
-      >>> model = jlora.models.from_pretrained(snapshot_download("Qwen/Qwen3-0.6B"))  # doctest: +SKIP
+      >>> model = jlora.models.from_pretrained("Qwen/Qwen3-0.6B")             # doctest: +SKIP
       >>> logits = model(ids)                                              # doctest: +SKIP
     """
-    d = Path(directory)
+    d = resolve_checkpoint(name_or_path)
     if not (d / "config.json").is_file():
-        raise FileNotFoundError(f"{directory}: no config.json (expected a Hugging Face checkpoint directory)")
+        raise FileNotFoundError(f"{name_or_path}: no config.json (expected a Hugging Face checkpoint directory)")
     config = config_from_hf(d / "config.json", **overrides)
     return from_tensors(config, read_safetensors(d), where=str(d))
 
