@@ -48,8 +48,9 @@ WORDS = ["low", "high", "up", "down"]  # a steady low tone, a steady high tone, 
 
 def whisper_config(smoke: bool) -> transformers.WhisperConfig:
     width = 64 if smoke else 128  # in_features multiples of 64 (bitsandbytes' CPU kernels)
+    layers = 1 if smoke else 2
     return transformers.WhisperConfig(
-        vocab_size=64, num_mel_bins=80, d_model=width, encoder_layers=2, decoder_layers=2,
+        vocab_size=64, num_mel_bins=80, d_model=width, encoder_layers=layers, decoder_layers=layers,
         encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=2 * width, decoder_ffn_dim=2 * width,
         max_source_positions=100, max_target_positions=16, pad_token_id=1, bos_token_id=2, eos_token_id=1,
         decoder_start_token_id=2, suppress_tokens=None, begin_suppress_tokens=None, dropout=0.0,
@@ -90,7 +91,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--output-dir", default=None)
     ap.add_argument("--smoke", action="store_true", help="tiny and quick (CI)")
     args = ap.parse_args(argv)
-    steps = 6 if args.smoke else args.steps
+    steps = 4 if args.smoke else args.steps
     out_dir = args.output_dir or tempfile.mkdtemp(prefix="whisper_qlora_")
     cfg = whisper_config(args.smoke)
 
@@ -180,7 +181,8 @@ def _peft_logits(cfg, params, adapter_dir, base, feats, dec_ids, bnb: bool) -> n
     import peft
     from transformers.modeling_flax_pytorch_utils import load_flax_weights_in_pytorch_model
 
-    tm = load_flax_weights_in_pytorch_model(transformers.WhisperForConditionalGeneration(cfg), jax.device_get(params))
+    tm = load_flax_weights_in_pytorch_model(transformers.WhisperForConditionalGeneration(cfg),
+                                            jax.tree_util.tree_map(np.array, params))
     for path, q in jlora.quantization.quantized_leaves(base):
         name = path.replace("/", ".").removesuffix(".kernel")  # model.encoder.layers.0.self_attn.q_proj
         parent_name, _, child_name = name.rpartition(".")

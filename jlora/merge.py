@@ -68,7 +68,8 @@ def merge(lp: Any, *, safe: bool = False, requantize: bool = False, with_report:
     if requantize:
         if safe:
             merge(lp, safe=True)
-        out, report = qmerge.requantize_merge(lp, _merge, _is_node, lambda x: isinstance(x, MultiLoraWeight) or is_lora_weight(x))
+        is_target = lambda x: isinstance(x, MultiLoraWeight) or is_lora_weight(x)  # noqa: E731
+        out, report = qmerge.requantize_merge(lp, _merge, _is_node, is_target)
         qmerge.warn_requantized(report)
         return (out, report) if with_report else out
     lp = qmerge.dequantize_bases(lp)  # a quantized base: dense, in compute_dtype

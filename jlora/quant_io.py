@@ -92,7 +92,8 @@ def save_quantized(directory: Union[str, os.PathLike], tree: Any, *, force: bool
         if not force:
             raise FileExistsError(f"{path} exists; pass force=True to replace it")
         path.rmtree()
-    ocp.Checkpointer(ocp.StandardCheckpointHandler()).save(path, args=ocp.args.StandardSave(storable, custom_metadata=meta))
+    args = ocp.args.StandardSave(storable, custom_metadata=meta)
+    ocp.Checkpointer(ocp.StandardCheckpointHandler()).save(path, args=args)
 
 
 def quantized_metadata(directory: Union[str, os.PathLike]) -> Optional[dict[str, Any]]:

@@ -130,13 +130,16 @@ def wrap(
     if apply_fn is not None:
         from .usage import find_kernel_uses
 
-        uses = find_kernel_uses(apply_fn, params, tuple(example_args), is_leaf=_is_node)
+        # a quantized kernel is one leaf, used as the kernel it stands for
+        uses = find_kernel_uses(apply_fn, params, tuple(example_args),
+                                is_leaf=lambda x: _is_node(x) or is_quantized(x))
     plan = plan_targets(entries, config, layouts, uses)
     if rng is None:
         rng = jax.random.key(0)
 
     abstract = any(
-        isinstance(e.leaf, jax.ShapeDtypeStruct) or (is_quantized(e.leaf) and isinstance(e.leaf.codes, jax.ShapeDtypeStruct))
+        isinstance(e.leaf, jax.ShapeDtypeStruct)
+        or (is_quantized(e.leaf) and isinstance(e.leaf.codes, jax.ShapeDtypeStruct))
         for e in entries
     )
     if abstract:

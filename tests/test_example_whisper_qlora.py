@@ -17,7 +17,7 @@ pytest.importorskip("bitsandbytes")
 def test_whisper_qlora_smoke():
     out = run_example("whisper_qlora.py", "--smoke")
     m = re.search(r"quantized (\d+) kernels \(nf4\): ([\d,]+) bytes vs ([\d,]+) in float32", out)
-    assert m and int(m.group(1)) == 2 * 6 + 2 * 10, out[-3000:]
+    assert m and int(m.group(1)) == 6 + 10, out[-3000:]  # one encoder and one decoder layer in --smoke
     assert int(m.group(2).replace(",", "")) < 0.15 * int(m.group(3).replace(",", ""))
     assert re.search(r"trainable params: [\d,]+ \|\| all params: [\d,]+ \|\| trainable%: [\d.]+", out)
     loss = re.search(r"held-out loss: ([\d.]+) -> ([\d.]+)", out)

@@ -9,7 +9,6 @@ the merged weight) for the share of ΔW that survives; ``bnb.nn.Linear4bit`` /
 from __future__ import annotations
 
 import logging
-import warnings
 
 import flax.linen as nn
 import jax
@@ -39,7 +38,7 @@ class _Net(nn.Module):
 def net():
     model = _Net()
     x = jax.random.normal(jax.random.key(0), (8, 128))
-    params = model.init(jax.random.key(1), x)["params"]
+    params = jax.jit(model.init)(jax.random.key(1), x)["params"]
     return model, params, x
 
 
@@ -55,8 +54,9 @@ def test_merge_is_dense_in_compute_dtype_and_reproduces_the_forward(net, use_dor
     lp = jlora.wrap(q, jlora.LoraConfig(r=4, lora_alpha=8, target_modules=["up", "mid"], init_lora_weights=False,
                                         use_dora=use_dora))
     if use_dora:  # DoRA's magnitude away from ‖W‖ (else DoRA is plain LoRA here)
-        lp = jax.tree_util.tree_map(lambda x: x.replace(magnitude=x.magnitude * jnp.linspace(0.5, 1.5, x.magnitude.size))
-                                    if isinstance(x, jlora.LoraWeight) else x, lp, is_leaf=lambda x: isinstance(x, jlora.LoraWeight))
+        is_lw = lambda x: isinstance(x, jlora.LoraWeight)  # noqa: E731
+        spread = lambda x: x.replace(magnitude=x.magnitude * jnp.linspace(0.5, 1.5, x.magnitude.size))  # noqa: E731
+        lp = jax.tree_util.tree_map(lambda x: spread(x) if is_lw(x) else x, lp, is_leaf=is_lw)
     merged = jlora.merge(lp)
     for name in ("up", "mid", "down"):  # the non-target "down" is dequantized too
         assert isinstance(merged[name]["kernel"], jax.Array) and merged[name]["kernel"].dtype == jnp.float32

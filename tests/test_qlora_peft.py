@@ -49,7 +49,8 @@ def _to_4bit(model, double_quant: bool):
         for parent in (layer.self_attn, layer.mlp):
             for name, child in list(parent.named_children()):
                 if isinstance(child, torch.nn.Linear):
-                    q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                    q = bnb.nn.Linear4bit(child.in_features, child.out_features,
+                                          bias=child.bias is not None,
                                           compute_dtype=torch.float32, compress_statistics=double_quant,
                                           quant_type="nf4")
                     q.load_state_dict(child.state_dict())
@@ -67,7 +68,8 @@ class Case:
         params = jax.jit(fm.init_weights, static_argnums=1)(jax.random.key(0), (1, 8))
         from transformers.modeling_flax_pytorch_utils import load_flax_weights_in_pytorch_model
 
-        torch_model = load_flax_weights_in_pytorch_model(transformers.LlamaForCausalLM(self.cfg), jax.device_get(params))
+        torch_model = transformers.LlamaForCausalLM(self.cfg)
+        torch_model = load_flax_weights_in_pytorch_model(torch_model, jax.tree_util.tree_map(np.array, params))
         self.torch_state = {k: v.clone() for k, v in torch_model.state_dict().items()}
         self.double_quant = double_quant
         self.apply = lambda p, ids: fm(ids, params=p).logits  # noqa: E731
