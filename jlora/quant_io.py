@@ -203,12 +203,19 @@ def from_bnb_state_dict(state_dict: Mapping[str, Any], prefix: str = "", *, shap
 
     >>> q = from_bnb_state_dict(bnb_linear.state_dict(), compute_dtype=jnp.float32)  # doctest: +SKIP
     """
+    state_keys = [k for k in state_dict if k.startswith(prefix + "weight.quant_state.bitsandbytes__")]
+
     def arr(key):
         v = state_dict[prefix + key]
-        v = v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v)
-        return v
+        if hasattr(v, "detach"):  # a torch tensor
+            v = v.detach().cpu()
+            if key == "weight" and state_keys and str(v.dtype) != "torch.uint8":
+                import torch  # packed codes stored as another dtype (bnb_4bit_quant_storage): the same bytes
 
-    state_keys = [k for k in state_dict if k.startswith(prefix + "weight.quant_state.bitsandbytes__")]
+                v = v.contiguous().view(torch.uint8)
+            return v.numpy()
+        return np.asarray(v)
+
     layout = tuple(layout)
     if not state_keys:
         if prefix + "SCB" not in state_dict:
