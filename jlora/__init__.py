@@ -23,6 +23,7 @@ from .config import LoraConfig
 from .merge import merge, merge_adapter, unmerge_adapter
 from .optim import combine, nnx_trainable, optimizer, partition, trainable_labels
 from .quantization import QuantConfig, QuantizedArray, dequantize, quantize, quantize_array
+from .quant_io import load_quantized, save_quantized
 from .transform import LoraReport, MaterializationError, MaterializationWarning, explain, lora
 from .weight import KernelLayout, LoraWeight, MultiLoraWeight, Trainable
 from .wrap import count_parameters, is_lora_tree, lora_leaves, print_trainable_parameters, unload, wrap
@@ -70,6 +71,8 @@ __all__ = [
     "quantize",
     "quantize_array",
     "dequantize",
+    "save_quantized",
+    "load_quantized",
 ]
 
 from . import hf, name_maps

@@ -133,6 +133,8 @@ def _encode(adapter: Adapter) -> tuple[dict, dict]:
         "torch_modules": adapter.torch_modules,
         "name_map": _map_name(adapter.name_map),
     }
+    if adapter.base_quantization is not None:  # what the base was (jlora.quantize), for jlora inspect
+        meta["base_quantization"] = adapter.base_quantization
     for i, t in enumerate(adapter.targets):
         key = f"t{i:04d}"
         for name in ("a", "b"):
@@ -260,7 +262,8 @@ def _decode_records(meta: dict) -> tuple[Adapter, dict[int, str], dict[int, str]
         )
         params.append(p)
         pkeys[id(p)] = m["key"]
-    adapter = Adapter(targets, params, meta.get("config"), meta.get("torch_modules"), meta.get("name_map"))
+    adapter = Adapter(targets, params, meta.get("config"), meta.get("torch_modules"), meta.get("name_map"),
+                      base_quantization=meta.get("base_quantization"))
     return adapter, tkeys, pkeys
 
 

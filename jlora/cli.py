@@ -120,6 +120,7 @@ def inspect_adapter(path: str, *, as_json: bool = False, out=None) -> dict:
         "trained_params": params,
         "parameters": int(adapter.n_params),
         "size_on_disk": int(size),
+        "base_quantization": adapter.base_quantization,
     }
     if as_json:
         print(json.dumps(summary, indent=2), file=out)
@@ -130,6 +131,8 @@ def inspect_adapter(path: str, *, as_json: bool = False, out=None) -> dict:
     if summary["use_dora"]:
         print("variant: DoRA (lora_magnitude_vector per output feature)", file=out)
     print(f"init: {init_note}", file=out)
+    if adapter.base_quantization is not None:
+        print(f"base: {_quantization_line(adapter.base_quantization)}", file=out)
     print(f"targets: {len(rows)} module(s)", file=out)
     if rows:
         w = max(len(r["module"]) for r in rows)
@@ -148,6 +151,19 @@ def inspect_adapter(path: str, *, as_json: bool = False, out=None) -> dict:
     print(f"parameters: {summary['parameters']:,d}", file=out)
     print(f"size on disk: {size:,d} bytes ({size / 2**20:.2f} MiB)", file=out)
     return summary
+
+
+def _quantization_line(q: dict) -> str:
+    """``nf4 + double quantization (blocks of 64), computed in bfloat16: 14 kernels, 4.13 bits/parameter``."""
+    cfg = q.get("quantization_config", {})
+    if cfg.get("load_in_8bit"):
+        kind = "int8 (LLM.int8 rows)"
+    else:
+        kind = cfg.get("bnb_4bit_quant_type", "?") + (" + double quantization" if cfg.get("bnb_4bit_use_double_quant")
+                                                       else "") + f" (blocks of {cfg.get('bnb_4bit_blocksize', 64)})"
+    mixed = ", mixed configs" if q.get("mixed") else ""
+    return (f"quantized, {kind}, computed in {cfg.get('bnb_4bit_compute_dtype', '?')}: {q.get('quantized_kernels')} "
+            f"kernels, {q.get('bits_per_parameter', 0):.3f} bits/parameter{mixed}; the adapter itself is plain LoRA")
 
 
 def _name_map(spec: str):

@@ -8,7 +8,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from . import qmerge
 from .dora import merge_kernel, unmerge_kernel
+from .quantization import is_quantized
 from .weight import MultiLoraWeight, add_delta, is_lora_weight, is_trainable
 from .weight import is_lora_node as _is_node
 
@@ -36,7 +38,7 @@ def _finite_flags(lp: Any) -> list:
     return flags
 
 
-def merge(lp: Any, *, safe: bool = False) -> Any:
+def merge(lp: Any, *, safe: bool = False, requantize: bool = False, with_report: bool = False) -> Any:
     """PEFT's ``merge_and_unload``: a plain tree with exactly the original structure,
     each ``LoraWeight`` replaced by::
 
@@ -48,9 +50,17 @@ def merge(lp: Any, *, safe: bool = False) -> Any:
 
     and each ``Trainable`` by its value. One jitted ``tree_map``.
 
+    Over a quantized base (:func:`jlora.quantize`) each quantized kernel is dequantized to
+    its ``compute_dtype`` first, so the result is the dense model that was trained,
+    ``dequant(W) + s·ΔW``. With ``requantize=True`` the merged targets are quantized again
+    like their base (PEFT's merge into a bitsandbytes base), which drops most of a small
+    ``ΔW``: a :class:`jlora.qmerge.RequantizeWarning` says how much survived.
+
     Args:
       safe: first check that every merged kernel is finite; raise ``ValueError`` naming
         the first target that is not, before returning anything.
+      requantize: re-quantize the merged kernels of a quantized base (see above).
+      with_report: with ``requantize``, return ``(merged, RequantizeReport)``.
 
     An ``nnx.Module`` gives a module of the same class (its ``nnx.State`` a State).
 
@@ -60,7 +70,24 @@ def merge(lp: Any, *, safe: bool = False) -> Any:
     from .wrap import is_nnx_module, map_module_state
 
     if is_nnx_module(lp):
-        return map_module_state(lambda s: merge(s, safe=safe), lp)
+        if requantize and with_report:
+            reports = []
+
+            def merge_state(s):
+                merged, report = merge(s, safe=safe, requantize=True, with_report=True)
+                reports.append(report)
+                return merged
+
+            return map_module_state(merge_state, lp), reports[0]
+        return map_module_state(lambda s: merge(s, safe=safe, requantize=requantize), lp)
+    if requantize:
+        if safe:
+            merge(lp, safe=True)
+        is_target = lambda x: isinstance(x, MultiLoraWeight) or is_lora_weight(x)  # noqa: E731
+        out, report = qmerge.requantize_merge(lp, _merge, _is_node, is_target)
+        qmerge.warn_requantized(report)
+        return (out, report) if with_report else out
+    lp = qmerge.dequantize_bases(lp)  # a quantized base: dense, in compute_dtype
     if safe:
         from .targets import path_names
 
@@ -83,6 +110,11 @@ def _set_merged(lp: Any, to_merged: bool) -> Any:
             )
         if not is_lora_weight(x) or x.merged == to_merged:
             return x
+        if is_quantized(x.w):
+            raise ValueError(
+                "merge_adapter/unmerge_adapter over a quantized base would re-quantize it after every call; use "
+                "jlora.merge(lp) (a dense merged tree) or jlora.merge(lp, requantize=True)"
+            )
         if x.magnitude is not None:
             # DoRA: W' = (m/n)⊙(W + s·ΔW); n is kept (frozen) so that unmerge restores W exactly
             if to_merged:

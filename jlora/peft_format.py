@@ -435,8 +435,11 @@ def _write_peft_files(d: Path, tensors: dict, adapter: Adapter, tag: str, base_m
 
     cfg = peft_config_dict(adapter, base_model_name_or_path=base_model_name_or_path, task_type=task_type)
     LoraConfig.from_dict(cfg)  # what we write must read back
+    st_meta = {"format": "pt", "jlora": _jlora_metadata(tensors, cfg)}
+    if adapter.base_quantization is not None:  # the quantized base it was trained on (PEFT ignores it)
+        st_meta["jlora_base_quantization"] = json.dumps(adapter.base_quantization, sort_keys=True)
     files = {
-        WEIGHTS_NAME: _sorted_metadata(st_save(tensors, metadata={"format": "pt", "jlora": _jlora_metadata(tensors, cfg)})),
+        WEIGHTS_NAME: _sorted_metadata(st_save(tensors, metadata=st_meta)),
         CONFIG_NAME: (json.dumps(cfg, indent=2, sort_keys=True) + "\n").encode(),
     }
     others = [f for f in d.iterdir() if f.name not in files and not f.name.startswith(".")] if d.exists() else []
@@ -756,7 +759,8 @@ def read_peft(directory: Union[str, os.PathLike], *, verify: bool = True) -> Ada
         )
     if not targets and not params:
         raise ValueError(f"{path}: no LoRA tensors found")
-    return Adapter(targets, params, cfg_clean(cfg), None)
+    quant = st_meta.get("jlora_base_quantization")
+    return Adapter(targets, params, cfg_clean(cfg), None, base_quantization=json.loads(quant) if quant else None)
 
 
 def cfg_clean(cfg: dict) -> dict:

@@ -194,7 +194,8 @@ def _lazy(primitive: Any, params: dict, invals: Sequence[Any]) -> QuantView:
     return QuantView(view.q, view.ops + (op,), view.dyn + tuple(rest))
 
 
-def _is_float_cast(primitive: Any, params: dict, view: QuantView) -> bool:
+def _is_float_cast(primitive: Any, params: dict) -> bool:
+    """Not a cast, or a cast to a float dtype (a cast to an integer type is not a view)."""
     if primitive.name != "convert_element_type":
         return True
     new = params.get("new_dtype")
@@ -213,7 +214,7 @@ def bind(primitive: Any, params: dict, invals: Sequence[Any], raw: Bind = _raw_b
     first = invals[0] if invals else None
     if (
         name in _VIEW_OPS and is_view(first) and not any(is_view(x) for x in invals[1:])
-        and _is_float_cast(primitive, params, first)
+        and _is_float_cast(primitive, params)
     ):
         return _lazy(primitive, params, invals)
     if name in _CONSUMERS:

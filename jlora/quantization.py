@@ -230,7 +230,8 @@ def dequantize_4bit(packed: jax.Array, absmax: jax.Array, n: int, block_size: in
     return _blockwise_scale(values, absmax.astype(jnp.float32), block_size).astype(dtype)
 
 
-def quantize_blockwise(x: jax.Array, code: np.ndarray = DYNAMIC_CODE, block_size: int = 4096) -> tuple[jax.Array, jax.Array]:
+def quantize_blockwise(x: jax.Array, code: np.ndarray = DYNAMIC_CODE,
+                       block_size: int = 4096) -> tuple[jax.Array, jax.Array]:
     """bitsandbytes' 8-bit ``quantize_blockwise`` on ``x`` flattened: ``(uint8 codes (n,),
     absmax float32 (ceil(n/block_size),))`` over the sorted 256-value ``code``, nearest
     value with ties to the lower one."""
@@ -592,6 +593,21 @@ def _check_roles(shape: tuple[int, ...], layout: Sequence[str], what: str) -> tu
     return n_stack, roles
 
 
+def _replicated(x: Any) -> Any:
+    """``x`` resharded to replicated where it lives on a mesh with ``Explicit`` axes (where
+    shardings are types and the codec's flat reshapes of a sharded axis are errors);
+    unchanged otherwise (``Auto`` axes: XLA propagates shardings itself)."""
+    if x is None:
+        return None
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    mesh = getattr(sharding, "mesh", None)
+    if not any(t == jax.sharding.AxisType.Explicit for t in getattr(mesh, "axis_types", ())):
+        return x
+    if all(e is None for e in getattr(sharding, "spec", ())):
+        return x
+    return jax.sharding.reshard(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+
+
 def _vmap_n(f, n: int):
     for _ in range(n):
         f = jax.vmap(f)
@@ -602,6 +618,7 @@ def _vmap_n(f, n: int):
 def _quantize_kernel(w: jax.Array, layout: tuple[str, ...], qt: str, bs: int, dq: bool):
     n_stack = layout.count("stack")
     roles = layout[n_stack:]
+    w = _replicated(w)
 
     def item(k):
         w2d = _to_torch_2d(k, roles)
@@ -639,8 +656,8 @@ def quantize_array(w: Any, config: QuantConfig = QuantConfig(), layout: Sequence
     layout = tuple(layout)
     args = (layout, config.quant_type, config.block_size, config.uses_double_quant)
     if isinstance(w, jax.ShapeDtypeStruct):
-        children = jax.eval_shape(functools.partial(_quantize_kernel, layout=args[0], qt=args[1], bs=args[2], dq=args[3]),
-                                  w)
+        static = dict(zip(("layout", "qt", "bs", "dq"), args))
+        children = jax.eval_shape(functools.partial(_quantize_kernel, **static), w)
     else:
         children = _quantize_kernel(w, *args)
     q = QuantizedArray(
@@ -669,7 +686,7 @@ def _item_dense(q: QuantizedArray, codes, absmax, nested, offset) -> jax.Array:
 def _dequantize_stacked(q: QuantizedArray, dtype: Optional[np.dtype]) -> jax.Array:
     n_stack = len(q.stack_shape)
     f = _vmap_n(functools.partial(_item_dense, q), n_stack)
-    out = f(q.codes, q.absmax, q.nested_absmax, q.offset)
+    out = f(*(_replicated(getattr(q, n)) for n in _CHILDREN))
     return out if dtype is None else out.astype(dtype)
 
 
@@ -728,7 +745,8 @@ def _shard_like(q: QuantizedArray, w: Any) -> QuantizedArray:
     for name, entries in specs.items():
         x = getattr(q, name)
         entries = _divisible(entries, x.shape, sharding.mesh)
-        changes[name] = jax.device_put(x, jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*entries)))
+        target = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*entries))
+        changes[name] = jax.device_put(x, target)
     return q.replace(**changes)
 
 
@@ -769,15 +787,19 @@ def _default_selected(names: tuple[str, ...], leaf: Any) -> bool:
     return True
 
 
-def quantize(params: Any, config: QuantConfig = QuantConfig(), *, layouts: Any = None) -> Any:
+def quantize(params: Any, config: QuantConfig = QuantConfig(), *, layouts: Any = None,
+             apply_fn: Any = None, example_args: Sequence[Any] = ()) -> Any:
     """Replaces the kernels of ``params`` by :class:`QuantizedArray` nodes; pure.
 
-    Which kernels: ``config.target_modules`` if given (their ``kernel`` leaves, or any
-    float leaf of rank >= 2 of a named module), else every ``kernel`` of rank >= 2 except
-    the output head and convolutions; never ``config.skip_modules``. Each kernel's axis
-    roles come from the same inference as :func:`jlora.wrap` (``layouts=`` overrides it,
-    with ``wrap``'s format), and it is quantized as bitsandbytes quantizes the PyTorch
-    weight it stands for (``W = Kᵀ``, blocks along the input axes of each output feature)::
+    Which kernels: ``config.target_modules`` if given (any float leaf of rank >= 2 of a
+    named module), else every ``kernel`` of rank >= 2 except the output head and
+    convolutions; never ``config.skip_modules``. With ``apply_fn`` (as in
+    :func:`jlora.wrap`: ``apply_fn(params, *example_args)`` is traced abstractly) every
+    leaf the model contracts in a ``dot_general`` is a kernel whatever its name (NNX
+    einsum kernels ``w``), with the layout of its use; otherwise each kernel's axis roles
+    come from the same inference as ``wrap`` (``layouts=`` overrides both, with ``wrap``'s
+    format). A kernel is quantized as bitsandbytes quantizes the PyTorch weight it stands
+    for (``W = Kᵀ``, blocks along the input axes of each output feature)::
 
         K ≈ dequantize(quantize(K))        nf4: 16 values × absmax per 64-block
 
@@ -800,6 +822,12 @@ def quantize(params: Any, config: QuantConfig = QuantConfig(), *, layouts: Any =
         if is_lora_node(e.leaf):
             raise ValueError(f"{e.path}: quantize the base before jlora.wrap (the tree already carries LoRA)")
     facts = TreeFacts([e for e in entries if not is_quantized(e.leaf)])
+    uses = {}
+    if apply_fn is not None:
+        from .usage import find_kernel_uses
+
+        uses = find_kernel_uses(apply_fn, params, tuple(example_args),
+                                is_leaf=lambda x: is_quantized(x) or is_lora_node(x))
     leaves = []
     matched = 0
     for e in entries:
@@ -813,6 +841,10 @@ def quantize(params: Any, config: QuantConfig = QuantConfig(), *, layouts: Any =
                 len(leaf.shape) >= 2 and jnp.issubdtype(leaf.dtype, jnp.floating)
                 and _module_matches(config.target_modules, module) and e.name != "bias"
             )
+        elif apply_fn is not None:
+            use = uses.get(e.index)
+            module_name = e.names[-2] if len(e.names) >= 2 else ""
+            chosen = use is not None and use.kind == "linear" and module_name not in _HEAD_NAMES
         else:
             chosen = _default_selected(e.names, leaf) and jnp.issubdtype(leaf.dtype, jnp.floating)
         if chosen and config.skip_modules is not None and _module_matches(config.skip_modules, module):
@@ -820,7 +852,8 @@ def quantize(params: Any, config: QuantConfig = QuantConfig(), *, layouts: Any =
         if not chosen:
             leaves.append(leaf)
             continue
-        layout = user_layout(layouts, e) or infer_layout(e, facts)
+        layout = user_layout(layouts, e) or (uses[e.index].layout() if e.index in uses
+                                             else infer_layout(e, facts))
         leaves.append(quantize_array(leaf, config, layout, path=e.path))
         matched += 1
     if config.target_modules is not None and not matched:

@@ -117,6 +117,7 @@ class Adapter:
     config: Optional[dict] = None
     torch_modules: Optional[list[str]] = None
     name_map: Any = None  # the name map that named it: "hf", "qwen3", ... or a FamilyMap
+    base_quantization: Optional[dict] = None  # jlora.quantization.quantization_summary of a quantized base
 
     @property
     def n_params(self) -> int:
@@ -161,7 +162,10 @@ def adapter_from_tree(
     """
     if config is not None and not isinstance(config, LoraConfig):
         raise TypeError(f"config must be a jlora.LoraConfig or None, got {type(config).__name__}")
-    flat = jax.tree_util.tree_flatten_with_path(lp, is_leaf=_is_node)[0]
+    from .quantization import is_quantized, quantization_summary
+
+    # a quantized kernel (jlora.QuantizedArray) is one leaf of the kernel's shape
+    flat = jax.tree_util.tree_flatten_with_path(lp, is_leaf=lambda x: _is_node(x) or is_quantized(x))[0]
     leaves: list[tuple[tuple[str, ...], Any]] = []
     for keypath, x in flat:
         names = path_names(keypath)
@@ -219,7 +223,8 @@ def adapter_from_tree(
                 torch_modules.extend(tn.modules(names))
     source = name_map if isinstance(name_map, name_maps.FamilyMap) else tn.name
     return Adapter(
-        targets, params, config.to_dict() if config is not None else None, sorted(set(torch_modules)), source
+        targets, params, config.to_dict() if config is not None else None, sorted(set(torch_modules)), source,
+        base_quantization=quantization_summary(lp),
     )
 
 

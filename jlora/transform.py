@@ -1542,6 +1542,8 @@ def _dora_k(w: Any, x: LoraWeight, n_stack: int) -> Any:
     call (float32, ``(*stack, 1, *out)``: B's axes with rank 1); None for a LoRA adapter."""
     if x.magnitude is None:
         return None
+    if is_quantized(w):  # the norm of the dequantized base (a constant: no residual)
+        w = w.dequantize(w.compute_dtype)
     return jnp.expand_dims(magnitude_scale(w, x.a, x.b, x.magnitude, x.scale, x.layout), n_stack)
 
 

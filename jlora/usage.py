@@ -46,6 +46,8 @@ import jax.extend as jex
 import jax.numpy as jnp
 import numpy as np
 
+from .quantization import is_quantized
+
 __all__ = ["Use", "LeafUse", "find_kernel_uses", "leaf_paths"]
 
 _PASS = ("copy", "copy_p", "sharding_constraint", "reshard")
@@ -509,12 +511,14 @@ def _gather(eqn, t: _Track, rec, prefix):
 def _is_array(x: Any) -> bool:
     return isinstance(x, (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct)) or isinstance(
         x, jax.core.Tracer
-    )
+    ) or is_quantized(x)
 
 
 def _abstract(x: Any) -> jax.ShapeDtypeStruct:
     if isinstance(x, jax.ShapeDtypeStruct):
         return x
+    if is_quantized(x):  # a quantized kernel is used as the kernel it stands for (jlora.qforward)
+        return jax.ShapeDtypeStruct(x.shape, x.compute_dtype)
     if isinstance(x, (np.ndarray, np.generic)):
         return jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype)
     t = jax.typeof(x)

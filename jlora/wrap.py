@@ -184,13 +184,16 @@ def _wrap_tree(params: Any, config: LoraConfig, rng: Optional[jax.Array], apply_
     if apply_fn is not None:
         from .usage import find_kernel_uses
 
-        uses = find_kernel_uses(apply_fn, params, example_args, is_leaf=_is_node)
+        # a quantized kernel is one leaf, used as the kernel it stands for
+        uses = find_kernel_uses(apply_fn, params, example_args,
+                                is_leaf=lambda x: _is_node(x) or is_quantized(x))
     plan = plan_targets(entries, config, layouts, uses, aliases)
     if rng is None:
         rng = jax.random.key(0)
 
     abstract = any(
-        isinstance(e.leaf, jax.ShapeDtypeStruct) or (is_quantized(e.leaf) and isinstance(e.leaf.codes, jax.ShapeDtypeStruct))
+        isinstance(e.leaf, jax.ShapeDtypeStruct)
+        or (is_quantized(e.leaf) and isinstance(e.leaf.codes, jax.ShapeDtypeStruct))
         for e in entries
     )
     if abstract:
@@ -246,6 +249,12 @@ def _init_target(e: Any, spec: Any, config: LoraConfig, key: jax.Array, dtype: A
     if is_residual_init(init) and spec.embedding:
         residual_embeddings.append(e.path)
         a, b = init_factors(key, shape, spec.layout, spec.r, True, dtype, spec.embedding)
+    elif is_residual_init(init) and is_quantized(e.leaf):
+        raise ValueError(
+            f"{e.path}: init_lora_weights={init!r} rewrites the base kernel (W - s·A·B); on a quantized base use "
+            "init_lora_weights=True (or 'gaussian'), or initialise on the dense base and quantize the residual "
+            "(jlora.quantize(jlora.unload(lp)))"
+        )
     elif is_residual_init(init):
         a32, b32 = init_residual_factors(e.leaf, spec.layout, spec.r, spec.scale, init, key, e.path)
         w = residual_kernel(e.leaf, a32, b32, spec.scale, spec.layout)
@@ -257,7 +266,8 @@ def _init_target(e: Any, spec: Any, config: LoraConfig, key: jax.Array, dtype: A
     if config.use_dora:
         from .dora import weight_norm
 
-        magnitude = weight_norm(w, a, b, spec.scale, spec.layout).astype(dtype)
+        dense = w.dequantize(w.compute_dtype) if is_quantized(w) else w  # the norm of the dequantized base
+        magnitude = weight_norm(dense, a, b, spec.scale, spec.layout).astype(dtype)
     return LoraWeight(w, a, b, scale=spec.scale, layout=spec.layout, dropout=config.lora_dropout,
                       magnitude=magnitude, a0=a0, b0=b0, init=init_name)
 
