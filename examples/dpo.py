@@ -36,8 +36,8 @@ starts from a local Hugging Face causal-LM checkpoint instead (SFT skipped unles
     python examples/dpo.py --model ~/models/gpt2 --completion-chars 64
     python examples/dpo.py --smoke               # seconds (CI)
 
-Outputs in --output-dir: sft_base/ (the merged SFT model, a Hugging Face Flax checkpoint
-that ``from_pretrained(..., from_flax=True)`` loads in PyTorch), adapter_peft/ (the DPO
+Outputs in --output-dir: sft_base/ (the merged SFT model as a Hugging Face checkpoint, Flax
+weights and, with PyTorch installed, PyTorch weights), adapter_peft/ (the DPO
 adapter in PEFT's format: ``PeftModel.from_pretrained`` on the PyTorch model loads it, as
 TRL's ``DPOTrainer`` output would be), dpo_curves.png, metrics.json.
 """
@@ -90,41 +90,64 @@ def prose_sections(min_chars: int = 200) -> list[tuple[str, str]]:
     return out
 
 
-def preference_pairs(secs: list[tuple[str, str]], prompt_chars: int, completion_chars: int, seed: int) -> list[dict]:
-    """Non-overlapping windows of each section: prompt = heading + the window's start (cut
-    at a space), chosen = the next ``completion_chars`` characters, rejected = as many
-    characters starting at a random space of another section in ``secs``."""
+def preference_pairs(secs: list[tuple[str, str]], prompt_chars: int, completion_chars: int, seed: int,
+                     cut: str = "word", max_per_section: int | None = None, stride: int | None = None) -> list[dict]:
+    """Windows of each section: prompt = heading + the window's start, chosen = the next
+    ``completion_chars`` characters, rejected = as many characters of another section in
+    ``secs``. Windows start at word boundaries ``stride`` characters apart (default: one
+    after the other, no overlap). ``cut="word"``: the prompt ends before a space and both
+    completions start with one (a new word); ``cut="char"``: the prompt ends anywhere, so
+    the chosen text may finish the prompt's last word, and the rejected text starts
+    anywhere too."""
+    if cut not in ("word", "char"):
+        raise ValueError(f"cut must be 'word' or 'char', got {cut!r}")
     rng = random.Random(seed)
-    starts = [[m.start() for m in re.finditer(" ", t) if m.start() + completion_chars <= len(t)] for _, t in secs]
+    ok = lambda t, q: q + completion_chars <= len(t) and (cut == "char" or t[q] == " ")  # noqa: E731
+    starts = [[q for q in range(len(t)) if ok(t, q)] for _, t in secs]
     pairs = []
     for i, (title, text) in enumerate(secs):
-        s = 0
-        while True:
-            cut = text.rfind(" ", s + prompt_chars // 2, s + prompt_chars)
-            if cut < 0 or cut + completion_chars > len(text):
+        s, n = 0, 0
+        while max_per_section is None or n < max_per_section:
+            c = text.rfind(" ", s + prompt_chars // 2, s + prompt_chars) if cut == "word" else s + prompt_chars
+            if c < 0 or c + completion_chars > len(text):
                 break
             j = rng.choice([k for k in range(len(secs)) if k != i and starts[k]])
             q = rng.choice(starts[j])
-            pairs.append({"prompt": f"{title[:40]}\n{text[s:cut]}", "chosen": text[cut : cut + completion_chars],
+            pairs.append({"prompt": f"{title[:40]}\n{text[s:c]}", "chosen": text[c : c + completion_chars],
                           "rejected": secs[j][1][q : q + completion_chars], "section": title})
-            nxt = text.find(" ", cut + completion_chars)
+            n += 1
+            nxt = text.find(" ", c + completion_chars if stride is None else s + stride)
             if nxt < 0:
                 break
             s = nxt + 1
     return pairs
 
 
-def make_split(eval_fraction: float, seed: int, prompt_chars: int, completion_chars: int) -> tuple[list[dict], list[dict]]:
-    """Sections shuffled once (seeded); ``eval_fraction`` of them are held out. Pairs are
-    built within each split, so a held-out pair's three texts are never trained on."""
+def sft_examples(secs: list[tuple[str, str]], chars: int) -> list[tuple[str, str]]:
+    """(heading, text) windows of about ``chars`` characters (cut at spaces): the SFT data,
+    loss on the text."""
+    out = []
+    for title, text in secs:
+        s = 0
+        while s < len(text) - chars // 4:
+            e = text.rfind(" ", s + chars // 2, s + chars)
+            e = len(text) if e < 0 or s + chars >= len(text) else e
+            out.append((f"{title[:40]}\n", text[s:e]))
+            s = e + 1
+    return out
+
+
+def split_sections(eval_fraction: float, sft_fraction: float, seed: int):
+    """Sections shuffled once (seeded) into ``(sft, dpo, held_out)`` lists by the given
+    fractions (DPO gets the rest). The SFT model never sees the text of a DPO or held-out
+    pair, so DPO's training pairs are as new to it as the held-out ones; held-out pairs'
+    three texts are never trained on."""
     secs = prose_sections()
     order = list(range(len(secs)))
     random.Random(seed).shuffle(order)
-    n_held = max(2, round(eval_fraction * len(secs)))
-    held = sorted(order[:n_held])
-    train = [secs[k] for k in range(len(secs)) if k not in set(held)]
-    return (preference_pairs(train, prompt_chars, completion_chars, seed),
-            preference_pairs([secs[k] for k in held], prompt_chars, completion_chars, seed + 1))
+    n_held, n_sft = max(2, round(eval_fraction * len(secs))), round(sft_fraction * len(secs))
+    pick = lambda ks: [secs[k] for k in sorted(ks)]  # noqa: E731
+    return pick(order[n_held : n_held + n_sft]), pick(order[n_held + n_sft :]), pick(order[:n_held])
 
 
 def encode_pairs(pairs: list[dict], tok, seq_len: int) -> dict[str, np.ndarray]:
@@ -251,6 +274,24 @@ def base_kernels(lp: Any) -> list:
 # --------------------------------------------------------------------------------------
 
 
+def save_torch_twin(model: Any, params: Any, directory: Path) -> bool:
+    """Writes ``params`` as the PyTorch twin of a Hugging Face Flax ``model`` into
+    ``directory`` (``model.safetensors``, via transformers' own Flax -> PyTorch conversion),
+    so that ``AutoModelForCausalLM.from_pretrained(directory)`` and PEFT / TRL load it.
+    Returns False (and writes nothing) without PyTorch."""
+    try:
+        import torch  # noqa: F401
+        from transformers import AutoModelForCausalLM
+        from transformers.modeling_flax_pytorch_utils import load_flax_weights_in_pytorch_model
+    except ImportError:
+        print("PyTorch not installed: the SFT base is saved for Flax only")
+        return False
+    pt = AutoModelForCausalLM.from_config(model.config)
+    pt = load_flax_weights_in_pytorch_model(pt, jax.device_get(params))
+    pt.save_pretrained(directory)
+    return True
+
+
 def plot(path: Path, losses, margins, evals, loss_type: str) -> None:
     import matplotlib
 
@@ -299,7 +340,10 @@ def main() -> None:
     ap.add_argument("--sft-lr", type=float, default=3e-3)
     ap.add_argument("--prompt-chars", type=int, default=96)
     ap.add_argument("--completion-chars", type=int, default=48)
+    ap.add_argument("--cut", choices=["word", "char"], default="word", help="where prompts end (see preference_pairs)")
     ap.add_argument("--eval-fraction", type=float, default=0.2, help="fraction of sections held out")
+    ap.add_argument("--sft-fraction", type=float, default=0.4, help="fraction of sections for SFT (the rest: DPO)")
+    ap.add_argument("--eval-per-section", type=int, default=8, help="at most this many held-out pairs per section")
     ap.add_argument("--eval-every", type=int, default=30)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--output-dir", default="runs/dpo-pydoc")
@@ -314,11 +358,17 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
 
     # ---- data
-    train_pairs, test_pairs = make_split(args.eval_fraction, args.seed, args.prompt_chars, args.completion_chars)
+    sft_secs, dpo_secs, held_secs = split_sections(args.eval_fraction, args.sft_fraction if args.sft_steps else 0.0,
+                                                   args.seed)
+    train_pairs = preference_pairs(dpo_secs, args.prompt_chars, args.completion_chars, args.seed, cut=args.cut)
+    test_pairs = preference_pairs(held_secs, args.prompt_chars, args.completion_chars, args.seed + 1, cut=args.cut,
+                                  max_per_section=args.eval_per_section)
+    sft_data = sft_examples(sft_secs, args.prompt_chars + args.completion_chars)
     if args.smoke:
-        train_pairs, test_pairs = train_pairs[:16], test_pairs[:8]
-    print(f"data: pydoc_data.topics -> {len(train_pairs)} train pairs, {len(test_pairs)} held-out pairs "
-          f"({len({p['section'] for p in test_pairs})} held-out sections)")
+        train_pairs, test_pairs, sft_data = train_pairs[:16], test_pairs[:8], sft_data[:16]
+    print(f"data: pydoc_data.topics -> {len(sft_data)} SFT windows ({len(sft_secs)} sections), "
+          f"{len(train_pairs)} DPO pairs ({len(dpo_secs)} sections), {len(test_pairs)} held-out pairs "
+          f"({len({p['section'] for p in test_pairs})} sections)")
     ex = test_pairs[0]
     print(f"  prompt  : {ex['prompt']!r}\n  chosen  : {ex['chosen']!r}\n  rejected: {ex['rejected']!r}")
 
@@ -330,9 +380,11 @@ def main() -> None:
     forward = jlora.lora(lambda params, x: model(x, params=params).logits)
     rng = np.random.default_rng(args.seed)
 
-    # ---- SFT on the training prompts and their chosen completions (sft_causal_lm's step)
+    # ---- SFT on text of its own sections (sft_causal_lm's batching and train step)
     base = model.params
     if args.sft_steps > 0:
+        sft_len = -(-max(enc(p) + enc(t) + 1 for p, t in sft_data) // 16) * 16
+        sft_ids, sft_mask = sft.batchify(sft_data, tok, sft_len)
         cfg = jlora.LoraConfig(r=args.sft_rank, lora_alpha=2 * args.sft_rank, target_modules=targets,
                                modules_to_save=modules_to_save)
         trainable, frozen = jlora.partition(jlora.wrap(base, cfg, rng=jax.random.key(args.seed)))
@@ -342,12 +394,12 @@ def main() -> None:
         sft_step = jax.jit(sft.make_sft_step(forward, tx))
         bar = tqdm(range(args.sft_steps), desc="sft", unit="step", mininterval=0.5)
         for i in bar:
-            idx = rng.integers(0, len(train_pairs), args.batch_size)
-            trainable, opt_state, loss = sft_step(trainable, frozen, opt_state, train["ids_c"][idx], train["m_c"][idx])
+            idx = rng.integers(0, len(sft_data), args.batch_size)
+            trainable, opt_state, loss = sft_step(trainable, frozen, opt_state, sft_ids[idx], sft_mask[idx])
             first = float(loss) if i == 0 else first
             if i % 10 == 0 or i == args.sft_steps - 1:
                 bar.set_postfix(loss=f"{float(loss):.3f}", refresh=False)
-        print(f"SFT: completion loss {first:.3f} -> {float(loss):.3f} nats/byte over {args.sft_steps} steps")
+        print(f"SFT: loss {first:.3f} -> {float(loss):.3f} nats/token over {args.sft_steps} steps")
         base = jlora.merge(jlora.combine(trainable, frozen))  # plain params: the DPO base and reference
 
     # ---- DPO: a fresh adapter over the (SFT-merged) base; the reference is the base itself
@@ -419,6 +471,7 @@ def main() -> None:
     model.save_pretrained(base_dir, params=jax.device_get(base))
     if isinstance(tok, sft.HFTokenizer):
         tok.tok.save_pretrained(base_dir)
+    torch_twin = save_torch_twin(model, base, base_dir)
     lp = jlora.combine(trainable, frozen)
     peft_dir = jlora.save_peft(out / "adapter_peft", lp, config=config, base_model_name_or_path=str(base_dir.resolve()),
                                task_type="CAUSAL_LM")
@@ -426,8 +479,9 @@ def main() -> None:
     same = all(np.array_equal(np.asarray(x), np.asarray(y))
                for x, y in zip(jax.tree_util.tree_leaves(reread), jax.tree_util.tree_leaves(lp)))
     print(f"adapter saved in PEFT format: {peft_dir} (read back identical: {same})")
-    print(f"  torch: PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({str(base_dir)!r}, "
-          f"from_flax=True), {str(peft_dir)!r})")
+    if torch_twin:
+        print(f"  torch: PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({str(base_dir)!r}), "
+              f"{str(peft_dir)!r})")
     plot(out / "dpo_curves.png", losses, margins, evals, args.loss)
     print(f"curves: {out / 'dpo_curves.png'}")
 
