@@ -24,7 +24,8 @@ adapter model's.
     python examples/finetune_minilm_retrieval.py --smoke         # seconds (CI)
 
 Outputs in --output-dir: adapter_orbax/, adapter_peft/ (adapter_config.json +
-adapter_model.safetensors), merged/ (a plain Flax BERT checkpoint + tokenizer),
+adapter_model.safetensors), merged/ (a BERT checkpoint in PyTorch names, config.json +
+model.safetensors, and the tokenizer),
 loss_curve.png, metrics.json.
 """
 
@@ -177,18 +178,40 @@ def model_dir() -> str:
 
 
 def load_model(path: str):
-    import logging
-    import warnings
+    """all-MiniLM-L6-v2 as jlora's own NNX BERT encoder (``jlora.models.bert``: safetensors,
+    no torch, no transformers) and its tokenizer (the ``tokenizers`` library)."""
+    import tokenizers
 
-    from transformers import AutoTokenizer, FlaxBertModel
-    from transformers.utils import logging as hf_logging
+    from jlora.models import bert
 
-    hf_logging.set_verbosity_error()  # "some weights were not used: position_ids" is expected
-    logging.getLogger("transformers").setLevel(logging.ERROR)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = FlaxBertModel.from_pretrained(path, from_pt=True)  # reads model.safetensors
-    return model, AutoTokenizer.from_pretrained(path)
+    return bert.load_bert(path), tokenizers.Tokenizer.from_file(str(Path(path) / "tokenizer.json"))
+
+
+def tokenize_batch(tok, texts: list[str], length: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(input_ids, attention_mask)``, int32 ``(len(texts), length)``: truncated and padded
+    to ``length`` as ``tokenizer(texts, max_length=length, truncation=True,
+    padding="max_length")`` does."""
+    tok.enable_truncation(length)
+    tok.enable_padding(length=length, pad_id=0, pad_token="[PAD]")
+    enc = tok.encode_batch(texts)
+    return (np.array([e.ids for e in enc], np.int32), np.array([e.attention_mask for e in enc], np.int32))
+
+
+def embedder(model):
+    """``(graphdef, params, embed)``: the model split into its static graph and its
+    parameters (an ``nnx.State`` whose paths are PyTorch BERT's names), and
+    ``embed(params, ids, mask)``, the sentence embedding as sentence-transformers computes
+    it (mean over tokens, L2-normalised)."""
+    from flax import nnx
+
+    from jlora.models import bert
+
+    graphdef, params = nnx.split(model)
+
+    def embed(params, ids, mask):
+        return bert.mean_pool(nnx.merge(graphdef, params)(ids, mask), mask)
+
+    return graphdef, params, embed
 
 
 def _info_nce(q: np.ndarray, p: np.ndarray, temperature: float) -> float:
@@ -254,22 +277,16 @@ def main() -> None:
     t = time.perf_counter()
     path = model_dir()
     model, tok = load_model(path)
-    print(f"model: all-MiniLM-L6-v2 ({path}) loaded in {time.perf_counter() - t:.1f}s")
+    print(f"model: all-MiniLM-L6-v2 as an NNX BertModel (jlora.models.bert) from {path}, loaded in {time.perf_counter() - t:.1f}s")
+
+    _, params, embed = embedder(model)  # params: an nnx.State, paths = PyTorch BERT names
 
     def tokenize(texts: list[str], length: int):
-        t = tok(texts, max_length=length, truncation=True, padding="max_length", return_tensors="np")
-        return t["input_ids"].astype(np.int32), t["attention_mask"].astype(np.int32)
-
-    def embed(params, ids, mask):
-        """Sentence embedding as sentence-transformers computes it: mean over tokens, L2-normalised."""
-        h = model(ids, attention_mask=mask, params=params).last_hidden_state
-        m = mask[..., None].astype(h.dtype)
-        e = (h * m).sum(1) / jnp.maximum(m.sum(1), 1.0)
-        return e / jnp.linalg.norm(e, axis=-1, keepdims=True)
+        return tokenize_batch(tok, texts, length)
 
     config = jlora.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=args.targets.split(","),
                               lora_dropout=0.1)
-    lp = jlora.wrap(model.params, config, rng=jax.random.key(args.seed))
+    lp = jlora.wrap(params, config, rng=jax.random.key(args.seed))
     trainable_n, total_n = jlora.count_parameters(lp)
     jlora.print_trainable_parameters(lp)
 
@@ -381,14 +398,14 @@ def main() -> None:
     same_leaves = lambda a, b: all(  # noqa: E731
         np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(jax.tree_util.tree_leaves(a),
                                                                     jax.tree_util.tree_leaves(b)))
-    from_orbax = same_leaves(jlora.load(orbax_dir, model.params), lp)
-    from_peft = same_leaves(jlora.load_peft(peft_dir, model.params), lp)
+    from_orbax = same_leaves(jlora.load(orbax_dir, params), lp)
+    from_peft = same_leaves(jlora.load_peft(peft_dir, params), lp)
     orbax_size, peft_size = dir_size(orbax_dir), dir_size(peft_dir)
     print(f"\nadapter saved: {orbax_dir} (Orbax, {human(orbax_size)}), {peft_dir} (PEFT, {human(peft_size)})")
     print(f"read back: Orbax identical {from_orbax}, PEFT identical {from_peft}")
 
     # ---- merge, and check the merged model against the adapter model -----------------
-    merged = jlora.merge(lp)  # plain params: same tree as model.params
+    merged = jlora.merge(lp)  # plain params: an nnx.State with the base's structure
     n_check = min(64, len(p_texts))
     ids, mask = tokenize(p_texts[:n_check], args.max_len)
     with_adapter = np.asarray(encode(lp, ids, mask))
@@ -400,9 +417,13 @@ def main() -> None:
     merged_dir = out / "merged"
     if merged_dir.exists():
         shutil.rmtree(merged_dir)
-    model.save_pretrained(merged_dir, params=merged)
-    tok.save_pretrained(merged_dir)
-    print(f"merged model saved: {merged_dir} (FlaxBertModel.from_pretrained('{merged_dir}'), "
+    from jlora.models import bert
+
+    bert.save_bert(merged_dir, merged, model.config)  # config.json + model.safetensors, PyTorch names
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+        if (Path(path) / f).is_file():
+            shutil.copy(Path(path) / f, merged_dir / f)
+    print(f"merged model saved: {merged_dir} (jlora.models.bert.load_bert or transformers.BertModel.from_pretrained, "
           f"{human(dir_size(merged_dir))})")
 
     # ---- loss curve --------------------------------------------------------------------

@@ -21,7 +21,8 @@ from .adapters import (
 )
 from .config import LoraConfig
 from .merge import merge, merge_adapter, unmerge_adapter
-from .optim import combine, optimizer, partition, trainable_labels
+from .optim import combine, nnx_trainable, optimizer, partition, trainable_labels
+from .quantization import QuantConfig, QuantizedArray, dequantize, quantize, quantize_array
 from .transform import LoraReport, MaterializationError, MaterializationWarning, explain, lora
 from .weight import KernelLayout, LoraWeight, MultiLoraWeight, Trainable
 from .wrap import count_parameters, is_lora_tree, lora_leaves, print_trainable_parameters, unload, wrap
@@ -47,6 +48,7 @@ __all__ = [
     "MaterializationError",
     "optimizer",
     "trainable_labels",
+    "nnx_trainable",
     "partition",
     "combine",
     "merge",
@@ -63,6 +65,11 @@ __all__ = [
     "active_adapters",
     "adapter_ids",
     "add_weighted_adapter",
+    "QuantConfig",
+    "QuantizedArray",
+    "quantize",
+    "quantize_array",
+    "dequantize",
 ]
 
 from . import hf

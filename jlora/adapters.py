@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal, Optional, Union
 
@@ -28,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .config import LoraConfig
+from .quantization import is_quantized
 from .weight import DEFAULT_ADAPTER, LoraWeight, MultiLoraWeight, Trainable, delta
 from .weight import is_lora_node as _is_node
 
@@ -45,6 +47,7 @@ __all__ = [
     "adapter_names",
     "active_adapters",
     "adapter_ids",
+    "check_adapter_ids",
     "add_weighted_adapter",
 ]
 
@@ -115,6 +118,7 @@ def _attach(lp: Any, single: Any, name: str, active: Optional[bool] = None) -> A
     if name == BASE_ADAPTER:
         raise ValueError(f"{BASE_ADAPTER!r} is reserved for 'no adapter' in mixed batches")
     had_any = bool(adapter_names(lp))
+    _warn_residual_mix(lp, single, name)
 
     def join(old, new):
         if isinstance(new, Trainable):
@@ -135,9 +139,44 @@ def _attach(lp: Any, single: Any, name: str, active: Optional[bool] = None) -> A
         adapters = dict(m.adapters)
         adapters[name] = new.replace(w=None)
         act = m.active + (name,) if (active or (active is None and not had_any)) else m.active
-        return m.replace(adapters=adapters, active=act)
+        # PiSSA/OLoRA: the new adapter was initialised on the current base, which becomes its
+        # residual for every adapter (as in PEFT); its A0/B0 let unload/delete restore it
+        w = new.w if new.a0 is not None else m.w
+        return m.replace(w=w, adapters=adapters, active=act)
 
-    return jax.tree_util.tree_map(join, lp, single, is_leaf=_is_node)
+    # a quantized base kernel (jlora.QuantizedArray) is one leaf on both sides
+    return jax.tree_util.tree_map(join, lp, single, is_leaf=lambda x: _is_node(x) or is_quantized(x))
+
+
+def _residual_names(tree: Any, default: str = DEFAULT_ADAPTER) -> list[str]:
+    out: list[str] = []
+    for x in _leaves(tree):
+        pairs = {default: x} if isinstance(x, LoraWeight) else dict(x.adapters) if isinstance(x, MultiLoraWeight) else {}
+        out += [n for n, p in pairs.items() if p.a0 is not None and n not in out]
+    return out
+
+
+def _warn_residual_mix(lp: Any, single: Any, name: str) -> None:
+    """PEFT's warning (and more precise): a PiSSA/OLoRA adapter changes the shared base."""
+    old = _residual_names(lp)
+    new = _residual_names(single, name)
+    others = [n for n in adapter_names(lp) if n not in old]
+    if new and adapter_names(lp):
+        warnings.warn(
+            f"adapter {name!r} uses a PiSSA/OLoRA initialisation: it replaces the shared base of its kernels by the "
+            f"residual W - s*A0*B0, so the adapters already present ({adapter_names(lp)}) and the disabled model "
+            "now compute on that residual, as in PEFT. jlora.unload / jlora.delete_adapter still restore the original "
+            "base. To combine adapters safely, convert it first: save_peft(..., convert_to_lora=True) and load that.",
+            UserWarning, stacklevel=3,
+        )
+    elif old and not new:
+        warnings.warn(
+            f"adapter {name!r} is added over a PiSSA/OLoRA base: adapters {old} replaced the base by its residual "
+            f"W - s*A0*B0, so {name!r} (and {others or 'the disabled model'}) computes on that residual, as in PEFT. "
+            "To use it on the original base, convert the PiSSA/OLoRA adapter with save_peft(..., "
+            "convert_to_lora=True) and load both into a tree over the original base.",
+            UserWarning, stacklevel=3,
+        )
 
 
 def _base(lp: Any) -> Any:
@@ -220,7 +259,9 @@ def enable_adapter(lp: Any) -> Any:
 
 def delete_adapter(lp: Any, name: str) -> Any:
     """Removes adapter ``name`` (PEFT's ``delete_adapter``). Deleting the last active
-    adapter is an error: activate another one first (or use :func:`jlora.unload`)."""
+    adapter is an error: activate another one first (or use :func:`jlora.unload`).
+    Deleting a PiSSA/OLoRA adapter also restores the base it replaced by its residual
+    (``W_res + s·A₀·B₀``; PEFT leaves the residual)."""
     _check_names(lp, [name])
     active = active_adapters(lp)
     if active == [name]:
@@ -233,10 +274,16 @@ def delete_adapter(lp: Any, name: str) -> Any:
         x = _as_multi(x)
         if not isinstance(x, MultiLoraWeight) or name not in x.adapters:
             return x
+        gone = x.adapters[name]
+        w = x.w
+        if gone.a0 is not None:  # a PiSSA/OLoRA adapter: its residual is undone
+            from .inits import original_kernel
+
+            w = original_kernel(w, gone.a0, gone.b0, gone.scale, gone.layout)
         adapters = {k: v for k, v in x.adapters.items() if k != name}
         if not adapters:
-            return x.w
-        return x.replace(adapters=adapters, active=tuple(n for n in x.active if n != name))
+            return w
+        return x.replace(w=w, adapters=adapters, active=tuple(n for n in x.active if n != name))
 
     return _map(drop, lp)
 
@@ -261,6 +308,12 @@ def adapter_ids(lp: Any, names: Sequence[str]) -> jax.Array:
     ``"__base__"`` (the base model alone). Pass the result as ``adapter_ids=`` to the
     function returned by ``jlora.lora``.
 
+    ``ids[e] = adapter_names(lp).index(names[e])``, ``-1`` for ``"__base__"``. This is
+    the safe way to build ids: an unknown name is a ``ValueError``. Hand-made concrete
+    ids outside ``-1 .. len(adapter_names(lp)) - 1`` are a ``ValueError`` too (see
+    :func:`check_adapter_ids`); traced ids (inside ``jit``) cannot be checked, and an
+    out-of-range index there selects no adapter: that example gets the base model.
+
     >>> ids = adapter_ids(lp, ["a", "b", "__base__", "a"])     # doctest: +SKIP
     >>> y = jlora.lora(apply)(lp, x, adapter_ids=ids)           # doctest: +SKIP
     """
@@ -274,6 +327,39 @@ def adapter_ids(lp: Any, names: Sequence[str]) -> jax.Array:
         else:
             raise ValueError(f"unknown adapter {n!r}; existing adapters: {existing} (or {BASE_ADAPTER!r})")
     return jnp.asarray(out, jnp.int32)
+
+
+def check_adapter_ids(ids: Any, names: Sequence[str]) -> None:
+    """Raises ``ValueError`` if concrete ``ids`` hold an index outside ``-1 .. len(names)-1``.
+
+    ``names`` are the tree's adapter names (``adapter_names(lp)``); ``-1`` is the base
+    model. Traced ids (under ``jit``/``vmap``) are not checked: there an out-of-range index
+    matches no adapter, so that example computes the base model alone. Only the shards
+    this process holds are checked for a multi-process global array.
+
+    >>> check_adapter_ids(np.array([0, -1]), ["a", "b"])
+    >>> check_adapter_ids(np.array([2]), ["a", "b"])
+    Traceback (most recent call last):
+    ...
+    ValueError: adapter_ids[0] = 2 is out of range: valid ids are -1 (the base model) and 0..1 for the adapters ['a', 'b'] (0='a', 1='b'); jlora.adapter_ids(lp, names) builds them from names
+    """
+    if isinstance(ids, jax.core.Tracer):
+        return
+    if isinstance(ids, jax.Array) and not ids.is_fully_addressable:
+        chunks = [(s.index[0].start or 0 if s.index else 0, np.asarray(s.data).reshape(-1)) for s in ids.addressable_shards]
+    else:
+        chunks = [(0, np.asarray(ids).reshape(-1))]
+    n = len(names)
+    for start, vals in chunks:
+        bad = np.nonzero((vals < -1) | (vals >= n))[0]
+        if bad.size:
+            i = int(bad[0])
+            listing = ", ".join(f"{k}={nm!r}" for k, nm in enumerate(names))
+            raise ValueError(
+                f"adapter_ids[{start + i}] = {int(vals[i])} is out of range: valid ids are -1 (the base model) and "
+                f"0..{n - 1} for the adapters {list(names)} ({listing}); jlora.adapter_ids(lp, names) builds them "
+                "from names"
+            )
 
 
 # ----------------------------------------------------------------------------------
@@ -431,6 +517,14 @@ def add_weighted_adapter(
 
     lp_multi = _map(_as_multi, lp)
     leaves = [x for x in _leaves(lp_multi) if isinstance(x, MultiLoraWeight)]
+    dora = sorted({a for x in leaves for a in adapters if a in x.adapters and x.adapters[a].magnitude is not None})
+    if dora:
+        raise ValueError(
+            f"add_weighted_adapter: adapters {dora} are DoRA adapters (use_dora=True). A weighted combination of "
+            "their A and B has no magnitude that makes it the weighted model (PEFT 0.21.2 silently keeps one "
+            "adapter's magnitude and produces a wrong adapter, PEFT issue #3761); jlora refuses. Combine LoRA "
+            "adapters, or merge the DoRA adapters into the base (jlora.merge) instead"
+        )
     linear_family = ctype in ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
     if linear_family:
         ranks = {x.adapters[a].rank for x in leaves for a in adapters if a in x.adapters}

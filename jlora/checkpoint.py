@@ -19,25 +19,48 @@ the base model, is JSON in the checkpoint's ``custom_metadata``::
                   "a_shape": [768, 8], "a_dtype": "float32", "b_shape": [8, 2304], "b_dtype": "float32"}, ...],
      "params": [{"key": "p0000", "path": ".../bias", "shape": [...], "dtype": "...",
                  "torch": ["..."], "torch_layout": false}, ...],
-     "torch_modules": [every kernel module of the base, by PyTorch name]}
+     "torch_modules": [every kernel module of the base, by PyTorch name],
+     "name_map": "hf" | "qwen3" | "llama3" | "gemma3" | ...}   # the map that gave the names
+
+Variants add, per target, arrays next to ``a``/``b`` (``"magnitude"``: DoRA's ``m``;
+``"a0"``/``"b0"``: the initial factors of PiSSA/OLoRA, so that loading rebuilds the
+residual base ``W − s·a0·b0`` exactly, ``pissa_niter_N`` included, without running the
+SVD again), described in the target's metadata as ``"arrays": {name: {"shape",
+"dtype"}}``, and ``"init": "pissa" | "pissa_niter_N" | "olora"``.
 
 ``path`` is the Flax leaf path; ``torch`` the PyTorch module name(s) (one per layer for
-stacked kernels; see :mod:`jlora.hf`); ``layout`` may be ``null`` for adapters converted
+stacked kernels, or per slice of a kernel that holds several modules; see
+:mod:`jlora.name_maps`); ``layout`` may be ``null`` for adapters converted
 from PEFT without a base model, in which case ``A`` is stored (in_features, r) and ``B``
 (r, out_features) and both are reshaped to the base kernel's layout on load.
 
 :func:`save` is atomic: it writes to a temporary directory next to ``path`` and renames
 it into place, so a save killed at any point leaves the previous checkpoint loadable.
+
+**Integrity.** Each target record also carries ``a_checksum``/``b_checksum`` and each
+param record ``checksum`` (:func:`jlora.integrity.array_checksums`, algorithm
+``"checksum_algorithm": "jlora-fmix64-v1"``: independent of sharding and of the number of
+processes), and the metadata its own ``"digest"`` (SHA-256 of the rest as canonical
+JSON). :func:`load` verifies all of them and raises ``ValueError`` naming the checkpoint
+and the tensor on a mismatch; a missing, truncated or garbled file is a
+``FileNotFoundError``/``ValueError`` naming the directory and the file. Checkpoints
+written before checksums existed load unverified.
+
+**Several processes.** Every process calls :func:`save` / :func:`load` (and
+``CheckpointManager.save``/``restore`` with :class:`AdapterSave` / :class:`AdapterRestore`)
+as with Orbax: the temporary directory's name is drawn on the primary process and
+broadcast, Orbax writes each process's shards, the primary alone writes the metadata and
+does the renames, and no process returns before the new checkpoint is in place.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
+import json
 import os
 import shutil
-import uuid
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -47,606 +70,56 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from . import hf
+from . import distributed, name_maps
+from .atomic import recover_interrupted_save as _recover, replace_directory, temp_sibling
 from .config import LoraConfig
-from .targets import KERNEL_LEAF_NAMES, LayoutSpec, LeafEntry, TreeFacts, user_layout, flatten_params, infer_layout, path_names
-from .weight import KernelLayout, LoraWeight, Trainable, is_lora_weight, is_trainable
+from .integrity import ARRAY_ALGORITHM, array_checksums, json_digest
+from .records import (
+    Adapter,
+    ParamRecord,
+    ShardingSpec,
+    TargetRecord,
+    adapter_from_tree,
+    dtype_name,
+    plan_adapter,
+    assemble_tree,
+    tree_from_adapter,
+)
+from .targets import LayoutSpec
 
 __all__ = [
     "save",
     "load",
     "read_metadata",
+    "read_adapter",
+    "write_adapter",
     "AdapterSave",
     "AdapterRestore",
     "AdapterCheckpointHandler",
+    "find_adapter_dir",
+    # the records, re-exported for code written against jlora 0.1 (they live in jlora.records)
     "Adapter",
     "TargetRecord",
     "ParamRecord",
     "adapter_from_tree",
     "tree_from_adapter",
-    "find_adapter_dir",
 ]
 
 FORMAT = "jlora.adapter"
 VERSION = 1
 
-ShardingSpec = Union[None, jax.sharding.Sharding, Callable[[str, str], Optional[jax.sharding.Sharding]]]
-
-
-# --------------------------------------------------------------------------------------
-# The adapter as records (shared with peft_format and the CLI)
-
-
-@dataclasses.dataclass
-class TargetRecord:
-    """One LoRA target. ``a``/``b`` are canonical ``(*stack, *in, r)``/``(*stack, r, *out)``
-    when ``layout`` is known, else flat ``(in_features, r)``/``(r, out_features)`` (conv:
-    ``(*spatial, in, r)``/``(r, out)``). They may be ``jax.ShapeDtypeStruct``."""
-
-    path: Optional[str]
-    a: Any
-    b: Any
-    r: int
-    scale: float
-    alpha: Optional[float] = None
-    layout: Optional[tuple[str, ...]] = None
-    base_shape: Optional[tuple[int, ...]] = None
-    base_dtype: Optional[str] = None
-    dropout: float = 0.0
-    kind: str = "linear"
-    torch: Optional[tuple[str, ...]] = None
-
-    @property
-    def n_params(self) -> int:
-        return int(np.prod(self.a.shape)) + int(np.prod(self.b.shape))
-
-
-@dataclasses.dataclass
-class ParamRecord:
-    """A leaf trained in full (``Trainable``). ``torch_layout``: ``value`` is in PyTorch's
-    layout (read from a PEFT file) and is converted when its Flax leaf is known."""
-
-    path: Optional[str]
-    value: Any
-    torch: Optional[tuple[str, ...]] = None
-    torch_layout: bool = False
-
-    @property
-    def n_params(self) -> int:
-        return int(np.prod(self.value.shape))
-
-
-@dataclasses.dataclass
-class Adapter:
-    """An adapter independent of its storage: targets, fully trained leaves, the PEFT
-    config dict (or ``None``) and the PyTorch names of every kernel module of the base
-    (``None`` when unknown)."""
-
-    targets: list[TargetRecord]
-    params: list[ParamRecord]
-    config: Optional[dict] = None
-    torch_modules: Optional[list[str]] = None
-
-    @property
-    def n_params(self) -> int:
-        return sum(t.n_params for t in self.targets) + sum(p.n_params for p in self.params)
-
-
-def _is_node(x: Any) -> bool:
-    return isinstance(x, (LoraWeight, Trainable))
-
-
-def _dtype_name(dtype: Any) -> str:
-    return jnp.dtype(dtype).name
-
-
-def _clean_number(x: float) -> Union[int, float]:
-    r = round(x)
-    return int(r) if abs(x - r) <= 1e-9 * max(1.0, abs(x)) else float(x)
-
-
-def alpha_from_scale(scale: float, r: int, use_rslora: bool = False) -> Union[int, float]:
-    """``lora_alpha`` that gives ``scale`` at rank ``r`` (``scale·r``, or ``scale·√r``)."""
-    return _clean_number(scale * (math.sqrt(r) if use_rslora else r))
-
-
-def adapter_from_tree(
-    lp: Any,
-    config: Optional[LoraConfig] = None,
-    *,
-    name_map: hf.NameMap = None,
-    prefix: Optional[str] = None,
-) -> Adapter:
-    """The records of a LoRA tree (trained leaves only, with PyTorch names).
-
-    ``LoraWeight.w`` may be a ``jax.ShapeDtypeStruct``: only its shape and dtype are used.
-    """
-    if config is not None and not isinstance(config, LoraConfig):
-        raise TypeError(f"config must be a jlora.LoraConfig or None, got {type(config).__name__}")
-    flat = jax.tree_util.tree_flatten_with_path(lp, is_leaf=_is_node)[0]
-    leaves: list[tuple[tuple[str, ...], Any]] = []
-    for keypath, x in flat:
-        names = path_names(keypath)
-        if type(x).__name__ == "MultiLoraWeight":
-            raise ValueError(
-                f"{'/'.join(names)}: the tree holds several named adapters; save one at a time: "
-                "jlora.save(path, jlora.get_adapter(lp, name))"
-            )
-        if is_trainable(x):
-            sub = jax.tree_util.tree_flatten_with_path(x.value)[0]
-            for sk, v in sub:
-                leaves.append((names + path_names(sk), Trainable(v)))
-        else:
-            leaves.append((names, x))
-    if not any(_is_node(x) for _, x in leaves):
-        raise ValueError(
-            "the tree holds no LoraWeight or Trainable leaf: nothing to save; pass the tree returned by "
-            "jlora.wrap (or jlora.load / jlora.load_peft)"
-        )
-    shapes = []
-    for names, x in leaves:
-        if is_lora_weight(x):
-            shapes.append((names, tuple(x.w.shape), x.layout.count("stack")))
-        elif is_trainable(x):
-            shapes.append((names, tuple(np.shape(x.value)), 0))
-        elif hasattr(x, "shape"):
-            shapes.append((names, tuple(x.shape), 0))
-    tn = hf.TorchNames(shapes, name_map=name_map, prefix=prefix)
-    rslora = bool(config.use_rslora) if config is not None else False
-    targets: list[TargetRecord] = []
-    params: list[ParamRecord] = []
-    torch_modules: list[str] = []
-    for names, x in leaves:
-        if is_lora_weight(x):
-            path = "/".join(names)
-            if x.merged:
-                raise ValueError(
-                    f"{path}: the adapter is merged into W (jlora.merge_adapter); call jlora.unmerge_adapter first"
-                )
-            r = int(x.a.shape[-1])
-            kind = hf.module_kind(names, x.layout)
-            targets.append(
-                TargetRecord(
-                    path=path, a=x.a, b=x.b, r=r, scale=float(x.scale), alpha=alpha_from_scale(x.scale, r, rslora),
-                    layout=tuple(x.layout), base_shape=tuple(int(s) for s in x.w.shape),
-                    base_dtype=_dtype_name(x.w.dtype), dropout=float(x.dropout), kind=kind,
-                    torch=tuple(tn.modules(names)),
-                )
-            )
-        elif is_trainable(x):
-            params.append(ParamRecord(path="/".join(names), value=x.value, torch=tuple(tn.params(names))))
-        if names and names[-1] in KERNEL_LEAF_NAMES and not is_trainable(x):
-            shape = getattr(x.w if is_lora_weight(x) else x, "shape", None)
-            if shape is not None and len(shape) >= 2:
-                torch_modules.extend(tn.modules(names))
-    return Adapter(targets, params, config.to_dict() if config is not None else None, sorted(set(torch_modules)))
-
-
-# --------------------------------------------------------------------------------------
-# Putting records back over a base
-
-
-def _sharding_of(x: Any) -> Optional[jax.sharding.Sharding]:
-    s = getattr(x, "sharding", None)
-    return s if isinstance(s, jax.sharding.Sharding) else None
-
-
-def _default_factor_shardings(w: Any, layout: tuple[str, ...]):
-    from .wrap import factor_sharding
-
-    a_sh, b_sh = factor_sharding(w, layout)
-    if a_sh is not None:
-        return a_sh, b_sh
-    s = _sharding_of(w)
-    if isinstance(s, jax.sharding.SingleDeviceSharding):
-        return s, s
-    if s is not None and len(s.device_set) > 1:
-        mesh = jax.sharding.Mesh(np.array(sorted(s.device_set, key=lambda d: d.id)), ("d",))
-        rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-        return rep, rep
-    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    return dev, dev
-
-
-def _user_sharding(shardings: ShardingSpec, path: str, name: str):
-    if shardings is None:
-        return None
-    if isinstance(shardings, jax.sharding.Sharding):
-        return shardings
-    if callable(shardings):
-        return shardings(path, name)
-    raise TypeError(f"shardings must be a jax.sharding.Sharding or a function (path, name) -> Sharding, got {shardings!r}")
-
-
-@dataclasses.dataclass
-class _Placement:
-    entry: LeafEntry
-    layout: tuple[str, ...]
-    a_shape: tuple[int, ...]
-    b_shape: tuple[int, ...]
-    parts: list[tuple[TargetRecord, Optional[int]]]
-    exact: bool  # one record, stored in final shape: restore straight onto the sharding
-    a_sharding: Any = None
-    b_sharding: Any = None
-
-
-@dataclasses.dataclass
-class _ParamPlacement:
-    entry: LeafEntry
-    parts: list[tuple[ParamRecord, Optional[int]]]
-    exact: bool
-    sharding: Any = None
-
-
-def _fmt(items: Sequence[str], limit: int = 30) -> str:
-    items = list(items)
-    more = f", ... ({len(items) - limit} more)" if len(items) > limit else ""
-    return ", ".join(items[:limit]) + more
-
-
-class _BaseIndex:
-    """Lookups into the base tree: by Flax path and by PyTorch name."""
-
-    def __init__(self, entries: list[LeafEntry], layouts: LayoutSpec, name_map: hf.NameMap, prefix: Optional[str]):
-        self.entries = entries
-        self.by_path = {e.path: e for e in entries}
-        self._layouts_spec = layouts
-        self._name_map = name_map
-        self._prefix = prefix
-        self._facts: Optional[TreeFacts] = None
-        self._layouts: dict[int, tuple[str, ...]] = {}
-        self._torch: Optional[tuple[dict, dict]] = None
-
-    def layout(self, e: LeafEntry) -> tuple[str, ...]:
-        if e.index not in self._layouts:
-            if self._facts is None:
-                self._facts = TreeFacts(self.entries)
-            self._layouts[e.index] = tuple(user_layout(self._layouts_spec, e) or infer_layout(e, self._facts))
-        return self._layouts[e.index]
-
-    def _kernel_layout_or_none(self, e: LeafEntry) -> Optional[tuple[str, ...]]:
-        if e.name not in KERNEL_LEAF_NAMES or not hasattr(e.leaf, "shape") or len(e.leaf.shape) < 2:
-            return None
-        try:
-            return self.layout(e)
-        except ValueError:
-            return None
-
-    def torch_tables(self) -> tuple[dict[str, tuple[LeafEntry, Optional[int]]], dict[str, tuple[LeafEntry, Optional[int]]]]:
-        """``({torch module: (kernel entry, layer)}, {torch param: (entry, layer)})``."""
-        if self._torch is None:
-            shapes = []
-            for e in self.entries:
-                if not hasattr(e.leaf, "shape"):
-                    continue
-                lay = self._kernel_layout_or_none(e)
-                shapes.append((e.names, tuple(e.leaf.shape), lay.count("stack") if lay else 0))
-            tn = hf.TorchNames(shapes, name_map=self._name_map, prefix=self._prefix)
-            modules: dict[str, tuple[LeafEntry, Optional[int]]] = {}
-            params: dict[str, tuple[LeafEntry, Optional[int]]] = {}
-            for e in self.entries:
-                if not hasattr(e.leaf, "shape"):
-                    continue
-                stacked = tn.stack_of(e.names) is not None
-                if e.name in KERNEL_LEAF_NAMES and len(e.leaf.shape) >= 2:
-                    for i, m in enumerate(tn.modules(e.names)):
-                        modules.setdefault(m, (e, i if stacked else None))
-                for i, p in enumerate(tn.params(e.names)):
-                    params.setdefault(p, (e, i if stacked else None))
-            self._torch = (modules, params)
-        return self._torch
-
-    def top_level(self) -> list[str]:
-        return sorted({e.names[0] for e in self.entries if e.names})
-
-
-def _prefix_fixes(names: Sequence[str], table: dict, top: Sequence[str]) -> list[tuple[str, Callable[[str], str]]]:
-    fixes: list[tuple[str, Callable[[str], str]]] = [("", lambda n: n)]
-    firsts = {n.split(".", 1)[0] for n in names if "." in n}
-    for p in sorted(firsts):
-        fixes.append((f"without leading {p!r}", lambda n, p=p: n[len(p) + 1:] if n.startswith(p + ".") else n))
-    for q in top:
-        fixes.append((f"with leading {q!r}", lambda n, q=q: n if n.split(".", 1)[0] == q else f"{q}.{n}"))
-    return fixes
-
-
-def _resolve_torch_names(
-    module_names: Sequence[str], param_names: Sequence[str], index: _BaseIndex
-) -> tuple[Callable[[str], str], list[str]]:
-    """Finds the one prefix fix (none, drop a leading name, add a top-level name) under
-    which every name resolves in the base; returns it and the names still unresolved."""
-    modules, params = index.torch_tables()
-    best = None
-    for _label, fix in _prefix_fixes(list(module_names) + list(param_names), modules, index.top_level()):
-        missing = [n for n in module_names if fix(n) not in modules] + [n for n in param_names if fix(n) not in params]
-        if not missing:
-            return fix, []
-        if best is None or len(missing) < len(best[1]):
-            best = (fix, missing)
-    assert best is not None
-    return best
-
-
-def _flat_to_canonical(rec: TargetRecord, layout: tuple[str, ...], base_shape: tuple[int, ...], where: str):
-    """Expected per-layer canonical shapes and a function reshaping the stored factors."""
-    kl = KernelLayout(layout)
-    ins = tuple(base_shape[i] for i in kl.in_axes)
-    outs = tuple(base_shape[i] for i in kl.out_axes)
-    r = rec.r
-    a_shape, b_shape = ins + (r,), (r,) + outs
-    if rec.kind == "conv":
-        got_a, got_b = tuple(rec.a.shape), tuple(rec.b.shape)
-        if got_a != a_shape or int(np.prod(got_b)) != int(np.prod(b_shape)):
-            raise ValueError(
-                f"{where}: conv LoRA factors A{got_a}, B{got_b} do not fit the base kernel of shape {base_shape} "
-                f"(layout {layout}): expected A{a_shape}, B{b_shape}"
-            )
-    else:
-        in_f, out_f = int(np.prod(ins)), int(np.prod(outs))
-        got_in, got_out = int(rec.a.shape[0]), int(rec.b.shape[-1])
-        if rec.a.ndim != 2 or rec.b.ndim != 2 or got_in != in_f or got_out != out_f or rec.b.shape[0] != r:
-            raise ValueError(
-                f"{where}: LoRA factors with in_features={got_in}, out_features={got_out} (A {tuple(rec.a.shape)}, "
-                f"B {tuple(rec.b.shape)}) do not fit the base kernel of shape {base_shape} (layout {layout}: "
-                f"in_features={in_f}, out_features={out_f}); is the adapter for a different base model?"
-            )
-    return a_shape, b_shape
-
-
-def plan_adapter(
-    adapter: Adapter,
-    params: Any,
-    *,
-    layouts: LayoutSpec = None,
-    name_map: hf.NameMap = None,
-    prefix: Optional[str] = None,
-    strict: bool = True,
-    shardings: ShardingSpec = None,
-) -> tuple[list[LeafEntry], Any, list[_Placement], list[_ParamPlacement]]:
-    """Validates ``adapter`` against the base ``params`` and decides where each record goes.
-
-    Raises ``ValueError`` naming the path (and both shapes / dtypes) that does not fit,
-    or listing every name that is not in the base. Reads no array data.
-    """
-    entries, treedef = flatten_params(params)
-    index = _BaseIndex(entries, layouts, name_map, prefix)
-
-    # 1. Where does each record go?
-    t_loc: list[tuple[TargetRecord, LeafEntry, Optional[int]]] = []
-    p_loc: list[tuple[ParamRecord, LeafEntry, Optional[int]]] = []
-    by_torch_t = [t for t in adapter.targets if not (t.path and t.path in index.by_path)]
-    by_torch_p = [p for p in adapter.params if not (p.path and p.path in index.by_path)]
-    torch_ids = {id(x) for x in by_torch_t} | {id(x) for x in by_torch_p}
-    missing_paths = [t.path for t in by_torch_t if not t.torch] + [p.path for p in by_torch_p if not p.torch]
-    if missing_paths:
-        raise ValueError(
-            f"the adapter has paths that are not in the base params: {_fmt([str(p) for p in missing_paths])}. "
-            f"Base paths: {_fmt([e.path for e in entries if e.name in KERNEL_LEAF_NAMES])}"
-        )
-    fix: Callable[[str], str] = lambda n: n  # noqa: E731
-    if by_torch_t or by_torch_p:
-        mod_names = [n for t in by_torch_t for n in t.torch]
-        par_names = [n for p in by_torch_p for n in p.torch]
-        fix, unresolved = _resolve_torch_names(mod_names, par_names, index)
-        if unresolved:
-            modules, _ = index.torch_tables()
-            paths = {n: r.path for r in list(by_torch_t) + list(by_torch_p) for n in r.torch if r.path}
-            shown = [f"{paths[n]} ({n})" if n in paths else n for n in unresolved]
-            raise ValueError(
-                f"{len(unresolved)} adapter module(s)/parameter(s) are not in the base params: {_fmt(shown)}. "
-                f"Modules the base has (PyTorch names): {_fmt(sorted(modules))}. "
-                "Pass name_map= / prefix= if the names differ, or use the base model this adapter was made for."
-            )
-    modules, ptable = index.torch_tables() if (by_torch_t or by_torch_p) else ({}, {})
-
-    def locate(rec, table, stacked: bool, out: list) -> None:
-        found = [table[fix(n)] for n in rec.torch]
-        if not stacked:
-            out.extend((rec, e, layer) for e, layer in found)
-            return
-        # a record holding all layers of a stacked kernel: it must land on one stacked leaf
-        e0 = found[0][0]
-        if any(e is not e0 for e, _ in found) or [layer for _, layer in found] != list(range(len(found))):
-            raise ValueError(
-                f"{rec.path}: a stacked adapter entry ({len(found)} layers) maps to PyTorch names "
-                f"{_fmt(list(rec.torch), 3)} that are not the layers of one stacked kernel in the base"
-            )
-        out.append((rec, e0, None))
-
-    for t in adapter.targets:
-        if id(t) in torch_ids:
-            locate(t, modules, t.layout is not None and "stack" in t.layout, t_loc)
-        else:
-            t_loc.append((t, index.by_path[t.path], None))
-    for p in adapter.params:
-        if id(p) in torch_ids:
-            locate(p, ptable, not p.torch_layout and len(p.torch) > 1, p_loc)
-        else:
-            p_loc.append((p, index.by_path[p.path], None))
-
-    # 2. Group by base leaf and validate shapes.
-    groups: dict[int, list[tuple[TargetRecord, Optional[int]]]] = {}
-    for t, e, layer in t_loc:
-        groups.setdefault(e.index, []).append((t, layer))
-    placements: list[_Placement] = []
-    for idx, parts in groups.items():
-        e = entries[idx]
-        if not hasattr(e.leaf, "shape"):
-            raise TypeError(f"{e.path}: the base leaf is {type(e.leaf).__name__}, not an array")
-        shape = tuple(int(s) for s in e.leaf.shape)
-        t0 = parts[0][0]
-        layout = tuple(t0.layout) if (t0.layout is not None and parts[0][1] is None) else index.layout(e)
-        if len(layout) != len(shape):
-            raise ValueError(f"{e.path}: layout {layout} does not fit the base kernel of shape {shape}")
-        where = e.path if t0.path == e.path else f"{_fmt(list(t0.torch or ()), 2)} → {e.path}"
-        if t0.base_shape is not None and parts[0][1] is None and tuple(t0.base_shape) != shape:
-            raise ValueError(
-                f"{e.path}: shape mismatch: the adapter was made for a kernel of shape {tuple(t0.base_shape)}, "
-                f"the base has shape {shape}; is the adapter for a different base model?"
-            )
-        if strict and t0.base_dtype is not None and parts[0][1] is None and t0.base_dtype != _dtype_name(e.leaf.dtype):
-            raise ValueError(
-                f"{e.path}: dtype mismatch: the adapter was made for a {t0.base_dtype} kernel, the base is "
-                f"{_dtype_name(e.leaf.dtype)}; pass strict=False to load it anyway"
-            )
-        kl = KernelLayout(layout)
-        n_stack = len(kl.stack_axes)
-        full_a, full_b = kl.factor_shapes(shape, t0.r)
-        exact = False
-        if parts[0][1] is None:
-            if len(parts) != 1:
-                raise ValueError(f"{e.path}: {len(parts)} adapter entries map to the same kernel")
-            if t0.layout is not None:
-                if tuple(t0.a.shape) != full_a or tuple(t0.b.shape) != full_b:
-                    raise ValueError(
-                        f"{e.path}: factor shape mismatch: A {tuple(t0.a.shape)}, B {tuple(t0.b.shape)} stored, "
-                        f"the base kernel {shape} (layout {layout}) needs A {full_a}, B {full_b}"
-                    )
-                exact = True
-            else:
-                if n_stack:
-                    raise ValueError(f"{e.path}: a stacked kernel needs one adapter entry per layer")
-                _flat_to_canonical(t0, layout, shape, where)
-        else:
-            if n_stack != 1:
-                raise ValueError(f"{e.path}: per-layer adapter entries need a kernel with one stack axis, got {layout}")
-            layers = sorted(layer for _, layer in parts)
-            if layers != list(range(shape[0])):
-                raise ValueError(
-                    f"{e.path}: stacked kernel with {shape[0]} layers, but the adapter has layers {layers}; "
-                    "every layer needs an adapter"
-                )
-            per_layer = tuple(s for i, s in enumerate(shape) if i not in kl.stack_axes)
-            per_layout = tuple(r for r in layout if r != "stack")
-            for t, layer in parts:
-                if t.r != t0.r or not math.isclose(t.scale, t0.scale, rel_tol=1e-12):
-                    raise ValueError(
-                        f"{e.path}: layers of a stacked kernel must share rank and scale; layer {layer} has "
-                        f"r={t.r}, scale={t.scale}, layer 0 r={t0.r}, scale={t0.scale}"
-                    )
-                _flat_to_canonical(t, per_layout, per_layer, f"{where} (layer {layer})")
-            parts = sorted(parts, key=lambda p: p[1])
-        a_sh = _user_sharding(shardings, e.path, "a")
-        b_sh = _user_sharding(shardings, e.path, "b")
-        if a_sh is None or b_sh is None:
-            da, db = _default_factor_shardings(e.leaf, layout)
-            a_sh, b_sh = a_sh or da, b_sh or db
-        placements.append(_Placement(e, layout, full_a, full_b, parts, exact, a_sh, b_sh))
-
-    pgroups: dict[int, list[tuple[ParamRecord, Optional[int]]]] = {}
-    for p, e, layer in p_loc:
-        pgroups.setdefault(e.index, []).append((p, layer))
-    pplacements: list[_ParamPlacement] = []
-    target_idx = set(groups)
-    for idx, parts in pgroups.items():
-        e = entries[idx]
-        if idx in target_idx:
-            raise ValueError(f"{e.path}: the adapter both adapts this kernel with LoRA and trains it in full")
-        shape = tuple(int(s) for s in e.leaf.shape)
-        p0 = parts[0][0]
-        if parts[0][1] is None:
-            if len(parts) != 1:
-                raise ValueError(f"{e.path}: {len(parts)} adapter entries map to the same parameter")
-            got = tuple(p0.value.shape)
-            if p0.torch_layout and e.name == "kernel":
-                got = tuple(reversed(got)) if len(got) != 4 else (got[2], got[3], got[1], got[0])
-            if got != shape:
-                raise ValueError(
-                    f"{e.path}: shape mismatch: the adapter has {got}"
-                    f"{' (from ' + p0.torch[0] + ')' if p0.torch_layout and p0.torch else ''}, the base has {shape}"
-                )
-            if strict and not p0.torch_layout and _dtype_name(p0.value.dtype) != _dtype_name(e.leaf.dtype):
-                raise ValueError(
-                    f"{e.path}: dtype mismatch: the adapter has {_dtype_name(p0.value.dtype)}, the base "
-                    f"{_dtype_name(e.leaf.dtype)}; pass strict=False to cast"
-                )
-        else:
-            layers = sorted(layer for _, layer in parts)
-            if layers != list(range(shape[0])):
-                raise ValueError(f"{e.path}: stacked parameter with {shape[0]} layers, adapter has layers {layers}")
-            parts = sorted(parts, key=lambda p: p[1])
-            for p, layer in parts:
-                got = tuple(p.value.shape)
-                if p.torch_layout and e.name == "kernel":
-                    got = tuple(reversed(got)) if len(got) != 4 else (got[2], got[3], got[1], got[0])
-                if got != shape[1:]:
-                    raise ValueError(f"{e.path}: shape mismatch at layer {layer}: the adapter has {got}, the base {shape[1:]}")
-        sh = _user_sharding(shardings, e.path, "value") or _sharding_of(e.leaf)
-        if sh is None:
-            sh = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        exact = parts[0][1] is None and not p0.torch_layout
-        pplacements.append(_ParamPlacement(e, parts, exact, sh))
-    return entries, treedef, placements, pplacements
-
-
-def _assemble(
-    entries: list[LeafEntry],
-    treedef: Any,
-    placements: list[_Placement],
-    pplacements: list[_ParamPlacement],
-    arrays: Callable[[Any, str], Any],
-    dtype: Any = None,
-) -> Any:
-    """Builds the LoRA tree; ``arrays(record, "a"|"b"|"value")`` gives a record's data."""
-    leaves: list[Any] = [e.leaf for e in entries]
-
-    def put(x, sharding, dt):
-        x = x if dt is None else x.astype(dt)
-        if isinstance(x, jax.Array) and x.sharding == sharding:
-            return x
-        return jax.device_put(x, sharding)
-
-    for pl in placements:
-        t0 = pl.parts[0][0]
-        if pl.exact:
-            a, b = arrays(t0, "a"), arrays(t0, "b")
-        else:
-            a_list, b_list = [], []
-            per_layout = tuple(r for r in pl.layout if r != "stack")
-            kl = KernelLayout(pl.layout)
-            per_shape = tuple(int(s) for i, s in enumerate(pl.entry.leaf.shape) if i not in kl.stack_axes)
-            for t, _layer in pl.parts:
-                a_s, b_s = _flat_to_canonical(t, per_layout, per_shape, pl.entry.path)
-                a_list.append(np.asarray(arrays(t, "a")).reshape(a_s))
-                b_list.append(np.asarray(arrays(t, "b")).reshape(b_s))
-            a = np.stack(a_list) if pl.parts[0][1] is not None else a_list[0]
-            b = np.stack(b_list) if pl.parts[0][1] is not None else b_list[0]
-        a, b = put(a, pl.a_sharding, dtype), put(b, pl.b_sharding, dtype)
-        leaves[pl.entry.index] = LoraWeight(pl.entry.leaf, a, b, scale=float(t0.scale), layout=pl.layout, dropout=float(t0.dropout))
-    for pp in pplacements:
-        e = pp.entry
-        vals = []
-        for p, _layer in pp.parts:
-            v = arrays(p, "value")
-            if p.torch_layout:
-                v = hf.param_from_torch(e.names, np.asarray(v))
-            vals.append(v)
-        v = np.stack([np.asarray(x) for x in vals]) if pp.parts[0][1] is not None else vals[0]
-        v = put(jnp.asarray(v) if not isinstance(v, jax.Array) else v, pp.sharding, e.leaf.dtype)
-        leaves[e.index] = Trainable(v)
-    return jax.tree_util.tree_unflatten(treedef, leaves)
-
-
-def tree_from_adapter(
-    adapter: Adapter,
-    params: Any,
-    *,
-    layouts: LayoutSpec = None,
-    name_map: hf.NameMap = None,
-    prefix: Optional[str] = None,
-    strict: bool = True,
-    shardings: ShardingSpec = None,
-    dtype: Any = None,
-) -> Any:
-    """The LoRA tree of ``adapter`` over the base ``params`` (validated; see :func:`load`)."""
-    entries, treedef, pls, pps = plan_adapter(
-        adapter, params, layouts=layouts, name_map=name_map, prefix=prefix, strict=strict, shardings=shardings
-    )
-    return _assemble(entries, treedef, pls, pps, lambda rec, k: getattr(rec, k), dtype)
-
 
 # --------------------------------------------------------------------------------------
 # Orbax encoding
+
+
+# optional per-target arrays, stored next to "a" and "b" when present
+_VARIANT_ARRAYS = ("magnitude", "a0", "b0")
+
+
+def _map_name(source: Any) -> Optional[str]:
+    name = source if isinstance(source, str) else getattr(source, "name", None)
+    return name if isinstance(name, str) else None
 
 
 def _encode(adapter: Adapter) -> tuple[dict, dict]:
@@ -658,6 +131,7 @@ def _encode(adapter: Adapter) -> tuple[dict, dict]:
         "targets": [],
         "params": [],
         "torch_modules": adapter.torch_modules,
+        "name_map": _map_name(adapter.name_map),
     }
     for i, t in enumerate(adapter.targets):
         key = f"t{i:04d}"
@@ -666,6 +140,12 @@ def _encode(adapter: Adapter) -> tuple[dict, dict]:
             if not isinstance(x, (jax.Array, np.ndarray)):
                 raise TypeError(f"{t.path}: {name.upper()} is {type(x).__name__}, expected an array")
         tree["lora"][key] = {"a": t.a, "b": t.b}
+        extra = {}
+        for name in _VARIANT_ARRAYS:  # DoRA's magnitude, PiSSA/OLoRA's initial factors
+            x = getattr(t, name)
+            if x is not None:
+                tree["lora"][key][name] = x
+                extra[name] = {"shape": list(x.shape), "dtype": dtype_name(x.dtype)}
         meta["targets"].append(
             {
                 "key": key,
@@ -680,9 +160,11 @@ def _encode(adapter: Adapter) -> tuple[dict, dict]:
                 "scale": t.scale,
                 "dropout": t.dropout,
                 "a_shape": list(t.a.shape),
-                "a_dtype": _dtype_name(t.a.dtype),
+                "a_dtype": dtype_name(t.a.dtype),
                 "b_shape": list(t.b.shape),
-                "b_dtype": _dtype_name(t.b.dtype),
+                "b_dtype": dtype_name(t.b.dtype),
+                **({"arrays": extra} if extra else {}),
+                **({"init": t.init} if t.init is not None else {}),
             }
         )
     if adapter.params:
@@ -695,20 +177,57 @@ def _encode(adapter: Adapter) -> tuple[dict, dict]:
                 "key": key,
                 "path": p.path,
                 "shape": list(p.value.shape),
-                "dtype": _dtype_name(p.value.dtype),
+                "dtype": dtype_name(p.value.dtype),
                 "torch": list(p.torch) if p.torch is not None else None,
                 "torch_layout": p.torch_layout,
             }
         )
+    if distributed.is_multiprocess():
+        # Orbax writes a numpy array once, from the primary; a jax.Array on this
+        # process's devices only is the same value on every process: write it once too
+        tree = jax.tree_util.tree_map(
+            lambda x: np.asarray(x) if isinstance(x, jax.Array) and x.is_fully_addressable else x, tree
+        )
+    sums = array_checksums(tree)  # one jitted call; a collective for global arrays
+    for m in meta["targets"]:
+        m["a_checksum"] = sums["lora"][m["key"]]["a"]
+        m["b_checksum"] = sums["lora"][m["key"]]["b"]
+        for name, info in m.get("arrays", {}).items():  # DoRA's magnitude, PiSSA/OLoRA's A0/B0
+            info["checksum"] = sums["lora"][m["key"]][name]
+    for m in meta["params"]:
+        m["checksum"] = sums["params"][m["key"]]
+    meta["checksum_algorithm"] = ARRAY_ALGORITHM
+    meta["digest"] = json_digest(meta)
     return tree, meta
 
 
-def _decode_meta(meta: Any, where: str) -> tuple[Adapter, dict[int, str], dict[int, str]]:
+def _check_digest(meta: dict, where: str) -> None:
+    digest = meta.get("digest")
+    if digest is not None and json_digest({k: v for k, v in meta.items() if k != "digest"}) != digest:
+        raise ValueError(
+            f"{where}: jlora's metadata in _METADATA does not match the digest recorded with it: the file was "
+            "modified or is corrupt; restore the checkpoint from a copy"
+        )
+
+
+def _decode_meta(meta: Any, where: str, verify: bool = True) -> tuple[Adapter, dict[int, str], dict[int, str]]:
     """An Adapter with ``jax.ShapeDtypeStruct`` arrays, and the Orbax keys by record id."""
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ValueError(f"{where}: not a jlora adapter checkpoint (no '{FORMAT}' metadata)")
-    if int(meta.get("version", 0)) > VERSION:
-        raise ValueError(f"{where}: adapter format version {meta['version']} is newer than this jlora ({VERSION})")
+    if verify:
+        _check_digest(meta, where)
+    version = meta.get("version", 0)
+    if not isinstance(version, int) or version > VERSION:
+        raise ValueError(f"{where}: adapter format version {version!r}; this jlora reads versions up to {VERSION}")
+    try:
+        return _decode_records(meta)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as err:
+        raise ValueError(
+            f"{where}: malformed jlora metadata in _METADATA ({type(err).__name__}: {err}); the checkpoint is corrupt"
+        ) from None
+
+
+def _decode_records(meta: dict) -> tuple[Adapter, dict[int, str], dict[int, str]]:
     targets, params = [], []
     tkeys: dict[int, str] = {}
     pkeys: dict[int, str] = {}
@@ -726,6 +245,9 @@ def _decode_meta(meta: Any, where: str) -> tuple[Adapter, dict[int, str], dict[i
             dropout=float(m.get("dropout", 0.0)),
             kind=m.get("kind", "linear"),
             torch=tuple(m["torch"]) if m.get("torch") is not None else None,
+            init=m.get("init"),
+            **{n: jax.ShapeDtypeStruct(tuple(v["shape"]), jnp.dtype(v["dtype"])) for n, v in m.get("arrays", {}).items()
+               if n in _VARIANT_ARRAYS},
         )
         targets.append(t)
         tkeys[id(t)] = m["key"]
@@ -738,7 +260,8 @@ def _decode_meta(meta: Any, where: str) -> tuple[Adapter, dict[int, str], dict[i
         )
         params.append(p)
         pkeys[id(p)] = m["key"]
-    return Adapter(targets, params, meta.get("config"), meta.get("torch_modules")), tkeys, pkeys
+    adapter = Adapter(targets, params, meta.get("config"), meta.get("torch_modules"), meta.get("name_map"))
+    return adapter, tkeys, pkeys
 
 
 def _stored_abstract(meta: dict) -> dict:
@@ -747,20 +270,95 @@ def _stored_abstract(meta: dict) -> dict:
         tree["lora"][m["key"]] = {
             "a": jax.ShapeDtypeStruct(tuple(m["a_shape"]), jnp.dtype(m["a_dtype"])),
             "b": jax.ShapeDtypeStruct(tuple(m["b_shape"]), jnp.dtype(m["b_dtype"])),
+            **{n: jax.ShapeDtypeStruct(tuple(v["shape"]), jnp.dtype(v["dtype"])) for n, v in m.get("arrays", {}).items()},
         }
     if meta.get("params"):
         tree["params"] = {m["key"]: jax.ShapeDtypeStruct(tuple(m["shape"]), jnp.dtype(m["dtype"])) for m in meta["params"]}
     return tree
 
 
+def _short(err: BaseException) -> str:
+    """The informative line of an Orbax/TensorStore error (they carry whole tracebacks)."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    codes = ("NOT_FOUND", "DATA_LOSS", "OUT_OF_RANGE", "INVALID_ARGUMENT", "FAILED_PRECONDITION", "UNKNOWN")
+    line = next((ln for ln in lines if any(c in ln for c in codes)), lines[-1] if lines else "")
+    line = line.split(" [tensorstore_spec=", 1)[0]
+    return f"{type(err).__name__}: {line[:400]}"
+
+
+def _read_custom_metadata(handler: ocp.StandardCheckpointHandler, directory: epath.Path) -> Any:
+    """jlora's metadata of the checkpoint item at ``directory``; errors name the file."""
+    f = Path(directory) / "_METADATA"
+    if not f.is_file():
+        raise FileNotFoundError(f"{directory}: missing {f.name}: the checkpoint is incomplete or damaged")
+    try:
+        json.loads(f.read_bytes().decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(
+            f"{directory}: cannot read the checkpoint metadata file {f.name} (truncated or corrupt?): "
+            f"{type(err).__name__}: {err}"
+        ) from None
+    try:
+        return handler.metadata(directory).custom_metadata
+    except Exception as err:  # noqa: BLE001 - Orbax/TensorStore raise many types
+        raise ValueError(
+            f"{directory}: cannot read the arrays' metadata from the checkpoint's array store (manifest.ocdbt, "
+            f"d/, ocdbt.process_*/ under {directory}: missing, truncated or corrupt): {_short(err)}"
+        ) from err
+
+
+def _orbax_restore(handler: ocp.StandardCheckpointHandler, directory: epath.Path, target: Any) -> Any:
+    try:
+        return ocp.StandardCheckpointHandler.restore(handler, directory, args=ocp.args.StandardRestore(target))
+    except Exception as err:  # noqa: BLE001 - TensorStore / Orbax errors of many types
+        raise ValueError(
+            f"{directory}: cannot read the array data: a file under {directory} (manifest.ocdbt, ocdbt.process_*/, "
+            f"d/, array_metadatas/) is missing, truncated or corrupt: {_short(err)}"
+        ) from err
+
+
+def _verify(restored: dict, meta: dict, where: str) -> None:
+    """Compares the checksums recorded at save time with the arrays just read."""
+    algorithm = meta.get("checksum_algorithm")
+    if algorithm is None:
+        return  # written before jlora recorded checksums
+    if algorithm != ARRAY_ALGORITHM:
+        warnings.warn(f"{where}: unknown checksum algorithm {algorithm!r}; the arrays are not verified", stacklevel=3)
+        return
+    expected: list[tuple[str, str, Any]] = []
+    arrays: list[Any] = []
+    for m in meta["targets"]:
+        for name in ("a", "b"):
+            expected.append((f"factor {name.upper()} of target {m.get('path') or m.get('torch')} "
+                             f"(Orbax key lora/{m['key']}/{name})", m.get(f"{name}_checksum"), None))
+            arrays.append(restored["lora"][m["key"]][name])
+        for name, info in m.get("arrays", {}).items():
+            expected.append((f"{name} of target {m.get('path') or m.get('torch')} (Orbax key lora/{m['key']}/{name})",
+                             info.get("checksum"), None))
+            arrays.append(restored["lora"][m["key"]][name])
+    for m in meta.get("params", []):
+        expected.append((f"trained parameter {m.get('path') or m.get('torch')} (Orbax key params/{m['key']})",
+                         m.get("checksum"), None))
+        arrays.append(restored["params"][m["key"]])
+    got = array_checksums(arrays)
+    for (what, want, _), have in zip(expected, got):
+        if want != have:
+            raise ValueError(
+                f"{where}: checksum mismatch for {what}: recorded {want}, read {have}; the checkpoint's array data "
+                f"(under {where}/ocdbt.process_*/d/) is corrupt: restore it from a copy"
+            )
+
+
 def _restore(handler: ocp.StandardCheckpointHandler, directory: epath.Path, args: "AdapterRestore") -> Any:
-    meta = handler.metadata(directory).custom_metadata
-    adapter, tkeys, pkeys = _decode_meta(meta, str(directory))
+    meta = _read_custom_metadata(handler, directory)
+    adapter, tkeys, pkeys = _decode_meta(meta, str(directory), args.verify)
     entries, treedef, pls, pps = plan_adapter(
         adapter, args.params, layouts=args.layouts, name_map=args.name_map, prefix=args.prefix,
         strict=args.strict, shardings=args.shardings,
     )
-    host = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    # Records that need reshaping (converted from PEFT) are read whole on each process;
+    # the others are read straight onto their shardings, each process reading its shards.
+    host = jax.sharding.SingleDeviceSharding(distributed.local_device())
     target = _stored_abstract(meta)
     for pl in pls:
         for t, _ in pl.parts:
@@ -769,6 +367,9 @@ def _restore(handler: ocp.StandardCheckpointHandler, directory: epath.Path, args
             target["lora"][k] = {
                 "a": jax.ShapeDtypeStruct(tuple(t.a.shape), t.a.dtype, sharding=a_sh),
                 "b": jax.ShapeDtypeStruct(tuple(t.b.shape), t.b.dtype, sharding=b_sh),
+                **{n: jax.ShapeDtypeStruct(tuple(getattr(t, n).shape), getattr(t, n).dtype,
+                                           sharding={"a0": a_sh, "b0": b_sh}.get(n, host))
+                   for n in _VARIANT_ARRAYS if getattr(t, n) is not None},
             }
     for pp in pps:
         for p, _ in pp.parts:
@@ -785,14 +386,16 @@ def _restore(handler: ocp.StandardCheckpointHandler, directory: epath.Path, args
                     n: (x if x.sharding is not None else jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=host))
                     for n, x in v.items()
                 }
-    restored = ocp.StandardCheckpointHandler.restore(handler, directory, args=ocp.args.StandardRestore(target))
+    restored = _orbax_restore(handler, directory, target)
+    if args.verify:
+        _verify(restored, meta, str(directory))
 
     def arrays(rec, name):
         if isinstance(rec, TargetRecord):
             return restored["lora"][tkeys[id(rec)]][name]
         return restored["params"][pkeys[id(rec)]]
 
-    return _assemble(entries, treedef, pls, pps, arrays, args.dtype)
+    return assemble_tree(entries, treedef, pls, pps, arrays, args.dtype)
 
 
 class AdapterCheckpointHandler(ocp.StandardCheckpointHandler):
@@ -826,7 +429,7 @@ class AdapterSave(ocp.args.CheckpointArgs):
 
     lp: Any
     config: Optional[LoraConfig] = None
-    name_map: hf.NameMap = None
+    name_map: name_maps.NameMapSpec = None
     prefix: Optional[str] = None
 
 
@@ -846,8 +449,9 @@ class AdapterRestore(ocp.args.CheckpointArgs):
     strict: bool = True
     dtype: Any = None
     layouts: LayoutSpec = None
-    name_map: hf.NameMap = None
+    name_map: name_maps.NameMapSpec = None
     prefix: Optional[str] = None
+    verify: bool = True
 
 
 # --------------------------------------------------------------------------------------
@@ -859,15 +463,14 @@ def _is_adapter_dir(path: Path) -> bool:
 
 
 def recover_interrupted_save(path: Path, complete: Callable[[Path], bool] = _is_adapter_dir) -> Path:
-    """``path``, or the previous version a save killed mid-swap left beside it
-    (``.NAME.jlora-old-*``, moved aside just before the new version was renamed in)."""
-    if path.exists():
-        return path
-    olds = sorted(path.parent.glob(f".{path.name}.jlora-old-*"), key=lambda p: p.stat().st_mtime)
-    for old in reversed(olds):
-        if complete(old):
-            return old
-    return path
+    """``path``, or the complete previous version a killed save left beside it (see
+    :mod:`jlora.atomic`)."""
+    return _recover(path, complete)
+
+
+# what an Orbax item directory holds besides _METADATA (a CheckpointManager step
+# directory has _CHECKPOINT_METADATA and commit_success.txt too, so those do not tell)
+_ORBAX_FILES = ("manifest.ocdbt", "_sharding", "array_metadatas", "ocdbt.process_0")
 
 
 def find_adapter_dir(path: Union[str, os.PathLike]) -> Path:
@@ -877,82 +480,92 @@ def find_adapter_dir(path: Union[str, os.PathLike]) -> Path:
     p = recover_interrupted_save(Path(path).absolute())
     if not p.exists():
         raise FileNotFoundError(f"{path}: no such checkpoint")
+    if not p.is_dir():
+        raise ValueError(f"{path}: a file, not a checkpoint directory")
     if (p / "_METADATA").is_file():
         return p
+    if any((p / f).exists() for f in _ORBAX_FILES):
+        raise FileNotFoundError(f"{p}: missing _METADATA: the Orbax checkpoint is incomplete or damaged")
     steps = sorted((c for c in p.iterdir() if c.is_dir() and c.name.isdigit()), key=lambda c: int(c.name))
     if steps:
         p = steps[-1]
+    unreadable: list[str] = []
     for child in sorted(c for c in p.iterdir() if c.is_dir()):
         if (child / "_METADATA").is_file():
             try:
                 meta = ocp.StandardCheckpointHandler().metadata(epath.Path(child)).custom_metadata
-            except Exception:  # noqa: BLE001 - not an Orbax pytree
+            except Exception as err:  # noqa: BLE001 - another item, or a damaged one
+                unreadable.append(f"{child}/_METADATA ({type(err).__name__}: {err})")
                 continue
             if isinstance(meta, dict) and meta.get("format") == FORMAT:
                 return child
+        elif any((child / f).exists() for f in _ORBAX_FILES):
+            unreadable.append(f"{child}: missing _METADATA")
     hint = "; it is a PEFT adapter: use jlora.load_peft" if (p / "adapter_config.json").exists() else ""
+    if unreadable:
+        hint += f"; unreadable Orbax items (damaged?): {'; '.join(unreadable)}"
     raise ValueError(f"{path}: not a jlora Orbax adapter checkpoint (no _METADATA with '{FORMAT}' metadata){hint}")
 
 
 def read_metadata(path: Union[str, os.PathLike]) -> dict:
     """The JSON metadata of an Orbax adapter checkpoint (no array data is read)."""
     d = find_adapter_dir(path)
-    try:
-        meta = ocp.StandardCheckpointHandler().metadata(epath.Path(d)).custom_metadata
-    except Exception as err:  # noqa: BLE001
-        raise ValueError(f"{d}: unreadable Orbax checkpoint metadata: {err}") from None
+    meta = _read_custom_metadata(ocp.StandardCheckpointHandler(), epath.Path(d))
     _decode_meta(meta, str(d))
     return meta
 
 
-def read_adapter(path: Union[str, os.PathLike]) -> Adapter:
-    """The whole adapter of an Orbax checkpoint as records with numpy arrays (no base)."""
+def read_adapter(path: Union[str, os.PathLike], *, verify: bool = True) -> Adapter:
+    """The whole adapter of an Orbax checkpoint as records with numpy arrays (no base),
+    checksums verified (``verify=False`` skips that). Every process reads all of it."""
     d = find_adapter_dir(path)
     handler = ocp.StandardCheckpointHandler()
-    meta = handler.metadata(epath.Path(d)).custom_metadata
-    adapter, tkeys, pkeys = _decode_meta(meta, str(d))
-    host = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    meta = _read_custom_metadata(handler, epath.Path(d))
+    adapter, tkeys, pkeys = _decode_meta(meta, str(d), verify)
+    host = jax.sharding.SingleDeviceSharding(distributed.local_device())
     target = jax.tree_util.tree_map(
         lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=host), _stored_abstract(meta)
     )
-    restored = handler.restore(epath.Path(d), args=ocp.args.StandardRestore(target))
+    restored = _orbax_restore(handler, epath.Path(d), target)
+    if verify:
+        _verify(restored, meta, str(d))
     for t in adapter.targets:
-        t.a = np.asarray(restored["lora"][tkeys[id(t)]]["a"])
-        t.b = np.asarray(restored["lora"][tkeys[id(t)]]["b"])
+        for name in ("a", "b") + _VARIANT_ARRAYS:
+            if name in ("a", "b") or getattr(t, name) is not None:
+                setattr(t, name, np.asarray(restored["lora"][tkeys[id(t)]][name]))
     for p in adapter.params:
         p.value = np.asarray(restored["params"][pkeys[id(p)]])
     return adapter
 
 
 def write_adapter(path: Union[str, os.PathLike], adapter: Adapter, *, overwrite: bool = True) -> Path:
-    """Writes ``adapter`` as an Orbax checkpoint at ``path``, atomically (see :func:`save`)."""
-    tree, meta = _encode(adapter)
+    """Writes ``adapter`` as an Orbax checkpoint at ``path``, atomically (see :func:`save`).
+
+    With several processes every process calls it: they agree on one temporary
+    directory, Orbax writes each process's shards into it, and the primary alone
+    renames it into place; all return once it is there."""
     path = Path(path).absolute()
     if path.exists():
         if not overwrite:
             raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
         if path.is_file() or (any(path.iterdir()) and not _is_adapter_dir(path)):
             raise ValueError(f"{path} exists and is not a jlora adapter checkpoint; refusing to replace it")
+    tree, meta = _encode(adapter)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tag = uuid.uuid4().hex[:12]
-    tmp = path.parent / f".{path.name}.jlora-tmp-{tag}"
+    tag = distributed.agreed_tag()
+    tmp = temp_sibling(path, tag)
     try:
         ocp.Checkpointer(ocp.StandardCheckpointHandler()).save(
             epath.Path(tmp), args=ocp.args.StandardSave(tree, custom_metadata=meta)
         )
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if distributed.is_primary():  # with Orbax's own temporary directory inside/beside it
+            for leftover in [tmp, *tmp.parent.glob(f"{tmp.name}.orbax-checkpoint-tmp*")]:
+                shutil.rmtree(leftover, ignore_errors=True)
         raise
-    if path.exists():
-        old = path.parent / f".{path.name}.jlora-old-{tag}"
-        os.rename(path, old)  # from here until the next rename, load() recovers `old`
-        os.rename(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, path)
-    # Leftovers of earlier saves that were killed mid-write.
-    for stale in list(path.parent.glob(f".{path.name}.jlora-old-*")) + list(path.parent.glob(f".{path.name}.jlora-tmp-*")):
-        shutil.rmtree(stale, ignore_errors=True)
+    if distributed.is_primary():
+        replace_directory(tmp, path, tag)
+    distributed.barrier(f"jlora_save_{tag}")  # nobody returns before the rename
     return path
 
 
@@ -961,7 +574,7 @@ def save(
     lp: Any,
     *,
     config: Optional[LoraConfig] = None,
-    name_map: hf.NameMap = None,
+    name_map: name_maps.NameMapSpec = None,
     prefix: Optional[str] = None,
     overwrite: bool = True,
 ) -> Path:
@@ -981,7 +594,9 @@ def save(
       lp: the LoRA tree (from :func:`jlora.wrap`).
       config: the :class:`LoraConfig` used to wrap; stored for :func:`jlora.save_peft` /
         ``jlora convert``.
-      name_map, prefix: PyTorch naming overrides (see :class:`jlora.hf.TorchNames`).
+      name_map, prefix: which name map gives the PyTorch names (``None``: recognised
+        from the paths; see :func:`jlora.name_maps.for_tree`), and a module path
+        prepended to them.
 
     Example:
       >>> jlora.save("ckpt/adapter", lp, config=config)          # doctest: +SKIP
@@ -1001,8 +616,9 @@ def load(
     strict: bool = True,
     dtype: Any = None,
     layouts: LayoutSpec = None,
-    name_map: hf.NameMap = None,
+    name_map: name_maps.NameMapSpec = None,
     prefix: Optional[str] = None,
+    verify: bool = True,
 ) -> Any:
     """The LoRA tree of the adapter at ``path`` over the base ``params``.
 
@@ -1022,6 +638,13 @@ def load(
         ``Trainable`` values their base leaf's sharding.
       strict: base dtypes must match the adapter's; ``False`` casts instead.
       dtype: cast A and B to this dtype (default: as stored).
+      verify: compare every array read with the checksum recorded when it was written,
+        and the metadata with its digest (``ValueError`` naming the checkpoint and the
+        tensor on a mismatch); ``False`` skips that.
+
+    With several processes (``jax.distributed.initialize``) every process calls
+    ``load``; with ``params`` on a global mesh, A and B land on the shardings
+    :func:`jlora.wrap` would give them, and each process reads only its own shards.
 
     Example:
       >>> lp = jlora.load("ckpt/adapter", model.params)           # doctest: +SKIP
@@ -1031,6 +654,7 @@ def load(
     return handler.restore(
         epath.Path(d),
         args=AdapterRestore(
-            params, shardings=shardings, strict=strict, dtype=dtype, layouts=layouts, name_map=name_map, prefix=prefix
+            params, shardings=shardings, strict=strict, dtype=dtype, layouts=layouts, name_map=name_map,
+            prefix=prefix, verify=verify,
         ),
     )

@@ -2,8 +2,9 @@
 
 ::
 
-    jlora inspect ADAPTER            # config, targets (shapes, ranks), parameter count, size on disk
-    jlora convert SRC DST [--to peft|orbax] [--overwrite]
+    jlora inspect ADAPTER            # config, targets (shapes, ranks), parameter count, size on disk,
+                                     # DoRA, the init and whether it needs PiSSA/OLoRA's residual base
+    jlora convert SRC DST [--to peft|orbax] [--overwrite] [--name-map NAME] [--convert-to-lora]
 
 ``ADAPTER``/``SRC`` may be a PEFT adapter directory (``adapter_config.json`` +
 ``adapter_model.safetensors``) or a jlora Orbax checkpoint (written by ``jlora.save``,
@@ -21,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-__all__ = ["main", "detect_format", "inspect_adapter", "convert"]
+__all__ = ["main", "detect_format", "inspect_adapter", "convert", "rename"]
 
 
 def detect_format(path: str) -> str:
@@ -75,7 +76,7 @@ def _shape(x) -> str:
 def inspect_adapter(path: str, *, as_json: bool = False, out=None) -> dict:
     """Prints (and returns) a summary of the adapter at ``path``."""
     from .checkpoint import find_adapter_dir
-    from .peft_format import CONFIG_NAME, WEIGHTS_NAME, to_torch
+    from .peft_format import CONFIG_NAME, WEIGHTS_NAME, module_factors, to_torch
 
     out = out or sys.stdout
     fmt = detect_format(path)
@@ -88,11 +89,8 @@ def inspect_adapter(path: str, *, as_json: bool = False, out=None) -> dict:
         size = _disk_size(where)
     rows = []
     for t in adapter.targets:
-        names = list(t.torch or [t.path])
-        stacked = t.layout is not None and "stack" in t.layout
-        for i, name in enumerate(names):
-            a = t.a[i] if stacked else t.a
-            b = t.b[i] if stacked else t.b
+        pieces = module_factors(t) if t.torch else [(t.path, t.a, t.b)]
+        for name, a, b in pieces:
             A, B = to_torch(a, b, t.kind)
             rows.append(
                 {
@@ -110,10 +108,14 @@ def inspect_adapter(path: str, *, as_json: bool = False, out=None) -> dict:
             )
     params = [{"name": (p.torch or [p.path])[0] if p.torch and len(p.torch) == 1 else (p.path or ""),
                "shape": list(p.value.shape)} for p in adapter.params]
+    init, needs_residual, init_note = _init_info(adapter)
     summary = {
         "path": str(where),
         "format": fmt,
         "config": adapter.config,
+        "use_dora": any(t.magnitude is not None for t in adapter.targets),
+        "init_lora_weights": init,
+        "needs_residual_base": needs_residual,
         "targets": rows,
         "trained_params": params,
         "parameters": int(adapter.n_params),
@@ -125,6 +127,9 @@ def inspect_adapter(path: str, *, as_json: bool = False, out=None) -> dict:
     label = "PEFT adapter" if fmt == "peft" else "jlora Orbax checkpoint"
     print(f"{label}: {where}", file=out)
     print(f"config: {_config_line(adapter.config)}", file=out)
+    if summary["use_dora"]:
+        print("variant: DoRA (lora_magnitude_vector per output feature)", file=out)
+    print(f"init: {init_note}", file=out)
     print(f"targets: {len(rows)} module(s)", file=out)
     if rows:
         w = max(len(r["module"]) for r in rows)
@@ -145,9 +150,74 @@ def inspect_adapter(path: str, *, as_json: bool = False, out=None) -> dict:
     return summary
 
 
+def _name_map(spec: str):
+    """``--name-map``: a shipped map's name, or ``module:attribute`` naming a map object."""
+    if ":" in spec:
+        import importlib
+
+        module, _, attr = spec.partition(":")
+        try:
+            return getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as err:
+            raise ValueError(f"--name-map {spec!r}: cannot import it ({err})") from None
+    return spec
+
+
+def rename(adapter, name_map, *, source: str = "adapter"):
+    """``adapter`` with PyTorch names re-derived from its JAX paths by ``name_map`` (a
+    shipped map's name such as ``"qwen3"``, a :class:`jlora.name_maps.FamilyMap`, ...).
+    Needs the paths, i.e. an adapter read from an Orbax checkpoint."""
+    from . import name_maps
+
+    if isinstance(name_map, str):
+        name_map = _name_map(name_map)
+    if any(t.path is None for t in adapter.targets) or any(p.path is None for p in adapter.params):
+        raise ValueError(
+            f"{source}: --name-map re-derives PyTorch names from JAX paths, and this adapter has none "
+            "(a PEFT adapter is named by PyTorch modules already)"
+        )
+    leaves = [(tuple(t.path.split("/")), tuple(t.base_shape), (t.layout or ()).count("stack")) for t in adapter.targets]
+    leaves += [(tuple(p.path.split("/")), tuple(p.value.shape), 0) for p in adapter.params]
+    tn = name_maps.for_tree(leaves, name_map)
+    for t in adapter.targets:
+        t.torch = tuple(tn.modules(t.path.split("/")))
+    for p in adapter.params:
+        p.torch = tuple(tn.params(p.path.split("/")))
+    adapter.torch_modules = None
+    adapter.name_map = name_map if isinstance(name_map, name_maps.FamilyMap) else tn.name
+    return adapter
+def _init_info(adapter) -> tuple:
+    """``(init_lora_weights, needs the residual base?, a sentence)`` of an adapter."""
+    from .inits import is_residual_init, pissa_niter
+
+    cfg = adapter.config or {}
+    inits = sorted({t.init for t in adapter.targets if t.init is not None})
+    init = inits[0] if len(inits) == 1 else (inits or cfg.get("init_lora_weights", True))
+    if not inits or not is_residual_init(init):
+        return init, False, f"{init!r}: a plain LoRA adapter; load it on the original base model"
+    stored = all(t.a0 is not None for t in adapter.targets if t.init is not None)
+    how = ("the initial factors A0/B0 are stored, so loading restores that residual exactly"
+           if stored else "loading runs the initialisation again on the original base (as PEFT)")
+    exact = (" (randomised: reproducible only with the same rng; PEFT's reload is not)"
+             if pissa_niter(init) is not None and not stored else "")
+    return init, True, (
+        f"{init!r}: the trained model's base is the residual W - s*A0*B0 of the original base, not the original "
+        f"base itself; {how}{exact}. save_peft(..., convert_to_lora=True) (or jlora convert --convert-to-lora) "
+        "writes a plain LoRA adapter of rank 2r for the original base"
+    )
+
+
 def convert(src: str, dst: str, *, to: Optional[str] = None, overwrite: bool = False,
-            base_model_name_or_path: Optional[str] = None, task_type: Optional[str] = None) -> str:
-    """Converts the adapter at ``src`` to ``dst`` (the other format unless ``to``)."""
+            base_model_name_or_path: Optional[str] = None, task_type: Optional[str] = None,
+            name_map=None, convert_to_lora: bool = False) -> str:
+    """Converts the adapter at ``src`` to ``dst`` (the other format unless ``to``).
+
+    ``name_map`` (``--name-map``) re-derives the PyTorch names of an Orbax checkpoint's
+    targets from their JAX paths with that map (``hf``, ``qwen3``, ``llama3``,
+    ``gemma3``, ``auto``, or ``module:attribute``) instead of the names stored at save time.
+    ``convert_to_lora``: a PiSSA/OLoRA adapter whose initial factors are stored (a jlora
+    Orbax checkpoint) becomes a plain LoRA adapter of rank 2r for the original base
+    (:func:`jlora.peft_format.convert_to_lora_records`)."""
     from .checkpoint import write_adapter
     from .peft_format import CONFIG_NAME, write_peft
 
@@ -164,6 +234,16 @@ def convert(src: str, dst: str, *, to: Optional[str] = None, overwrite: bool = F
         if to == "peft" and d.is_dir() and any(d.iterdir()) and not (d / CONFIG_NAME).exists():
             raise ValueError(f"{dst} exists and is not a PEFT adapter directory; refusing to write into it")
     adapter = _read(src, fmt)
+    if name_map is not None:
+        adapter = rename(adapter, name_map, source=src)
+    if convert_to_lora:
+        from .peft_format import convert_to_lora_records, peft_config_dict
+
+        if adapter.config is None:
+            import dataclasses
+
+            adapter = dataclasses.replace(adapter, config=peft_config_dict(adapter))
+        adapter = convert_to_lora_records(adapter)
     if to == "peft":
         write_peft(d, adapter, base_model_name_or_path=base_model_name_or_path, task_type=task_type)
     else:
@@ -184,13 +264,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p_convert.add_argument("--overwrite", action="store_true", help="replace an existing adapter at DST")
     p_convert.add_argument("--base-model-name-or-path", help="written into adapter_config.json")
     p_convert.add_argument("--task-type", help="written into adapter_config.json (e.g. CAUSAL_LM)")
+    p_convert.add_argument(
+        "--name-map",
+        help="re-derive PyTorch names of an Orbax checkpoint from its JAX paths with this map: "
+        "hf, qwen3, llama3, gemma3, auto, or module:attribute (default: the names stored at save time)",
+    )
+    p_convert.add_argument("--convert-to-lora", action="store_true",
+                           help="PiSSA/OLoRA with stored initial factors -> plain LoRA (rank 2r) for the original base")
     args = parser.parse_args(argv)
     try:
         if args.command == "inspect":
             inspect_adapter(args.adapter, as_json=args.json)
         else:
             to = convert(args.src, args.dst, to=args.to, overwrite=args.overwrite,
-                         base_model_name_or_path=args.base_model_name_or_path, task_type=args.task_type)
+                         base_model_name_or_path=args.base_model_name_or_path, task_type=args.task_type,
+                         name_map=args.name_map,
+                         convert_to_lora=args.convert_to_lora)
             print(f"wrote {to} adapter: {args.dst}")
     except (ValueError, TypeError, OSError) as err:
         print(f"jlora: error: {err}", file=sys.stderr)

@@ -23,14 +23,13 @@ from typing import Any, Literal, Union
 __all__ = ["LoraConfig"]
 
 BiasMode = Literal["none", "all", "lora_only"]
-InitMode = Union[bool, Literal["gaussian"]]
+InitMode = Union[bool, str]  # True, False, "gaussian", "pissa", "pissa_niter_<N>", "olora"
 
 _BIAS_MODES = ("none", "all", "lora_only")
 
 # PEFT keys that jlora accepts in ``from_dict`` only with their default (inactive) value:
 # each switches on a PEFT feature that jlora does not implement.
 _INACTIVE_PEFT_KEYS: dict[str, Any] = {
-    "use_dora": False,
     "loftq_config": {},
     "megatron_config": None,
     "megatron_core": "megatron.core",
@@ -98,6 +97,30 @@ def _freeze_names(name: str, value: Any, allow_str: bool) -> Union[None, str, tu
     return names
 
 
+_NITER = re.compile(r"^pissa_niter_([1-9][0-9]*)$")
+_OTHER_PEFT_INITS = ("corda", "loftq", "eva", "lora_ga", "orthogonal", "mica")
+
+
+def _check_init(init: Any) -> Union[bool, str]:
+    """Validates ``init_lora_weights``; ``"OLoRA"`` is accepted as ``"olora"`` (as PEFT)."""
+    if isinstance(init, bool):
+        return init
+    if isinstance(init, str):
+        if init.lower() == "olora":
+            return "olora"
+        if init in ("gaussian", "pissa") or _NITER.match(init):
+            return init
+        if init.lower() in _OTHER_PEFT_INITS or init.startswith("corda"):
+            raise ValueError(
+                f"LoraConfig.init_lora_weights={init!r}: this PEFT initialisation is not implemented in jlora; "
+                "valid: True, False, 'gaussian', 'pissa', 'pissa_niter_<N>', 'olora'"
+            )
+    raise ValueError(
+        f"LoraConfig.init_lora_weights={init!r}: valid values are True, False, 'gaussian', 'pissa', "
+        "'pissa_niter_<N>' (N >= 1 subspace iterations) and 'olora'"
+    )
+
+
 @dataclasses.dataclass(frozen=True, eq=True)
 class LoraConfig:
     """Configuration of a LoRA adapter, with PEFT's field names and meanings.
@@ -125,7 +148,12 @@ class LoraConfig:
         key matches a module path that ends with it (as a regex), as in PEFT.
       use_rslora: use the rank-stabilised scale ``lora_alpha / sqrt(r)``.
       init_lora_weights: ``True``: A kaiming-uniform (a=sqrt(5)), B = 0 (as PEFT);
-        ``"gaussian"``: A ~ N(0, (1/r)^2), B = 0; ``False``: both random (for tests).
+        ``"gaussian"``: A ~ N(0, (1/r)^2), B = 0; ``False``: both random (for tests);
+        ``"pissa"`` / ``"pissa_niter_<N>"`` / ``"olora"``: A and B from the SVD / a
+        randomised SVD / the QR of ``W``, and ``W`` replaced by the residual
+        ``W − s·A·B`` (:mod:`jlora.inits`).
+      use_dora: DoRA: a trainable magnitude per output feature rescales ``W + s·A·B``
+        (:mod:`jlora.dora`).
       fan_in_fan_out, task_type, base_model_name_or_path, inference_mode: carried for PEFT
         compatibility (jlora infers kernel layouts itself).
 
@@ -168,12 +196,9 @@ class LoraConfig:
             raise ValueError(f"LoraConfig.lora_dropout={self.lora_dropout!r}: must be in [0, 1)")
         if self.bias not in _BIAS_MODES:
             raise ValueError(f"LoraConfig.bias={self.bias!r}: must be one of {_BIAS_MODES}")
-        if self.init_lora_weights not in (True, False, "gaussian"):
-            raise ValueError(
-                f"LoraConfig.init_lora_weights={self.init_lora_weights!r}: jlora supports True, False and 'gaussian'"
-            )
-        if self.use_dora:
-            raise ValueError("LoraConfig.use_dora=True: DoRA is not implemented in jlora yet; use use_dora=False")
+        set_("init_lora_weights", _check_init(self.init_lora_weights))
+        if not isinstance(self.use_dora, bool):
+            raise TypeError(f"LoraConfig.use_dora={self.use_dora!r}: must be True or False")
         set_("target_modules", _freeze_names("target_modules", self.target_modules, allow_str=True))
         set_("exclude_modules", _freeze_names("exclude_modules", self.exclude_modules, allow_str=True))
         set_("modules_to_save", _freeze_names("modules_to_save", self.modules_to_save, allow_str=False))
@@ -245,6 +270,11 @@ class LoraConfig:
         """
         data = dict(data)
         peft_type = data.pop("peft_type", "LORA")
+        if data.get("use_dora") and data.get("lora_bias"):
+            raise ValueError(
+                "adapter config key 'lora_bias'=True with 'use_dora'=True: PEFT rejects this combination "
+                "(DoRA has no bias on lora_B), and jlora does not implement lora_bias; use lora_bias=false"
+            )
         if peft_type != "LORA":
             raise ValueError(f"peft_type={peft_type!r}: jlora reads LoRA adapters only (peft_type 'LORA')")
         names = {f.name for f in dataclasses.fields(cls)}
@@ -264,9 +294,6 @@ class LoraConfig:
                     raise ValueError(
                         f"adapter config key {key!r}={value!r} is unknown to jlora; known keys: {sorted(names)}"
                     )
-        init = kwargs.get("init_lora_weights", True)
-        if isinstance(init, str) and init != "gaussian":
-            raise ValueError(f"init_lora_weights={init!r}: jlora supports True, False and 'gaussian'")
         return cls(**kwargs)
 
     @classmethod

@@ -8,6 +8,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from .dora import merge_kernel, unmerge_kernel
 from .weight import MultiLoraWeight, add_delta, is_lora_weight, is_trainable
 from .weight import is_lora_node as _is_node
 
@@ -40,6 +41,10 @@ def merge(lp: Any, *, safe: bool = False) -> Any:
     each ``LoraWeight`` replaced by::
 
         W' = W + s · ΔW      (ΔW = A·B in W's layout; computed in float32, cast to W.dtype)
+        W' = (m / ‖W + s·ΔW‖) ⊙ (W + s·ΔW)      with DoRA (the norm per output feature)
+
+    (several active adapters on one kernel: in order, as PEFT, see :mod:`jlora.dora`;
+    a PiSSA/OLoRA ``W`` is the residual, so ``W'`` is the trained model's kernel)
 
     and each ``Trainable`` by its value. One jitted ``tree_map``.
 
@@ -72,6 +77,13 @@ def _set_merged(lp: Any, to_merged: bool) -> Any:
             )
         if not is_lora_weight(x) or x.merged == to_merged:
             return x
+        if x.magnitude is not None:
+            # DoRA: W' = (m/n)⊙(W + s·ΔW); n is kept (frozen) so that unmerge restores W exactly
+            if to_merged:
+                w, n = merge_kernel(x.w, x.a, x.b, x.magnitude, x.scale, x.layout)
+                return x.replace(w=w, weight_norm=n, merged=True)
+            w = unmerge_kernel(x.w, x.a, x.b, x.magnitude, x.weight_norm, x.scale, x.layout)
+            return x.replace(w=w, weight_norm=None, merged=False)
         sign = 1.0 if to_merged else -1.0
         w = add_delta(x.w, x.a, x.b, x.scale, x.layout, sign)
         return x.replace(w=w, merged=to_merged)
@@ -92,5 +104,6 @@ def merge_adapter(lp: Any) -> Any:
 
 def unmerge_adapter(lp: Any) -> Any:
     """PEFT's ``unmerge_adapter``: ``w ← w − s·ΔW`` (float32, so ``W`` comes back to
-    within float32 rounding for a float32 base) and ``merged=False``."""
+    within float32 rounding for a float32 base) and ``merged=False``. DoRA:
+    ``w ← w·(n/m) − s·ΔW`` with the norm ``n`` that :func:`merge_adapter` kept."""
     return _set_merged(lp, False)

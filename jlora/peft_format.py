@@ -26,30 +26,34 @@ writes the tensors, and nothing is ever unpickled.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import re
 import shutil
-import uuid
+import struct
 from collections import Counter
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import numpy as np
 
-from . import hf
-from .checkpoint import (
+from . import distributed, name_maps
+from .atomic import replace_directory, temp_sibling
+from .atomic import recover_interrupted_save
+from .records import (
     Adapter,
     ParamRecord,
     ShardingSpec,
     TargetRecord,
-    recover_interrupted_save,
     adapter_from_tree,
     alpha_from_scale,
     tree_from_adapter,
 )
 from .config import LoraConfig
+from .integrity import json_digest, sha256_hex
+from .inits import is_residual_init
 from .targets import LayoutSpec
 
 __all__ = [
@@ -61,6 +65,8 @@ __all__ = [
     "read_peft_config",
     "write_peft",
     "peft_tensors",
+    "convert_to_lora_records",
+    "module_factors",
 ]
 
 CONFIG_NAME = "adapter_config.json"
@@ -107,31 +113,78 @@ def _from_torch(A: np.ndarray, B: np.ndarray, kind: str, where: str) -> tuple[np
     return np.ascontiguousarray(a), np.ascontiguousarray(b)
 
 
-def _host(x: Any) -> np.ndarray:
-    return np.asarray(x)
+def module_factors(t: TargetRecord, a: Any = None, b: Any = None) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """``[(torch module, a, b)]``: one target's factors per PyTorch module it stands for.
+
+    One module: the factors as they are. Several, one per slice of the kernel's first
+    axis (``nn.scan`` layers; Gemma's ``kv_einsum`` = ``k_proj``, ``v_proj``): slice ``i``
+    of a ``"stack"`` axis has factors ``a[i]``, ``b[i]``; if that axis is an output axis
+    (a layout found from the einsum alone, one A shared by k and v) slice ``i`` is
+    ``A · B[:, i]``, i.e. ``a`` and ``b[:, i]``; if it is an input axis, ``a[i]`` and ``b``.
+    ``a``/``b``: the factors as host arrays (default: ``t.a``/``t.b``, which must then be
+    addressable here; :func:`peft_tensors` passes them gathered across processes).
+    """
+    if not t.torch:
+        raise ValueError(f"{t.path}: no PyTorch module name for this target; pass name_map=")
+    a = np.asarray(t.a if a is None else a)
+    b = np.asarray(t.b if b is None else b)
+    stacked = t.layout is not None and "stack" in t.layout
+    if stacked and t.layout.count("stack") != 1:
+        raise ValueError(f"{t.path}: only one stack axis maps to PyTorch layers, layout {t.layout}")
+    if stacked:
+        if len(t.torch) != a.shape[0]:
+            raise ValueError(f"{t.path}: {a.shape[0]} layer(s) but {len(t.torch)} PyTorch name(s) {t.torch}")
+        return [(m, a[i], b[i]) for i, m in enumerate(t.torch)]
+    if len(t.torch) == 1:
+        return [(t.torch[0], a, b)]
+    first = t.layout[0] if t.layout else None
+    if first is None or t.base_shape is None or int(t.base_shape[0]) != len(t.torch):
+        raise ValueError(
+            f"{t.path}: 1 adapter but {len(t.torch)} PyTorch names {t.torch}; the kernel's first axis must hold them"
+        )
+    if first == "out":
+        return [(m, a, b[:, i]) for i, m in enumerate(t.torch)]
+    return [(m, a[i], b) for i, m in enumerate(t.torch)]
 
 
 def peft_tensors(adapter: Adapter) -> dict[str, np.ndarray]:
-    """The ``adapter_model.safetensors`` tensors of ``adapter`` (PEFT names and layouts)."""
+    """The ``adapter_model.safetensors`` tensors of ``adapter`` (PEFT names and layouts).
+
+    Factors sharded over several processes are gathered: then every process must call
+    this (a collective)."""
     out: dict[str, np.ndarray] = {}
     target_modules: set[str] = set()
+    # all factors whole on this process, one collective for all of them when sharded
+    dora = [t for t in adapter.targets if t.magnitude is not None]
+    hosted = distributed.gather_to_host(
+        [x for t in adapter.targets for x in (t.a, t.b)] + [p.value for p in adapter.params]
+        + [t.magnitude for t in dora]
+    )
+    host_a = {id(t): hosted[2 * i] for i, t in enumerate(adapter.targets)}
+    host_b = {id(t): hosted[2 * i + 1] for i, t in enumerate(adapter.targets)}
+    n_ab = 2 * len(adapter.targets)
+    host_v = {id(p): hosted[n_ab + i] for i, p in enumerate(adapter.params)}
+    host_m = {id(t): hosted[n_ab + len(adapter.params) + i] for i, t in enumerate(dora)}
     for t in adapter.targets:
-        if not t.torch:
-            raise ValueError(f"{t.path}: no PyTorch module name for this target; pass name_map=")
-        a, b = _host(t.a), _host(t.b)
         stacked = t.layout is not None and "stack" in t.layout
-        if stacked and t.layout.count("stack") != 1:
-            raise ValueError(f"{t.path}: only one stack axis maps to PyTorch layers, layout {t.layout}")
-        n_layers = a.shape[0] if stacked else 1
-        if len(t.torch) != n_layers:
-            raise ValueError(f"{t.path}: {n_layers} layer(s) but {len(t.torch)} PyTorch name(s) {t.torch}")
-        for i, module in enumerate(t.torch):
-            A, B = to_torch(a[i] if stacked else a, b[i] if stacked else b, t.kind)
+        per_module = module_factors(t, host_a[id(t)], host_b[id(t)])
+        # the magnitude follows the output axes: split like B when the modules are slices of them
+        split_m = stacked or (len(per_module) > 1 and t.layout is not None and t.layout[0] == "out")
+        for i, (module, a, b) in enumerate(per_module):
+            A, B = to_torch(a, b, t.kind)
             if t.kind == "embedding":
                 names = (f"{PEFT_PREFIX}{module}.lora_embedding_A", f"{PEFT_PREFIX}{module}.lora_embedding_B")
             else:
                 names = (f"{PEFT_PREFIX}{module}.lora_A.weight", f"{PEFT_PREFIX}{module}.lora_B.weight")
-            for name, x in zip(names, (A, B)):
+            tensors = [(names[0], A), (names[1], B)]
+            if t.magnitude is not None:
+                # DoRA: no ".weight" suffix; (out,) for Linear/Embedding, (1, out, 1, ...) for ConvNd
+                m = host_m[id(t)]
+                m = (m[i] if split_m else m).reshape(-1)
+                if t.kind == "conv":
+                    m = m.reshape((1, -1) + (1,) * (A.ndim - 2))
+                tensors.append((f"{PEFT_PREFIX}{module}.lora_magnitude_vector", np.ascontiguousarray(m)))
+            for name, x in tensors:
                 if name in out:
                     raise ValueError(f"two targets map to the PyTorch name {name!r}; pass name_map=")
                 out[name] = x
@@ -139,12 +192,13 @@ def peft_tensors(adapter: Adapter) -> dict[str, np.ndarray]:
     for p in adapter.params:
         if not p.torch:
             raise ValueError(f"{p.path}: no PyTorch name for this parameter; pass name_map=")
-        v = _host(p.value)
+        v = host_v[id(p)]
         names = p.path.split("/") if p.path else None
-        for i, tname in enumerate(p.torch):
-            x = v[i] if len(p.torch) > 1 else v
-            if not p.torch_layout and names is not None:
-                x = hf.param_to_torch(names, x)
+        if not p.torch_layout and names is not None:
+            xs = name_maps.record_param_to_torch(names, v, len(p.torch), adapter.name_map)
+        else:
+            xs = [v[i] if len(p.torch) > 1 else v for i in range(len(p.torch))]
+        for tname, x in zip(p.torch, xs):
             module, leaf = tname.rsplit(".", 1) if "." in tname else ("", tname)
             if module in target_modules:
                 tname = f"{module}.base_layer.{leaf}"
@@ -248,11 +302,24 @@ def peft_config_dict(
         cfg["bias"] = "none" if not biases else ("lora_only" if bias_modules <= targets else "all")
         mts = sorted({n.rsplit(".", 1)[0] for p in others for n in p.torch or ()})
         cfg["modules_to_save"] = mts or None
+        cfg["use_dora"] = any(t.magnitude is not None for t in adapter.targets)
+        inits = sorted({t.init for t in adapter.targets if t.init is not None})
+        if len(inits) > 1:
+            raise ValueError(f"the targets use different initialisations {inits}; pass config=")
+        cfg["init_lora_weights"] = inits[0] if inits else True
 
     def selects_exactly(c: dict) -> bool:
         if not all(peft_matches(c, t) for t in targets):
             return False
         return candidates is None or not any(peft_matches(c, m) for m in candidates - targets)
+
+    if adapter.config is not None and cfg.get("modules_to_save"):
+        # The config names JAX modules; PEFT matches PyTorch ones (an NNX "embedder" is
+        # "embed_tokens"): name the trained modules by their PyTorch names where they differ.
+        trained = {n.rsplit(".", 1)[0] for p in adapter.params for n in p.torch or () if not n.endswith(".bias")}
+        pattern = lambda m, t: re.match(rf"(^|.*\.){m}($|\..*)", t) is not None  # noqa: E731
+        if trained and not all(any(pattern(m, t) for t in trained) for m in cfg["modules_to_save"]):
+            cfg["modules_to_save"] = sorted({t.rsplit(".", 1)[-1] for t in trained})
 
     keep = adapter.config is not None and cfg.get("target_modules") not in ("all-linear", None)
     if not (keep and selects_exactly(cfg)) and targets:
@@ -306,27 +373,79 @@ def write_peft(
     base_model_name_or_path: Optional[str] = None,
     task_type: Optional[str] = None,
 ) -> Path:
-    """Writes ``adapter`` in PEFT's format (see :func:`save_peft`)."""
-    from safetensors.numpy import save as st_save
+    """Writes ``adapter`` in PEFT's format (see :func:`save_peft`).
 
-    tensors = peft_tensors(adapter)
-    cfg = peft_config_dict(adapter, base_model_name_or_path=base_model_name_or_path, task_type=task_type)
-    LoraConfig.from_dict(cfg)  # what we write must read back
-    files = {
-        WEIGHTS_NAME: st_save(tensors, metadata={"format": "pt"}),
-        CONFIG_NAME: (json.dumps(cfg, indent=2, sort_keys=True) + "\n").encode(),
-    }
+    With several processes every process calls it: sharded factors are gathered, the
+    primary process writes the files, the others wait for it and write nothing."""
+
     d = Path(directory).absolute()
     if d.exists() and not d.is_dir():
         raise ValueError(f"{d} exists and is not a directory")
-    tag = uuid.uuid4().hex[:12]
+    tensors = peft_tensors(adapter)  # every process: gathers sharded factors
+    tag = distributed.agreed_tag()
+    if distributed.is_primary():
+        _write_peft_files(d, tensors, adapter, tag, base_model_name_or_path, task_type)
+    distributed.barrier(f"jlora_save_peft_{tag}")  # the others wait and write nothing
+    return d
+
+
+# The adapter_config.json keys that change the tree load_peft builds (ranks, scales,
+# dropout); their digest is written with the tensors.
+_CONFIG_KEYS_CHECKED = ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "lora_dropout", "use_dora")
+
+
+def _config_digest(cfg: dict) -> str:
+    return json_digest({k: cfg.get(k) for k in _CONFIG_KEYS_CHECKED})
+
+
+def _jlora_metadata(tensors: dict[str, np.ndarray], cfg: dict) -> str:
+    """The ``jlora`` entry of the safetensors metadata (PEFT ignores it): a SHA-256 per
+    tensor and a digest of the config keys that shape the loaded tree."""
+    return json.dumps(
+        {
+            "version": 1,
+            "algorithm": "sha256",
+            "tensors": {k: sha256_hex(v) for k, v in sorted(tensors.items())},
+            "config_keys": list(_CONFIG_KEYS_CHECKED),
+            "config_digest": _config_digest(cfg),
+        },
+        sort_keys=True,
+        separators=(",", ":"),
+    )
+
+
+def _sorted_metadata(data: bytes) -> bytes:
+    """``data`` (a safetensors file) with its ``__metadata__`` keys in sorted order.
+
+    safetensors keeps the metadata in a hash map, so two keys come out in either order
+    from one process to the next; sorted, the same adapter gives the same bytes. The
+    header is JSON after an 8-byte little-endian length, padded with spaces to a multiple
+    of 8; tensor offsets count from the end of the header, so they do not change."""
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+    header = {"__metadata__": header.pop("__metadata__"), **header}
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + data[8 + n:]
+
+
+def _write_peft_files(d: Path, tensors: dict, adapter: Adapter, tag: str, base_model_name_or_path, task_type) -> None:
+    from safetensors.numpy import save as st_save
+
+    cfg = peft_config_dict(adapter, base_model_name_or_path=base_model_name_or_path, task_type=task_type)
+    LoraConfig.from_dict(cfg)  # what we write must read back
+    files = {
+        WEIGHTS_NAME: _sorted_metadata(st_save(tensors, metadata={"format": "pt", "jlora": _jlora_metadata(tensors, cfg)})),
+        CONFIG_NAME: (json.dumps(cfg, indent=2, sort_keys=True) + "\n").encode(),
+    }
     others = [f for f in d.iterdir() if f.name not in files and not f.name.startswith(".")] if d.exists() else []
     if not others:
         # A fresh directory, or one holding only the adapter: write a new directory and
         # rename it into place (the old one is moved aside first; readers recover it if a
         # kill lands between the two renames).
         d.parent.mkdir(parents=True, exist_ok=True)
-        tmp = d.parent / f".{d.name}.jlora-tmp-{tag}"
+        tmp = temp_sibling(d, tag)
         tmp.mkdir()
         try:
             for name, data in files.items():
@@ -334,15 +453,7 @@ def write_peft(
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        if d.exists():
-            old = d.parent / f".{d.name}.jlora-old-{tag}"
-            os.rename(d, old)
-            os.rename(tmp, d)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, d)
-        for stale in list(d.parent.glob(f".{d.name}.jlora-old-*")) + list(d.parent.glob(f".{d.name}.jlora-tmp-*")):
-            shutil.rmtree(stale, ignore_errors=True)
+        replace_directory(tmp, d, tag)
     else:
         # Other files live here (a README, a tokenizer): replace our two files one by one,
         # atomically each, weights first.
@@ -354,7 +465,54 @@ def write_peft(
             except BaseException:
                 tmp_file.unlink(missing_ok=True)
                 raise
-    return d
+
+
+def convert_to_lora_records(adapter: Adapter) -> Adapter:
+    """A PiSSA/OLoRA adapter as a plain LoRA adapter for the *original* base (PEFT's
+    ``path_initial_model_for_weight_conversion``), from the initial factors the records
+    carry::
+
+        A' = [A | A₀]   (in, 2r)      B' = [B; −B₀]   (2r, out)
+        s·A'·B' = s·A·B − s·A₀·B₀  so  W + s·A'·B' = W_res + s·A·B
+
+    Rank and alpha are doubled (``alpha·√2`` with rsLoRA; ``rank_pattern`` and
+    ``alpha_pattern`` too), so every scale is unchanged, and ``init_lora_weights`` becomes
+    ``True``. DoRA magnitudes and fully trained leaves (``modules_to_save``, biases) are
+    carried over (PEFT 0.21.2 drops them). Targets without a residual are kept as they are.
+    Raises ``ValueError`` for a residual target whose initial factors are not stored (an
+    adapter read from PEFT's files: load it on its base with :func:`load_peft` first).
+    """
+    cfg = dict(adapter.config) if adapter.config is not None else None
+    rslora = bool(cfg.get("use_rslora", False)) if cfg else False
+    grow = math.sqrt(2.0) if rslora else 2.0
+    targets = []
+    for t in adapter.targets:
+        if t.init is None:
+            targets.append(t)
+            continue
+        if t.a0 is None or t.b0 is None or t.layout is None:
+            raise ValueError(
+                f"{t.path or t.torch}: init_lora_weights={t.init!r} but the initial factors A0/B0 are not stored; "
+                "load the adapter on its base first (jlora.load_peft / jlora.load) and save the tree"
+            )
+        ns = t.layout.count("stack")
+        a = np.concatenate([np.asarray(t.a), np.asarray(t.a0, dtype=np.asarray(t.a).dtype)], axis=-1)
+        b = np.concatenate([np.asarray(t.b), -np.asarray(t.b0, dtype=np.asarray(t.b).dtype)], axis=ns)
+        targets.append(dataclasses.replace(
+            t, a=a, b=b, r=2 * t.r, alpha=alpha_from_scale(t.scale, 2 * t.r, rslora), init=None, a0=None, b0=None,
+        ))
+    if cfg is not None and any(t.init is not None for t in adapter.targets):
+        cfg["r"] = 2 * int(cfg["r"])
+        cfg["lora_alpha"] = _clean(cfg["lora_alpha"] * grow)
+        cfg["rank_pattern"] = {k: 2 * int(v) for k, v in (cfg.get("rank_pattern") or {}).items()}
+        cfg["alpha_pattern"] = {k: _clean(v * grow) for k, v in (cfg.get("alpha_pattern") or {}).items()}
+        cfg["init_lora_weights"] = True
+    return dataclasses.replace(adapter, targets=targets, config=cfg)
+
+
+def _clean(x: float) -> Union[int, float]:
+    r = round(x)
+    return int(r) if abs(x - r) <= 1e-9 * max(1.0, abs(x)) else float(x)
 
 
 def save_peft(
@@ -362,10 +520,11 @@ def save_peft(
     lp: Any,
     *,
     config: Optional[LoraConfig] = None,
-    name_map: hf.NameMap = None,
+    name_map: name_maps.NameMapSpec = None,
     prefix: Optional[str] = None,
     base_model_name_or_path: Optional[str] = None,
     task_type: Optional[str] = None,
+    convert_to_lora: bool = False,
 ) -> Path:
     """Writes a LoRA tree as a PEFT adapter: ``adapter_config.json`` +
     ``adapter_model.safetensors``, loadable by ``PeftModel.from_pretrained`` and by
@@ -373,9 +532,18 @@ def save_peft(
 
     Tensor names are ``base_model.model.<torch module>.lora_A.weight`` (r, in) and
     ``...lora_B.weight`` (out, r) (``lora_embedding_A/B`` for embeddings), with PyTorch
-    module names derived from the Flax paths by :mod:`jlora.hf` (transformers' rules);
-    ``Trainable`` leaves are written under their PyTorch names and layouts. The scale is
+    module names derived from the tree's paths by a name map (:mod:`jlora.name_maps`:
+    recognised from the paths for NNX Qwen3 / Llama 3 / Gemma 3 trees, transformers'
+    rules for Hugging Face Flax models); ``Trainable`` leaves are written under their PyTorch names and layouts. The scale is
     carried as ``lora_alpha``/``alpha_pattern`` so PEFT computes the same ``s``.
+
+    The safetensors metadata also holds, under ``"jlora"``, a SHA-256 of every tensor
+    and a digest of the config keys that set ranks and scales; :func:`load_peft` checks
+    them (PEFT ignores the key).
+
+    With several processes every process calls ``save_peft``: the factors are gathered
+    (``process_allgather``; LoRA factors are small), the primary process writes the
+    files, byte for byte what one process writes, and the others wait and write nothing.
 
     Args:
       directory: created if missing (atomically); files in an existing directory are
@@ -383,17 +551,34 @@ def save_peft(
       lp: the LoRA tree.
       config: the :class:`LoraConfig` used to wrap (without it one is reconstructed from
         the tree: ranks, alphas, target names).
-      name_map: ``{flax module path: torch module path}`` or a function, for models
-        whose PyTorch names differ from their Flax paths.
+      name_map: which name map gives the PyTorch names (see :func:`jlora.name_maps.for_tree`):
+        ``None`` (recognised from the paths), ``"hf"``, ``"qwen3"``, ``"llama3"``,
+        ``"gemma3"``, a :class:`jlora.name_maps.FamilyMap`, or overrides
+        ``{module path: torch module path}`` / a function of the module path.
       prefix: module path prepended to every PyTorch name (e.g. ``"bert"`` to use an
         adapter trained on ``FlaxBertModel`` with ``BertForSequenceClassification``).
       base_model_name_or_path, task_type: written into the config (PEFT's keys).
+      convert_to_lora: for PiSSA/OLoRA trees (whose ``w`` is the residual ``W − s·A₀·B₀``):
+        write a plain LoRA adapter of rank ``2r`` that loads on the *original* base
+        (:func:`convert_to_lora`). Without it the files are what PEFT writes for such an
+        adapter (``init_lora_weights="pissa"``/``"olora"``...): PEFT and :func:`load_peft`
+        run the initialisation again on the original base, then load A and B (exact for
+        ``"pissa"`` and ``"olora"``; ``"pissa_niter_N"`` is randomised: PEFT's torch RNG
+        gives another residual, :func:`load_peft` reproduces it with the ``rng`` of
+        :func:`jlora.wrap`). Convert before sharing a ``pissa_niter_N`` adapter.
+
+    DoRA trees are written with ``lora_magnitude_vector`` (no ``.weight`` suffix; ``(out,)``,
+    ``(1, out, 1, ...)`` for convolutions) and ``"use_dora": true``.
 
     Example:
       >>> jlora.save_peft("out/adapter", lp, config=config, base_model_name_or_path="gpt2")  # doctest: +SKIP
       >>> # torch: PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained("gpt2"), "out/adapter")
     """
     adapter = adapter_from_tree(lp, config, name_map=name_map, prefix=prefix)
+    if convert_to_lora:
+        if adapter.config is None:
+            adapter = dataclasses.replace(adapter, config=peft_config_dict(adapter))
+        adapter = convert_to_lora_records(adapter)
     return write_peft(directory, adapter, base_model_name_or_path=base_model_name_or_path, task_type=task_type)
 
 
@@ -417,9 +602,9 @@ def _read_config_dict(d: Path) -> dict:
             f"{d}: missing {CONFIG_NAME}; a PEFT adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}"
         )
     try:
-        cfg = json.loads(path.read_text())
+        cfg = json.loads(path.read_bytes().decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
+        raise ValueError(f"{path}: not valid JSON (truncated or corrupt?): {err}") from None
     if not isinstance(cfg, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
     peft_type = cfg.get("peft_type")
@@ -434,26 +619,65 @@ def read_peft_config(directory: Union[str, os.PathLike]) -> LoraConfig:
     cfg = _read_config_dict(d)
     try:
         return LoraConfig.from_dict(cfg)
-    except (ValueError, TypeError) as err:
-        raise type(err)(f"{d / CONFIG_NAME}: {err}") from None
+    except (ValueError, TypeError, KeyError, AttributeError) as err:
+        raise ValueError(f"{d / CONFIG_NAME}: not a valid LoRA adapter config: {err}") from None
 
 
-def _read_tensors(path: Path) -> dict[str, np.ndarray]:
+def _read_tensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """The tensors and the metadata of a safetensors file."""
     from safetensors import safe_open
 
     try:
         out = {}
         with safe_open(str(path), framework="numpy") as f:
+            meta = f.metadata() or {}
             for k in f.keys():
                 out[k] = f.get_tensor(k)
-        return out
+        return out, meta
     except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
         raise ValueError(f"{path}: not a readable safetensors file (truncated or corrupt?): {err}") from None
 
 
-def read_peft(directory: Union[str, os.PathLike]) -> Adapter:
+def _verify(path: Path, tensors: dict[str, np.ndarray], meta: dict[str, str], cfg: dict) -> None:
+    """Checks the SHA-256s and the config digest jlora wrote (files written by PEFT itself
+    carry none and pass unchecked)."""
+    raw = meta.get("jlora")
+    if raw is None:
+        return
+    try:
+        info = json.loads(raw)
+        recorded = dict(info["tensors"])
+        algorithm = info["algorithm"]
+    except (ValueError, TypeError, KeyError) as err:
+        raise ValueError(f"{path}: the 'jlora' entry of the safetensors metadata is corrupt: {err}") from None
+    if algorithm != "sha256":
+        raise ValueError(f"{path}: unknown checksum algorithm {algorithm!r} in the 'jlora' metadata")
+    missing = sorted(set(recorded) - set(tensors))
+    extra = sorted(set(tensors) - set(recorded))
+    if missing or extra:
+        raise ValueError(
+            f"{path}: the tensors differ from those jlora wrote: missing {missing}, not written by jlora {extra}"
+        )
+    for name in sorted(recorded):
+        got = sha256_hex(tensors[name])
+        if got != recorded[name]:
+            raise ValueError(
+                f"{path}: checksum mismatch for tensor {name!r}: recorded sha256 {recorded[name]}, read {got}; "
+                "the file is corrupt"
+            )
+    want = info.get("config_digest")
+    if want is not None and _config_digest(cfg) != want:
+        keys = ", ".join(info.get("config_keys", _CONFIG_KEYS_CHECKED))
+        raise ValueError(
+            f"{path.parent / CONFIG_NAME}: the keys that set ranks, scales and dropout ({keys}) differ from those "
+            f"written with {path.name}: the file was edited or is corrupt (pass verify=False to load it as it is)"
+        )
+
+
+def read_peft(directory: Union[str, os.PathLike], *, verify: bool = True) -> Adapter:
     """Reads a PEFT LoRA adapter into records (PyTorch names, factors flattened to
-    ``(in, r)`` / ``(r, out)``); no base model needed."""
+    ``(in, r)`` / ``(r, out)``); no base model needed. With ``verify``, the checksums
+    jlora wrote into the safetensors metadata are checked (see :func:`load_peft`)."""
     d = _peft_dir(directory)
     cfg = _read_config_dict(d)
     config = read_peft_config(d)
@@ -465,12 +689,18 @@ def read_peft(directory: Union[str, os.PathLike]) -> Adapter:
                 "safetensors (PEFT: save_pretrained(..., safe_serialization=True))"
             )
         raise FileNotFoundError(f"{d}: missing {WEIGHTS_NAME}")
-    tensors = _read_tensors(path)
+    tensors, st_meta = _read_tensors(path)
+    if verify:
+        _verify(path, tensors, st_meta, cfg)
     factors: dict[str, dict[str, np.ndarray]] = {}
     kinds: dict[str, str] = {}
     params: list[ParamRecord] = []
+    magnitudes: dict[str, np.ndarray] = {}
     for key, x in tensors.items():
         name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+        if name.endswith(".lora_magnitude_vector"):
+            magnitudes[name[: -len(".lora_magnitude_vector")]] = x
+            continue
         m = _LORA_RE.match(name)
         emb = _EMB_RE.match(name)
         if m or emb:
@@ -492,6 +722,12 @@ def read_peft(directory: Union[str, os.PathLike]) -> Adapter:
         params.append(ParamRecord(path=None, value=x, torch=(name,), torch_layout=True))
     rslora = bool(config.use_rslora)
     targets: list[TargetRecord] = []
+    stray = sorted(set(magnitudes) - set(factors))
+    if stray:
+        raise ValueError(f"{path}: lora_magnitude_vector for module(s) {stray} without lora_A/lora_B")
+    if magnitudes and not config.use_dora:
+        raise ValueError(f"{path}: the file has DoRA magnitudes (lora_magnitude_vector) but {CONFIG_NAME} says "
+                         "use_dora=false")
     for module, ab in factors.items():
         if set(ab) != {"A", "B"}:
             missing = "B" if "A" in ab else "A"
@@ -505,10 +741,17 @@ def read_peft(directory: Union[str, os.PathLike]) -> Adapter:
         if r_cfg != r:
             raise ValueError(f"{path}: {module}: lora_A has rank {r} but {CONFIG_NAME} gives r={r_cfg}")
         alpha = _pattern(dict(config.alpha_pattern), module, config.lora_alpha)
+        magnitude = magnitudes.get(module)
+        if config.use_dora and magnitude is None:
+            raise ValueError(f"{path}: {CONFIG_NAME} says use_dora=true but module {module!r} has no "
+                             "lora_magnitude_vector")
+        # PiSSA/OLoRA: PEFT initialises Linear/Conv1D layers from W (embeddings keep the default init)
+        init = config.init_lora_weights if is_residual_init(config.init_lora_weights) and kind != "embedding" else None
         targets.append(
             TargetRecord(
                 path=None, a=a, b=b, r=r, scale=config.scale_for(r, alpha), alpha=alpha, layout=None,
                 dropout=float(config.lora_dropout), kind=kind, torch=(module,),
+                magnitude=None if magnitude is None else np.ascontiguousarray(magnitude.reshape(-1)), init=init,
             )
         )
     if not targets and not params:
@@ -525,11 +768,13 @@ def load_peft(
     directory: Union[str, os.PathLike],
     params: Any,
     *,
-    name_map: hf.NameMap = None,
+    name_map: name_maps.NameMapSpec = None,
     prefix: Optional[str] = None,
     layouts: LayoutSpec = None,
     dtype: Any = None,
     shardings: ShardingSpec = None,
+    verify: bool = True,
+    rng: Any = None,
 ) -> Any:
     """The LoRA tree of a PEFT adapter directory over the base ``params``.
 
@@ -544,6 +789,15 @@ def load_peft(
     that are not in ``params`` (all listed), factors whose shapes do not fit the base
     kernel (the path and both shapes) — all ``ValueError``.
 
+    Files written by :func:`save_peft` carry a SHA-256 of every tensor and a digest of
+    the config keys that set ranks and scales in the safetensors metadata (key
+    ``"jlora"``, which PEFT ignores); they are checked before anything is built, and a
+    mismatch is a ``ValueError`` naming the file and the tensor. Files written by PEFT
+    itself have no checksums and load unchecked.
+
+    With several processes every process calls ``load_peft``: each reads the (small)
+    file whole and places its own shards of A and B.
+
     Args:
       directory: the PEFT adapter directory.
       params: the base parameters, e.g. ``FlaxLlamaForCausalLM.params``.
@@ -551,13 +805,24 @@ def load_peft(
       layouts: kernel layout overrides, as in :func:`jlora.wrap`.
       dtype: dtype of A and B (default: as stored, usually float32).
       shardings: as in :func:`jlora.load`.
+      verify: check jlora's checksums (``False`` skips it, e.g. for an edited config).
+      rng: for ``init_lora_weights="pissa_niter_N"`` adapters, the key given to
+        :func:`jlora.wrap` (default ``jax.random.key(0)``, wrap's default).
+
+    DoRA adapters (``use_dora``) come with their magnitudes. PiSSA/OLoRA adapters
+    (``init_lora_weights="pissa"``, ``"pissa_niter_N"``, ``"olora"``, not converted) are
+    loaded as PEFT loads them: on the *original* ``params`` the initialisation is run again
+    (SVD / randomised SVD / QR) to get the residual base and the initial factors (kept for
+    :func:`jlora.unload` and conversion), then the trained A and B replace the initial
+    ones. This is exact for ``"pissa"`` and ``"olora"``; ``"pissa_niter_N"`` reproduces
+    the trained model only with the same ``rng`` (PEFT's reload never does).
 
     Example:
       >>> lp = jlora.load_peft("my-peft-adapter", model.params)          # doctest: +SKIP
       >>> logits = jlora.lora(model.__call__)(ids, params=lp).logits      # doctest: +SKIP
     """
-    adapter = read_peft(directory)
+    adapter = read_peft(directory, verify=verify)
     return tree_from_adapter(
         adapter, params, layouts=layouts, name_map=name_map, prefix=prefix, strict=False,
-        shardings=shardings, dtype=dtype,
+        shardings=shardings, dtype=dtype, rng=rng,
     )

@@ -1,9 +1,19 @@
 """Which leaves of a parameter pytree are LoRA targets, with their rank, alpha and layout.
 
-Matching follows PEFT on the ``.``-joined *module path* of a kernel (its pytree path
-without the final leaf name such as ``kernel``): a list entry matches a path that equals
-it or ends in ``.entry``; a string is a regex that must match the whole path;
-``"all-linear"`` is every ``kernel`` except the output head.
+Matching follows PEFT on the ``.``-joined *module path* of a kernel: its pytree path
+without the final leaf name when that name is a parameter name (``kernel``, ``w``,
+``weight``, ``embedding``, ``bias``, ``scale``, ...: :data:`PARAM_LEAF_NAMES`), and the
+whole path for a *bare leaf* (any other name, e.g. ``mlp/linear`` or ``attn/wq``: the
+leaf is its own module, so ``target_modules=["wq"]`` selects it). A list entry matches a
+path that equals it or ends in ``.entry``; a string is a regex that must match the whole
+path; ``"all-linear"`` is every linear kernel except the output head.
+
+Which leaves are kernels, and their layouts: with ``uses`` (found from the model's own
+computation by :mod:`jlora.usage`, ``wrap(..., apply_fn=)``), every leaf the model
+contracts, convolves or gathers by rows, whatever its name; without, leaves named
+``kernel``/``embedding`` (layout inferred from the tree, :func:`infer_layout`) and
+``w``/``weight`` where the tree alone decides their layout. Leaves of NNX Variables
+other than ``nnx.Param`` (caches, batch statistics, RNG state) are never kernels.
 """
 
 from __future__ import annotations
@@ -11,12 +21,15 @@ from __future__ import annotations
 import collections
 import dataclasses
 import re
+import sys
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Optional, Union
 
 import jax
 
 from .config import LoraConfig
+from .quantization import is_quantized
 from .weight import KernelLayout, is_lora_node
 
 __all__ = [
@@ -28,10 +41,17 @@ __all__ = [
     "plan_targets",
     "infer_layout",
     "OUTPUT_HEAD_NAMES",
+    "PARAM_LEAF_NAMES",
 ]
 
 KERNEL_LEAF_NAMES = ("kernel", "embedding")
-OUTPUT_HEAD_NAMES = ("lm_head", "embed_out", "output_projection", "proj_out", "head")
+# Leaf names that may hold a kernel without apply_fn (haiku / tunix / gemma ``w``, torch-
+# and equinox-style ``weight``), where the tree alone tells their layout.
+EXTRA_KERNEL_NAMES = ("w", "weight", "embeddings")
+# Names of a module's parameter, not of a module: a leaf with another name is "bare",
+# its own module (its module path is its whole path).
+PARAM_LEAF_NAMES = ("kernel", "w", "weight", "embedding", "embeddings", "bias", "b", "scale", "offset")
+OUTPUT_HEAD_NAMES = ("lm_head", "embed_out", "output_projection", "proj_out", "head", "logits_dense")
 # PEFT also leaves these out of "all-linear" when task_type is SEQ_CLS.
 SEQ_CLS_HEAD_NAMES = ("score", "classifier")
 _CONV1D_GPT2_NAMES = ("c_attn", "c_proj", "c_fc", "q_attn")
@@ -71,10 +91,20 @@ class LeafEntry:
     index: int
     names: tuple[str, ...]
     leaf: Any
+    param: bool = True  # False for the value of an NNX Variable that is not an nnx.Param
+
+    @property
+    def bare(self) -> bool:
+        """A leaf that is its own module (its name is not a parameter name)."""
+        return bool(self.names) and self.names[-1] not in PARAM_LEAF_NAMES
+
+    @property
+    def module_names(self) -> tuple[str, ...]:
+        return self.names if self.bare else self.names[:-1]
 
     @property
     def module(self) -> str:
-        return ".".join(self.names[:-1])
+        return ".".join(self.module_names)
 
     @property
     def name(self) -> str:
@@ -102,10 +132,29 @@ class Plan:
     trainable: frozenset[int]
 
 
+def _param_flags(params: Any, n: int) -> list[bool]:
+    """Per leaf: False where it is the value of an NNX Variable that is not an ``nnx.Param``."""
+    nnx = sys.modules.get("flax.nnx")
+    if nnx is None:
+        return [True] * n
+    is_var = lambda x: is_lora_node(x) or isinstance(x, nnx.Variable)  # noqa: E731
+    flags: list[bool] = []
+    for x in jax.tree_util.tree_leaves(params, is_leaf=is_var):
+        if isinstance(x, nnx.Variable):
+            k = len(jax.tree_util.tree_leaves(x, is_leaf=is_lora_node))
+            flags += [isinstance(x, nnx.Param)] * k
+        else:
+            flags.append(True)
+    return flags if len(flags) == n else [True] * n
+
+
 def flatten_params(params: Any) -> tuple[list[LeafEntry], Any]:
-    """Flattens ``params`` (dict, FrozenDict, ``nnx.State``, HF ``model.params``)."""
-    flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_lora_node)
-    entries = [LeafEntry(i, path_names(p), leaf) for i, (p, leaf) in enumerate(flat)]
+    """Flattens ``params`` (dict, FrozenDict, ``nnx.State``, an ``nnx.Module``, HF
+    ``model.params``); a ``jlora.QuantizedArray`` (a quantized kernel) is one leaf, of the
+    kernel's shape."""
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: is_lora_node(x) or is_quantized(x))
+    flags = _param_flags(params, len(flat))
+    entries = [LeafEntry(i, path_names(p), leaf, flags[i]) for i, (p, leaf) in enumerate(flat)]
     for e in entries:
         if is_lora_node(e.leaf):
             raise ValueError(
@@ -164,9 +213,41 @@ class TreeFacts:
             for e in entries
         )
         scales = [e for e in entries if e.name == "scale" and _is_array_like(e.leaf)]
-        sizes = collections.Counter(int(e.leaf.shape[-1]) for e in scales if len(e.leaf.shape) >= 1)
+        # The model width: the most common size of unstacked (1-D) norm scales, else of
+        # the scales' last axes (all of them stacked with a leading layer axis).
+        flat = collections.Counter(int(e.leaf.shape[0]) for e in scales if len(e.leaf.shape) == 1)
+        sizes = flat or collections.Counter(int(e.leaf.shape[-1]) for e in scales if len(e.leaf.shape) >= 1)
         self.model_dim = sizes.most_common(1)[0][0] if sizes else None
         self.scales = scales
+
+    def _near_scales(self, names: tuple[str, ...]) -> list[LeafEntry]:
+        for depth in range(len(names) - 2, 0, -1):
+            prefix = names[:depth]
+            near = [s for s in self.scales if s.names[:depth] == prefix]
+            if near:
+                return near
+        return []
+
+    def stack_axis(self, names: tuple[str, ...], shape: Sequence[int]) -> Optional[int]:
+        """The position of the layer axis that ``nn.scan(variable_axes={"params": p})``
+        inserted, read off the norm scales near this kernel: a 2-D scale ``(width, L)``
+        says ``p = 1`` (MaxText's ``param_scan_axis: 1``); ``(L, width)`` says 0. ``None``
+        when the scales are not stacked or the kernel has no axis of their layer count
+        there."""
+        near = self._near_scales(names)
+        if not near or any(len(s.leaf.shape) < 2 for s in near):
+            return None
+        d = self.model_dim
+        pos = {
+            1 if len(s.leaf.shape) == 2 and d is not None and s.leaf.shape[0] == d and s.leaf.shape[1] != d else 0
+            for s in near
+        }
+        if len(pos) != 1:
+            return None
+        p = pos.pop()
+        if p >= len(shape) or any(int(s.leaf.shape[p]) != int(shape[p]) for s in near):
+            return None
+        return p
 
     def stacked_by_norms(self, names: tuple[str, ...], lead: int) -> Optional[bool]:
         """Whether norm scales near this kernel carry a leading layer axis of size ``lead``."""
@@ -182,23 +263,47 @@ def infer_layout(entry: LeafEntry, facts: TreeFacts) -> tuple[str, ...]:
     """Role of each kernel axis (``"stack"``, ``"in"``, ``"out"``), inferred from the tree.
 
     Rules, in order: HF GPT-2 ``FlaxConv1D`` kernels are (out, in); an ``embedding`` is
-    (vocab, features) = ("in", "out"); a sibling ``bias`` fixes the output axes (and a
-    leading layer axis when the bias has one too); norm scales with a leading layer axis
-    mark ``nn.scan``-stacked layers; a module named ``*conv*`` has one output axis; a
-    3-D+ kernel whose last axis is the model width is an output projection; otherwise
-    the first non-stack axis is the input.
+    (vocab, features) = ("in", "out"); leaves named ``w``/``weight`` (and bare leaves)
+    follow :func:`_infer_generic`; norm scales ``(width, L)`` mark a layer axis at
+    position 1 (``nn.scan(variable_axes={"params": 1})``); a sibling ``bias`` fixes the
+    output axes (and a leading layer axis when the bias has one too); norm scales with a
+    leading layer axis mark ``nn.scan``-stacked layers; a module named ``*conv*`` has one
+    output axis; a 3-D+ kernel whose last axis is the model width is an output
+    projection; otherwise the first non-stack axis is the input.
     """
     shape = tuple(int(s) for s in entry.leaf.shape)
     nd = len(shape)
     module_name = entry.names[-2] if len(entry.names) >= 2 else ""
-    if entry.name == "embedding":
+    if entry.name in ("embedding", "embeddings"):
         n_stack = nd - 2
         return ("stack",) * n_stack + ("in", "out")
+    if entry.name != "kernel":
+        return _infer_generic(entry, facts, shape)
     if nd == 2:
         if facts.gpt2_conv1d and module_name in _CONV1D_GPT2_NAMES:
             return ("out", "in")
         return ("in", "out")
     bias = facts.by_module.get(entry.module, {}).get("bias")
+    p = facts.stack_axis(entry.names, shape)
+    if p is not None and p > 0:
+        # A layer axis inside the kernel (MaxText's (in, L, out)): the other axes are one
+        # layer's kernel, the bias (if any) carries the layer axis at the same position.
+        sub = shape[:p] + shape[p + 1:]
+        bshape = tuple(int(s) for s in bias.leaf.shape) if bias is not None and _is_array_like(bias.leaf) else None
+        if bshape is not None and len(bshape) > p and bshape[p] == shape[p]:
+            bshape = bshape[:p] + bshape[p + 1:]
+        n_out = None
+        if bshape and len(bshape) < len(sub) and sub[len(sub) - len(bshape):] == bshape:
+            n_out = len(bshape)
+        elif "conv" in module_name.lower() or len(sub) == 2:
+            n_out = 1
+        elif facts.model_dim is not None and sub[-1] == facts.model_dim and sub[0] != facts.model_dim:
+            n_out = 1
+        else:
+            n_out = len(sub) - 1
+        roles = ["in"] * (len(sub) - n_out) + ["out"] * n_out
+        roles.insert(p, "stack")
+        return tuple(roles)
     n_stack = None
     n_out = None
     if bias is not None and _is_array_like(bias.leaf):
@@ -231,6 +336,54 @@ def infer_layout(entry: LeafEntry, facts: TreeFacts) -> tuple[str, ...]:
     return ("stack",) * n_stack + ("in",) * (len(rest) - n_out) + ("out",) * n_out
 
 
+def ambiguous_layout_error(entry: LeafEntry, why: str) -> ValueError:
+    """The error for a kernel whose layout the tree alone does not tell."""
+    shape = tuple(int(s) for s in entry.leaf.shape)
+    example = ", ".join(["'in'"] + ["'out'"] * (len(shape) - 1))
+    return ValueError(
+        f"{entry.path}: cannot tell the layout of a kernel of shape {shape} from the tree alone ({why}). "
+        "Pass apply_fn= and example_args= to jlora.wrap (layouts found from how the model uses each leaf), "
+        f"or layouts={{{entry.module!r}: ({example})}} (a role 'stack', 'in' or 'out' per axis)"
+    )
+
+
+def _infer_generic(entry: LeafEntry, facts: TreeFacts, shape: tuple[int, ...]) -> tuple[str, ...]:
+    """Layouts of kernels not named ``kernel`` (``w``, ``weight``, bare leaves), where the
+    tree decides them: a 2-D ``w`` is (in, out) (haiku, tunix, gemma); a 2-D ``weight`` is
+    oriented by a sibling ``bias``; a 3-D+ ``w``/``weight`` by the model width (the most
+    common norm-scale size), which is its input axis, or its output axis when last (an
+    output projection (heads, head_dim, width)); a leading layer axis by norm scales."""
+    nd = len(shape)
+    if entry.bare:
+        raise ambiguous_layout_error(entry, f"{entry.name!r} is not a known parameter name")
+    if nd == 2:
+        if entry.name == "w":
+            return ("in", "out")
+        bias = facts.by_module.get(entry.module, {}).get("bias")
+        n = tuple(bias.leaf.shape) if bias is not None and _is_array_like(bias.leaf) else None
+        if n is not None and len(n) == 1 and shape[0] != shape[1] and n[0] in shape:
+            return ("out", "in") if shape[0] == n[0] else ("in", "out")
+        raise ambiguous_layout_error(
+            entry, "a 2-D 'weight' is (out, in) in PyTorch and equinox, (in, out) after a transpose, and no "
+            "sibling bias of a non-square kernel tells which"
+        )
+    n_stack = 1 if facts.stacked_by_norms(entry.names, shape[0]) else 0
+    rest = shape[n_stack:]
+    width = facts.model_dim
+    at = [i for i, s in enumerate(rest) if s == width]
+    if width is None or len(at) != 1 or len(rest) < 2:
+        why = "no norm scale gives the model width" if width is None else (
+            f"the model width {width} is not exactly one of its axes"
+        )
+        raise ambiguous_layout_error(entry, why)
+    k = at[0]
+    if k == len(rest) - 1:
+        roles = ("in",) * (len(rest) - 1) + ("out",)
+    else:
+        roles = tuple("in" if i == k else "out" for i in range(len(rest)))
+    return ("stack",) * n_stack + roles
+
+
 def user_layout(layouts: LayoutSpec, entry: LeafEntry) -> Optional[tuple[str, ...]]:
     if layouts is None:
         return None
@@ -244,9 +397,33 @@ def user_layout(layouts: LayoutSpec, entry: LeafEntry) -> Optional[tuple[str, ..
     return None
 
 
-def _candidate_modules(entries: Sequence[LeafEntry]) -> list[str]:
+def _kernel_kind(e: LeafEntry, uses: Optional[Mapping[int, Any]], explicit: bool) -> Optional[str]:
+    """``"linear"``, ``"embedding"``, ``"conv"`` or ``None`` (not a kernel) for a leaf.
+
+    With ``uses`` (from :mod:`jlora.usage`) a leaf the model contracts is a kernel of the
+    kind of its use, whatever its name; otherwise (and for leaves ``apply_fn`` does not
+    use) the leaf's name decides; a bare leaf counts only when named explicitly.
+    """
+    if not e.param:
+        return None
+    u = uses.get(e.index) if uses is not None else None
+    if u is not None and u.contracted:
+        return u.kind or "linear"
+    if e.name in ("embedding", "embeddings"):
+        return "embedding"
+    if e.name in KERNEL_LEAF_NAMES or e.name in EXTRA_KERNEL_NAMES:
+        return "linear"
+    if e.bare and explicit and uses is None and _is_array_like(e.leaf) and len(e.leaf.shape) >= 2:
+        return "linear"
+    return None
+
+
+def _candidate_modules(entries: Sequence[LeafEntry], uses: Optional[Mapping[int, Any]] = None) -> list[str]:
     return sorted(
-        {e.module for e in entries if e.name in KERNEL_LEAF_NAMES and _is_array_like(e.leaf) and len(e.leaf.shape) >= 2}
+        {
+            e.module for e in entries
+            if _kernel_kind(e, uses, explicit=True) and _is_array_like(e.leaf) and len(e.leaf.shape) >= 2
+        }
     )
 
 
@@ -256,13 +433,45 @@ def _format_list(items: Sequence[str], limit: int = 40) -> str:
     return shown + more
 
 
-def plan_targets(entries: Sequence[LeafEntry], config: LoraConfig, layouts: LayoutSpec = None) -> Plan:
+def warn_rank_above_size(path: str, shape: tuple[int, ...], layout: Sequence[str], r: int) -> None:
+    """Warns when ``r`` exceeds a target's smaller side, ``min(in_features, out_features)``:
+    ``A·B`` can never have a rank above it, so the extra rank only costs memory."""
+    kl = KernelLayout(tuple(layout))
+    n_in = 1
+    for i in kl.in_axes:
+        n_in *= int(shape[i])
+    n_out = 1
+    for i in kl.out_axes:
+        n_out *= int(shape[i])
+    if r > min(n_in, n_out):
+        warnings.warn(
+            f"{path}: r={r} is above min(in_features={n_in}, out_features={n_out}) = {min(n_in, n_out)}; "
+            f"the update s·A·B has rank at most {min(n_in, n_out)}, so the extra rank only costs memory "
+            "(use rank_pattern to give this module a smaller r)",
+            UserWarning,
+            stacklevel=4,
+        )
+
+
+def plan_targets(
+    entries: Sequence[LeafEntry],
+    config: LoraConfig,
+    layouts: LayoutSpec = None,
+    uses: Optional[Mapping[int, Any]] = None,
+) -> Plan:
     """Matches ``config`` against the tree: targets with (r, alpha, scale, layout), and
     the leaves made trainable in full by ``bias`` / ``modules_to_save``.
 
+    ``uses`` (``{leaf index: jlora.usage.LeafUse}``, from ``wrap(..., apply_fn=)``) makes
+    every leaf the model contracts a kernel, with the layout of its use; ``layouts=``
+    still wins, and is checked against the uses. ``"all-linear"`` is then every kernel
+    used in a ``dot_general`` (einsum kernels included; not embeddings, convolutions or
+    the output head).
+
     Raises ``ValueError`` when ``target_modules`` (or one of its entries) matches nothing,
-    listing the module paths that could have matched, and ``TypeError`` when a targeted
-    module's kernel is not an array.
+    listing the module paths that could have matched, when a target's layout cannot be
+    told (the message names the leaf and what would decide it), and ``TypeError`` when
+    a targeted module's kernel is not an array.
     """
     if config.target_modules is None:
         raise ValueError(
@@ -270,7 +479,7 @@ def plan_targets(entries: Sequence[LeafEntry], config: LoraConfig, layouts: Layo
             "a regex, or 'all-linear'; jlora.hf.default_target_modules(model_type) gives PEFT's defaults"
         )
     facts = TreeFacts(entries)
-    candidates = _candidate_modules(entries)
+    candidates = _candidate_modules(entries, uses)
     tm = config.target_modules
     all_linear = (isinstance(tm, str) and tm.lower() == "all-linear") or tm == ("all-linear",)
 
@@ -296,6 +505,24 @@ def plan_targets(entries: Sequence[LeafEntry], config: LoraConfig, layouts: Layo
             found = idx is not None and idx in config.layers_to_transform
         return found
 
+    def used_as_kernel(e: LeafEntry) -> Any:
+        u = uses.get(e.index) if uses is not None else None
+        return u if u is not None and u.contracted else None
+
+    def resolve_layout(e: LeafEntry) -> tuple[str, ...]:
+        """layouts= (checked against the uses), else the uses' layout, else inference."""
+        if is_quantized(e.leaf):  # a quantized kernel knows its layout (jlora.quantize inferred or was told it)
+            return user_layout(layouts, e) or e.leaf.layout
+        used = used_as_kernel(e)
+        layout = user_layout(layouts, e)
+        if layout is not None:
+            if used is not None:
+                used.check(layout)
+            return layout
+        if used is not None:
+            return used.layout()
+        return infer_layout(e, facts)
+
     # Every module path in the tree (a module may hold no kernel, e.g. a LayerNorm).
     modules: dict[str, list[LeafEntry]] = collections.defaultdict(list)
     for e in entries:
@@ -311,9 +538,9 @@ def plan_targets(entries: Sequence[LeafEntry], config: LoraConfig, layouts: Layo
                 # Named, but its path has no layer index: a stacked (nn.scan) kernel holds
                 # every layer, and selecting some of them is not supported; say so.
                 for e in leaves:
-                    if e.name in KERNEL_LEAF_NAMES and _is_array_like(e.leaf) and len(e.leaf.shape) >= 3:
+                    if _kernel_kind(e, uses, True) and _is_array_like(e.leaf) and len(e.leaf.shape) >= 3:
                         try:
-                            stacked = "stack" in (user_layout(layouts, e) or infer_layout(e, facts))
+                            stacked = "stack" in resolve_layout(e)
                         except ValueError:
                             stacked = False
                         if stacked:
@@ -322,9 +549,16 @@ def plan_targets(entries: Sequence[LeafEntry], config: LoraConfig, layouts: Layo
                                 "all layers of a stacked kernel share one adapter layout"
                             )
             continue
-        kernels = [e for e in leaves if e.name in KERNEL_LEAF_NAMES]
+        kinds = {e.index: _kernel_kind(e, uses, explicit=not all_linear) for e in leaves}
+        kernels = [e for e in leaves if kinds[e.index]]
         if all_linear:
-            kernels = [e for e in kernels if e.name == "kernel"]
+            def linear(e: LeafEntry) -> bool:
+                u = used_as_kernel(e)
+                if u is not None:
+                    return u.kind == "linear" or (u.kind is None and any(x.problem for x in u.uses))
+                return e.name in ("kernel", "w", "weight")
+
+            kernels = [e for e in kernels if linear(e)]
         if not kernels:
             if not all_linear:
                 matched_without_kernel.append(f"{key} (leaves: {', '.join(e.name for e in leaves)})")
@@ -339,7 +573,12 @@ def plan_targets(entries: Sequence[LeafEntry], config: LoraConfig, layouts: Layo
                 if all_linear:
                     continue
                 raise ValueError(f"{e.path}: kernel of shape {tuple(e.leaf.shape)} has fewer than 2 axes")
-            layout = user_layout(layouts, e) or infer_layout(e, facts)
+            try:
+                layout = resolve_layout(e)
+            except ValueError:
+                if all_linear and e.name != "kernel" and not used_as_kernel(e):
+                    continue  # a `w`/`weight` the tree does not orient: all-linear leaves it
+                raise
             try:
                 KernelLayout(layout).factor_shapes(tuple(e.leaf.shape), 1)  # validates length
             except ValueError as err:
@@ -351,9 +590,10 @@ def plan_targets(entries: Sequence[LeafEntry], config: LoraConfig, layouts: Layo
                 )
             r = _pattern_value(config.rank_pattern, key, config.r)
             alpha = _pattern_value(config.alpha_pattern, key, config.lora_alpha)
+            warn_rank_above_size(e.path, tuple(e.leaf.shape), layout, int(r))
             targets[e.index] = TargetSpec(
                 r=int(r), alpha=alpha, scale=config.scale_for(int(r), alpha), layout=layout,
-                embedding=e.name == "embedding",
+                embedding=kinds[e.index] == "embedding",
             )
 
     if not targets:
@@ -391,11 +631,13 @@ def plan_targets(entries: Sequence[LeafEntry], config: LoraConfig, layouts: Layo
         if e.name == "bias" and (config.bias == "all" or (config.bias == "lora_only" and e.module in target_modules)):
             trainable.add(e.index)
         if config.modules_to_save:
-            prefixes = [".".join(e.names[:k]) for k in range(1, len(e.names))]
+            prefixes = [".".join(e.module_names[:k]) for k in range(1, len(e.module_names) + 1)]
             if any(p.endswith(m) for p in prefixes for m in config.modules_to_save):
                 trainable.add(e.index)
     if config.modules_to_save:
-        all_prefixes = sorted({".".join(e.names[:k]) for e in entries for k in range(1, len(e.names))})
+        all_prefixes = sorted(
+            {".".join(e.module_names[:k]) for e in entries for k in range(1, len(e.module_names) + 1)}
+        )
         for m in config.modules_to_save:
             if not any(p.endswith(m) for p in all_prefixes):
                 raise ValueError(

@@ -73,6 +73,9 @@ import jax.extend as jex
 import jax.numpy as jnp
 import numpy as np
 
+from .dora import magnitude_scale
+from . import qforward as _quant
+from .quantization import is_quantized
 from .targets import path_names
 from .weight import LoraWeight, MultiLoraWeight, Trainable
 
@@ -146,6 +149,7 @@ class _Pair:
     scale: float
     dropout: float
     gid: int = -2  # index of the adapter in the call's adapter list (for ``adapter_ids``)
+    k: Any = None  # DoRA: m / ‖W + s·ΔW‖ (float32, b-shaped with r = 1: (*stack, 1, *out)); jlora.dora
 
     @property
     def dtype(self):
@@ -184,27 +188,31 @@ class _Lora:
         """A new view: ``w`` replaced, and each pair's (a, b) replaced by ``ab(a, b)``."""
         pairs = self.pairs
         if ab is not None:
-            pairs = tuple(dataclasses.replace(p, **dict(zip(("a", "b"), ab(p.a, p.b)))) for p in pairs)
+            # DoRA's k has B's axes (rank 1): it follows B through every view change
+            pairs = tuple(
+                dataclasses.replace(p, **dict(zip(("a", "b"), ab(p.a, p.b))), k=None if p.k is None else ab(p.a, p.k)[1])
+                for p in pairs
+            )
         return dataclasses.replace(
             self, w=w, pairs=pairs, axes=self.axes if axes is None else tuple(axes),
             n_stack=self.n_stack if n_stack is None else n_stack,
         )
 
-    def delta_view(self, dtype) -> jax.Array:
-        """``Σ scale · ΔW`` in the view's axis order, computed in ``dtype``."""
+    def pair_delta_view(self, p: _Pair, dtype) -> jax.Array:
+        """``scale · ΔW`` of one pair in the view's axis order, computed in ``dtype``."""
         ns = self.n_stack
         stack = tuple(range(ns))
-        total = None
-        for p in self.pairs:
-            d = jax.lax.dot_general(
-                p.a.astype(dtype), p.b.astype(dtype),
-                (((p.a.ndim - 1,), (ns,)), (stack, stack)),
-                precision=jax.lax.Precision.HIGHEST,
-            ) * jnp.asarray(p.scale, dtype)
-            total = d if total is None else total + d
+        d = jax.lax.dot_general(
+            p.a.astype(dtype), p.b.astype(dtype),
+            (((p.a.ndim - 1,), (ns,)), (stack, stack)),
+            precision=jax.lax.Precision.HIGHEST,
+        ) * jnp.asarray(p.scale, dtype)
         offsets = {"s": 0, "a": ns, "b": ns + self.n_in}
-        perm = [offsets[g] + k for g, k in self.axes]
-        return jnp.transpose(total, perm)
+        return jnp.transpose(d, [offsets[g] + k for g, k in self.axes])
+
+    def delta_view(self, dtype) -> jax.Array:
+        """``Σ scale · ΔW`` in the view's axis order, computed in ``dtype``."""
+        return functools.reduce(jnp.add, [self.pair_delta_view(p, dtype) for p in self.pairs])
 
     def materialize(self, adapter_ids=None) -> jax.Array:
         if adapter_ids is not None and any(p.gid >= 0 for p in self.pairs):
@@ -212,8 +220,17 @@ class _Lora:
                 f"jlora: LoRA weight {self.path!r} would have to be materialised, but a mixed batch "
                 "(adapter_ids=) needs every use of a weight to stay factored"
             )
-        compute = jnp.promote_types(self.w.dtype, jnp.float32)
-        return (self.w.astype(compute) + self.delta_view(compute)).astype(self.w.dtype)
+        w = _quant.dense(self.w)  # a quantized base is dequantized here
+        compute = jnp.promote_types(w.dtype, jnp.float32)
+        if any(p.k is not None for p in self.pairs):
+            # DoRA: out ← k⊙(out + s·ΔW) per adapter, in order (jlora.dora.chain_kernel)
+            out = w.astype(compute)
+            for p in self.pairs:
+                out = out + self.pair_delta_view(p, compute)
+                if p.k is not None:
+                    out = out * _k_on(p.k, self.n_stack, list(self.axes)).astype(compute)
+            return out.astype(w.dtype)
+        return (w.astype(compute) + self.delta_view(compute)).astype(w.dtype)
 
 
 def _roles_str(lv: "_Lora") -> str:
@@ -229,6 +246,55 @@ def _roles_to_axes(layout: Sequence[str]) -> tuple[tuple[Axis, ...], int]:
         axes.append((g, counts[g]))
         counts[g] += 1
     return tuple(axes), counts["s"]
+
+
+def _k_on(k: jax.Array, n_stack: int, target: Sequence[Any], stack_label=None) -> Optional[jax.Array]:
+    """DoRA's ``k`` (``(*stack, 1, *out)``) arranged to broadcast against an array whose
+    axes carry the labels ``target``: stack axis ``j`` is labelled ``stack_label(j)``
+    (default ``("s", j)``), output axis ``j`` ``("b", j)``; target labels that are neither
+    get size 1. None where ``k`` varies along an axis the target does not have."""
+    k = jnp.squeeze(k, n_stack)
+    label = stack_label or (lambda j: ("s", j))
+    labels = [label(j) for j in range(n_stack)] + [("b", j) for j in range(k.ndim - n_stack)]
+    present = [lab for lab in target if lab in labels]
+    if len(present) != len(labels):
+        return None
+    k = jnp.transpose(k, [labels.index(lab) for lab in present])
+    return k.reshape([k.shape[present.index(lab)] if lab in labels else 1 for lab in target])
+
+
+def _dora_sum(base, terms, out_dtype, k_of, base_of):
+    """The output of one use of a kernel from its base product and each adapter's branch,
+    in order, as PEFT composes them (``terms``: ``(pair, s·branch, mask, x̃)``, the branch
+    already masked in a mixed batch, ``x̃`` the dropped input where dropout is on):
+
+    - LoRA: ``y ← y + s·(x̃·A)·B``
+    - DoRA: ``y ← k⊙(y + s·(x·A)·B)`` without dropout (reuses the base product);
+      ``y ← y + (k−1)⊙(x̃·W) + k⊙s·(x̃·A)·B`` with dropout (PEFT's formula);
+      in a mixed batch each example has one adapter: ``y ← y + mask⊙((k−1)⊙(x̃·W) + k⊙u)``.
+
+    ``k_of(pair)`` is ``k`` shaped like the output, ``base_of(x̃)`` the base product of ``x̃``.
+    The sum is formed in the wider of the base's and the branches' dtypes and rounded once.
+    """
+    acc = functools.reduce(jnp.promote_types, [base.dtype] + [u.dtype for _, u, _, _ in terms])
+    y = base.astype(acc)
+    for pair, u, mask, dropped in terms:
+        if pair.k is None:
+            y = y + u.astype(acc)
+            continue
+        kk = k_of(pair).astype(acc)
+        bd = base.astype(acc) if dropped is None else base_of(dropped).astype(acc)
+        if mask is not None:
+            y = y + mask.astype(acc) * (kk - 1) * bd + kk * u.astype(acc)
+        elif dropped is not None:
+            y = y + (kk - 1) * bd + kk * u.astype(acc)
+        else:
+            y = kk * (y + u.astype(acc))
+    return y.astype(out_dtype)
+
+
+def _has_dora(lv: "_Lora") -> bool:
+    return any(p.k is not None for p in lv.pairs)
 
 
 # ----------------------------------------------------------------------------------
@@ -331,6 +397,8 @@ def _bind_params(primitive: Any, params: dict) -> tuple[tuple, dict]:
 
 
 def _bind_with(primitive: Any, params: dict, invals: Sequence[Any]) -> Any:
+    if any(_quant.is_view(x) for x in invals):  # a quantized kernel (jlora.qforward)
+        return _quant.bind(primitive, params, invals, _bind_with)
     subfuns, bind_params = _bind_params(primitive, params)
     return primitive.bind(*subfuns, *invals, **bind_params)
 
@@ -343,7 +411,7 @@ def _materialize(x: Any, ctx: _Context, eqn: Any, reason: str = "") -> Any:
     if isinstance(x, _Lora):
         ctx.record(x, eqn, "materialized", reason)
         return x.materialize(ctx.adapter_ids)
-    return x
+    return _quant.dense(x)
 
 
 def _dropout(x: jax.Array, pair: _Pair, ctx: _Context) -> jax.Array:
@@ -403,6 +471,8 @@ def eval_jaxpr(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], ctx: _Con
             if any(isinstance(x, _Lora) for x in invals):
                 rule = _RULES.get(eqn.primitive.name, _rule_materialize)
                 outvals = rule(eqn, invals, ctx)
+            elif _structural(eqn) and any(_quant.is_view(x) for x in invals):
+                outvals = _RULES[eqn.primitive.name](eqn, invals, ctx)  # a quantized kernel goes inside
             else:
                 outvals = _bind(eqn, invals)
         if not eqn.primitive.multiple_results:
@@ -719,7 +789,8 @@ def _gathered_mixed_delta(lv, x, ctx, mode, xc, xb, cgroups, stack_batch, nsf, t
     the largest), example ``e`` using adapter ``j`` gets ``(x_e·Aₜ[j])·Bₜ[j]``: two batched
     products over the example axis, so the cost is one adapter's, whatever the number of
     adapters. Row 0 (zeros) serves the base model and adapters absent on this kernel.
-    Returns None where this form does not apply (the example axis of ``x`` is contracted or
+    Returns ``(branch, k)`` (``k``: DoRA's per-example scale shaped like the output, or
+    None without DoRA adapters), or None where this form does not apply (the example axis of ``x`` is contracted or
     batched, stacked weights applied to one input, contraction over the output axes, or
     dropout in training, which draws a mask per adapter); the caller then sums masked
     per-adapter branches instead.
@@ -769,7 +840,16 @@ def _gathered_mixed_delta(lv, x, ctx, mode, xc, xb, cgroups, stack_batch, nsf, t
         precision=precision, preferred_element_type=fdtype,
         out_sharding=_like_output(base, target, labels),
     )  # (E, batch..., x_free[1:]..., out...)
-    return jnp.transpose(u, [labels.index(lab) for lab in target])
+    delta = jnp.transpose(u, [labels.index(lab) for lab in target])
+    k_ex = None
+    if any(p.k is not None for p in pairs):
+        # DoRA: k gathered per example like the factors (row 0 and LoRA adapters: k = 1)
+        ones = jnp.ones(pairs[0].b.shape[:ns] + (1,) + pairs[0].b.shape[ns + 1:], jnp.float32)
+        k_tab = jnp.stack([ones] + [ones if p.k is None else p.k.astype(jnp.float32) for p in pairs])
+        k_rows = _take_rows(k_tab, row)  # (E, *stack, 1, *out)
+        k_ex = _k_on(k_rows, 1 + ns, target,
+                     lambda j: ("x", 0) if j == 0 else ("batch", list(stack_batch).index(j - 1)))
+    return delta, k_ex
 
 
 def _rule_dot_general(eqn, invals, ctx):
@@ -809,6 +889,15 @@ def _rule_dot_general(eqn, invals, ctx):
         )
 
     fdtype = _factor_dtype(lv)
+    pair_x = None
+    if mode == "out" and _has_dora(lv):
+        # x·W_effᵀ with W_eff = c₀⊙W + Σᵢ cᵢ⊙sᵢΔWᵢ (cᵢ: product of the k of adapters i..n):
+        # DoRA scales the input along the contracted output axes
+        pair_x = _dora_scaled_inputs(lv, x, xc, xb, cgroups, stack_batch, stack_free, ctx)
+        if pair_x is None:
+            return _rule_materialize(eqn, invals, ctx, "DoRA on a contraction over output axes it cannot scale")
+        x, pair_x = pair_x[0], pair_x[1:]
+        lhs, rhs = (x, rhs) if lora_is_rhs else (lhs, x)
     base, out_dtype = _base_product(eqn, [lhs.w if not lora_is_rhs else lhs, rhs.w if lora_is_rhs else rhs], fdtype)
     precision = eqn.params.get("precision")
     nbat, nsf = len(xb), len(stack_free)
@@ -828,9 +917,14 @@ def _rule_dot_general(eqn, invals, ctx):
     )
     if gathered is not None:
         ctx.record(lv, eqn, "factored")
-        return _add_delta(base, gathered, out_dtype)
-    total = None
-    for pair in lv.pairs:
+        delta, k_ex = gathered
+        if k_ex is not None:  # DoRA: y_e = k_e⊙(x_e·W + s·(x_e·A)·B), k gathered per example
+            acc = jnp.promote_types(base.dtype, delta.dtype)
+            return (k_ex.astype(acc) * (base.astype(acc) + delta.astype(acc))).astype(out_dtype)
+        return _add_delta(base, delta, out_dtype)
+    stack_label = lambda j: ("batch", stack_batch.index(j)) if j in stack_batch else ("s", j)  # noqa: E731
+    terms = []
+    for i, pair in enumerate(lv.pairs):
         if mode == "in":
             # y = x·W + s·((dropout(x)·A)·B)
             xd = _dropout(x.astype(fdtype), pair, ctx)
@@ -838,7 +932,7 @@ def _rule_dot_general(eqn, invals, ctx):
             first_contract = [ns + k for _, k in cgroups]
         else:
             # contraction over W's output axes (e.g. tied embeddings x·Wᵀ): (x·Bᵀ)·Aᵀ
-            xd = x.astype(fdtype)
+            xd = (x if pair_x is None else pair_x[i]).astype(fdtype)
             first, second, second_r, g2, n2 = pair.b, pair.a, pair.a.ndim - 1, "a", lv.n_in
             first_contract = [ns + 1 + k for _, k in cgroups]
         labels = (
@@ -864,9 +958,49 @@ def _rule_dot_general(eqn, invals, ctx):
         mask = _example_mask(pair, ctx, lv, u.ndim, ex_axis, None if ex_axis is None else u.shape[ex_axis], fdtype)
         if mask is not None:
             u = u * mask
-        total = u if total is None else total + u
+        dropped = xd if mode == "in" and pair.k is not None and pair.dropout > 0 and ctx.key is not None else None
+        terms.append((pair, u, mask, dropped))
     ctx.record(lv, eqn, "factored")
-    return _add_delta(base, total, out_dtype)
+    if mode == "in" and _has_dora(lv):
+
+        def base_of(xd):
+            operands = [xd.astype(x.dtype), rhs.w] if lora_is_rhs else [lhs.w, xd.astype(x.dtype)]
+            return _base_product(eqn, operands, fdtype)[0]
+
+        return _dora_sum(base, terms, out_dtype, lambda p: _k_on(p.k, ns, target, stack_label), base_of)
+    return _add_delta(base, functools.reduce(jnp.add, [u for _, u, _, _ in terms]), out_dtype)
+
+
+def _dora_scaled_inputs(lv, x, xc, xb, cgroups, stack_batch, stack_free, ctx):
+    """For ``x·W_effᵀ`` (a contraction over the kernel's output axes) with DoRA adapters:
+    ``[x⊙c₀, x⊙c₁, …]`` where ``c₀ = Πⱼ kⱼ`` scales the base product and ``cᵢ = Π_{j≥i} kⱼ``
+    adapter ``i``'s branch (PEFT's in-order composition); None where it cannot be done
+    (a stack axis of the kernel is not an axis of x, or a mixed batch)."""
+    if stack_free or ctx.adapter_ids is not None:
+        return None
+    x_labels = []
+    free = 0
+    for ax in range(x.ndim):
+        if ax in xc:
+            x_labels.append(cgroups[xc.index(ax)])
+        elif ax in xb:
+            x_labels.append(("s", stack_batch[xb.index(ax)]))
+        else:
+            x_labels.append(("x", free))
+            free += 1
+    cum = []
+    c = None
+    for p in reversed(lv.pairs):
+        if p.k is not None:
+            kk = _k_on(p.k, lv.n_stack, x_labels)
+            if kk is None:
+                return None
+            c = kk if c is None else c * kk
+        cum.append(c)
+    cum = cum[::-1]
+    acc = jnp.promote_types(x.dtype, jnp.float32)
+    scaled = [x if ci is None else (x.astype(acc) * ci).astype(x.dtype) for ci in cum]
+    return [scaled[0]] + scaled
 
 
 def _rule_gather(eqn, invals, ctx):
@@ -895,7 +1029,7 @@ def _rule_gather(eqn, invals, ctx):
     ks = [lv.axes[i][1] for i in other]  # view order of the b axes
     batch_out = [i for i in range(base.ndim) if i not in dn.offset_dims]
     ex_axis = batch_out[0] if batch_out else None
-    total = None
+    terms = []
     for pair in lv.pairs:
         r = pair.a.shape[-1]
         a_dn = jax.lax.GatherDimensionNumbers(
@@ -916,9 +1050,14 @@ def _rule_gather(eqn, invals, ctx):
         mask = _example_mask(pair, ctx, lv, u.ndim, ex_axis, None if ex_axis is None else u.shape[ex_axis], fdtype)
         if mask is not None:
             u = u * mask
-        total = u if total is None else total + u
+        terms.append((pair, u, mask, None))
     ctx.record(lv, eqn, "factored")
-    return _add_delta(base, total, base.dtype)
+    if _has_dora(lv):  # DoRA on an embedding: y = k⊙(W[ids] + s·A[ids]·B), k per feature
+        target = [("x", i) for i in range(base.ndim)]
+        for t, i in enumerate(dn.offset_dims):
+            target[i] = lv.axes[other[t]]
+        return _dora_sum(base, terms, base.dtype, lambda p: _k_on(p.k, 0, target), None)
+    return _add_delta(base, functools.reduce(jnp.add, [u for _, u, _, _ in terms]), base.dtype)
 
 
 def _rule_conv(eqn, invals, ctx):
@@ -935,6 +1074,12 @@ def _rule_conv(eqn, invals, ctx):
         and p["feature_group_count"] == 1 and p["batch_group_count"] == 1
     )
     if not ok:
+        if _has_dora(lv) and (p["feature_group_count"] != 1 or p["batch_group_count"] != 1):
+            raise ValueError(
+                f"jlora: DoRA (use_dora=True) on the grouped convolution {lv.path!r} (feature_group_count="
+                f"{p['feature_group_count']}): PEFT's DoRA norm is wrong there and its merge fails; jlora does not "
+                "support it. Leave this target out (exclude_modules) or use use_dora=False"
+            )
         return _rule_materialize(eqn, invals, ctx, "grouped conv or unusual kernel layout")
     fdtype = _factor_dtype(lv)
     base, out_dtype = _base_product(eqn, [x, lv.w], fdtype)
@@ -942,7 +1087,7 @@ def _rule_conv(eqn, invals, ctx):
     params = dict(p)
     params["preferred_element_type"] = fdtype
     of, ex_axis = dn.out_spec[1], dn.out_spec[0]
-    total = None
+    terms = []
     for pair in lv.pairs:
         a_kernel = jnp.transpose(pair.a, perm).astype(fdtype)
         xd = _dropout(x.astype(fdtype), pair, ctx)
@@ -952,10 +1097,16 @@ def _rule_conv(eqn, invals, ctx):
         mask = _example_mask(pair, ctx, lv, u.ndim, ex_axis, u.shape[ex_axis], fdtype)
         if mask is not None:
             u = u * mask
-        total = u if total is None else total + u
+        dropped = xd if pair.k is not None and pair.dropout > 0 and ctx.key is not None else None
+        terms.append((pair, u, mask, dropped))
     ctx.record(lv, eqn, "factored")
     del in_dim
-    return _add_delta(base, total, out_dtype)
+    if _has_dora(lv):
+        target = [("x", i) for i in range(base.ndim)]
+        target[of] = ("b", 0)
+        return _dora_sum(base, terms, out_dtype, lambda p: _k_on(p.k, 0, target),
+                         lambda xd: _base_product(eqn, [xd.astype(x.dtype), lv.w], fdtype)[0])
+    return _add_delta(base, functools.reduce(jnp.add, [u for _, u, _, _ in terms]), out_dtype)
 
 
 def _open(j: Any) -> tuple[Any, Sequence[Any]]:
@@ -980,22 +1131,37 @@ def _inline(*jaxpr_params: str):
         jaxpr, consts = _open(_sub_jaxpr(eqn.params, jaxpr_params))
         return eval_jaxpr(jaxpr, consts, invals, ctx, materialize_out=False)
 
+    rule.structural = True
     return rule
 
 
+def _pair_arrays(p: _Pair) -> list[Any]:
+    return [p.a, p.b] if p.k is None else [p.a, p.b, p.k]
+
+
 def _lora_arrays(v: _Lora) -> list[Any]:
-    return [v.w] + [x for p in v.pairs for x in (p.a, p.b)]
+    return [v.w] + [x for p in v.pairs for x in _pair_arrays(p)]
 
 
 def _lora_spec(v: _Lora) -> _Lora:
-    return dataclasses.replace(v, w=None, pairs=tuple(dataclasses.replace(p, a=None, b=None) for p in v.pairs))
+    # k=True marks a DoRA pair (its k is one more array)
+    return dataclasses.replace(
+        v, w=None, pairs=tuple(dataclasses.replace(p, a=None, b=None, k=None if p.k is None else True) for p in v.pairs)
+    )
+
+
+def _n_arrays(spec: _Lora) -> int:
+    return 1 + sum(2 if p.k is None else 3 for p in spec.pairs)
 
 
 def _lora_from(spec: _Lora, arrays: Sequence[Any]) -> _Lora:
-    pairs = tuple(
-        dataclasses.replace(p, a=arrays[1 + 2 * i], b=arrays[2 + 2 * i]) for i, p in enumerate(spec.pairs)
-    )
-    return dataclasses.replace(spec, w=arrays[0], pairs=pairs)
+    pairs, i = [], 1
+    for p in spec.pairs:
+        n = 2 if p.k is None else 3
+        got = dict(zip(("a", "b", "k"), arrays[i:i + n]))
+        pairs.append(dataclasses.replace(p, **got))
+        i += n
+    return dataclasses.replace(spec, w=arrays[0], pairs=tuple(pairs))
 
 
 def _flatten_vals(vals: Sequence[Any]):
@@ -1017,7 +1183,7 @@ def _flatten_vals(vals: Sequence[Any]):
                 out.append(arrays[i])
                 i += 1
             else:
-                n = 1 + 2 * len(s.pairs)
+                n = _n_arrays(s)
                 out.append(_lora_from(s, arrays[i:i + n]))
                 i += n
         return out
@@ -1026,21 +1192,29 @@ def _flatten_vals(vals: Sequence[Any]):
 
 
 def _rule_remat(eqn, invals, ctx):
-    """``jax.checkpoint`` / ``nn.remat``: re-applied around the interpreted body with the
-    same ``policy`` and ``prevent_cse``; the dropout key is an argument, so the
-    recomputation draws the same masks."""
+    """``jax.checkpoint`` / ``nn.remat`` / ``nnx.remat``: re-applied around the interpreted
+    body with the same ``policy`` and ``prevent_cse``; the dropout key is an argument, so
+    the recomputation draws the same masks. LoRA values returned by the body stay
+    factored (``nnx.remat`` returns the module's state)."""
     p = eqn.params
     jaxpr, consts = _open(p["jaxpr"])
     flat, rebuild = _flatten_vals(invals)
     has_key = ctx.key is not None
+    out_rebuild: list[Callable] = []
 
     def body(key, *arrays):
         sub = ctx.child(key if has_key else None)
-        return eval_jaxpr(jaxpr, consts, rebuild(arrays), sub)
+        # LoRA values the body returns (an NNX module's state going in and out of
+        # nnx.remat) leave factored, as W and its factors, and are rebuilt outside.
+        outs = eval_jaxpr(jaxpr, consts, rebuild(arrays), sub, materialize_out=False)
+        out_flat, out_rb = _flatten_vals(outs)
+        out_rebuild.append(out_rb)
+        return out_flat
 
     key = ctx.next_key() if has_key else jnp.zeros((), jnp.uint32)
     fn = jax.checkpoint(body, prevent_cse=p.get("prevent_cse", True), policy=p.get("policy"))
-    return fn(key, *flat)
+    out = fn(key, *flat)
+    return out_rebuild[-1](out)
 
 
 def _rule_cond(eqn, invals, ctx):
@@ -1094,6 +1268,7 @@ def _rule_scan(eqn, invals, ctx):
     init = [_materialize(v, ctx, eqn, "LoRA weight carried through a scan") for v in invals[nc:nc + ncar]]
     xs = []
     for v in invals[nc + ncar:]:
+        v = v.with_w(_quant.prepare_scanned(v.w)) if isinstance(v, _Lora) else _quant.prepare_scanned(v)
         if isinstance(v, _Lora) and v.axes[0][0] != "s":
             v = _materialize(v, ctx, eqn, "scan slices a non-stack axis of the weight")
         xs.append(v)
@@ -1183,6 +1358,15 @@ for _name, _rule in [
         _RULES.setdefault(_prim.name, _rule)
 
 
+for _rule in (_rule_remat, _rule_cond, _rule_while, _rule_scan):
+    _rule.structural = True  # also evaluated for a quantized kernel alone (jlora.qforward)
+
+
+def _structural(eqn: Any) -> bool:
+    """Whether the equation's rule evaluates a nested body (jit, scan, remat, cond, ...)."""
+    return getattr(_RULES.get(eqn.primitive.name), "structural", False)
+
+
 # ----------------------------------------------------------------------------------
 # The public transform
 # ----------------------------------------------------------------------------------
@@ -1213,7 +1397,7 @@ def _adapter_names(leaves: Sequence[Any]) -> list[str]:
 def _lora_value(leaf: Any, path: str, names: list[str], mixed: bool) -> Any:
     """The interpreter's value for a LoRA node: a ``_Lora``, or a plain kernel when no
     adapter applies (merged, disabled, none active)."""
-    w = jax.lax.stop_gradient(leaf.w)
+    w = _quant.as_value(leaf.w) if is_quantized(leaf.w) else jax.lax.stop_gradient(leaf.w)
     if isinstance(leaf, LoraWeight):
         if leaf.merged:
             if mixed:
@@ -1230,13 +1414,24 @@ def _lora_value(leaf: Any, path: str, names: list[str], mixed: bool) -> Any:
     layout = named[0][1].layout
     axes, n_stack = _roles_to_axes(layout)
     pairs = tuple(
-        _Pair(a=x.a, b=x.b, scale=x.scale, dropout=x.dropout, gid=names.index(n) if mixed else -2) for n, x in named
+        _Pair(a=x.a, b=x.b, scale=x.scale, dropout=x.dropout, gid=names.index(n) if mixed else -2,
+              k=_dora_k(leaf.w, x, n_stack)) for n, x in named
     )
     return _Lora(w=w, pairs=pairs, axes=axes, n_stack=n_stack, path=path)
 
 
+def _dora_k(w: Any, x: LoraWeight, n_stack: int) -> Any:
+    """DoRA's ``k = m / stop_gradient(‖W + s·ΔW‖)`` for adapter ``x`` on kernel ``w``, once per
+    call (float32, ``(*stack, 1, *out)``: B's axes with rank 1); None for a LoRA adapter."""
+    if x.magnitude is None:
+        return None
+    return jnp.expand_dims(magnitude_scale(w, x.a, x.b, x.magnitude, x.scale, x.layout), n_stack)
+
+
 def _run(fn, args, kwargs, key, on_materialize, events, adapter_ids=None):
-    flat_with_path, treedef = jax.tree_util.tree_flatten_with_path((args, kwargs), is_leaf=_is_node)
+    flat_with_path, treedef = jax.tree_util.tree_flatten_with_path(
+        (args, kwargs), is_leaf=lambda x: _is_node(x) or is_quantized(x)
+    )
     flat = [leaf for _, leaf in flat_with_path]
     names = _adapter_names(flat)
     mixed = adapter_ids is not None
@@ -1247,6 +1442,9 @@ def _run(fn, args, kwargs, key, on_materialize, events, adapter_ids=None):
                 f"adapter_ids must be a 1-D integer array (one adapter index per example, -1 for the base "
                 f"model; see jlora.adapter_ids), got {adapter_ids.dtype}{list(adapter_ids.shape)}"
             )
+        from .adapters import check_adapter_ids  # issue 16: no silent out-of-range ids
+
+        check_adapter_ids(adapter_ids, names)
     statics = list(flat)
     dyn_idx: list[int] = []
     dyn_vals: list[Any] = []
@@ -1258,6 +1456,9 @@ def _run(fn, args, kwargs, key, on_materialize, events, adapter_ids=None):
         elif isinstance(leaf, Trainable):
             dyn_idx.append(i)
             dyn_vals.append(leaf.value)
+        elif is_quantized(leaf):  # a frozen quantized kernel that is not a LoRA target
+            dyn_idx.append(i)
+            dyn_vals.append(_quant.as_value(leaf))
         elif _is_dynamic(leaf):
             dyn_idx.append(i)
             dyn_vals.append(leaf)
@@ -1280,6 +1481,8 @@ def _abstract(value: Any) -> jax.ShapeDtypeStruct:
     """Shape, dtype and sharding of ``value`` (an array or a tracer), to trace ``fn`` with:
     under a mesh with ``Explicit`` axes the sharding is part of the type, and a jaxpr traced
     without it would build replicated intermediates that clash with the real ones."""
+    if _quant.is_view(value):
+        return value.aval
     t = jax.typeof(value)
     return jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=t.sharding)
 
@@ -1304,7 +1507,10 @@ def lora(fn: Callable[..., Any], *, on_materialize: OnMaterialize = "warn") -> C
     - ``adapter_ids``: for trees with several named adapters (:mod:`jlora.adapters`), a
       mixed batch: one adapter index per example (from :func:`jlora.adapter_ids`; ``-1``
       for the base model alone), applied along axis 0 of each targeted layer's input.
-      Without it, the active adapters' deltas are summed for every example.
+      Without it, the active adapters' deltas are summed for every example. Concrete
+      ids outside ``-1 .. n_adapters - 1`` raise ``ValueError``; traced ids (under
+      ``jit``) cannot be checked, and an out-of-range id there selects no adapter (the
+      example gets the base model), so build ids with :func:`jlora.adapter_ids`.
 
     Non-array arguments (Python bools, strings, ints) are static.
 

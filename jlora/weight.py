@@ -1,24 +1,27 @@
 """`LoraWeight`, the pytree node that carries a kernel and its LoRA factors.
 
 A kernel ``W`` of any rank is described by its *layout*: a role for each of its axes,
-``"stack"`` (a leading layer axis from ``nn.scan``/stacked layers), ``"in"`` (contracted
-with the input) or ``"out"`` (an output feature axis). The factors are stored in a
-canonical shape whatever the kernel's layout::
+``"stack"`` (a layer axis from ``nn.scan``/stacked layers, or any axis along which the
+kernel holds independent matrices, at any position), ``"in"`` (contracted with the
+input) or ``"out"`` (an output feature axis). The factors are stored in a canonical
+shape whatever the kernel's layout, the stack axes first, in their kernel order::
 
     A: (*stack, *in, r)      B: (*stack, r, *out)
     ΔW[stack, in, out] = Σ_k A[stack, in, k] · B[stack, k, out]
 
 and ``ΔW`` is then permuted into ``W``'s axis order. Examples of layouts:
 
-=========================================  ==========================
-Flax ``Dense`` kernel (in, out)            ``("in", "out")``
-HF GPT-2 ``FlaxConv1D`` kernel (out, in)   ``("out", "in")``
-``DenseGeneral`` (embed, heads, head_dim)  ``("in", "out", "out")``
-``DenseGeneral`` (heads, head_dim, embed)  ``("in", "in", "out")``
-``nn.scan``-stacked Dense (layers, in, out)  ``("stack", "in", "out")``
-``Conv`` kernel (h, w, in, out)            ``("in", "in", "in", "out")``
-``Embed`` table (vocab, features)          ``("in", "out")``
-=========================================  ==========================
+==================================================  =================================
+Flax ``Dense`` kernel (in, out)                     ``("in", "out")``
+HF GPT-2 ``FlaxConv1D`` kernel (out, in)            ``("out", "in")``
+``DenseGeneral`` (embed, heads, head_dim)           ``("in", "out", "out")``
+``DenseGeneral`` (heads, head_dim, embed)           ``("in", "in", "out")``
+``nn.scan``-stacked Dense (layers, in, out)         ``("stack", "in", "out")``
+MaxText stack, scan axis 1 (in, layers, out)        ``("in", "stack", "out")``
+Gemma ``kv_einsum`` (2, kv_heads, embed, head_dim)  ``("stack", "out", "in", "out")``
+``Conv`` kernel (h, w, in, out)                     ``("in", "in", "in", "out")``
+``Embed`` table (vocab, features)                   ``("in", "out")``
+==================================================  =================================
 """
 
 from __future__ import annotations
@@ -67,9 +70,6 @@ class KernelLayout:
             raise ValueError(f"KernelLayout{roles}: unknown roles {bad}; valid roles are {_ROLES}")
         if "in" not in roles or "out" not in roles:
             raise ValueError(f"KernelLayout{roles}: needs at least one 'in' and one 'out' axis")
-        n_stack = roles.count("stack")
-        if roles[:n_stack] != ("stack",) * n_stack:
-            raise ValueError(f"KernelLayout{roles}: 'stack' axes must lead")
 
     @property
     def stack_axes(self) -> tuple[int, ...]:
@@ -108,7 +108,18 @@ class LoraWeight:
     ``layout``, ``dropout`` (rate on the input of A) and ``merged`` (``w`` already holds
     ``W + scale·ΔW``, so a forward pass must not add the delta again).
 
-    The effective kernel is ``w + scale · delta(self)`` (or ``w`` when merged).
+    Optional children (``None`` unless the variant is used):
+
+    - ``magnitude``: DoRA's trainable magnitude ``m``, ``(*stack, *out)``
+      (``LoraConfig(use_dora=True)``; see :mod:`jlora.dora`).
+    - ``weight_norm``: DoRA's norm ``‖W + s·ΔW‖`` saved by :func:`jlora.merge_adapter`
+      (frozen), so that :func:`jlora.unmerge_adapter` restores ``W`` exactly.
+    - ``a0``, ``b0``: the initial factors of PiSSA/OLoRA (frozen): ``w`` is then the
+      residual ``W − s·a0·b0`` and ``init`` (static) names the initialisation; the
+      original kernel is ``w + s·a0·b0`` (:func:`jlora.unload`).
+
+    The effective kernel is ``w + scale · delta(self)`` (times ``m / ‖w + scale·ΔW‖``
+    per output with DoRA), or ``w`` when merged.
 
     >>> lw = LoraWeight(jnp.zeros((4, 3)), jnp.ones((4, 2)), jnp.ones((2, 3)), scale=0.5)
     >>> float(lw.effective()[0, 0])
@@ -122,24 +133,31 @@ class LoraWeight:
     layout: Layout = ("in", "out")
     dropout: float = 0.0
     merged: bool = False
+    magnitude: Any = None
+    weight_norm: Any = None
+    a0: Any = None
+    b0: Any = None
+    init: Optional[str] = None
+
+    _CHILDREN = ("w", "a", "b", "magnitude", "weight_norm", "a0", "b0")
+
+    def _aux(self):
+        return (self.scale, self.layout, self.dropout, self.merged, self.init)
 
     def tree_flatten(self):
-        return (self.w, self.a, self.b), (self.scale, self.layout, self.dropout, self.merged)
+        return tuple(getattr(self, n) for n in self._CHILDREN), self._aux()
 
     def tree_flatten_with_keys(self):
-        keys = (jax.tree_util.GetAttrKey("w"), jax.tree_util.GetAttrKey("a"), jax.tree_util.GetAttrKey("b"))
-        return tuple(zip(keys, (self.w, self.a, self.b))), (self.scale, self.layout, self.dropout, self.merged)
+        keys = tuple(jax.tree_util.GetAttrKey(n) for n in self._CHILDREN)
+        return tuple(zip(keys, (getattr(self, n) for n in self._CHILDREN))), self._aux()
 
     @classmethod
     def tree_unflatten(cls, aux, children):
         obj = object.__new__(cls)
-        object.__setattr__(obj, "w", children[0])
-        object.__setattr__(obj, "a", children[1])
-        object.__setattr__(obj, "b", children[2])
-        object.__setattr__(obj, "scale", aux[0])
-        object.__setattr__(obj, "layout", aux[1])
-        object.__setattr__(obj, "dropout", aux[2])
-        object.__setattr__(obj, "merged", aux[3])
+        for n, c in zip(cls._CHILDREN, children):
+            object.__setattr__(obj, n, c)
+        for n, v in zip(("scale", "layout", "dropout", "merged", "init"), aux):
+            object.__setattr__(obj, n, v)
         return obj
 
     @property
@@ -158,15 +176,28 @@ class LoraWeight:
     def dtype(self):
         return self.w.dtype
 
+    @property
+    def use_dora(self) -> bool:
+        return self.magnitude is not None
+
+    @property
+    def residual(self) -> bool:
+        """Whether ``w`` is a PiSSA/OLoRA residual (``W − s·a0·b0``)."""
+        return self.a0 is not None
+
     def effective(self) -> jax.Array:
-        """``W + scale·ΔW`` in ``W``'s dtype (computed in float32); ``W`` if merged."""
+        """``W + scale·ΔW`` (DoRA: ``(m/‖W + scale·ΔW‖)⊙(W + scale·ΔW)``) in ``W``'s dtype
+        (computed in float32); ``W`` if merged."""
         if self.merged:
             return self.w
+        if self.magnitude is not None:
+            from .dora import chain_kernel
+
+            return chain_kernel(self.w, [self], self.layout)
         return add_delta(self.w, self.a, self.b, self.scale, self.layout, sign=1.0)
 
     def replace(self, **changes: Any) -> "LoraWeight":
         return dataclasses.replace(self, **changes)
-
 
 
 jax.tree_util.register_pytree_with_keys(
@@ -224,15 +255,14 @@ class MultiLoraWeight:
         return [self.adapters[n] for n in self.active if n in self.adapters]
 
     def effective(self) -> jax.Array:
-        """``W + Σ_active s_i·ΔW_i`` in W's dtype (computed in float32)."""
+        """``W + Σ_active s_i·ΔW_i`` in W's dtype (computed in float32); DoRA adapters scale
+        the sum so far, in order (:func:`jlora.dora.chain_kernel`, PEFT's composition)."""
         pairs = self.active_pairs()
         if not pairs:
             return self.w
-        compute = jnp.promote_types(self.w.dtype, jnp.float32)
-        out = self.w.astype(compute)
-        for p in pairs:
-            out = out + p.scale * delta(p.a, p.b, p.layout, compute)
-        return out.astype(self.w.dtype)
+        from .dora import chain_kernel
+
+        return chain_kernel(self.w, pairs, pairs[0].layout)
 
     def replace(self, **changes: Any) -> "MultiLoraWeight":
         return dataclasses.replace(self, **changes)

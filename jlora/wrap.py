@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+import warnings
 from typing import Any, Optional
 
 import jax
@@ -9,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .config import LoraConfig
+from .quantization import is_quantized
 from .targets import LayoutSpec, flatten_params, plan_targets
 from .weight import KernelLayout, LoraWeight, MultiLoraWeight, Trainable, init_factors, is_lora_weight, is_trainable
 from .weight import is_lora_node as _is_node
@@ -32,11 +35,29 @@ def factor_sharding(w: Any, layout: tuple[str, ...]):
     )
 
 
+def check_param_tree(params: Any) -> None:
+    """``TypeError`` unless ``params`` is a pytree with at least one array (or
+    ``jax.ShapeDtypeStruct``) leaf, saying what it got instead."""
+    leaves = jax.tree_util.tree_leaves(params, is_leaf=_is_node)
+    if any(_is_node(x) or (hasattr(x, "shape") and hasattr(x, "dtype")) for x in leaves):
+        return
+    if not leaves or leaves == [params]:
+        got = f"{type(params).__name__} {params!r:.60}"
+    else:
+        got = f"a {type(params).__name__} whose {len(leaves)} leaves hold no array (e.g. {type(leaves[0]).__name__} {leaves[0]!r:.40})"
+    raise TypeError(
+        f"wrap(params, config): params must be a parameter pytree of arrays (a Linen variables['params'] dict, "
+        f"an nnx.State or nnx.Module, Hugging Face model.params, or jax.ShapeDtypeStructs), got {got}"
+    )
+
+
 def wrap(
     params: Any,
     config: LoraConfig,
     *,
     rng: Optional[jax.Array] = None,
+    apply_fn: Optional[Callable[..., Any]] = None,
+    example_args: Sequence[Any] = (),
     dtype: Any = jnp.float32,
     layouts: LayoutSpec = None,
 ) -> Any:
@@ -48,17 +69,35 @@ def wrap(
     layout). With the default ``init_lora_weights=True``, ``B = 0``: a freshly wrapped
     model computes exactly what the base model computes. Biases (``bias=``) and
     ``modules_to_save`` leaves become ``Trainable(value)``. The tree's structure and
-    containers (dict, FrozenDict, ``nnx.State``) are otherwise unchanged.
+    containers (dict, FrozenDict, ``nnx.State``, an ``nnx.Module`` of the same class)
+    are otherwise unchanged.
+
+    Which leaves are kernels, and the role of each of their axes (``"stack"``, ``"in"``,
+    ``"out"``): with ``apply_fn``, found from how the model uses them
+    (:mod:`jlora.usage`: ``apply_fn(params, *example_args)`` is traced abstractly, nothing
+    is computed, and every leaf the model contracts in a ``dot_general``, convolves or
+    gathers by rows is a kernel whatever its name: ``kernel``, ``w``, ``weight``, a bare
+    leaf). Without it, inferred from the tree (names ``kernel``/``embedding``, and
+    ``w``/``weight`` where the tree tells their layout; otherwise the error says what to
+    pass). ``target_modules`` matches module paths as PEFT does (see
+    :mod:`jlora.targets`; a bare leaf is its own module).
 
     Args:
-      params: a parameter pytree (Linen ``variables['params']``, ``nnx.State``, HF Flax
-        ``model.params``), of arrays or of ``jax.ShapeDtypeStruct`` (then nothing is
-        allocated: the result holds ``ShapeDtypeStruct`` too).
+      params: a parameter pytree (Linen ``variables['params']``, ``nnx.State``, an
+        ``nnx.Module``, HF Flax ``model.params``), of arrays or of
+        ``jax.ShapeDtypeStruct`` (then nothing is allocated: the result holds
+        ``ShapeDtypeStruct`` too).
       config: the :class:`LoraConfig`.
       rng: PRNG key for the random factor; ``None`` means ``jax.random.key(0)``.
+      apply_fn: the model's forward, called as ``apply_fn(params, *example_args)``
+        (for an ``nnx.Module`` ``params``, e.g. ``lambda m, ids: m(ids)``); only traced.
+      example_args: the other arguments of ``apply_fn`` (arrays or
+        ``jax.ShapeDtypeStruct``; non-array values are passed as they are).
       dtype: dtype of A and B (default float32, whatever the base dtype).
       layouts: optional ``{module regex: roles}`` or ``f(module_path, shape) -> roles``
-        overriding the inferred kernel layouts, e.g. ``{".*out": ("in", "in", "out")}``.
+        overriding the found or inferred kernel layouts, e.g.
+        ``{".*kv_einsum": ("stack", "out", "in", "out")}``; with ``apply_fn`` they are
+        checked against the uses.
 
     Example:
       >>> import flax.linen as nn
@@ -66,41 +105,107 @@ def wrap(
       >>> lp = wrap({"dense": params}, LoraConfig(r=2, target_modules=["dense"]))
       >>> lp["dense"]["kernel"].a.shape, lp["dense"]["kernel"].b.shape
       ((3, 2), (2, 4))
+
+      Einsum kernels found by use (a leaf ``w`` of shape (D, N, H)):
+
+      >>> p = {"q_proj": {"w": jnp.ones((8, 2, 4))}}
+      >>> f = lambda p, x: jnp.einsum("btd,dnh->btnh", x, p["q_proj"]["w"])
+      >>> lp = wrap(p, LoraConfig(r=2, target_modules=["q_proj"]), apply_fn=f,
+      ...           example_args=(jnp.ones((1, 3, 8)),))
+      >>> lp["q_proj"]["w"].layout
+      ('in', 'out', 'out')
     """
     if not isinstance(config, LoraConfig):
         raise TypeError(f"config must be a jlora.LoraConfig, got {type(config).__name__}")
+    check_param_tree(params)
+    if not isinstance(example_args, (tuple, list)):
+        raise TypeError(
+            f"example_args must be a tuple of apply_fn's other arguments, e.g. example_args=(ids,), "
+            f"got {type(example_args).__name__}"
+        )
+    if example_args and apply_fn is None:
+        raise ValueError("example_args= is given without apply_fn=: pass the model's forward as apply_fn")
     entries, treedef = flatten_params(params)
-    plan = plan_targets(entries, config, layouts)
+    uses = None
+    if apply_fn is not None:
+        from .usage import find_kernel_uses
+
+        uses = find_kernel_uses(apply_fn, params, tuple(example_args), is_leaf=_is_node)
+    plan = plan_targets(entries, config, layouts, uses)
     if rng is None:
         rng = jax.random.key(0)
 
-    abstract = any(isinstance(e.leaf, jax.ShapeDtypeStruct) for e in entries)
+    abstract = any(
+        isinstance(e.leaf, jax.ShapeDtypeStruct) or (is_quantized(e.leaf) and isinstance(e.leaf.codes, jax.ShapeDtypeStruct))
+        for e in entries
+    )
     if abstract:
         # Trace the same function on abstract values: allocates nothing.
         def concrete(p, key):
-            return wrap(p, config, rng=key, dtype=dtype, layouts=layouts)
+            ents, tdef = flatten_params(p)
+            return _attach(ents, tdef, plan, config, key, dtype)
 
         return jax.eval_shape(concrete, params, rng)
+    return _attach(entries, treedef, plan, config, rng, dtype)
 
+
+def _attach(entries: Sequence[Any], treedef: Any, plan: Any, config: LoraConfig, rng: jax.Array, dtype: Any) -> Any:
+    """The LoRA tree: factors on ``plan``'s targets, ``Trainable`` on its trainable leaves."""
     leaves = []
+    residual_embeddings = []
     for e in entries:
         spec = plan.targets.get(e.index)
         if spec is not None:
             key = jax.random.fold_in(rng, e.index)
-            a, b = init_factors(
-                key, tuple(e.leaf.shape), spec.layout, spec.r, config.init_lora_weights, dtype, spec.embedding
-            )
+            lw = _init_target(e, spec, config, key, dtype, residual_embeddings)
             a_sh, b_sh = factor_sharding(e.leaf, spec.layout)
-            if a_sh is not None and not isinstance(a, jax.core.Tracer):
-                a, b = jax.device_put(a, a_sh), jax.device_put(b, b_sh)
-            leaves.append(
-                LoraWeight(e.leaf, a, b, scale=spec.scale, layout=spec.layout, dropout=config.lora_dropout)
-            )
+            if a_sh is not None and not isinstance(lw.a, jax.core.Tracer):
+                put = {"a": a_sh, "b": b_sh, "a0": a_sh, "b0": b_sh}
+                lw = lw.replace(**{n: jax.device_put(getattr(lw, n), sh) for n, sh in put.items()
+                                   if getattr(lw, n) is not None})
+            leaves.append(lw)
         elif e.index in plan.trainable:
             leaves.append(Trainable(e.leaf))
         else:
             leaves.append(e.leaf)
+    if residual_embeddings:
+        warnings.warn(
+            f"init_lora_weights={config.init_lora_weights!r} on embedding targets {residual_embeddings}: PEFT "
+            "applies PiSSA/OLoRA to Linear layers only and gives embeddings its default init (A = 0, "
+            "B ~ N(0, 1)); jlora does the same, so these tables are not changed",
+            UserWarning,
+            stacklevel=2,
+        )
     return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def _init_target(e: Any, spec: Any, config: LoraConfig, key: jax.Array, dtype: Any,
+                 residual_embeddings: list) -> LoraWeight:
+    """The ``LoraWeight`` of one target: factors as ``config.init_lora_weights`` says
+    (PiSSA/OLoRA: from ``W``, with ``w`` the residual and the initial factors kept), and
+    DoRA's magnitude ``m = ‖w + s·A·B‖`` (so that DoRA equals LoRA at init)."""
+    from .inits import init_residual_factors, is_residual_init, residual_kernel
+
+    init = config.init_lora_weights
+    shape = tuple(e.leaf.shape)
+    w, a0, b0, init_name = e.leaf, None, None, None
+    if is_residual_init(init) and spec.embedding:
+        residual_embeddings.append(e.path)
+        a, b = init_factors(key, shape, spec.layout, spec.r, True, dtype, spec.embedding)
+    elif is_residual_init(init):
+        a32, b32 = init_residual_factors(e.leaf, spec.layout, spec.r, spec.scale, init, key, e.path)
+        w = residual_kernel(e.leaf, a32, b32, spec.scale, spec.layout)
+        a, b = a32.astype(dtype), b32.astype(dtype)
+        a0, b0, init_name = a, b, init
+    else:
+        a, b = init_factors(key, shape, spec.layout, spec.r, init, dtype, spec.embedding)
+    magnitude = None
+    if config.use_dora:
+        from .dora import weight_norm
+
+        magnitude = weight_norm(w, a, b, spec.scale, spec.layout).astype(dtype)
+    return LoraWeight(w, a, b, scale=spec.scale, layout=spec.layout, dropout=config.lora_dropout,
+                      magnitude=magnitude, a0=a0, b0=b0, init=init_name)
 
 
 def is_lora_tree(tree: Any) -> bool:
@@ -124,17 +229,34 @@ def unload(lp: Any) -> Any:
     :func:`jlora.merge_adapter`, ``w`` still holds the merged kernel; call
     :func:`jlora.unmerge_adapter` first to get ``W`` itself.
 
+    For PiSSA/OLoRA adapters, whose ``w`` is the residual ``W − s·A₀·B₀``, the *original*
+    kernel ``w + s·A₀·B₀`` comes back (computed in float32; exact to float32 rounding for
+    a float32 base, within one rounding of the residual for bfloat16). PEFT's ``unload``
+    returns the residual instead.
+
     >>> base = unload(wrap(params, config))   # doctest: +SKIP
     """
 
-    def strip(x):
-        if isinstance(x, (LoraWeight, MultiLoraWeight)):
-            return x.w
-        if is_trainable(x):
-            return x.value
-        return x
+    return jax.tree_util.tree_map(_original_base, lp, is_leaf=_is_node)
 
-    return jax.tree_util.tree_map(strip, lp, is_leaf=_is_node)
+
+def _original_base(x: Any) -> Any:
+    """The kernel a node was made on: ``w``, plus ``s·a0·b0`` of PiSSA/OLoRA adapters."""
+    from .inits import original_kernel
+
+    if isinstance(x, LoraWeight):
+        if x.a0 is not None and not x.merged:
+            return original_kernel(x.w, x.a0, x.b0, x.scale, x.layout)
+        return x.w
+    if isinstance(x, MultiLoraWeight):
+        w = x.w
+        for p in x.adapters.values():
+            if p.a0 is not None:
+                w = original_kernel(w, p.a0, p.b0, p.scale, p.layout)
+        return w
+    if is_trainable(x):
+        return x.value
+    return x
 
 
 def _size(x: Any) -> int:
@@ -145,7 +267,9 @@ def _size(x: Any) -> int:
 def count_parameters(lp: Any) -> tuple[int, int]:
     """``(trainable, total)`` parameter counts of a LoRA tree, as PEFT counts them.
 
-    trainable = Σ |A| + |B| + Σ |Trainable leaves|; total = trainable + all frozen leaves.
+    trainable = Σ |A| + |B| (+ |m| with DoRA) + Σ |Trainable leaves|; total = trainable + all
+    frozen leaves. PiSSA/OLoRA's frozen initial factors and DoRA's saved norm are jlora's
+    bookkeeping, not PEFT parameters, and are not counted.
     With several adapters (``jlora.add_adapter``), only the active ones are trainable.
 
     >>> count_parameters(lp)  # doctest: +SKIP
@@ -153,16 +277,17 @@ def count_parameters(lp: Any) -> tuple[int, int]:
     """
     trainable = 0
     total = 0
-    for x in jax.tree_util.tree_leaves(lp, is_leaf=_is_node):
+    # a quantized kernel counts its parameters (its shape), not its bytes, as PEFT counts
+    for x in jax.tree_util.tree_leaves(lp, is_leaf=lambda x: _is_node(x) or is_quantized(x)):
         if is_lora_weight(x):
-            n = _size(x.a) + _size(x.b)
+            n = _size(x.a) + _size(x.b) + _size(x.magnitude)
             trainable += n
             total += n + _size(x.w)
         elif isinstance(x, MultiLoraWeight):
             total += _size(x.w)
             live = {id(p) for p in x.active_pairs()}
             for p in x.adapters.values():
-                n = _size(p.a) + _size(p.b)
+                n = _size(p.a) + _size(p.b) + _size(p.magnitude)
                 total += n
                 trainable += n if id(p) in live else 0
         elif is_trainable(x):

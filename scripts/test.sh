@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # jlora's test suite from a fresh clone: set up a virtual environment, install jlora with
 # its test extra (PEFT + torch CPU for reference tests, transformers <5 for Flax models),
-# then run pytest. Extra arguments go to pytest (e.g. -k transform).
+# then run pytest. Extra arguments go to pytest (e.g. -k transform). The suite also makes
+# (or reuses) a second venv, .venv-tf5/ with transformers 5 and no torch, through
+# scripts/venv-tf5.sh, and runs both notebooks in it (JLORA_SKIP_TF5=1 skips that).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"

@@ -32,8 +32,9 @@ peft = pytest.importorskip("peft")
         (dict(lora_dropout=1.0), ValueError, "lora_dropout=1.0"),
         (dict(lora_dropout=1.5), ValueError, "lora_dropout=1.5"),
         (dict(lora_dropout=-0.1), ValueError, "lora_dropout=-0.1"),
-        (dict(use_dora=True), ValueError, "use_dora"),
-        (dict(init_lora_weights="pissa"), ValueError, "init_lora_weights='pissa'"),
+        (dict(use_dora="yes"), TypeError, "use_dora"),
+        (dict(init_lora_weights="pissa_niter_0"), ValueError, "init_lora_weights='pissa_niter_0'"),
+        (dict(init_lora_weights="loftq"), ValueError, "init_lora_weights='loftq'"),
         (dict(target_modules=[]), ValueError, "target_modules"),
         (dict(target_modules="(unclosed"), ValueError, "regular expression"),
         (dict(target_modules=["q", 3]), TypeError, "target_modules"),
@@ -167,7 +168,7 @@ def test_jlora_dict_loads_in_peft():
     _compare_with_peft(jcfg, pcfg)
 
 
-@pytest.mark.parametrize("key, value", [("use_dora", True), ("lora_bias", True), ("peft_type", "IA3")])
+@pytest.mark.parametrize("key, value", [("use_qalora", True), ("lora_bias", True), ("peft_type", "IA3")])
 def test_from_dict_rejects_features_jlora_lacks(key, value):
     """A PEFT config that switches on an unimplemented feature is refused, naming the key."""
     d = peft.LoraConfig(r=4, target_modules=["q"]).to_dict()

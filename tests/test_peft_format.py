@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import jlora  # noqa: E402
 from jlora import hf  # noqa: E402
-from jlora.checkpoint import adapter_from_tree  # noqa: E402
+from jlora.records import adapter_from_tree  # noqa: E402
 from jlora.peft_format import peft_tensors, read_peft  # noqa: E402
 
 torch = pytest.importorskip("torch")
@@ -216,7 +216,7 @@ def test_jlora_adapter_loads_in_peft(pairs, tmp_path, name):
     from safetensors import safe_open
 
     with safe_open(str(tmp_path / "adapter" / "adapter_model.safetensors"), "np") as f:
-        assert f.metadata() == {"format": "pt"}
+        assert f.metadata()["format"] == "pt" and set(f.metadata()) == {"format", "jlora"}  # checksums: issue 16
         assert all(k.startswith("base_model.model.") for k in f.keys())
 
     pm = peft.PeftModel.from_pretrained(_torch_model(pair), tmp_path / "adapter").eval()

@@ -1,0 +1,175 @@
+"""Qwen3 and Llama 3 decoders in Flax NNX, laid out as tunix / bonsai lay them out.
+
+Parameters (``nnx.State`` paths; D model width, N query heads, K key/value heads,
+H head dim, F MLP width, V vocabulary)::
+
+    embedder/input_embedding                 (V, D)
+    layers/<i>/input_layernorm/w             (D,)
+    layers/<i>/attn/q_proj/w                 (D, N, H)    einsum BTD,DNH->BTNH
+    layers/<i>/attn/k_proj/w                 (D, K, H)    einsum BSD,DKH->BSKH
+    layers/<i>/attn/v_proj/w                 (D, K, H)
+    layers/<i>/attn/o_proj/w                 (N, H, D)    einsum BTNH,NHD->BTD
+    layers/<i>/attn/q_norm/w, k_norm/w       (H,)         Qwen3 only
+    layers/<i>/post_attention_layernorm/w    (D,)
+    layers/<i>/mlp/gate_proj/kernel          (D, F)       nnx.Linear, no bias
+    layers/<i>/mlp/up_proj/kernel            (D, F)
+    layers/<i>/mlp/down_proj/kernel          (F, D)
+    final_norm/w                             (D,)
+    lm_head/w                                (D, V)       absent when embeddings are tied
+
+``layers`` is an ``nnx.List``. With ``config.remat`` each block runs under
+``nnx.remat(self.block.__func__)(self, ...)``, as tunix does.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from .config import DecoderConfig, rope_frequencies
+from .layers import Einsum, Embedder, RMSNorm, apply_rope, attend, attention_masks, rope_cos_sin
+
+__all__ = ["Attention", "MLP", "DecoderLayer", "Decoder", "Qwen3", "Llama3"]
+
+
+def _dtypes(config: DecoderConfig):
+    param_dtype = jnp.dtype(config.param_dtype)
+    dtype = jnp.dtype(config.dtype) if config.dtype is not None else None
+    return param_dtype, dtype
+
+
+class Attention(nnx.Module):
+    """Causal grouped-query self-attention with RoPE (and per-head q/k RMSNorm for Qwen3)."""
+
+    def __init__(self, config: DecoderConfig, layer_type: str, *, rngs: nnx.Rngs):
+        pd, dt = _dtypes(config)
+        D, N, K, H = config.embed_dim, config.num_heads, config.num_kv_heads, config.head_dim
+        kw = dict(rngs=rngs, param_dtype=pd, dtype=dt, stddev=config.initializer_range)
+        self.q_proj = Einsum("BTD,DNH->BTNH", (D, N, H), **kw)
+        self.k_proj = Einsum("BSD,DKH->BSKH", (D, K, H), **kw)
+        self.v_proj = Einsum("BSD,DKH->BSKH", (D, K, H), **kw)
+        self.o_proj = Einsum("BTNH,NHD->BTD", (N, H, D), **kw)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(H, eps=config.rms_norm_eps, param_dtype=pd)
+            self.k_norm = RMSNorm(H, eps=config.rms_norm_eps, param_dtype=pd)
+        self.qk_norm = config.qk_norm
+        self.scale = float(H) ** -0.5
+        self.sliding = layer_type == "sliding_attention"
+        self.inv_freq = tuple(float(f) for f in rope_frequencies(H, config.rope_theta, config.rope_scaling))
+
+    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
+        q = self.q_proj(x)
+        k = self.k_proj(x)
+        v = self.v_proj(x)
+        if self.qk_norm:
+            q = self.q_norm(q)
+            k = self.k_norm(k)
+        cos, sin = rope_cos_sin(positions, jnp.asarray(self.inv_freq, jnp.float32), q.dtype)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return self.o_proj(attend(q, k, v, mask, self.scale))
+
+
+class MLP(nnx.Module):
+    """``down_proj(silu(gate_proj(x)) · up_proj(x))`` with bias-free ``nnx.Linear`` layers."""
+
+    def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs, activation=jax.nn.silu):
+        pd, dt = _dtypes(config)
+        D, F = config.embed_dim, config.hidden_dim
+        init = jax.nn.initializers.normal(config.initializer_range)
+        kw = dict(use_bias=False, dtype=dt, param_dtype=pd, kernel_init=init, rngs=rngs)
+        self.gate_proj = nnx.Linear(D, F, **kw)
+        self.up_proj = nnx.Linear(D, F, **kw)
+        self.down_proj = nnx.Linear(F, D, **kw)
+        self.activation = activation
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down_proj(self.activation(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``."""
+
+    def __init__(self, config: DecoderConfig, layer_type: str, *, rngs: nnx.Rngs):
+        pd, _ = _dtypes(config)
+        self.input_layernorm = RMSNorm(config.embed_dim, eps=config.rms_norm_eps, param_dtype=pd)
+        self.attn = Attention(config, layer_type, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(config.embed_dim, eps=config.rms_norm_eps, param_dtype=pd)
+        self.mlp = MLP(config, rngs=rngs)
+        self.remat = config.remat
+
+    def block(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
+        x = x + self.attn(self.input_layernorm(x), positions, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
+        if self.remat:
+            return nnx.remat(self.block.__func__)(self, x, positions, mask)
+        return self.block(x, positions, mask)
+
+
+class Decoder(nnx.Module):
+    """A Qwen3 / Llama 3 causal LM: ``model(input_ids) -> logits`` (batch, seq, vocab).
+
+    Args of ``__call__``:
+      input_ids: (batch, seq) int token ids.
+      positions: (batch, seq) RoPE positions (default ``0 .. seq-1``).
+      attention_mask: (batch, seq), 1 for real tokens and 0 for padding keys.
+
+    >>> from jlora.models import DecoderConfig, Qwen3
+    >>> cfg = DecoderConfig("qwen3", vocab_size=64, embed_dim=16, hidden_dim=32, num_layers=2,
+    ...                     num_heads=4, num_kv_heads=2, head_dim=8)
+    >>> model = Qwen3(cfg, rngs=nnx.Rngs(0))
+    >>> model(jnp.zeros((1, 5), jnp.int32)).shape
+    (1, 5, 64)
+    """
+
+    family: str = ""
+
+    def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs):
+        if self.family and config.family != self.family:
+            raise ValueError(f"{type(self).__name__} needs a config with family={self.family!r}, got {config.family!r}")
+        pd, dt = _dtypes(config)
+        self.config = config
+        self.embedder = Embedder(
+            config.vocab_size, config.embed_dim, rngs=rngs, param_dtype=pd, dtype=dt, stddev=config.initializer_range
+        )
+        self.layers = nnx.List([DecoderLayer(config, t, rngs=rngs) for t in config.layer_types])
+        self.final_norm = RMSNorm(config.embed_dim, eps=config.rms_norm_eps, param_dtype=pd)
+        if not config.tie_embeddings:
+            self.lm_head = Einsum(
+                "BTD,DV->BTV", (config.embed_dim, config.vocab_size), rngs=rngs, param_dtype=pd, dtype=dt,
+                stddev=config.initializer_range,
+            )
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        positions: Optional[jax.Array] = None,
+        attention_mask: Optional[jax.Array] = None,
+    ) -> jax.Array:
+        B, T = input_ids.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(T), (B, T))
+        full, sliding = attention_masks(T, attention_mask, B, self.config.sliding_window)
+        x = self.embedder.encode(input_ids)
+        for layer in self.layers:
+            x = layer(x, positions, sliding if layer.attn.sliding else full)
+        x = self.final_norm(x)
+        if self.config.tie_embeddings:
+            return self.embedder.decode(x)
+        return self.lm_head(x)
+
+
+class Qwen3(Decoder):
+    """Qwen3 (``Qwen3ForCausalLM``): the decoder with per-head q/k RMSNorm."""
+
+    family = "qwen3"
+
+
+class Llama3(Decoder):
+    """Llama 3 (``LlamaForCausalLM``), with Llama 3.1's RoPE scaling when configured."""
+
+    family = "llama3"

@@ -1,0 +1,239 @@
+"""A quantized base inside ``jlora.lora(fn)``: lazy dequantization, recomputed in the backward.
+
+``fn`` is traced with each :class:`~jlora.QuantizedArray` standing in as a plain kernel of
+its shape in ``compute_dtype``. The interpreter of :mod:`jlora.transform` then carries a
+:class:`QuantView` instead: the packed kernel plus the view operations ``fn`` applied to
+it (``transpose``, ``convert_element_type``, ``reshape``, slices, ...), still packed.
+Where the kernel is used, by ``dot_general``, ``conv_general_dilated`` or ``gather``::
+
+    y = checkpoint(lambda q, x: x · views(dequantize(q)))(q, x)
+
+so the dequantized kernel is a temporary of the forward pass and is recomputed, from the
+packed codes, in the backward pass (``jax.checkpoint`` saves only its inputs): the
+step's memory is the packed base plus activations, not a dequantized copy of every
+kernel kept for the backward. Slices of the leading (stack) axes of a scanned or stacked
+kernel (``scan`` over layers, ``W[i]`` in a loop) slice the packed arrays themselves.
+Any other use dequantizes the kernel at that point (correct, only without the saving).
+
+The LoRA branch ``s·(x·A)·B`` is unchanged: a :class:`QuantView` is the ``W`` of a LoRA
+value like any other kernel.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .quantization import QuantizedArray, dense_for_compute, is_quantized
+
+__all__ = ["QuantView", "is_view", "as_value", "dense", "bind", "prepare_scanned"]
+
+Bind = Callable[[Any, dict, Sequence[Any]], Any]
+
+# primitives that only rearrange, cast or slice a kernel: applied lazily, after dequantizing
+_VIEW_OPS = frozenset({
+    "transpose", "convert_element_type", "reshape", "squeeze", "broadcast_in_dim", "copy", "copy_p",
+    "sharding_constraint", "reshard", "slice", "dynamic_slice", "rev", "reduce_precision",
+})
+# primitives that consume a kernel: dequantize + op under jax.checkpoint
+_CONSUMERS = frozenset({"dot_general", "conv_general_dilated", "gather"})
+
+
+@dataclasses.dataclass(eq=False, frozen=True)
+class _Op:
+    """One deferred view operation: ``primitive.bind(x, *dyn[start:start + n], **params)``."""
+
+    primitive: Any
+    params: dict
+    n_dyn: int
+    aval: jax.ShapeDtypeStruct  # the view's shape/dtype after this op
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantView:
+    """A quantized kernel ``q`` seen through deferred view operations ``ops`` (a pytree:
+    children ``q`` and the ops' traced operands ``dyn``; ``ops`` static)."""
+
+    q: QuantizedArray
+    ops: tuple[_Op, ...] = ()
+    dyn: tuple[Any, ...] = ()
+
+    @property
+    def aval(self) -> jax.ShapeDtypeStruct:
+        if self.ops:
+            return self.ops[-1].aval
+        return jax.ShapeDtypeStruct(self.q.shape, np.dtype(self.q.compute_dtype))
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.aval.shape)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.aval.shape)
+
+    @property
+    def dtype(self):
+        return self.aval.dtype
+
+
+jax.tree_util.register_pytree_node(
+    QuantView,
+    lambda v: ((v.q, v.dyn), v.ops),
+    lambda ops, children: QuantView(children[0], ops, tuple(children[1])),
+)
+
+
+def is_view(x: Any) -> bool:
+    return isinstance(x, QuantView)
+
+
+def as_value(x: Any) -> Any:
+    """The interpreter's value for a kernel: a :class:`QuantView` for a (frozen) quantized
+    kernel, ``x`` otherwise."""
+    if is_quantized(x):
+        return QuantView(jax.lax.stop_gradient(x))
+    return x
+
+
+def _raw_bind(primitive: Any, params: dict, invals: Sequence[Any]) -> Any:
+    got = primitive.get_bind_params(params)
+    subfuns, bind_params = (tuple(got[0]), got[1]) if isinstance(got, tuple) else ((), got)
+    return primitive.bind(*subfuns, *invals, **bind_params)
+
+
+def dense(x: Any, raw: Bind = _raw_bind) -> Any:
+    """A view's values (dequantized to ``compute_dtype``, then its view ops applied);
+    anything else unchanged."""
+    if not is_view(x):
+        return x
+    out = dense_for_compute(x.q)
+    i = 0
+    for op in x.ops:
+        out = raw(op.primitive, op.params, [out, *x.dyn[i:i + op.n_dyn]])
+        i += op.n_dyn
+    return out
+
+
+def _abstract(v: Any) -> Any:
+    if is_view(v):
+        return v.aval
+    t = jax.typeof(v)
+    return jax.ShapeDtypeStruct(t.shape, t.dtype)
+
+
+def _packed_slice(view: QuantView, primitive: Any, params: dict, rest: Sequence[Any]):
+    """The view of ``op(view)`` as a slice of the packed arrays, where ``op`` only slices
+    or drops leading stack axes of an un-viewed quantized kernel; else None."""
+    if view.ops:
+        return None
+    q = view.q
+    ns = len(q.stack_shape)
+    if ns == 0:
+        return None
+    shape = q.shape
+    name = primitive.name
+    children = {n: getattr(q, n) for n in ("codes", "absmax", "nested_absmax", "offset")}
+
+    def apply(fn):
+        return QuantView(q.replace(**{n: (None if c is None else fn(c)) for n, c in children.items()}))
+
+    if name == "slice":
+        starts, limits = params["start_indices"], params["limit_indices"]
+        strides = params.get("strides") or (1,) * len(shape)
+        if any(starts[i] != 0 or limits[i] != shape[i] or strides[i] != 1 for i in range(ns, len(shape))):
+            return None
+
+        def cut(c):
+            st = list(starts[:ns]) + [0] * (c.ndim - ns)
+            lim = list(limits[:ns]) + list(c.shape[ns:])
+            return jax.lax.slice(c, st, lim, list(strides[:ns]) + [1] * (c.ndim - ns))
+
+        return apply(cut)
+    if name == "dynamic_slice":
+        sizes = params["slice_sizes"]
+        if len(rest) != len(shape) or any(sizes[i] != shape[i] for i in range(ns, len(shape))):
+            return None
+        dtype = jnp.asarray(rest[0]).dtype
+
+        def dcut(c):
+            st = [jnp.asarray(s).astype(dtype) for s in rest[:ns]] + [jnp.zeros((), dtype)] * (c.ndim - ns)
+            return jax.lax.dynamic_slice(c, st, list(sizes[:ns]) + list(c.shape[ns:]))
+
+        return apply(dcut)
+    if name in ("squeeze", "reshape"):
+        if name == "squeeze":
+            dims = sorted(d % len(shape) for d in params["dimensions"])
+        else:
+            if params.get("dimensions") is not None:
+                return None
+            new = tuple(params["new_sizes"])
+            k = len(shape) - len(new)
+            if k <= 0 or new != shape[k:] or any(s != 1 for s in shape[:k]):
+                return None
+            dims = list(range(k))
+        if not dims or any(d >= ns or shape[d] != 1 for d in dims):
+            return None
+        return apply(lambda c: jnp.squeeze(c, axis=tuple(dims)))
+    return None
+
+
+def _lazy(primitive: Any, params: dict, invals: Sequence[Any]) -> QuantView:
+    view, rest = invals[0], list(invals[1:])
+    sliced = _packed_slice(view, primitive, params, rest)
+    if sliced is not None:
+        return sliced
+    out_aval = jax.eval_shape(lambda x, *r: _raw_bind(primitive, params, [x, *r]), view.aval,
+                              *[_abstract(r) for r in rest])
+    op = _Op(primitive, dict(params), len(rest), jax.ShapeDtypeStruct(out_aval.shape, out_aval.dtype))
+    return QuantView(view.q, view.ops + (op,), view.dyn + tuple(rest))
+
+
+def _is_float_cast(primitive: Any, params: dict, view: QuantView) -> bool:
+    if primitive.name != "convert_element_type":
+        return True
+    new = params.get("new_dtype")
+    return new is not None and jnp.issubdtype(new, jnp.floating)
+
+
+def bind(primitive: Any, params: dict, invals: Sequence[Any], raw: Bind = _raw_bind) -> Any:
+    """``primitive.bind`` where some operands are :class:`QuantView`:
+
+    * a view operation on the kernel (first operand) gives a new view, still packed;
+    * ``dot_general`` / ``conv_general_dilated`` / ``gather`` dequantize and apply the op
+      inside ``jax.checkpoint``, so only the packed kernel is kept for the backward;
+    * anything else dequantizes the kernel there.
+    """
+    name = primitive.name
+    first = invals[0] if invals else None
+    if (
+        name in _VIEW_OPS and is_view(first) and not any(is_view(x) for x in invals[1:])
+        and _is_float_cast(primitive, params, first)
+    ):
+        return _lazy(primitive, params, invals)
+    if name in _CONSUMERS:
+        idx = [i for i, x in enumerate(invals) if is_view(x)]
+        views = [invals[i] for i in idx]
+        others = [x for i, x in enumerate(invals) if i not in idx]
+
+        def product(views, others):
+            vals, vi, oi = [], iter(views), iter(others)
+            for i in range(len(invals)):
+                vals.append(dense(next(vi), raw) if i in idx else next(oi))
+            return raw(primitive, params, vals)
+
+        return jax.checkpoint(product)(views, others)
+    return raw(primitive, params, [dense(x, raw) for x in invals])
+
+
+def prepare_scanned(x: Any) -> Any:
+    """A view that a ``scan`` slices along its leading axis: fine as it is when that axis
+    is a stack axis of the packed arrays (no view ops yet); dequantized otherwise."""
+    if is_view(x) and (x.ops or not x.q.stack_shape):
+        return dense(x)
+    return x
