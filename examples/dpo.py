@@ -49,6 +49,7 @@ import time
 T_START = time.perf_counter()
 
 import argparse  # noqa: E402
+import dataclasses  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import random  # noqa: E402
@@ -68,9 +69,10 @@ import optax  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 import jlora  # noqa: E402
+import jlora.name_maps  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import sft_causal_lm as sft  # noqa: E402  (model, tokenizers, batching, SFT step)
+import sft_causal_lm as sft  # noqa: E402  (tokenizers, batching, SFT step, HF Flax loader)
 from finetune_minilm_retrieval import _is_prose, sections  # noqa: E402  (pydoc sections)
 
 # --------------------------------------------------------------------------------------
@@ -274,22 +276,106 @@ def base_kernels(lp: Any) -> list:
 # --------------------------------------------------------------------------------------
 
 
-def save_torch_twin(model: Any, params: Any, directory: Path) -> bool:
-    """Writes ``params`` as the PyTorch twin of a Hugging Face Flax ``model`` into
-    ``directory`` (``model.safetensors``, via transformers' own Flax -> PyTorch conversion),
-    so that ``AutoModelForCausalLM.from_pretrained(directory)`` and PEFT / TRL load it.
-    Returns False (and writes nothing) without PyTorch."""
-    try:
-        import torch  # noqa: F401
-        from transformers import AutoModelForCausalLM
-        from transformers.modeling_flax_pytorch_utils import load_flax_weights_in_pytorch_model
-    except ImportError:
-        print("PyTorch not installed: the SFT base is saved for Flax only")
+# --------------------------------------------------------------------------------------
+# Models: an NNX decoder from jlora.models (built in, or a local checkpoint it reads), or a
+# Hugging Face Flax causal LM (transformers 4.x) for the checkpoints jlora.models does not read
+# --------------------------------------------------------------------------------------
+
+NNX_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclasses.dataclass
+class CausalLM:
+    """What the script needs of a model: ``apply(params, ids) -> logits``, its parameter
+    tree, a tokenizer, LoRA targets (and, for a random base over a new vocabulary, the
+    modules SFT trains in full), extra ``jlora.wrap`` arguments, and ``save(params, dir)``
+    writing a Hugging Face checkpoint with PyTorch weights (True) or Flax weights only."""
+
+    name: str
+    apply: Callable
+    params: Any
+    tok: Any
+    targets: list
+    modules_to_save: list
+    wrap_kwargs: dict
+    save: Callable
+
+
+def nnx_checkpoint(path: str) -> bool:
+    """Whether ``jlora.models`` reads this Hugging Face directory (safetensors + a model
+    type it builds)."""
+    from jlora.models import config_from_hf
+
+    d = Path(path)
+    if not (d / "config.json").is_file() or not list(d.glob("*.safetensors")):
         return False
-    pt = AutoModelForCausalLM.from_config(model.config)
-    pt = load_flax_weights_in_pytorch_model(pt, jax.device_get(params))
-    pt.save_pretrained(directory)
+    try:
+        config_from_hf(d / "config.json")
+    except (ValueError, KeyError):
+        return False
     return True
+
+
+def build_nnx(args) -> CausalLM:
+    """A ``jlora.models`` NNX decoder: random over bytes (``--family``), or ``--model DIR``."""
+    from flax import nnx
+
+    import jlora.models as jm
+
+    if args.model:
+        module = jm.from_pretrained(os.path.expanduser(args.model))
+        tok, mts = sft.HFTokenizer(os.path.expanduser(args.model)), []
+    else:
+        d, layers = (32, 2) if args.smoke else (128, 4)
+        cfg = jm.DecoderConfig(args.family, 257, d, 3 * d, layers, num_heads=4, num_kv_heads=2, head_dim=d // 4,
+                               tie_embeddings=False, rope_theta=1e4)
+        module = jm.build(cfg, seed=args.seed)
+        # a random base over a new (byte) vocabulary: SFT trains its embedding and output
+        # layer in full (modules_to_save), as when adding tokens to a pretrained model
+        tok, mts = sft.ByteTokenizer(), ["embedder", "lm_head"]
+    graphdef, state = nnx.split(module)
+
+    def apply(params, ids):
+        return nnx.merge(graphdef, params)(ids)
+
+    def save(params, directory: Path) -> bool:
+        nnx.update(module, jax.device_get(params))
+        jm.save_pretrained(module, directory)  # config.json + model.safetensors, PyTorch names
+        if isinstance(tok, sft.HFTokenizer):
+            tok.tok.save_pretrained(directory)
+        return True
+
+    wrap_kwargs = {"apply_fn": apply, "example_args": (jnp.zeros((1, 8), jnp.int32),),
+                   "layouts": jlora.name_maps.layouts(state)}
+    name = f"{type(module).__name__} (jlora.models NNX, {'random, bytes' if not args.model else args.model})"
+    return CausalLM(name, apply, state, tok, NNX_TARGETS, mts, wrap_kwargs, save)
+
+
+def build_flax(args) -> CausalLM:
+    """A Hugging Face Flax causal LM (``examples/sft_causal_lm.py``'s loader)."""
+    model, tok, targets, mts = sft.build_model(args)
+
+    def save(params, directory: Path) -> bool:
+        model.save_pretrained(directory, params=jax.device_get(params))
+        if isinstance(tok, sft.HFTokenizer):
+            tok.tok.save_pretrained(directory)
+        try:  # the PyTorch twin, by transformers' own Flax -> PyTorch conversion
+            from transformers import AutoModelForCausalLM
+            from transformers.modeling_flax_pytorch_utils import load_flax_weights_in_pytorch_model
+        except ImportError:
+            return False
+        pt = load_flax_weights_in_pytorch_model(AutoModelForCausalLM.from_config(model.config), jax.device_get(params))
+        pt.save_pretrained(directory)
+        return True
+
+    apply = lambda params, ids: model(ids, params=params).logits  # noqa: E731
+    return CausalLM(f"{type(model).__name__} (Hugging Face Flax)", apply, model.params, tok, targets, mts, {}, save)
+
+
+def build(args) -> CausalLM:
+    if args.model and not nnx_checkpoint(os.path.expanduser(args.model)):
+        return build_flax(args)
+    return build_nnx(args)
 
 
 def plot(path: Path, losses, margins, evals, loss_type: str) -> None:
@@ -327,8 +413,9 @@ def plot(path: Path, losses, margins, evals, loss_type: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", help="path to a local Hugging Face causal-LM checkpoint (Flax or PyTorch weights)")
-    ap.add_argument("--arch", choices=["llama", "gpt2"], default="llama", help="built-in random-init architecture")
+    ap.add_argument("--model", help="a local Hugging Face causal-LM directory: safetensors of a model jlora.models "
+                    "builds (Qwen3, Llama 3, Gemma 3) load as NNX; others (e.g. GPT-2, Mistral) as HF Flax")
+    ap.add_argument("--family", choices=["qwen3", "llama3"], default="qwen3", help="the built-in random NNX model")
     ap.add_argument("--loss", choices=["sigmoid", "ipo"], default="sigmoid", help="DPO (sigmoid) or IPO")
     ap.add_argument("--beta", type=float, default=0.1)
     ap.add_argument("--steps", type=int, default=150, help="DPO steps")
@@ -372,22 +459,24 @@ def main() -> None:
     ex = test_pairs[0]
     print(f"  prompt  : {ex['prompt']!r}\n  chosen  : {ex['chosen']!r}\n  rejected: {ex['rejected']!r}")
 
-    model, tok, targets, modules_to_save = sft.build_model(args)
+    lm = build(args)
+    tok = lm.tok
+    print(f"model: {lm.name}")
     enc = lambda s: len(tok.encode(s))  # noqa: E731
     seq_len = max(enc(p["prompt"]) + max(enc(p["chosen"]), enc(p["rejected"])) + 1 for p in train_pairs + test_pairs)
     seq_len = -(-seq_len // 16) * 16
     train, test = encode_pairs(train_pairs, tok, seq_len), encode_pairs(test_pairs, tok, seq_len)
-    forward = jlora.lora(lambda params, x: model(x, params=params).logits)
+    forward = jlora.lora(lm.apply)
     rng = np.random.default_rng(args.seed)
 
     # ---- SFT on text of its own sections (sft_causal_lm's batching and train step)
-    base = model.params
+    base = lm.params
     if args.sft_steps > 0:
         sft_len = -(-max(enc(p) + enc(t) + 1 for p, t in sft_data) // 16) * 16
         sft_ids, sft_mask = sft.batchify(sft_data, tok, sft_len)
-        cfg = jlora.LoraConfig(r=args.sft_rank, lora_alpha=2 * args.sft_rank, target_modules=targets,
-                               modules_to_save=modules_to_save)
-        trainable, frozen = jlora.partition(jlora.wrap(base, cfg, rng=jax.random.key(args.seed)))
+        cfg = jlora.LoraConfig(r=args.sft_rank, lora_alpha=2 * args.sft_rank, target_modules=lm.targets,
+                               modules_to_save=lm.modules_to_save)
+        trainable, frozen = jlora.partition(jlora.wrap(base, cfg, rng=jax.random.key(args.seed), **lm.wrap_kwargs))
         tx = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, args.sft_lr, max(args.sft_steps // 20, 1),
                                                             args.sft_steps))
         opt_state = tx.init(trainable)
@@ -403,8 +492,8 @@ def main() -> None:
         base = jlora.merge(jlora.combine(trainable, frozen))  # plain params: the DPO base and reference
 
     # ---- DPO: a fresh adapter over the (SFT-merged) base; the reference is the base itself
-    config = jlora.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=targets)
-    lp = jlora.wrap(base, config, rng=jax.random.key(args.seed + 1))
+    config = jlora.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=lm.targets)
+    lp = jlora.wrap(base, config, rng=jax.random.key(args.seed + 1), **lm.wrap_kwargs)
     jlora.print_trainable_parameters(lp)
     ref_tree = jlora.disable_adapter(lp)
     shared = all(a.unsafe_buffer_pointer() == b.unsafe_buffer_pointer()
@@ -468,10 +557,7 @@ def main() -> None:
 
     # ---- outputs: the SFT base (Flax HF checkpoint), the adapter in PEFT's format, curves, metrics
     base_dir = out / "sft_base"
-    model.save_pretrained(base_dir, params=jax.device_get(base))
-    if isinstance(tok, sft.HFTokenizer):
-        tok.tok.save_pretrained(base_dir)
-    torch_twin = save_torch_twin(model, base, base_dir)
+    torch_twin = lm.save(base, base_dir)
     lp = jlora.combine(trainable, frozen)
     peft_dir = jlora.save_peft(out / "adapter_peft", lp, config=config, base_model_name_or_path=str(base_dir.resolve()),
                                task_type="CAUSAL_LM")
