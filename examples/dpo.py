@@ -316,6 +316,24 @@ def nnx_checkpoint(path: str) -> bool:
     return True
 
 
+def random_nnx(cfg, seed: int):
+    """``jlora.models.build(cfg)``'s initialisation (weights normal(0, initializer_range),
+    norms at one) drawn with numpy over ``jlora.models.abstract(cfg)``: the same model
+    without compiling one XLA random-number program per parameter shape."""
+    from flax import nnx
+
+    import jlora.models as jm
+
+    graphdef, abstract = nnx.split(jm.abstract(cfg))
+    rs = np.random.default_rng(seed)
+
+    def draw(s):
+        x = np.ones(s.shape) if len(s.shape) == 1 else rs.normal(0.0, cfg.initializer_range, s.shape)
+        return jnp.asarray(x.astype(s.dtype))
+
+    return nnx.merge(graphdef, jax.tree_util.tree_map(draw, abstract))
+
+
 def build_nnx(args) -> CausalLM:
     """A ``jlora.models`` NNX decoder: random over bytes (``--family``), or ``--model DIR``."""
     from flax import nnx
@@ -326,10 +344,10 @@ def build_nnx(args) -> CausalLM:
         module = jm.from_pretrained(os.path.expanduser(args.model))
         tok, mts = sft.HFTokenizer(os.path.expanduser(args.model)), []
     else:
-        d, layers = (32, 2) if args.smoke else (128, 4)
+        d, layers = (32, 1) if args.smoke else (args.width, args.layers)
         cfg = jm.DecoderConfig(args.family, 257, d, 3 * d, layers, num_heads=4, num_kv_heads=2, head_dim=d // 4,
                                tie_embeddings=False, rope_theta=1e4)
-        module = jm.build(cfg, seed=args.seed)
+        module = random_nnx(cfg, args.seed)
         # a random base over a new (byte) vocabulary: SFT trains its embedding and output
         # layer in full (modules_to_save), as when adding tokens to a pretrained model
         tok, mts = sft.ByteTokenizer(), ["embedder", "lm_head"]
@@ -416,6 +434,8 @@ def main() -> None:
     ap.add_argument("--model", help="a local Hugging Face causal-LM directory: safetensors of a model jlora.models "
                     "builds (Qwen3, Llama 3, Gemma 3) load as NNX; others (e.g. GPT-2, Mistral) as HF Flax")
     ap.add_argument("--family", choices=["qwen3", "llama3"], default="qwen3", help="the built-in random NNX model")
+    ap.add_argument("--width", type=int, default=128, help="built-in model: hidden size (MLP: 3x)")
+    ap.add_argument("--layers", type=int, default=4, help="built-in model: decoder layers")
     ap.add_argument("--loss", choices=["sigmoid", "ipo"], default="sigmoid", help="DPO (sigmoid) or IPO")
     ap.add_argument("--beta", type=float, default=0.1)
     ap.add_argument("--steps", type=int, default=150, help="DPO steps")
