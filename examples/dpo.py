@@ -14,32 +14,39 @@ serves both (TRL does the same with PEFT). The implicit reward of a completion i
 ``beta * (log pi - log pi_ref)``; reward accuracy is the fraction of held-out pairs whose
 chosen reward beats the rejected one (a tie counts 1/2: before training every reward is 0).
 
-Data nobody here wrote: Python's own documentation (``pydoc_data.topics``). Each prose
-passage is cut into windows; prompt = the section heading and the start of a window
-(ending at a word boundary), chosen = the next ``--completion-chars`` characters of the
-same passage, rejected = as many characters from a random word boundary of *another*
-section. Both completions start mid-sentence with a space and have the same length, so
-neither length nor a capital letter gives the answer away: only whether the text follows
-from the prompt. Sections are split once (seeded) into train and held-out; held-out
-pairs (and their rejected texts) come from held-out sections only.
+Data nobody here wrote: Python's own documentation (``pydoc_data.topics``). Its sections
+are split once (seeded) into SFT, DPO and held-out sections, so the SFT model has seen
+none of the text of a DPO or held-out pair and no held-out text is ever trained on. Each
+prose passage is cut into windows: prompt = the section heading and the start of a
+window, chosen = the next ``--completion-chars`` characters of the same passage, rejected
+= as many characters from a random place in *another* section of the same split. Both
+completions have the same length (in bytes: the same number of tokens) and come from the
+same documentation, so neither length, style nor an end-of-text gives the answer away:
+only whether the text follows from the prompt. With ``--cut char`` (the default) the
+prompt ends anywhere, often inside a word, so the seam is where the evidence is; with
+``--cut word`` both completions start at a word boundary, which the small model here
+cannot learn to judge in minutes (held-out reward accuracy stays at chance).
 
 The model: the project's pretrained model (all-MiniLM) cannot generate, so the script
-first trains a small byte-level Llama-architecture model (Hugging Face Flax,
-transformers 4.x) briefly with SFT on the training prompts and chosen completions
-(``examples/sft_causal_lm.py``'s model, batching and train step), merges that adapter,
-and trains a fresh LoRA adapter with DPO over the merged SFT model. ``--model PATH``
-starts from a local Hugging Face causal-LM checkpoint instead (SFT skipped unless
-``--sft-steps`` says otherwise).
+first trains a small byte-level causal LM briefly with SFT: a random NNX Qwen3 from
+``jlora.models`` (4 layers, width 128; ``--family llama3`` for Llama 3), LoRA on its
+projections with the embedding and output layer trained in full, on the SFT sections'
+text (``examples/sft_causal_lm.py``'s tokenizer, batching and train step). That adapter
+is merged, and a fresh LoRA adapter is trained with DPO over the merged SFT model.
+``--model DIR`` starts from a local Hugging Face checkpoint instead (Qwen3 / Llama 3 /
+Gemma 3 safetensors load as NNX via ``jlora.models``; other architectures, e.g. GPT-2,
+as Hugging Face Flax models from transformers 4.x) with its own tokenizer; SFT is then
+skipped unless ``--sft-steps`` says otherwise.
 
-    python examples/dpo.py                       # ~4 minutes on 2 CPU cores
+    python examples/dpo.py                       # a few minutes on 2 CPU cores
     python examples/dpo.py --loss ipo --beta 0.5
-    python examples/dpo.py --model ~/models/gpt2 --completion-chars 64
+    python examples/dpo.py --model ~/models/Qwen3-0.6B --steps 100 --batch-size 4
     python examples/dpo.py --smoke               # seconds (CI)
 
-Outputs in --output-dir: sft_base/ (the merged SFT model as a Hugging Face checkpoint, Flax
-weights and, with PyTorch installed, PyTorch weights), adapter_peft/ (the DPO
-adapter in PEFT's format: ``PeftModel.from_pretrained`` on the PyTorch model loads it, as
-TRL's ``DPOTrainer`` output would be), dpo_curves.png, metrics.json.
+Outputs in --output-dir (default runs/dpo-pydoc): sft_base/ (the DPO base as a Hugging Face
+checkpoint with PyTorch weights: config.json + model.safetensors), adapter_peft/ (the DPO
+adapter in PEFT's format: ``PeftModel.from_pretrained`` on the PyTorch model of sft_base
+loads it, as it loads what TRL's ``DPOTrainer`` saves), dpo_curves.png, metrics.json.
 """
 
 from __future__ import annotations
@@ -441,17 +448,19 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=150, help="DPO steps")
     ap.add_argument("--batch-size", type=int, default=16, help="pairs per DPO step")
     ap.add_argument("--rank", type=int, default=16, help="DPO adapter rank")
-    ap.add_argument("--lr", type=float, default=2e-3, help="DPO learning rate")
+    ap.add_argument("--lr", type=float, default=1e-3, help="DPO learning rate")
     ap.add_argument("--sft-steps", type=int, help="SFT steps before DPO (default 300; 0 with --model)")
     ap.add_argument("--sft-rank", type=int, default=32)
     ap.add_argument("--sft-lr", type=float, default=3e-3)
+    ap.add_argument("--sft-chars", type=int, default=144, help="length of the SFT text windows")
     ap.add_argument("--prompt-chars", type=int, default=96)
-    ap.add_argument("--completion-chars", type=int, default=48)
-    ap.add_argument("--cut", choices=["word", "char"], default="word", help="where prompts end (see preference_pairs)")
+    ap.add_argument("--completion-chars", type=int, default=16)
+    ap.add_argument("--cut", choices=["char", "word"], default="char", help="where prompts end (see preference_pairs)")
+    ap.add_argument("--stride", type=int, default=12, help="characters between the starts of training windows")
     ap.add_argument("--eval-fraction", type=float, default=0.2, help="fraction of sections held out")
     ap.add_argument("--sft-fraction", type=float, default=0.4, help="fraction of sections for SFT (the rest: DPO)")
-    ap.add_argument("--eval-per-section", type=int, default=8, help="at most this many held-out pairs per section")
-    ap.add_argument("--eval-every", type=int, default=30)
+    ap.add_argument("--eval-per-section", type=int, default=16, help="at most this many held-out pairs per section")
+    ap.add_argument("--eval-every", type=int, default=50)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--output-dir", default="runs/dpo-pydoc")
     ap.add_argument("--smoke", action="store_true", help="a few steps of a tiny model, for CI")
@@ -460,17 +469,18 @@ def main() -> None:
         args.sft_steps = 0 if args.model else 300
     if args.smoke:
         args.steps, args.sft_steps, args.batch_size, args.eval_every = 3, 3, 4, 2
-        args.prompt_chars, args.completion_chars, args.rank, args.sft_rank = 32, 16, 4, 4
+        args.prompt_chars, args.completion_chars, args.sft_chars, args.rank, args.sft_rank = 32, 16, 48, 4, 4
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
 
     # ---- data
     sft_secs, dpo_secs, held_secs = split_sections(args.eval_fraction, args.sft_fraction if args.sft_steps else 0.0,
                                                    args.seed)
-    train_pairs = preference_pairs(dpo_secs, args.prompt_chars, args.completion_chars, args.seed, cut=args.cut)
+    train_pairs = preference_pairs(dpo_secs, args.prompt_chars, args.completion_chars, args.seed, cut=args.cut,
+                                   stride=args.stride)
     test_pairs = preference_pairs(held_secs, args.prompt_chars, args.completion_chars, args.seed + 1, cut=args.cut,
                                   max_per_section=args.eval_per_section)
-    sft_data = sft_examples(sft_secs, args.prompt_chars + args.completion_chars)
+    sft_data = sft_examples(sft_secs, args.sft_chars)
     if args.smoke:
         train_pairs, test_pairs, sft_data = train_pairs[:16], test_pairs[:8], sft_data[:16]
     print(f"data: pydoc_data.topics -> {len(sft_data)} SFT windows ({len(sft_secs)} sections), "
