@@ -14,32 +14,39 @@ serves both (TRL does the same with PEFT). The implicit reward of a completion i
 ``beta * (log pi - log pi_ref)``; reward accuracy is the fraction of held-out pairs whose
 chosen reward beats the rejected one (a tie counts 1/2: before training every reward is 0).
 
-Data nobody here wrote: Python's own documentation (``pydoc_data.topics``). Each prose
-passage is cut into windows; prompt = the section heading and the start of a window
-(ending at a word boundary), chosen = the next ``--completion-chars`` characters of the
-same passage, rejected = as many characters from a random word boundary of *another*
-section. Both completions start mid-sentence with a space and have the same length, so
-neither length nor a capital letter gives the answer away: only whether the text follows
-from the prompt. Sections are split once (seeded) into train and held-out; held-out
-pairs (and their rejected texts) come from held-out sections only.
+Data nobody here wrote: Python's own documentation (``pydoc_data.topics``). Its sections
+are split once (seeded) into SFT, DPO and held-out sections, so the SFT model has seen
+none of the text of a DPO or held-out pair and no held-out text is ever trained on. Each
+prose passage is cut into windows: prompt = the section heading and the start of a
+window, chosen = the next ``--completion-chars`` characters of the same passage, rejected
+= as many characters from a random place in *another* section of the same split. Both
+completions have the same length (in bytes: the same number of tokens) and come from the
+same documentation, so neither length, style nor an end-of-text gives the answer away:
+only whether the text follows from the prompt. With ``--cut char`` (the default) the
+prompt ends anywhere, often inside a word, so the seam is where the evidence is; with
+``--cut word`` both completions start at a word boundary, which the small model here
+cannot learn to judge in minutes (held-out reward accuracy stays at chance).
 
 The model: the project's pretrained model (all-MiniLM) cannot generate, so the script
-first trains a small byte-level Llama-architecture model (Hugging Face Flax,
-transformers 4.x) briefly with SFT on the training prompts and chosen completions
-(``examples/sft_causal_lm.py``'s model, batching and train step), merges that adapter,
-and trains a fresh LoRA adapter with DPO over the merged SFT model. ``--model PATH``
-starts from a local Hugging Face causal-LM checkpoint instead (SFT skipped unless
-``--sft-steps`` says otherwise).
+first trains a small byte-level causal LM briefly with SFT: a random NNX Qwen3 from
+``jlora.models`` (4 layers, width 128; ``--family llama3`` for Llama 3), LoRA on its
+projections with the embedding and output layer trained in full, on the SFT sections'
+text (``examples/sft_causal_lm.py``'s tokenizer, batching and train step). That adapter
+is merged, and a fresh LoRA adapter is trained with DPO over the merged SFT model.
+``--model DIR`` starts from a local Hugging Face checkpoint instead (Qwen3 / Llama 3 /
+Gemma 3 safetensors load as NNX via ``jlora.models``; other architectures, e.g. GPT-2,
+as Hugging Face Flax models from transformers 4.x) with its own tokenizer; SFT is then
+skipped unless ``--sft-steps`` says otherwise.
 
-    python examples/dpo.py                       # ~4 minutes on 2 CPU cores
+    python examples/dpo.py                       # a few minutes on 2 CPU cores
     python examples/dpo.py --loss ipo --beta 0.5
-    python examples/dpo.py --model ~/models/gpt2 --completion-chars 64
+    python examples/dpo.py --model ~/models/Qwen3-0.6B --steps 100 --batch-size 4
     python examples/dpo.py --smoke               # seconds (CI)
 
-Outputs in --output-dir: sft_base/ (the merged SFT model, a Hugging Face Flax checkpoint
-that ``from_pretrained(..., from_flax=True)`` loads in PyTorch), adapter_peft/ (the DPO
-adapter in PEFT's format: ``PeftModel.from_pretrained`` on the PyTorch model loads it, as
-TRL's ``DPOTrainer`` output would be), dpo_curves.png, metrics.json.
+Outputs in --output-dir (default runs/dpo-pydoc): sft_base/ (the DPO base as a Hugging Face
+checkpoint with PyTorch weights: config.json + model.safetensors), adapter_peft/ (the DPO
+adapter in PEFT's format: ``PeftModel.from_pretrained`` on the PyTorch model of sft_base
+loads it, as it loads what TRL's ``DPOTrainer`` saves), dpo_curves.png, metrics.json.
 """
 
 from __future__ import annotations
@@ -49,6 +56,7 @@ import time
 T_START = time.perf_counter()
 
 import argparse  # noqa: E402
+import dataclasses  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import random  # noqa: E402
@@ -68,9 +76,10 @@ import optax  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 import jlora  # noqa: E402
+import jlora.name_maps  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import sft_causal_lm as sft  # noqa: E402  (model, tokenizers, batching, SFT step)
+import sft_causal_lm as sft  # noqa: E402  (tokenizers, batching, SFT step, HF Flax loader)
 from finetune_minilm_retrieval import _is_prose, sections  # noqa: E402  (pydoc sections)
 
 # --------------------------------------------------------------------------------------
@@ -90,41 +99,64 @@ def prose_sections(min_chars: int = 200) -> list[tuple[str, str]]:
     return out
 
 
-def preference_pairs(secs: list[tuple[str, str]], prompt_chars: int, completion_chars: int, seed: int) -> list[dict]:
-    """Non-overlapping windows of each section: prompt = heading + the window's start (cut
-    at a space), chosen = the next ``completion_chars`` characters, rejected = as many
-    characters starting at a random space of another section in ``secs``."""
+def preference_pairs(secs: list[tuple[str, str]], prompt_chars: int, completion_chars: int, seed: int,
+                     cut: str = "word", max_per_section: int | None = None, stride: int | None = None) -> list[dict]:
+    """Windows of each section: prompt = heading + the window's start, chosen = the next
+    ``completion_chars`` characters, rejected = as many characters of another section in
+    ``secs``. Windows start at word boundaries ``stride`` characters apart (default: one
+    after the other, no overlap). ``cut="word"``: the prompt ends before a space and both
+    completions start with one (a new word); ``cut="char"``: the prompt ends anywhere, so
+    the chosen text may finish the prompt's last word, and the rejected text starts
+    anywhere too."""
+    if cut not in ("word", "char"):
+        raise ValueError(f"cut must be 'word' or 'char', got {cut!r}")
     rng = random.Random(seed)
-    starts = [[m.start() for m in re.finditer(" ", t) if m.start() + completion_chars <= len(t)] for _, t in secs]
+    ok = lambda t, q: q + completion_chars <= len(t) and (cut == "char" or t[q] == " ")  # noqa: E731
+    starts = [[q for q in range(len(t)) if ok(t, q)] for _, t in secs]
     pairs = []
     for i, (title, text) in enumerate(secs):
-        s = 0
-        while True:
-            cut = text.rfind(" ", s + prompt_chars // 2, s + prompt_chars)
-            if cut < 0 or cut + completion_chars > len(text):
+        s, n = 0, 0
+        while max_per_section is None or n < max_per_section:
+            c = text.rfind(" ", s + prompt_chars // 2, s + prompt_chars) if cut == "word" else s + prompt_chars
+            if c < 0 or c + completion_chars > len(text):
                 break
             j = rng.choice([k for k in range(len(secs)) if k != i and starts[k]])
             q = rng.choice(starts[j])
-            pairs.append({"prompt": f"{title[:40]}\n{text[s:cut]}", "chosen": text[cut : cut + completion_chars],
+            pairs.append({"prompt": f"{title[:40]}\n{text[s:c]}", "chosen": text[c : c + completion_chars],
                           "rejected": secs[j][1][q : q + completion_chars], "section": title})
-            nxt = text.find(" ", cut + completion_chars)
+            n += 1
+            nxt = text.find(" ", c + completion_chars if stride is None else s + stride)
             if nxt < 0:
                 break
             s = nxt + 1
     return pairs
 
 
-def make_split(eval_fraction: float, seed: int, prompt_chars: int, completion_chars: int) -> tuple[list[dict], list[dict]]:
-    """Sections shuffled once (seeded); ``eval_fraction`` of them are held out. Pairs are
-    built within each split, so a held-out pair's three texts are never trained on."""
+def sft_examples(secs: list[tuple[str, str]], chars: int) -> list[tuple[str, str]]:
+    """(heading, text) windows of about ``chars`` characters (cut at spaces): the SFT data,
+    loss on the text."""
+    out = []
+    for title, text in secs:
+        s = 0
+        while s < len(text) - chars // 4:
+            e = text.rfind(" ", s + chars // 2, s + chars)
+            e = len(text) if e < 0 or s + chars >= len(text) else e
+            out.append((f"{title[:40]}\n", text[s:e]))
+            s = e + 1
+    return out
+
+
+def split_sections(eval_fraction: float, sft_fraction: float, seed: int):
+    """Sections shuffled once (seeded) into ``(sft, dpo, held_out)`` lists by the given
+    fractions (DPO gets the rest). The SFT model never sees the text of a DPO or held-out
+    pair, so DPO's training pairs are as new to it as the held-out ones; held-out pairs'
+    three texts are never trained on."""
     secs = prose_sections()
     order = list(range(len(secs)))
     random.Random(seed).shuffle(order)
-    n_held = max(2, round(eval_fraction * len(secs)))
-    held = sorted(order[:n_held])
-    train = [secs[k] for k in range(len(secs)) if k not in set(held)]
-    return (preference_pairs(train, prompt_chars, completion_chars, seed),
-            preference_pairs([secs[k] for k in held], prompt_chars, completion_chars, seed + 1))
+    n_held, n_sft = max(2, round(eval_fraction * len(secs))), round(sft_fraction * len(secs))
+    pick = lambda ks: [secs[k] for k in sorted(ks)]  # noqa: E731
+    return pick(order[n_held : n_held + n_sft]), pick(order[n_held + n_sft :]), pick(order[:n_held])
 
 
 def encode_pairs(pairs: list[dict], tok, seq_len: int) -> dict[str, np.ndarray]:
@@ -251,6 +283,126 @@ def base_kernels(lp: Any) -> list:
 # --------------------------------------------------------------------------------------
 
 
+# --------------------------------------------------------------------------------------
+# Models: an NNX decoder from jlora.models (built in, or a local checkpoint it reads), or a
+# Hugging Face Flax causal LM (transformers 4.x) for the checkpoints jlora.models does not read
+# --------------------------------------------------------------------------------------
+
+NNX_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclasses.dataclass
+class CausalLM:
+    """What the script needs of a model: ``apply(params, ids) -> logits``, its parameter
+    tree, a tokenizer, LoRA targets (and, for a random base over a new vocabulary, the
+    modules SFT trains in full), extra ``jlora.wrap`` arguments, and ``save(params, dir)``
+    writing a Hugging Face checkpoint with PyTorch weights (True) or Flax weights only."""
+
+    name: str
+    apply: Callable
+    params: Any
+    tok: Any
+    targets: list
+    modules_to_save: list
+    wrap_kwargs: dict
+    save: Callable
+
+
+def nnx_checkpoint(path: str) -> bool:
+    """Whether ``jlora.models`` reads this Hugging Face directory (safetensors + a model
+    type it builds)."""
+    from jlora.models import config_from_hf
+
+    d = Path(path)
+    if not (d / "config.json").is_file() or not list(d.glob("*.safetensors")):
+        return False
+    try:
+        config_from_hf(d / "config.json")
+    except (ValueError, KeyError):
+        return False
+    return True
+
+
+def random_nnx(cfg, seed: int):
+    """``jlora.models.build(cfg)``'s initialisation (weights normal(0, initializer_range),
+    norms at one) drawn with numpy over ``jlora.models.abstract(cfg)``: the same model
+    without compiling one XLA random-number program per parameter shape."""
+    from flax import nnx
+
+    import jlora.models as jm
+
+    graphdef, abstract = nnx.split(jm.abstract(cfg))
+    rs = np.random.default_rng(seed)
+
+    def draw(s):
+        x = np.ones(s.shape) if len(s.shape) == 1 else rs.normal(0.0, cfg.initializer_range, s.shape)
+        return jnp.asarray(x.astype(s.dtype))
+
+    return nnx.merge(graphdef, jax.tree_util.tree_map(draw, abstract))
+
+
+def build_nnx(args) -> CausalLM:
+    """A ``jlora.models`` NNX decoder: random over bytes (``--family``), or ``--model DIR``."""
+    from flax import nnx
+
+    import jlora.models as jm
+
+    if args.model:
+        module = jm.from_pretrained(os.path.expanduser(args.model))
+        tok, mts = sft.HFTokenizer(os.path.expanduser(args.model)), []
+    else:
+        d, layers = (32, 1) if args.smoke else (args.width, args.layers)
+        cfg = jm.DecoderConfig(args.family, 257, d, 3 * d, layers, num_heads=4, num_kv_heads=2, head_dim=d // 4,
+                               tie_embeddings=False, rope_theta=1e4)
+        module = random_nnx(cfg, args.seed)
+        # a random base over a new (byte) vocabulary: SFT trains its embedding and output
+        # layer in full (modules_to_save), as when adding tokens to a pretrained model
+        tok, mts = sft.ByteTokenizer(), ["embedder", "lm_head"]
+    graphdef, state = nnx.split(module)
+
+    def apply(params, ids):
+        return nnx.merge(graphdef, params)(ids)
+
+    def save(params, directory: Path) -> bool:
+        nnx.update(module, jax.device_get(params))
+        jm.save_pretrained(module, directory)  # config.json + model.safetensors, PyTorch names
+        if isinstance(tok, sft.HFTokenizer):
+            tok.tok.save_pretrained(directory)
+        return True
+
+    wrap_kwargs = {"apply_fn": apply, "example_args": (jnp.zeros((1, 8), jnp.int32),),
+                   "layouts": jlora.name_maps.layouts(state)}
+    name = f"{type(module).__name__} (jlora.models NNX, {'random, bytes' if not args.model else args.model})"
+    return CausalLM(name, apply, state, tok, NNX_TARGETS, mts, wrap_kwargs, save)
+
+
+def build_flax(args) -> CausalLM:
+    """A Hugging Face Flax causal LM (``examples/sft_causal_lm.py``'s loader)."""
+    model, tok, targets, mts = sft.build_model(args)
+
+    def save(params, directory: Path) -> bool:
+        model.save_pretrained(directory, params=jax.device_get(params))
+        if isinstance(tok, sft.HFTokenizer):
+            tok.tok.save_pretrained(directory)
+        try:  # the PyTorch twin, by transformers' own Flax -> PyTorch conversion
+            from transformers import AutoModelForCausalLM
+            from transformers.modeling_flax_pytorch_utils import load_flax_weights_in_pytorch_model
+        except ImportError:
+            return False
+        pt = load_flax_weights_in_pytorch_model(AutoModelForCausalLM.from_config(model.config), jax.device_get(params))
+        pt.save_pretrained(directory)
+        return True
+
+    apply = lambda params, ids: model(ids, params=params).logits  # noqa: E731
+    return CausalLM(f"{type(model).__name__} (Hugging Face Flax)", apply, model.params, tok, targets, mts, {}, save)
+
+
+def build(args) -> CausalLM:
+    if args.model and not nnx_checkpoint(os.path.expanduser(args.model)):
+        return build_flax(args)
+    return build_nnx(args)
+
+
 def plot(path: Path, losses, margins, evals, loss_type: str) -> None:
     import matplotlib
 
@@ -286,21 +438,29 @@ def plot(path: Path, losses, margins, evals, loss_type: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", help="path to a local Hugging Face causal-LM checkpoint (Flax or PyTorch weights)")
-    ap.add_argument("--arch", choices=["llama", "gpt2"], default="llama", help="built-in random-init architecture")
+    ap.add_argument("--model", help="a local Hugging Face causal-LM directory: safetensors of a model jlora.models "
+                    "builds (Qwen3, Llama 3, Gemma 3) load as NNX; others (e.g. GPT-2, Mistral) as HF Flax")
+    ap.add_argument("--family", choices=["qwen3", "llama3"], default="qwen3", help="the built-in random NNX model")
+    ap.add_argument("--width", type=int, default=128, help="built-in model: hidden size (MLP: 3x)")
+    ap.add_argument("--layers", type=int, default=4, help="built-in model: decoder layers")
     ap.add_argument("--loss", choices=["sigmoid", "ipo"], default="sigmoid", help="DPO (sigmoid) or IPO")
     ap.add_argument("--beta", type=float, default=0.1)
     ap.add_argument("--steps", type=int, default=150, help="DPO steps")
     ap.add_argument("--batch-size", type=int, default=16, help="pairs per DPO step")
     ap.add_argument("--rank", type=int, default=16, help="DPO adapter rank")
-    ap.add_argument("--lr", type=float, default=2e-3, help="DPO learning rate")
+    ap.add_argument("--lr", type=float, default=1e-3, help="DPO learning rate")
     ap.add_argument("--sft-steps", type=int, help="SFT steps before DPO (default 300; 0 with --model)")
     ap.add_argument("--sft-rank", type=int, default=32)
     ap.add_argument("--sft-lr", type=float, default=3e-3)
+    ap.add_argument("--sft-chars", type=int, default=144, help="length of the SFT text windows")
     ap.add_argument("--prompt-chars", type=int, default=96)
-    ap.add_argument("--completion-chars", type=int, default=48)
+    ap.add_argument("--completion-chars", type=int, default=16)
+    ap.add_argument("--cut", choices=["char", "word"], default="char", help="where prompts end (see preference_pairs)")
+    ap.add_argument("--stride", type=int, default=12, help="characters between the starts of training windows")
     ap.add_argument("--eval-fraction", type=float, default=0.2, help="fraction of sections held out")
-    ap.add_argument("--eval-every", type=int, default=30)
+    ap.add_argument("--sft-fraction", type=float, default=0.4, help="fraction of sections for SFT (the rest: DPO)")
+    ap.add_argument("--eval-per-section", type=int, default=16, help="at most this many held-out pairs per section")
+    ap.add_argument("--eval-every", type=int, default=50)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--output-dir", default="runs/dpo-pydoc")
     ap.add_argument("--smoke", action="store_true", help="a few steps of a tiny model, for CI")
@@ -309,50 +469,61 @@ def main() -> None:
         args.sft_steps = 0 if args.model else 300
     if args.smoke:
         args.steps, args.sft_steps, args.batch_size, args.eval_every = 3, 3, 4, 2
-        args.prompt_chars, args.completion_chars, args.rank, args.sft_rank = 32, 16, 4, 4
+        args.prompt_chars, args.completion_chars, args.sft_chars, args.rank, args.sft_rank = 32, 16, 48, 4, 4
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
 
     # ---- data
-    train_pairs, test_pairs = make_split(args.eval_fraction, args.seed, args.prompt_chars, args.completion_chars)
+    sft_secs, dpo_secs, held_secs = split_sections(args.eval_fraction, args.sft_fraction if args.sft_steps else 0.0,
+                                                   args.seed)
+    train_pairs = preference_pairs(dpo_secs, args.prompt_chars, args.completion_chars, args.seed, cut=args.cut,
+                                   stride=args.stride)
+    test_pairs = preference_pairs(held_secs, args.prompt_chars, args.completion_chars, args.seed + 1, cut=args.cut,
+                                  max_per_section=args.eval_per_section)
+    sft_data = sft_examples(sft_secs, args.sft_chars)
     if args.smoke:
-        train_pairs, test_pairs = train_pairs[:16], test_pairs[:8]
-    print(f"data: pydoc_data.topics -> {len(train_pairs)} train pairs, {len(test_pairs)} held-out pairs "
-          f"({len({p['section'] for p in test_pairs})} held-out sections)")
+        train_pairs, test_pairs, sft_data = train_pairs[:16], test_pairs[:8], sft_data[:16]
+    print(f"data: pydoc_data.topics -> {len(sft_data)} SFT windows ({len(sft_secs)} sections), "
+          f"{len(train_pairs)} DPO pairs ({len(dpo_secs)} sections), {len(test_pairs)} held-out pairs "
+          f"({len({p['section'] for p in test_pairs})} sections)")
     ex = test_pairs[0]
     print(f"  prompt  : {ex['prompt']!r}\n  chosen  : {ex['chosen']!r}\n  rejected: {ex['rejected']!r}")
 
-    model, tok, targets, modules_to_save = sft.build_model(args)
+    lm = build(args)
+    tok = lm.tok
+    print(f"model: {lm.name}")
     enc = lambda s: len(tok.encode(s))  # noqa: E731
     seq_len = max(enc(p["prompt"]) + max(enc(p["chosen"]), enc(p["rejected"])) + 1 for p in train_pairs + test_pairs)
     seq_len = -(-seq_len // 16) * 16
     train, test = encode_pairs(train_pairs, tok, seq_len), encode_pairs(test_pairs, tok, seq_len)
-    forward = jlora.lora(lambda params, x: model(x, params=params).logits)
+    forward = jlora.lora(lm.apply)
     rng = np.random.default_rng(args.seed)
 
-    # ---- SFT on the training prompts and their chosen completions (sft_causal_lm's step)
-    base = model.params
+    # ---- SFT on text of its own sections (sft_causal_lm's batching and train step)
+    base = lm.params
     if args.sft_steps > 0:
-        cfg = jlora.LoraConfig(r=args.sft_rank, lora_alpha=2 * args.sft_rank, target_modules=targets,
-                               modules_to_save=modules_to_save)
-        trainable, frozen = jlora.partition(jlora.wrap(base, cfg, rng=jax.random.key(args.seed)))
+        sft_len = -(-max(enc(p) + enc(t) + 1 for p, t in sft_data) // 16) * 16
+        sft_ids, sft_mask = sft.batchify(sft_data, tok, sft_len)
+        cfg = jlora.LoraConfig(r=args.sft_rank, lora_alpha=2 * args.sft_rank, target_modules=lm.targets,
+                               modules_to_save=lm.modules_to_save)
+        trainable, frozen = jlora.partition(jlora.wrap(base, cfg, rng=jax.random.key(args.seed), **lm.wrap_kwargs))
         tx = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, args.sft_lr, max(args.sft_steps // 20, 1),
                                                             args.sft_steps))
         opt_state = tx.init(trainable)
         sft_step = jax.jit(sft.make_sft_step(forward, tx))
         bar = tqdm(range(args.sft_steps), desc="sft", unit="step", mininterval=0.5)
         for i in bar:
-            idx = rng.integers(0, len(train_pairs), args.batch_size)
-            trainable, opt_state, loss = sft_step(trainable, frozen, opt_state, train["ids_c"][idx], train["m_c"][idx])
+            idx = rng.integers(0, len(sft_data), args.batch_size)
+            trainable, opt_state, loss = sft_step(trainable, frozen, opt_state, sft_ids[idx], sft_mask[idx])
             first = float(loss) if i == 0 else first
             if i % 10 == 0 or i == args.sft_steps - 1:
                 bar.set_postfix(loss=f"{float(loss):.3f}", refresh=False)
-        print(f"SFT: completion loss {first:.3f} -> {float(loss):.3f} nats/byte over {args.sft_steps} steps")
+        print(f"SFT: loss {first:.3f} -> {float(loss):.3f} nats/token over {args.sft_steps} steps")
         base = jlora.merge(jlora.combine(trainable, frozen))  # plain params: the DPO base and reference
 
     # ---- DPO: a fresh adapter over the (SFT-merged) base; the reference is the base itself
-    config = jlora.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=targets)
-    lp = jlora.wrap(base, config, rng=jax.random.key(args.seed + 1))
+    config = jlora.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=lm.targets)
+    lp = jlora.wrap(base, config, rng=jax.random.key(args.seed + 1), **lm.wrap_kwargs)
     jlora.print_trainable_parameters(lp)
     ref_tree = jlora.disable_adapter(lp)
     shared = all(a.unsafe_buffer_pointer() == b.unsafe_buffer_pointer()
@@ -416,9 +587,7 @@ def main() -> None:
 
     # ---- outputs: the SFT base (Flax HF checkpoint), the adapter in PEFT's format, curves, metrics
     base_dir = out / "sft_base"
-    model.save_pretrained(base_dir, params=jax.device_get(base))
-    if isinstance(tok, sft.HFTokenizer):
-        tok.tok.save_pretrained(base_dir)
+    torch_twin = lm.save(base, base_dir)
     lp = jlora.combine(trainable, frozen)
     peft_dir = jlora.save_peft(out / "adapter_peft", lp, config=config, base_model_name_or_path=str(base_dir.resolve()),
                                task_type="CAUSAL_LM")
@@ -426,8 +595,9 @@ def main() -> None:
     same = all(np.array_equal(np.asarray(x), np.asarray(y))
                for x, y in zip(jax.tree_util.tree_leaves(reread), jax.tree_util.tree_leaves(lp)))
     print(f"adapter saved in PEFT format: {peft_dir} (read back identical: {same})")
-    print(f"  torch: PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({str(base_dir)!r}, "
-          f"from_flax=True), {str(peft_dir)!r})")
+    if torch_twin:
+        print(f"  torch: PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({str(base_dir)!r}), "
+              f"{str(peft_dir)!r})")
     plot(out / "dpo_curves.png", losses, margins, evals, args.loss)
     print(f"curves: {out / 'dpo_curves.png'}")
 

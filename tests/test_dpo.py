@@ -32,7 +32,6 @@ import jlora  # noqa: E402
 import dpo  # noqa: E402
 import sft_causal_lm as sft  # noqa: E402
 
-LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def _pairs(n: int, t: int, vocab: int, seed: int = 0):
@@ -54,66 +53,35 @@ def _pairs(n: int, t: int, vocab: int, seed: int = 0):
 
 
 @functools.lru_cache(maxsize=None)
-def _llama():
-    """The example's architecture (HF Flax Llama), tiny; wrapped with non-zero A and B."""
-    from transformers import FlaxLlamaForCausalLM, LlamaConfig
+def _qwen3():
+    """The example's model (jlora.models' NNX Qwen3), tiny, random (numpy-filled: no XLA
+    compile per parameter shape); wrapped with non-zero A and B."""
+    from flax import nnx
 
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
-    model = FlaxLlamaForCausalLM(cfg, seed=0)
-    config = jlora.LoraConfig(r=4, lora_alpha=8, target_modules=LLAMA_TARGETS, init_lora_weights=False)
-    lp = jlora.wrap(model.params, config, rng=jax.random.key(1))
-    apply = lambda p, x: model(x, params=p).logits  # noqa: E731
-    return model, apply, lp
+    import jlora.models as jm
 
-
-def test_dpo_step_arguments_hold_one_base():
-    """(a) memory_analysis: DPO step == SFT step (same batch bytes); a reference copy adds the base."""
-    model, apply, lp = _llama()
-    forward = jlora.lora(apply)
-    trainable, frozen = jlora.partition(lp)
-    tx = optax.adamw(1e-3)
-    opt_state = tx.init(trainable)
-    ids_c, m_c, ids_r, m_r = _pairs(4, 15, 64)
-
-    dpo_c = jax.jit(dpo.make_dpo_step(forward, tx, 0.1)).lower(
-        trainable, frozen, opt_state, ids_c, m_c, ids_r, m_r).compile()
-    sft_c = jax.jit(sft.make_sft_step(forward, tx)).lower(
-        trainable, frozen, opt_state, np.concatenate([ids_c, ids_r]), np.concatenate([m_c, m_r])).compile()
-
-    def with_copy(trainable, frozen, ref_params, opt_state, ids_c, m_c, ids_r, m_r):
-        """What a reference model as a second set of weights costs."""
-        ids, m = jnp.concatenate([ids_c, ids_r]), jnp.concatenate([m_c, m_r])
-        ref = dpo.sequence_logps(apply, ref_params, ids, m).reshape(2, -1)
-
-        def loss(t):
-            pi = dpo.sequence_logps(forward, jlora.combine(t, frozen), ids, m).reshape(2, -1)
-            return dpo.preference_loss(pi, ref, jnp.ones_like(pi), 0.1)
-
-        g = jax.grad(loss)(trainable)
-        upd, opt_state = tx.update(g, opt_state, trainable)
-        return optax.apply_updates(trainable, upd), opt_state
-
-    copy_c = jax.jit(with_copy).lower(trainable, frozen, model.params, opt_state, ids_c, m_c, ids_r, m_r).compile()
-
-    dpo_b, sft_b, copy_b = (int(c.memory_analysis().argument_size_in_bytes) for c in (dpo_c, sft_c, copy_c))
-    base_b = sum(x.nbytes for x in jax.tree_util.tree_leaves(model.params))
-    print(f"\nargument bytes: DPO {dpo_b:,}, SFT {sft_b:,}, DPO with a reference copy {copy_b:,}; base {base_b:,}")
-    assert base_b > 0.4 * sft_b  # the base dominates the arguments, so "a few percent" can see a copy
-    assert abs(dpo_b - sft_b) <= 0.02 * sft_b, (dpo_b, sft_b)
-    assert copy_b - sft_b >= 0.95 * base_b, (copy_b, sft_b, base_b)
+    cfg = jm.DecoderConfig("qwen3", 64, 32, 64, 1, num_heads=4, num_kv_heads=2, head_dim=8, rope_theta=1e4)
+    graphdef, abstract = nnx.split(jm.abstract(cfg))
+    rs = np.random.RandomState(0)
+    fill = lambda s: jnp.asarray((1.0 if len(s.shape) == 1 else 0.0) + 0.2 * rs.randn(*s.shape), s.dtype)  # noqa: E731
+    state = jax.tree_util.tree_map(fill, abstract)
+    apply = lambda p, x: nnx.merge(graphdef, p)(x)  # noqa: E731
+    config = jlora.LoraConfig(r=4, lora_alpha=8, target_modules=dpo.NNX_TARGETS, init_lora_weights=False)
+    lp = jax.jit(lambda st: jlora.wrap(st, config, rng=jax.random.key(1), apply_fn=apply,
+                                       example_args=(jnp.zeros((1, 4), jnp.int32),)))(state)
+    return state, apply, lp
 
 
 def test_reference_logps_are_the_base_models_exactly():
     """(b) disable_adapter(lp) through jlora.lora == the plain model on the unwrapped params, bitwise."""
-    model, apply, lp = _llama()
+    base, apply, lp = _qwen3()
     batch = _pairs(4, 15, 64, seed=1)
     forward = jlora.lora(apply)
     pi, ref = jax.jit(lambda lp, *b: dpo.pair_logps(forward, lp, *b))(lp, *batch)
     ids, m = np.concatenate([batch[0], batch[2]]), np.concatenate([batch[1], batch[3]])
-    base = jax.jit(lambda p: dpo.sequence_logps(apply, p, ids, m))(model.params)
-    np.testing.assert_array_equal(np.asarray(ref).reshape(-1), np.asarray(base))
-    assert np.abs(np.asarray(pi).reshape(-1) - np.asarray(base)).max() > 1e-3  # the adapter is on for the policy
+    plain = jax.jit(lambda p: dpo.sequence_logps(apply, p, ids, m))(base)
+    np.testing.assert_array_equal(np.asarray(ref).reshape(-1), np.asarray(plain))
+    assert np.abs(np.asarray(pi).reshape(-1) - np.asarray(plain)).max() > 1e-3  # the adapter is on for the policy
     # and no second copy outside jit either: the reference tree holds the policy's W buffers
     kern = dpo.base_kernels
     assert all(a.unsafe_buffer_pointer() == b.unsafe_buffer_pointer()
@@ -136,7 +104,7 @@ def _decoder(p, ids):
     def norm(v, scale):
         return v * jax.lax.rsqrt(jnp.mean(v * v, -1, keepdims=True) + 1e-6) * scale
 
-    for i in range(LAYERS):
+    for i in range(sum(k.startswith("layer_") for k in p)):
         layer = p[f"layer_{i}"]
         h = norm(x, layer["norm1"]["scale"])
         q, k, v = (jnp.reshape(h @ layer[n]["kernel"], h.shape[:2] + (HEADS, -1)) for n in ("q_proj", "k_proj", "v_proj"))
@@ -149,12 +117,12 @@ def _decoder(p, ids):
     return norm(x, p["norm"]["scale"]) @ p["lm_head"]["kernel"]
 
 
-def _decoder_params(seed: int = 0):
+def _decoder_params(seed: int = 0, layers: int = LAYERS):
     rs = np.random.RandomState(seed)
     w = lambda *s: (rs.randn(*s) / math.sqrt(s[0])).astype(np.float32)  # noqa: E731
     p = {"embed": {"embedding": rs.randn(VOCAB, H).astype(np.float32)}, "norm": {"scale": 1 + 0.1 * rs.randn(H).astype(np.float32)},
          "lm_head": {"kernel": w(H, VOCAB)}}
-    for i in range(LAYERS):
+    for i in range(layers):
         p[f"layer_{i}"] = {"norm1": {"scale": 1 + 0.1 * rs.randn(H).astype(np.float32)},
                            "norm2": {"scale": 1 + 0.1 * rs.randn(H).astype(np.float32)},
                            "q_proj": {"kernel": w(H, H)}, "k_proj": {"kernel": w(H, H)}, "v_proj": {"kernel": w(H, H)},
@@ -186,24 +154,31 @@ def _reference_loss(ab, base, batch, beta, loss_type, scale):
     return jnp.mean(jnp.log1p(jnp.exp(-beta * h)))
 
 
-@pytest.mark.parametrize("loss_type,beta", [("sigmoid", 0.5), ("ipo", 0.5)])
-def test_dpo_gradient_matches_float64_reference(loss_type, beta):
-    """(c) dL/dA, dL/dB from the example's loss (float32, jlora.lora) == float64 jax.grad on merged weights."""
+LOSSES = (("sigmoid", 0.5), ("ipo", 0.5))
+
+
+def test_dpo_gradient_matches_float64_reference():
+    """(c) dL/dA, dL/dB of DPO and IPO from the example's loss (float32, jlora.lora) ==
+    float64 jax.grad on explicitly merged weights (each side: both losses in one compile)."""
     base = _decoder_params()
     r, alpha = 4, 8
-    config = jlora.LoraConfig(r=r, lora_alpha=alpha, target_modules=LLAMA_TARGETS, init_lora_weights=False)
-    lp = jlora.wrap(base, config, rng=jax.random.key(2))
+    config = jlora.LoraConfig(r=r, lora_alpha=alpha, target_modules=dpo.NNX_TARGETS, init_lora_weights=False)
+    lp = jax.jit(lambda p: jlora.wrap(p, config, rng=jax.random.key(2)))(base)
     # B = 0 would leave dL/dA = 0; init_lora_weights=False draws both, scaled so the policy moves
     lp = jax.tree_util.tree_map(lambda x: x.replace(b=x.b * 3.0) if isinstance(x, jlora.LoraWeight) else x, lp,
                                 is_leaf=lambda x: isinstance(x, jlora.LoraWeight))
     batch = tuple(jnp.asarray(b) for b in _pairs(3, 11, VOCAB, seed=3))
     trainable, frozen = jlora.partition(lp)
+    forward = jlora.lora(_decoder)
 
-    (loss32, _), g32 = jax.jit(jax.value_and_grad(dpo.dpo_loss, has_aux=True), static_argnums=(2, 4, 5))(
-        trainable, frozen, jlora.lora(_decoder), batch, beta, loss_type)
+    @jax.jit
+    def ours(trainable, frozen, batch):
+        return [jax.value_and_grad(dpo.dpo_loss, has_aux=True)(trainable, frozen, forward, batch, beta, lt)
+                for lt, beta in LOSSES]
+
+    got = ours(trainable, frozen, batch)
     is_node = lambda x: isinstance(x, jlora.LoraWeight)  # noqa: E731
     nodes = jax.tree_util.tree_leaves(lp, is_leaf=is_node)
-    gnodes = jax.tree_util.tree_leaves(g32, is_leaf=lambda x: x is None or is_node(x))  # None: frozen leaves
     idx = [k for k, n in enumerate(nodes) if is_node(n)]  # lp's nodes sit where base's leaves are
     assert len(idx) == 7 * LAYERS and len(nodes) == len(jax.tree_util.tree_leaves(base))
 
@@ -212,12 +187,46 @@ def test_dpo_gradient_matches_float64_reference(loss_type, beta):
         base64 = jax.tree_util.tree_map(f64, base)
         ab = {k: (f64(nodes[k].a), f64(nodes[k].b)) for k in idx}
         batch64 = tuple(jnp.asarray(np.asarray(b, np.float64 if b.dtype == np.float32 else np.int64)) for b in batch)
-        loss64, g64 = jax.value_and_grad(_reference_loss)(ab, base64, batch64, beta, loss_type, alpha / r)
-        loss64, g64 = float(loss64), {k: (np.asarray(a), np.asarray(b)) for k, (a, b) in g64.items()}
+        ref = jax.jit(lambda ab, base, batch: [jax.value_and_grad(_reference_loss)(ab, base, batch, beta, lt, alpha / r)
+                                               for lt, beta in LOSSES])(ab, base64, batch64)
+        ref = [(float(l), {k: (np.asarray(a), np.asarray(b)) for k, (a, b) in g.items()}) for l, g in ref]
 
-    assert abs(float(loss32) - loss64) <= 1e-5 * max(1.0, abs(loss64)), (float(loss32), loss64)
-    scale = max(np.abs(g).max() for pair in g64.values() for g in pair)
-    assert scale > 1e-3  # a gradient worth comparing
-    for k in idx:
-        for got, want, name in ((gnodes[k].a, g64[k][0], "A"), (gnodes[k].b, g64[k][1], "B")):
-            np.testing.assert_allclose(np.asarray(got), want, rtol=1e-3, atol=1e-4 * scale, err_msg=f"node {k} {name}")
+    for (lt, _), ((loss32, _), g32), (loss64, g64) in zip(LOSSES, got, ref):
+        assert abs(float(loss32) - loss64) <= 1e-5 * max(1.0, abs(loss64)), (lt, float(loss32), loss64)
+        gnodes = jax.tree_util.tree_leaves(g32, is_leaf=lambda x: x is None or is_node(x))  # None: frozen leaves
+        scale = max(np.abs(g).max() for pair in g64.values() for g in pair)
+        assert scale > 1e-3, lt  # a gradient worth comparing
+        for k in idx:
+            for mine, want, name in ((gnodes[k].a, g64[k][0], "A"), (gnodes[k].b, g64[k][1], "B")):
+                np.testing.assert_allclose(np.asarray(mine), want, rtol=1e-3, atol=1e-4 * scale,
+                                           err_msg=f"{lt}: node {k} {name}")
+
+
+def test_dpo_step_arguments_hold_one_base():
+    """(a) memory_analysis: DPO step == SFT step (same batch bytes); a reference copy adds the base."""
+    base, apply = _decoder_params(layers=1), _decoder
+    config = jlora.LoraConfig(r=2, lora_alpha=4, target_modules=dpo.NNX_TARGETS)
+    lp = jax.jit(lambda p: jlora.wrap(p, config, rng=jax.random.key(1)))(base)
+    forward = jlora.lora(apply)
+    trainable, frozen = jlora.partition(lp)
+    tx = optax.adamw(1e-3)
+    opt_state = tx.init(trainable)
+    ids_c, m_c, ids_r, m_r = _pairs(4, 15, VOCAB)
+
+    dpo_c = jax.jit(dpo.make_dpo_step(forward, tx, 0.1)).lower(
+        trainable, frozen, opt_state, ids_c, m_c, ids_r, m_r).compile()
+    sft_c = jax.jit(sft.make_sft_step(forward, tx)).lower(
+        trainable, frozen, opt_state, np.concatenate([ids_c, ids_r]), np.concatenate([m_c, m_r])).compile()
+
+    def with_copy(trainable, frozen, ref_params, opt_state, ids_c, m_c, ids_r, m_r):
+        """The same arguments plus a reference model as a second set of weights."""
+        return dpo.sequence_logps(apply, ref_params, ids_c, m_c)
+
+    copy_c = jax.jit(with_copy, keep_unused=True).lower(trainable, frozen, base, opt_state, ids_c, m_c, ids_r, m_r).compile()
+
+    dpo_b, sft_b, copy_b = (int(c.memory_analysis().argument_size_in_bytes) for c in (dpo_c, sft_c, copy_c))
+    base_b = sum(x.nbytes for x in jax.tree_util.tree_leaves(base))
+    print(f"\nargument bytes: DPO {dpo_b:,}, SFT {sft_b:,}, DPO with a reference copy {copy_b:,}; base {base_b:,}")
+    assert base_b > 0.4 * sft_b  # the base dominates the arguments, so "a few percent" can see a copy
+    assert abs(dpo_b - sft_b) <= 0.02 * sft_b, (dpo_b, sft_b)
+    assert copy_b - sft_b >= 0.95 * base_b, (copy_b, sft_b, base_b)
