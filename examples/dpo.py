@@ -511,6 +511,7 @@ def main() -> None:
                                                             args.sft_steps))
         opt_state = tx.init(trainable)
         sft_step = jax.jit(sft.make_sft_step(forward, tx))
+        first = float("nan")
         bar = tqdm(range(args.sft_steps), desc="sft", unit="step", mininterval=0.5)
         for i in bar:
             idx = rng.integers(0, len(sft_data), args.batch_size)

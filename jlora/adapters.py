@@ -17,11 +17,10 @@ Functional, like the rest of jlora: each function returns a new tree.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any, Literal, Optional, Union
 
 import jax
@@ -30,7 +29,7 @@ import numpy as np
 
 from .config import LoraConfig
 from .quantization import is_quantized
-from .weight import DEFAULT_ADAPTER, LoraWeight, MultiLoraWeight, Trainable, delta
+from .weight import DEFAULT_ADAPTER, LoraWeight, MultiLoraWeight, Trainable
 from .weight import is_lora_node as _is_node
 
 __all__ = [

@@ -413,11 +413,8 @@ class Rule:
         """Kernel roles (``"stack"`` for a split axis) for ``linear``/``embedding`` rules."""
         if self.kind == "param":
             return None
-        if self.kind == "embedding":
-            groups = self._groups
-            ins, outs = set(groups[0]), set(x for g in groups[1:] for x in g)
-        else:
-            outs, ins = set(self._groups[0]), set(self._groups[1])
+        # an embedding's table is indexed by its first group; a linear contracts its second
+        ins = set(self._groups[0] if self.kind == "embedding" else self._groups[1])
         roles = []
         for i, x in enumerate(self._letters):
             if self.is_split and i == 0:

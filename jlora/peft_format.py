@@ -723,7 +723,6 @@ def read_peft(directory: Union[str, os.PathLike], *, verify: bool = True) -> Ada
             continue  # copies PEFT also writes next to the trained module
         name = name.replace(".base_layer.", ".")
         params.append(ParamRecord(path=None, value=x, torch=(name,), torch_layout=True))
-    rslora = bool(config.use_rslora)
     targets: list[TargetRecord] = []
     stray = sorted(set(magnitudes) - set(factors))
     if stray:

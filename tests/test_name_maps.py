@@ -14,7 +14,7 @@ import pytest
 
 import jlora
 from jlora import name_maps
-from family_models import FAMILIES, case, peft_adapter, torch_logits
+from family_models import FAMILIES, case, peft_adapter
 
 TOL = 1e-4
 

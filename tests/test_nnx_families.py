@@ -13,7 +13,7 @@ from flax import nnx
 
 import jlora
 import jlora.models as jm
-from family_models import FAMILIES, VOCAB, case, hf_config, randomize, torch_class, torch_logits
+from family_models import FAMILIES, VOCAB, case, hf_config, torch_class, torch_logits
 
 TOL = 1e-4
 

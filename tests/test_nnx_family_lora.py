@@ -13,7 +13,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from flax import nnx
 
 import jlora
 from family_models import FAMILIES, NNX_TARGETS, TARGETS, case, peft_adapter, torch_logits
