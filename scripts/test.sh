@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # jlora's test suite from a fresh clone: set up a virtual environment, install jlora with
 # its test extra (PEFT + torch CPU for reference tests, transformers <5 for Flax models),
-# then run pytest. Extra arguments go to pytest (e.g. -k transform). The suite also makes
+# then run pytest (pytest-xdist, JLORA_TEST_WORKERS workers, default one per core). Extra
+# arguments go to pytest (e.g. -k transform). The suite also makes
 # (or reuses) a second venv, .venv-tf5/ with transformers 5 and no torch, through
 # scripts/venv-tf5.sh, and runs both notebooks in it (JLORA_SKIP_TF5=1 skips that).
 set -euo pipefail
@@ -11,4 +12,6 @@ PYTHON="${PYTHON:-python3}"
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e ".[test]"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-exec .venv/bin/python -m pytest -q "$@"
+# Two workers (one per core here, more where there are more cores); each test file runs
+# whole in one worker, so the models a file compiles once are shared by its tests.
+exec .venv/bin/python -m pytest -q -n "${JLORA_TEST_WORKERS:-auto}" --dist loadfile "$@"
