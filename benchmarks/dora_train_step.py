@@ -166,7 +166,11 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--no-torch", action="store_true", help="skip PEFT (cost analysis and jlora times only)")
     ap.add_argument("--write", action="store_true", help="write the section of BENCHMARKS.md")
+    ap.add_argument("--cost-only", action="store_true",
+                    help="compile and print the XLA cost and the bounds only (no timing, no PEFT)")
     args = ap.parse_args(argv)
+    if args.cost_only and args.write:
+        ap.error("--cost-only and --write exclude each other (BENCHMARKS.md needs the timings)")
 
     from transformers import FlaxGPT2LMHeadModel
 
@@ -186,8 +190,8 @@ def main(argv=None) -> int:
         hlo = s.compiled.as_text()
         cost[s.name] = (float(xla_cost(s.compiled).get("flops", 0.0)), peak_bytes(s.compiled),
                         kernel_shaped_matmuls(hlo, kernels))
-    timed = [s for s in steps if s.timed]
-    if not args.no_torch:
+    timed = [] if args.cost_only else [s for s in steps if s.timed]
+    if not args.no_torch and not args.cost_only:
         threads = os.cpu_count() or 1
         timed += [PeftStep("lora (PEFT)", cfg, params, np.asarray(ids), threads, False),
                   PeftStep("dora (PEFT)", cfg, params, np.asarray(ids), threads, True)]
@@ -205,7 +209,7 @@ def main(argv=None) -> int:
                      f"{peak / lora_b:.4f}", str(n_mm)])
     cost_table = table(rows, ["step", "GFLOP", "/ lora", "peak compiled bytes", "/ lora", "kernel-shaped matmuls"])
     t_rows = []
-    base_t = statistics.median(timed[0].step_s)
+    base_t = statistics.median(timed[0].step_s) if timed else 0.0
     for s in timed:
         med = statistics.median(s.step_s)
         t_rows.append([s.name, f"{med * 1e3:,.1f} ms", f"{med / base_t:.3f}", f"{s.losses[0]:.4f}", f"{s.losses[-1]:.4f}"])
@@ -221,7 +225,7 @@ def main(argv=None) -> int:
     report = "\n".join([
         f"Setting: {shape}, r=8, alpha=16, c_attn + c_proj, lora_dropout=0, AdamW; {args.steps} timed steps after "
         f"{args.warmup} warm-up, variants interleaved.", "", "XLA cost of one compiled step:", "", cost_table, "",
-        "CPU step time (wall clock, median):", "", time_table, "", *[f"- {c}" for c in checks],
+        *(["CPU step time (wall clock, median):", "", time_table, ""] if timed else []), *[f"- {c}" for c in checks],
     ])
     print(report)
     if args.write:
