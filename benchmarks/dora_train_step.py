@@ -241,7 +241,12 @@ def main(argv=None) -> int:
              "needs each target's pre-scale output z = x·W + s·(x·A)·B (tokens x d_out, kept from the forward; "
              "here 12 layers x 512 tokens x (2304 + 768 + 768) x 4 B = 90 MiB). The only alternatives are to "
              "recompute x·W in the backward pass (+22% FLOPs here) or the weight gradient xᵀg (kernel-shaped); "
-             "jlora keeps z."],
+             "jlora keeps z. Recomputing x·W for some targets only cannot meet both 1.05x bounds either: it "
+             "frees T·d_out·4 bytes for 2·T·d_in·d_out FLOPs, at best (d_in = 768) 0.40 GFLOP per MiB, and "
+             "1.05x the LoRA step's peak needs about 31 of the 90 MiB dropped (12.5 GFLOP), more than the "
+             "~11.9 GFLOP the FLOPs bound leaves. Keeping the output y = k⊙z instead of z (∂m = Σ g⊙y / k) "
+             "saves nothing here: no GPT-2 target's output is kept by the model (biases follow each product, "
+             "attention keeps its own transposed q, k, v)."],
             command=command.strip(), source=provenance(), packages=["jax", "jaxlib", "flax", "optax", "torch", "peft",
                                                                     "transformers"],
             report=report,
