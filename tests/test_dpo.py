@@ -32,7 +32,6 @@ import dpo  # noqa: E402
 import sft_causal_lm as sft  # noqa: E402
 
 
-
 def _pairs(n: int, t: int, vocab: int, seed: int = 0):
     """n preference pairs of length t + 1: a shared prompt, different completions, padded
     with masks 1 on the positions that predict a completion token."""
