@@ -955,9 +955,12 @@ def _rule_dot_general(eqn, invals, ctx):
 def _dora_scaled_inputs(lv, x, xc, xb, cgroups, stack_batch, stack_free, ctx):
     """For ``x·W_effᵀ`` (a contraction over the kernel's output axes) with DoRA adapters:
     ``[x⊙c₀, x⊙c₁, …]`` where ``c₀ = Πⱼ kⱼ`` scales the base product and ``cᵢ = Π_{j≥i} kⱼ``
-    adapter ``i``'s branch (PEFT's in-order composition); None where it cannot be done
-    (a stack axis of the kernel is not an axis of x, or a mixed batch)."""
-    if stack_free or ctx.adapter_ids is not None:
+    adapter ``i``'s branch (PEFT's in-order composition). In a mixed batch each example
+    ``e`` has one adapter ``j``: every entry is ``x_e⊙k_j`` (``x_e`` for the base model;
+    the caller masks the other adapters' branches). None where it cannot be done (a stack
+    axis of the kernel is not an axis of x, or the example axis of x is contracted)."""
+    ids = ctx.adapter_ids
+    if stack_free or (ids is not None and (0 in xc or x.shape[0] != ids.shape[0])):
         return None
     x_labels = []
     free = 0
@@ -969,6 +972,19 @@ def _dora_scaled_inputs(lv, x, xc, xb, cgroups, stack_batch, stack_free, ctx):
         else:
             x_labels.append(("x", free))
             free += 1
+    acc = jnp.promote_types(x.dtype, jnp.float32)
+    if ids is not None:  # one adapter per example: c_e = k of its adapter (1 for the base / plain LoRA)
+        c = jnp.ones((), acc)
+        for p in lv.pairs:
+            if p.k is None:
+                continue
+            kk = _k_on(p.k, lv.n_stack, x_labels)
+            if kk is None:
+                return None
+            m = (ids == p.gid).astype(acc).reshape((-1,) + (1,) * (x.ndim - 1))
+            c = c + m * (kk.astype(acc) - 1)
+        scaled = (x.astype(acc) * c).astype(x.dtype)
+        return [scaled] * (len(lv.pairs) + 1)
     cum = []
     c = None
     for p in reversed(lv.pairs):
@@ -979,7 +995,6 @@ def _dora_scaled_inputs(lv, x, xc, xb, cgroups, stack_batch, stack_free, ctx):
             c = kk if c is None else c * kk
         cum.append(c)
     cum = cum[::-1]
-    acc = jnp.promote_types(x.dtype, jnp.float32)
     scaled = [x if ci is None else (x.astype(acc) * ci).astype(x.dtype) for ci in cum]
     return [scaled[0]] + scaled
 

@@ -424,3 +424,32 @@ def test_dora_stacked_dense_general_kernels(tmp_path):
     for back in (jlora.load_peft(tmp_path / "a", case.params), jlora.load(tmp_path / "o", case.params)):
         for (p1, x1), (p2, x2) in zip(jlora.lora_leaves(back), jlora.lora_leaves(lp)):
             assert p1 == p2 and np.array_equal(np.asarray(x1.magnitude), np.asarray(x2.magnitude)), p1
+
+
+def test_dora_mixed_batch_on_a_tied_embedding():
+    """A tied embedding read twice, as a table (gather) and as the output layer
+    (``x·Eᵀ``, a contraction over the kernel's output axes), with two DoRA adapters and a
+    LoRA one: a mixed batch stays factored (each example's input scaled by its adapter's
+    k) and equals each adapter's own call."""
+    import flax.linen as nn
+
+    class TiedLM(nn.Module):
+        @nn.compact
+        def __call__(self, ids):
+            embed = nn.Embed(96, 12, name="embed")
+            h = jnp.tanh(nn.Dense(12, name="mix")(embed(ids)))
+            return embed.attend(h)
+
+    model = TiedLM()
+    params = model.init(jax.random.key(0), IDS)["params"]
+    apply = lambda p, x: model.apply({"params": p}, x)  # noqa: E731
+    cfg = jlora.LoraConfig(r=2, lora_alpha=4, target_modules=["embed", "mix"], use_dora=True, init_lora_weights=False)
+    lp = jlora.wrap(params, cfg, rng=jax.random.key(1))
+    lp = jlora.add_adapter(lp, "b", cfg.replace(r=3, lora_alpha=5), rng=jax.random.key(2))
+    lp = perturb_tree_magnitudes(jlora.add_adapter(lp, "plain", cfg.replace(use_dora=False), rng=jax.random.key(3)))
+    names = ["b", "default", "__base__", "plain"]
+    x = jnp.asarray(np.concatenate([IDS, IDS[::-1]]))
+    mixed = np.asarray(jax.jit(jlora.lora(apply, on_materialize="error"))(lp, x, adapter_ids=jlora.adapter_ids(lp, names)))
+    for i, n in enumerate(names):  # against each adapter's merged model (the plain forward on W_eff)
+        merged = jlora.unload(lp) if n == "__base__" else jlora.merge(jlora.set_adapter(lp, n))
+        assert np.abs(mixed[i] - np.asarray(apply(merged, x))[i]).max() <= 1e-5, n
