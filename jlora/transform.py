@@ -77,6 +77,7 @@ from .dora import magnitude_scale
 from . import qforward as _quant
 from .quantization import is_quantized
 from .targets import path_names
+from .usage import reshape_blocks
 from .weight import LoraWeight, MultiLoraWeight, Trainable
 
 _DEFAULT_ADAPTER = "default"  # the name of a plain LoraWeight's adapter (jlora.adapters)
@@ -547,45 +548,10 @@ def _rule_transpose(eqn, invals, ctx):
     return lv.with_w(_bind(eqn, [lv.w]), axes=[lv.axes[p] for p in perm])
 
 
-def _reshape_blocks(old: Sequence[int], new: Sequence[int]):
-    """Splits a reshape into blocks (old axes, new axes) with equal products."""
-    if 0 in old or 0 in new:
-        return None
-    blocks, i, j = [], 0, 0
-    while i < len(old) or j < len(new):
-        if i < len(old) and old[i] == 1 and (j >= len(new) or new[j] != 1):
-            blocks.append(([i], []))
-            i += 1
-            continue
-        if j < len(new) and new[j] == 1 and (i >= len(old) or old[i] != 1):
-            blocks.append(([], [j]))
-            j += 1
-            continue
-        if i >= len(old) or j >= len(new):
-            return None
-        oi, nj, po, pn = [i], [j], old[i], new[j]
-        i, j = i + 1, j + 1
-        while po != pn:
-            if po < pn:
-                if i >= len(old):
-                    return None
-                oi.append(i)
-                po *= old[i]
-                i += 1
-            else:
-                if j >= len(new):
-                    return None
-                nj.append(j)
-                pn *= new[j]
-                j += 1
-        blocks.append((oi, nj))
-    return blocks
-
-
 def _reshape_lora(lv: _Lora, new_shape: Sequence[int]) -> Optional[_Lora]:
     """The factored value of ``reshape(view, new_shape)``, or None if it does not factor."""
     old = tuple(lv.w.shape)
-    blocks = _reshape_blocks(old, tuple(new_shape))
+    blocks = reshape_blocks(old, tuple(new_shape))
     if blocks is None:
         return None
     sizes = lv.sizes

@@ -283,8 +283,13 @@ def _roles_of(t: _Track, view_roles: Sequence[str], ndim: int) -> tuple[tuple[st
     return tuple(roles), problem
 
 
-def _reshape_groups(old: Sequence[int], new: Sequence[int]) -> Optional[list[tuple[list[int], list[int]]]]:
-    """Blocks ``(old axes, new axes)`` with equal products (size-1 axes alone)."""
+def reshape_blocks(old: Sequence[int], new: Sequence[int]) -> Optional[list[tuple[list[int], list[int]]]]:
+    """A reshape from ``old`` to ``new`` as blocks ``(old axes, new axes)`` with equal products
+    (size-1 axes alone); None where no such split exists (e.g. a zero-size axis).
+
+    >>> reshape_blocks((2, 3, 4), (6, 4))
+    [([0, 1], [0]), ([2], [1])]
+    """
     if 0 in old or 0 in new:
         return None
     blocks, i, j = [], 0, 0
@@ -319,7 +324,7 @@ def _reshape_groups(old: Sequence[int], new: Sequence[int]) -> Optional[list[tup
 
 
 def _reshape_track(t: _Track, old: Sequence[int], new: Sequence[int]) -> Optional[_Track]:
-    groups = _reshape_groups(tuple(old), tuple(new))
+    groups = reshape_blocks(tuple(old), tuple(new))
     if groups is None:
         return None
     axes: list[frozenset] = [frozenset()] * len(new)
