@@ -130,6 +130,16 @@ def time_steps(run, steps: int, warmup: int, deadline: Deadline) -> tuple[list[f
     return losses, times
 
 
+def median_seconds(fn, reps: int) -> float:
+    """Median wall time of ``reps`` calls of ``fn`` (each waited for with ``block_until_ready``)."""
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
 def jax_memory() -> dict:
     stats = jax.devices()[0].memory_stats() or {}
     return {k: int(stats[k]) for k in ("peak_bytes_in_use", "bytes_in_use") if k in stats}
@@ -284,23 +294,13 @@ def run_merge(args, deadline: Deadline) -> dict:
     ref = (lw.w[0].astype(jnp.float32) + lw.scale * (lw.a[0].astype(jnp.float32) @ lw.b[0].astype(jnp.float32)))
     err = float(jnp.max(jnp.abs(merged["layers"]["down_proj"]["kernel"][0].astype(jnp.float32) - ref)))
     del merged
-    times = []
-    for _ in range(args.merge_reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(merge(lp))
-        times.append(time.perf_counter() - t0)
-    med = statistics.median(times)
+    med = median_seconds(lambda: merge(lp), args.merge_reps)
     # the device's copy bandwidth: x + 1 over a large bf16 array (read + write)
     n = (2**31 if not args.tiny else 2**20)
     x = jnp.zeros((n,), jnp.bfloat16)
     bump = jax.jit(lambda x: x + jnp.asarray(1, x.dtype))
     jax.block_until_ready(bump(x))
-    ctimes = []
-    for _ in range(args.merge_reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(bump(x))
-        ctimes.append(time.perf_counter() - t0)
-    cmed = statistics.median(ctimes)
+    cmed = median_seconds(lambda: bump(x), args.merge_reps)
     copy_gbs = 2 * n * 2 / cmed / 1e9
     merge_gbs = 2 * kernel_bytes / med / 1e9
     out = {

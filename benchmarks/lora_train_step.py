@@ -267,30 +267,25 @@ def jax_steps(shape: Shape, model, params, lp, ids, issue3: bool) -> list[JaxSte
     adamw = optax.adamw(LR, weight_decay=WEIGHT_DECAY)
     ltx = jlora.optimizer(optax.adamw(LR, weight_decay=WEIGHT_DECAY))
 
-    def lora_step(forward):
+    def adam_step(loss_of, tx):
+        """A JaxStep's ``make``: one update of ``v`` by ``tx`` on ``loss_of(v, const, x)``."""
         def make():
-            def step(state, frozen, x):
-                t, opt = state
-                loss, g = jax.value_and_grad(lambda t: lm_loss(forward(jlora.combine(t, frozen), x), x))(t)
-                upd, opt = ltx.update(g, opt, t)
-                return (optax.apply_updates(t, upd), opt), loss
+            def step(state, const, x):
+                v, opt = state
+                loss, g = jax.value_and_grad(lambda v: loss_of(v, const, x))(v)
+                upd, opt = tx.update(g, opt, v)
+                return (optax.apply_updates(v, upd), opt), loss
 
             return step
 
         return make
 
+    def lora_step(forward):
+        return adam_step(lambda t, frozen, x: lm_loss(forward(jlora.combine(t, frozen), x), x), ltx)
+
     factored_forward = jlora.lora(apply, on_materialize="error")
-
-    def floor_step():
-        path = shape.floor_path
-
-        def step(state, params, x):
-            v, opt = state
-            loss, g = jax.value_and_grad(lambda v: lm_loss(apply(_set(params, path, v), x), x))(v)
-            upd, opt = adamw.update(g, opt, v)
-            return (optax.apply_updates(v, upd), opt), loss
-
-        return step
+    floor_path = shape.floor_path
+    floor_step = adam_step(lambda v, params, x: lm_loss(apply(_set(params, floor_path, v), x), x), adamw)
 
     leaf = _get(params, shape.floor_path)
     steps = [
@@ -299,23 +294,8 @@ def jax_steps(shape: Shape, model, params, lp, ids, issue3: bool) -> list[JaxSte
         JaxStep("floor (JAX)", floor_step, lambda: (jnp.array(leaf), adamw.init(leaf)), params),
     ]
     if issue3:
-        def full_step():
-            def step(state, const, x):
-                p, opt = state
-                loss, g = jax.value_and_grad(lambda p: lm_loss(apply(p, x), x))(p)
-                upd, opt = adamw.update(g, opt, p)
-                return (optax.apply_updates(p, upd), opt), loss
-
-            return step
-
-        def fulltree_step():
-            def step(state, const, x):
-                lp, opt = state
-                loss, g = jax.value_and_grad(lambda lp: lm_loss(factored_forward(lp, x), x))(lp)
-                upd, opt = ltx.update(g, opt, lp)
-                return (optax.apply_updates(lp, upd), opt), loss
-
-            return step
+        full_step = adam_step(lambda p, _, x: lm_loss(apply(p, x), x), adamw)
+        fulltree_step = adam_step(lambda lp, _, x: lm_loss(factored_forward(lp, x), x), ltx)
 
         merged_forward = lambda lp, x: apply(jlora.merge(lp), x)  # noqa: E731
         steps += [
