@@ -9,7 +9,7 @@ trainable part, AdamW via ``jlora.optimizer``) with its state donated, written a
 * ``lora``         -- ``jlora.lora(apply)``: ``x·W + s·(x·A)·B``.
 * ``dora``         -- the same with ``use_dora=True``: ``k⊙(x·W + s·(x·A)·B)``,
                       ``k = m / ‖W + s·A·B‖`` with the norm from ``‖W‖²``, ``AᵀW`` and ``AᵀA``
-                      (``jlora.dora``), never forming ``W + s·A·B``.
+                      (``jlora.nodes.dora``), never forming ``W + s·A·B``.
 * ``dora-merged``  -- (cost analysis only) DoRA through ``jlora.merge`` inside the step:
                       ``W + s·A·B`` and its norm formed, as PEFT's forward does.
 

@@ -81,7 +81,7 @@ def nbytes(tree) -> int:
 def storage_row(name, cfg):
     _, params = abstract_params(cfg)
     q = jlora.quantize(params, NF4)
-    kernels = jlora.quantization.quantized_leaves(q)
+    kernels = jlora.quant.quantized_leaves(q)
     k_bf16 = sum(2 * k.size for _, k in kernels)
     k_q = sum(k.nbytes for _, k in kernels)
     return [name, f"{sum(k.size for _, k in kernels) / 1e6:,.1f} M", f"{k_bf16 / 2**20:,.1f} MiB",
@@ -166,7 +166,7 @@ def main(argv=None) -> int:
         jlora.quantize(params_abstract, NF4)
     print("# compiling ...", file=sys.stderr)
     steps = [Step("bf16 base", apply, bf16_base, ids), Step("nf4 base", apply, nf4_base, ids)]
-    largest = max((k for _, k in jlora.quantization.quantized_leaves(nf4_base)), key=lambda k: k.size)
+    largest = max((k for _, k in jlora.quant.quantized_leaves(nf4_base)), key=lambda k: k.size)
     kernel = 2 * largest.size  # the largest kernel dequantized to bfloat16
     # XLA CPU runs bfloat16 dots in float32 and dequantizes straight into that float32
     # operand (one fusion from the packed codes to f32[out, in]): 4 bytes per element there

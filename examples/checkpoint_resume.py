@@ -1,10 +1,10 @@
 """A LoRA training loop with an Orbax ``CheckpointManager``: interrupted, then resumed.
 
 Every ``--save-every`` steps the manager writes the adapter (A, B and the leaves trained in
-full, never the frozen base, through ``jlora.checkpoint.AdapterSave``) and the optimizer
+full, never the frozen base, through ``jlora.io.AdapterSave``) and the optimizer
 state. The run below is
 "killed" at ``--interrupt-at``; a second run finds the latest checkpoint, restores the
-adapter over the base parameters (``jlora.checkpoint.AdapterRestore``) and the optimizer
+adapter over the base parameters (``jlora.io.AdapterRestore``) and the optimizer
 state, and carries on. Each step's batch is a function of the step number only, so the
 resumed run must end bit-for-bit where an uninterrupted run ends; the script checks that.
 
@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from transformers import FlaxGPT2LMHeadModel, GPT2Config
 
 import jlora
-from jlora.checkpoint import AdapterRestore, AdapterSave
+from jlora.io import AdapterRestore, AdapterSave
 
 
 class Interrupted(Exception):

@@ -149,7 +149,7 @@ def place_on(params: dict, mesh) -> dict:
     """Every process holds the whole numpy value; each builds only its own shards."""
     import jax
 
-    from jlora.distributed import place
+    from jlora.io.distributed import place
 
     def one(path, x):
         name = "/".join(str(getattr(k, "key", k)) for k in path)
@@ -192,8 +192,8 @@ def run(args) -> None:
     import orbax.checkpoint as ocp
 
     import jlora
-    from jlora.checkpoint import AdapterRestore, AdapterSave
-    from jlora.distributed import place
+    from jlora.io import AdapterRestore, AdapterSave
+    from jlora.io.distributed import place
 
     pid = jax.process_index()
 

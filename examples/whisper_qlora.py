@@ -40,7 +40,7 @@ import torch
 import transformers
 
 import jlora
-from jlora import quant_io
+from jlora.io import quant_storage
 
 SR = 16_000
 WORDS = ["low", "high", "up", "down"]  # a steady low tone, a steady high tone, a rising / falling chirp
@@ -102,7 +102,7 @@ def main(argv=None) -> dict:
     # 2. quantize the linear layers
     qconfig = jlora.QuantConfig(quant_type=args.quant, double_quant=True, compute_dtype=jnp.float32)
     base = jlora.quantize(params, qconfig)
-    summary = jlora.quantization.quantization_summary(base)
+    summary = jlora.quant.quantization_summary(base)
     dense_bytes = 4 * summary["parameters"]
     print(f"quantized {summary['quantized_kernels']} kernels ({args.quant}): {summary['bytes']:,d} bytes "
           f"vs {dense_bytes:,d} in float32 ({summary['bits_per_parameter']:.2f} bits/parameter)")
@@ -183,7 +183,7 @@ def _peft_logits(cfg, params, adapter_dir, base, feats, dec_ids, bnb: bool) -> n
 
     tm = load_flax_weights_in_pytorch_model(transformers.WhisperForConditionalGeneration(cfg),
                                             jax.tree_util.tree_map(np.array, params))
-    for path, q in jlora.quantization.quantized_leaves(base):
+    for path, q in jlora.quant.quantized_leaves(base):
         name = path.replace("/", ".").removesuffix(".kernel")  # model.encoder.layers.0.self_attn.q_proj
         parent_name, _, child_name = name.rpartition(".")
         parent = tm.get_submodule(parent_name)
@@ -194,9 +194,9 @@ def _peft_logits(cfg, params, adapter_dir, base, feats, dec_ids, bnb: bool) -> n
             layer = bnb_lib.nn.Linear4bit(old.in_features, old.out_features, bias=old.bias is not None,
                                           compute_dtype=torch.float32, quant_type=q.quant_type,
                                           compress_statistics=q.double_quant)
-            stats = {k[len("weight."):]: torch.from_numpy(np.array(v)) for k, v in quant_io.to_bnb_state_dict(q).items()
+            stats = {k[len("weight."):]: torch.from_numpy(np.array(v)) for k, v in quant_storage.to_bnb_state_dict(q).items()
                      if k.startswith("weight.")}
-            weight = np.array(quant_io.to_bnb_state_dict(q)["weight"])
+            weight = np.array(quant_storage.to_bnb_state_dict(q)["weight"])
             layer.weight = bnb_lib.nn.Params4bit.from_prequantized(torch.from_numpy(weight), stats, device="cpu",
                                                                     module=layer)
             if old.bias is not None:

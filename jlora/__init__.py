@@ -1,11 +1,28 @@
 """jlora: LoRA fine-tuning for JAX and Flax, as pure functions over parameter pytrees.
 
->>> import jlora
->>> config = jlora.LoraConfig(r=8, lora_alpha=16, target_modules=["c_attn", "c_proj"])
->>> lp = jlora.wrap(params, config, rng=jax.random.key(0))      # doctest: +SKIP
->>> logits = jlora.lora(model.apply)({"params": lp}, x)          # doctest: +SKIP
+>>> import jax, jax.numpy as jnp, jlora
+>>> params = {"dense": {"kernel": jnp.ones((4, 3))}}
+>>> lp = jlora.wrap(params, jlora.LoraConfig(r=2, target_modules=["dense"]), rng=jax.random.key(0))
+>>> y = jlora.lora(lambda p, x: x @ p["dense"]["kernel"])(lp, jnp.ones((1, 4)))
+>>> jnp.allclose(y, jnp.ones((1, 4)) @ jlora.merge(lp)["dense"]["kernel"]).item()
+True
+
+The package is layered; imports only point down (DESIGN.md, "The layers"):
+
+=================  =====================================================================
+``core``           ``LoraConfig``, tree paths, the nested-jaxpr table both walkers share
+``quant``          the bitsandbytes codec, ``QuantizedArray``, lazy dequantization
+``layouts``        kernel layouts from the tree and from use
+``name_maps``      path ↔ PyTorch names per model family
+``nodes``          ``LoraWeight``, ``MultiLoraWeight``, ``Trainable``; DoRA, PiSSA/OLoRA math
+``tree``           ``wrap``, ``quantize``, ``unload``, counts, ``optimizer``, ``merge``
+``io``             records, Orbax, PEFT files, quantized-base storage, integrity
+``adapters``       named adapters, mixed-batch ids, ``add_weighted_adapter``
+``transform``      ``lora(fn)``, ``explain``: the interpreter and its rules
+=================  =====================================================================
 """
 
+from . import name_maps
 from .adapters import (
     active_adapters,
     adapter_ids,
@@ -19,16 +36,33 @@ from .adapters import (
     load_adapter,
     set_adapter,
 )
-from .config import LoraConfig
-from .merge import merge, merge_adapter, unmerge_adapter
-from .optim import combine, nnx_trainable, optimizer, partition, trainable_labels
-from .quantization import QuantConfig, QuantizedArray, dequantize, quantize, quantize_array
-from .quant_io import load_quantized, save_quantized
+from .core.config import LoraConfig
+from .io import load, load_peft, load_quantized, save, save_peft, save_quantized
+from .layouts.kernel import KernelLayout
+from .name_maps import hf
+from .name_maps.hf import default_target_modules
+from .nodes.weight import LoraWeight, MultiLoraWeight, Trainable
+from .quant.array import QuantConfig, QuantizedArray, dequantize, quantize_array
 from .transform import LoraReport, MaterializationError, MaterializationWarning, explain, lora
-from .weight import KernelLayout, LoraWeight, MultiLoraWeight, Trainable
-from .wrap import count_parameters, is_lora_tree, lora_leaves, print_trainable_parameters, unload, wrap
+from .tree import (
+    combine,
+    count_parameters,
+    is_lora_tree,
+    lora_leaves,
+    merge,
+    merge_adapter,
+    nnx_trainable,
+    optimizer,
+    partition,
+    print_trainable_parameters,
+    quantize,
+    trainable_labels,
+    unload,
+    unmerge_adapter,
+    wrap,
+)
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "LoraConfig",
@@ -73,11 +107,11 @@ __all__ = [
     "dequantize",
     "save_quantized",
     "load_quantized",
+    "save",
+    "load",
+    "save_peft",
+    "load_peft",
+    "hf",
+    "name_maps",
+    "default_target_modules",
 ]
-
-from . import hf, name_maps
-from .checkpoint import load, save
-from .hf import default_target_modules
-from .peft_format import load_peft, save_peft
-
-__all__ += ["save", "load", "save_peft", "load_peft", "hf", "name_maps", "default_target_modules"]

@@ -9,7 +9,7 @@
 ``ADAPTER``/``SRC`` may be a PEFT adapter directory (``adapter_config.json`` +
 ``adapter_model.safetensors``) or a jlora Orbax checkpoint (written by ``jlora.save``,
 or a ``CheckpointManager`` step or root directory whose item was written with
-``jlora.checkpoint.AdapterSave``). ``convert`` writes the other format unless ``--to``
+``jlora.io.AdapterSave``). ``convert`` writes the other format unless ``--to``
 says otherwise; no base model is needed either way.
 """
 
@@ -22,14 +22,25 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from . import name_maps
+from .io.orbax import find_adapter_dir, read_adapter, write_adapter
+from .io.peft import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    convert_to_lora_records,
+    module_factors,
+    peft_config_dict,
+    read_peft,
+    to_torch,
+    write_peft,
+)
+from .nodes.inits import is_residual_init, pissa_niter
+
 __all__ = ["main", "detect_format", "inspect_adapter", "convert", "rename"]
 
 
 def detect_format(path: str) -> str:
     """``"peft"`` or ``"orbax"``; ``ValueError``/``FileNotFoundError`` otherwise."""
-    from .checkpoint import find_adapter_dir
-    from .peft_format import CONFIG_NAME, WEIGHTS_NAME
-
     p = Path(path)
     if p.is_dir() and ((p / CONFIG_NAME).exists() or (p / WEIGHTS_NAME).exists() or (p / "adapter_model.bin").exists()):
         return "peft"
@@ -45,9 +56,6 @@ def detect_format(path: str) -> str:
 
 
 def _read(path: str, fmt: str):
-    from .checkpoint import read_adapter
-    from .peft_format import read_peft
-
     return read_peft(path) if fmt == "peft" else read_adapter(path)
 
 
@@ -75,9 +83,6 @@ def _shape(x) -> str:
 
 def inspect_adapter(path: str, *, as_json: bool = False, out=None) -> dict:
     """Prints (and returns) a summary of the adapter at ``path``."""
-    from .checkpoint import find_adapter_dir
-    from .peft_format import CONFIG_NAME, WEIGHTS_NAME, module_factors, to_torch
-
     out = out or sys.stdout
     fmt = detect_format(path)
     adapter = _read(path, fmt)
@@ -183,8 +188,6 @@ def rename(adapter, name_map, *, source: str = "adapter"):
     """``adapter`` with PyTorch names re-derived from its JAX paths by ``name_map`` (a
     shipped map's name such as ``"qwen3"``, a :class:`jlora.name_maps.FamilyMap`, ...).
     Needs the paths, i.e. an adapter read from an Orbax checkpoint."""
-    from . import name_maps
-
     if isinstance(name_map, str):
         name_map = _name_map(name_map)
     if any(t.path is None for t in adapter.targets) or any(p.path is None for p in adapter.params):
@@ -204,8 +207,6 @@ def rename(adapter, name_map, *, source: str = "adapter"):
     return adapter
 def _init_info(adapter) -> tuple:
     """``(init_lora_weights, needs the residual base?, a sentence)`` of an adapter."""
-    from .inits import is_residual_init, pissa_niter
-
     cfg = adapter.config or {}
     inits = sorted({t.init for t in adapter.targets if t.init is not None})
     init = inits[0] if len(inits) == 1 else (inits or cfg.get("init_lora_weights", True))
@@ -233,10 +234,7 @@ def convert(src: str, dst: str, *, to: Optional[str] = None, overwrite: bool = F
     ``gemma3``, ``auto``, or ``module:attribute``) instead of the names stored at save time.
     ``convert_to_lora``: a PiSSA/OLoRA adapter whose initial factors are stored (a jlora
     Orbax checkpoint) becomes a plain LoRA adapter of rank 2r for the original base
-    (:func:`jlora.peft_format.convert_to_lora_records`)."""
-    from .checkpoint import write_adapter
-    from .peft_format import CONFIG_NAME, write_peft
-
+    (:func:`jlora.io.peft.convert_to_lora_records`)."""
     fmt = detect_format(src)
     to = to or ("orbax" if fmt == "peft" else "peft")
     if to not in ("peft", "orbax"):
@@ -253,8 +251,6 @@ def convert(src: str, dst: str, *, to: Optional[str] = None, overwrite: bool = F
     if name_map is not None:
         adapter = rename(adapter, name_map, source=src)
     if convert_to_lora:
-        from .peft_format import convert_to_lora_records, peft_config_dict
-
         if adapter.config is None:
             import dataclasses
 

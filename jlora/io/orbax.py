@@ -38,7 +38,7 @@ from PEFT without a base model, in which case ``A`` is stored (in_features, r) a
 it into place, so a save killed at any point leaves the previous checkpoint loadable.
 
 **Integrity.** Each target record also carries ``a_checksum``/``b_checksum`` and each
-param record ``checksum`` (:func:`jlora.integrity.array_checksums`, algorithm
+param record ``checksum`` (:func:`jlora.io.integrity.array_checksums`, algorithm
 ``"checksum_algorithm": "jlora-fmix64-v1"``: independent of sharding and of the number of
 processes), and the metadata its own ``"digest"`` (SHA-256 of the rest as canonical
 JSON). :func:`load` verifies all of them and raises ``ValueError`` naming the checkpoint
@@ -70,22 +70,14 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from . import distributed, name_maps
+from .. import name_maps
+from ..core.config import LoraConfig
+from ..layouts.from_tree import LayoutSpec
+from . import distributed
 from .atomic import recover_interrupted_save as _recover, replace_directory, temp_sibling
-from .config import LoraConfig
 from .integrity import ARRAY_ALGORITHM, array_checksums, json_digest
-from .records import (
-    Adapter,
-    ParamRecord,
-    ShardingSpec,
-    TargetRecord,
-    adapter_from_tree,
-    dtype_name,
-    plan_adapter,
-    assemble_tree,
-    tree_from_adapter,
-)
-from .targets import LayoutSpec
+from .placement import ShardingSpec, assemble_tree, plan_adapter
+from .records import Adapter, ParamRecord, TargetRecord, adapter_from_tree, dtype_name
 
 __all__ = [
     "save",
@@ -97,12 +89,6 @@ __all__ = [
     "AdapterRestore",
     "AdapterCheckpointHandler",
     "find_adapter_dir",
-    # the records, re-exported for code written against jlora 0.1 (they live in jlora.records)
-    "Adapter",
-    "TargetRecord",
-    "ParamRecord",
-    "adapter_from_tree",
-    "tree_from_adapter",
 ]
 
 FORMAT = "jlora.adapter"
@@ -424,10 +410,10 @@ class AdapterSave(ocp.args.CheckpointArgs):
     """Save args for a LoRA adapter inside an ``ocp.CheckpointManager``::
 
         mngr.save(step, args=ocp.args.Composite(
-            adapter=jlora.checkpoint.AdapterSave(lp, config),
+            adapter=jlora.io.AdapterSave(lp, config),
             opt_state=ocp.args.StandardSave(opt_state)))
 
-    Writes the trained leaves and the JSON metadata described in :mod:`jlora.checkpoint`.
+    Writes the trained leaves and the JSON metadata described in :mod:`jlora.io.orbax`.
     """
 
     lp: Any
@@ -442,7 +428,7 @@ class AdapterRestore(ocp.args.CheckpointArgs):
     """Restore args: the LoRA tree over the base ``params`` (see :func:`load`)::
 
         restored = mngr.restore(step, args=ocp.args.Composite(
-            adapter=jlora.checkpoint.AdapterRestore(params),
+            adapter=jlora.io.AdapterRestore(params),
             opt_state=ocp.args.StandardRestore(jax.eval_shape(tx.init, lp))))
         lp = restored.adapter
     """
@@ -467,7 +453,7 @@ def _is_adapter_dir(path: Path) -> bool:
 
 def recover_interrupted_save(path: Path, complete: Callable[[Path], bool] = _is_adapter_dir) -> Path:
     """``path``, or the complete previous version a killed save left beside it (see
-    :mod:`jlora.atomic`)."""
+    :mod:`jlora.io.atomic`)."""
     return _recover(path, complete)
 
 

@@ -20,7 +20,7 @@ A PEFT LoRA adapter is a directory with
 jlora's factors relate to these by ``lora_A = A.reshape(in_features, r).T`` and
 ``lora_B = B.reshape(r, out_features).T`` (in/out axes flattened in row-major order,
 which is how a DenseGeneral kernel flattens into a ``torch.nn.Linear``); PyTorch names
-come from :mod:`jlora.hf`. Nothing here needs torch: safetensors' numpy API reads and
+come from :mod:`jlora.name_maps.hf`. Nothing here needs torch: safetensors' numpy API reads and
 writes the tensors, and nothing is ever unpickled.
 """
 
@@ -39,22 +39,15 @@ from typing import Any, Optional, Union
 
 import numpy as np
 
-from . import distributed, name_maps
-from .atomic import replace_directory, temp_sibling
-from .atomic import recover_interrupted_save
-from .records import (
-    Adapter,
-    ParamRecord,
-    ShardingSpec,
-    TargetRecord,
-    adapter_from_tree,
-    alpha_from_scale,
-    tree_from_adapter,
-)
-from .config import LoraConfig
+from .. import name_maps
+from ..core.config import LoraConfig
+from ..layouts.from_tree import LayoutSpec
+from ..nodes.inits import is_residual_init
+from . import distributed
+from .atomic import recover_interrupted_save, replace_directory, temp_sibling
 from .integrity import json_digest, sha256_hex
-from .inits import is_residual_init
-from .targets import LayoutSpec
+from .placement import ShardingSpec, tree_from_adapter
+from .records import Adapter, ParamRecord, TargetRecord, adapter_from_tree, alpha_from_scale
 
 __all__ = [
     "CONFIG_NAME",
@@ -783,7 +776,7 @@ def load_peft(
 
     Reads ``adapter_config.json`` and ``adapter_model.safetensors`` as PEFT's
     ``save_pretrained`` writes them, matches every module by its PyTorch name (see
-    :mod:`jlora.hf`; a missing or extra ``base_model_prefix`` such as ``bert.`` is
+    :mod:`jlora.name_maps.hf`; a missing or extra ``base_model_prefix`` such as ``bert.`` is
     resolved automatically), reshapes ``lora_A``/``lora_B`` into the kernel's layout and
     sets ``scale = lora_alpha / r`` (rsLoRA: ``/ sqrt(r)``) per module as PEFT does.
 

@@ -27,14 +27,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .quantization import (
-    DYNAMIC_CODE,
-    NESTED_BLOCK_SIZE,
-    QuantizedArray,
-    _TABLES,
-    is_quantized,
-    quantization_summary,
-)
+from ..core.paths import path_names
+from ..nodes.weight import is_lora_node
+from ..quant.array import QuantizedArray, is_quantized, quantization_summary
+from ..quant.codec import DYNAMIC_CODE, NESTED_BLOCK_SIZE, TABLES
 
 __all__ = ["save_quantized", "load_quantized", "to_bnb_state_dict", "from_bnb_state_dict"]
 
@@ -53,8 +49,6 @@ def _aux_json(q: QuantizedArray) -> dict[str, Any]:
 
 def _as_storable(tree: Any) -> tuple[Any, dict[str, Any]]:
     """The tree with each QuantizedArray as a dict of its arrays, and its static data by path."""
-    from .targets import path_names
-
     kernels: dict[str, Any] = {}
 
     def conv(path, x):
@@ -69,15 +63,13 @@ def _as_storable(tree: Any) -> tuple[Any, dict[str, Any]]:
 def save_quantized(directory: Union[str, os.PathLike], tree: Any, *, force: bool = False) -> None:
     """Saves ``tree`` (arrays and :class:`~jlora.QuantizedArray` kernels, in dicts/lists)
     as an Orbax checkpoint in ``directory``; the kernels' static data and
-    :func:`jlora.quantization.quantization_summary` go into its custom metadata.
+    :func:`jlora.quant.quantization_summary` go into its custom metadata.
 
     >>> save_quantized("/tmp/base_nf4", jlora.quantize(params))    # doctest: +SKIP
     >>> q = load_quantized("/tmp/base_nf4")                         # doctest: +SKIP
     """
     import orbax.checkpoint as ocp
     from etils import epath
-
-    from .weight import is_lora_node
 
     if any(is_lora_node(x) for x in jax.tree_util.tree_leaves(tree, is_leaf=is_lora_node)):
         raise ValueError("save_quantized saves a base (jlora.quantize's output); save adapters with jlora.save "
@@ -182,7 +174,7 @@ def to_bnb_state_dict(q: QuantizedArray, prefix: str = "") -> dict[str, np.ndarr
     state: dict[str, Any] = {"quant_type": q.quant_type, "blocksize": q.block_size,
                              "dtype": np.dtype(q.dtype).name, "shape": _torch_shape(q)}
     out = {prefix + "weight": get(q.codes).reshape(-1, 1), prefix + "weight.absmax": get(q.absmax),
-           prefix + "weight.quant_map": np.array(_TABLES[q.quant_type], np.float32)}
+           prefix + "weight.quant_map": np.array(TABLES[q.quant_type], np.float32)}
     if q.double_quant:
         out[prefix + "weight.nested_absmax"] = get(q.nested_absmax).astype(np.float32)
         out[prefix + "weight.nested_quant_map"] = np.array(DYNAMIC_CODE, np.float32)

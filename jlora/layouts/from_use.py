@@ -46,22 +46,14 @@ import jax.extend as jex
 import jax.numpy as jnp
 import numpy as np
 
-from .quantization import is_quantized
+from ..core import jaxprs
+from ..core.jaxprs import open_jaxpr, reshape_blocks
+from ..core.paths import path_names
+from ..quant.array import is_quantized
 
 __all__ = ["Use", "LeafUse", "find_kernel_uses", "leaf_paths"]
 
 _PASS = ("copy", "copy_p", "sharding_constraint", "reshard")
-_SUB_JAXPR = {
-    "jit": ("jaxpr",),
-    "pjit": ("jaxpr",),
-    "closed_call": ("call_jaxpr",),
-    "core_call": ("call_jaxpr",),
-    "custom_jvp_call": ("call_jaxpr", "fun_jaxpr"),
-    "custom_vjp_call": ("call_jaxpr", "fun_jaxpr"),
-    "custom_vjp_call_jaxpr": ("fun_jaxpr", "call_jaxpr"),
-    "checkpoint": ("jaxpr",),
-    "remat2": ("jaxpr",),
-}
 KERNEL_PRIMITIVES = ("dot_general", "conv_general_dilated", "gather")
 
 
@@ -244,19 +236,7 @@ class _Recorder:
         return len(self.uses[leaf]) - 1
 
 
-def _where(eqn: Any, prefix: Any) -> str:
-    try:
-        summary = jex.source_info_util.summarize(eqn.source_info)
-        stack = str(prefix + eqn.source_info.name_stack) if prefix is not None else str(eqn.source_info.name_stack)
-        return f"{stack} @ {summary}" if stack else summary
-    except Exception:  # pragma: no cover - source info is best effort
-        return "?"
-
-
-def _open(j: Any) -> tuple[Any, Sequence[Any]]:
-    if hasattr(j, "consts") and hasattr(j, "jaxpr"):
-        return j.jaxpr, j.consts
-    return j, ()
+_where = jaxprs.where
 
 
 def _roles_of(t: _Track, view_roles: Sequence[str], ndim: int) -> tuple[tuple[str, ...], str]:
@@ -281,46 +261,6 @@ def _roles_of(t: _Track, view_roles: Sequence[str], ndim: int) -> tuple[tuple[st
     if not problem and ("in" not in roles or "out" not in roles):
         return (), ""  # nothing contracted, or nothing kept: not a kernel use (e.g. x·w·y)
     return tuple(roles), problem
-
-
-def reshape_blocks(old: Sequence[int], new: Sequence[int]) -> Optional[list[tuple[list[int], list[int]]]]:
-    """A reshape from ``old`` to ``new`` as blocks ``(old axes, new axes)`` with equal products
-    (size-1 axes alone); None where no such split exists (e.g. a zero-size axis).
-
-    >>> reshape_blocks((2, 3, 4), (6, 4))
-    [([0, 1], [0]), ([2], [1])]
-    """
-    if 0 in old or 0 in new:
-        return None
-    blocks, i, j = [], 0, 0
-    while i < len(old) or j < len(new):
-        if i < len(old) and old[i] == 1 and (j >= len(new) or new[j] != 1):
-            blocks.append(([i], []))
-            i += 1
-            continue
-        if j < len(new) and new[j] == 1 and (i >= len(old) or old[i] != 1):
-            blocks.append(([], [j]))
-            j += 1
-            continue
-        if i >= len(old) or j >= len(new):
-            return None
-        oi, nj, po, pn = [i], [j], old[i], new[j]
-        i, j = i + 1, j + 1
-        while po != pn:
-            if po < pn:
-                if i >= len(old):
-                    return None
-                oi.append(i)
-                po *= old[i]
-                i += 1
-            else:
-                if j >= len(new):
-                    return None
-                nj.append(j)
-                pn *= new[j]
-                j += 1
-        blocks.append((oi, nj))
-    return blocks
 
 
 def _reshape_track(t: _Track, old: Sequence[int], new: Sequence[int]) -> Optional[_Track]:
@@ -408,50 +348,69 @@ def _apply(eqn, ins, rec: _Recorder, prefix) -> list[Optional[_Track]]:
         return _conv(eqn, ins, rec, prefix)
     if name == "gather" and t is not None and ins[1] is None:
         return _gather(eqn, t, rec, prefix)
-    if name in _SUB_JAXPR:
-        sub = next((p[k] for k in _SUB_JAXPR[name] if k in p), None)
-        if sub is not None:
-            jaxpr, _ = _open(sub)
-            if len(jaxpr.invars) == len(ins):
-                outs = _walk(jaxpr, ins, rec, prefix + eqn.source_info.name_stack if prefix is not None else None)
-                return outs if len(outs) == len(eqn.outvars) else [None] * len(eqn.outvars)
-    if name == "scan":
-        return _scan(eqn, ins, rec, prefix)
-    if name == "while":
-        cn, bn = p["cond_nconsts"], p["body_nconsts"]
-        cj, _ = _open(p["cond_jaxpr"])
-        bj, _ = _open(p["body_jaxpr"])
+    entry = jaxprs.nested(name)
+    if entry is not None:
         inner = prefix + eqn.source_info.name_stack if prefix is not None else None
-        carry = list(ins[cn + bn:])
-        _walk(cj, list(ins[:cn]) + carry, rec, inner)
-        outs = _walk(bj, list(ins[cn:cn + bn]) + carry, rec, inner)
-        return outs
-    if name == "cond":
-        inner = prefix + eqn.source_info.name_stack if prefix is not None else None
-        outs = None
-        for br in p["branches"]:
-            bj, _ = _open(br)
-            got = _walk(bj, list(ins[1:]), rec, inner)
-            outs = got if outs is None else [a if a == b else None for a, b in zip(outs, got)]
-        if ins[0] is not None:
-            _other(eqn, [ins[0]], rec, prefix)
-        return outs or [None] * len(eqn.outvars)
+        return _NESTED_HANDLERS[entry.kind](eqn, ins, rec, prefix, inner)
     return _other(eqn, ins, rec, prefix)
 
 
-def _scan(eqn, ins, rec, prefix):
+def _call(eqn, ins, rec, prefix, inner):
+    """A nested body run once on the operands (``jit``, ``custom_jvp``, ``checkpoint``, ...)."""
+    try:
+        jaxpr, _ = jaxprs.body(eqn)
+    except KeyError:
+        return _other(eqn, ins, rec, prefix)
+    if len(jaxpr.invars) != len(ins):
+        return _other(eqn, ins, rec, prefix)
+    outs = _walk(jaxpr, ins, rec, inner)
+    return outs if len(outs) == len(eqn.outvars) else [None] * len(eqn.outvars)
+
+
+def _scan(eqn, ins, rec, prefix, inner):
     p = eqn.params
     nc, ncar = p["num_consts"], p["num_carry"]
-    body, _ = _open(p["jaxpr"])
+    body, _ = jaxprs.body(eqn)
     inner_ins = list(ins[:nc + ncar])
     for t in ins[nc + ncar:]:
         if t is None or not t.axes:
             inner_ins.append(None)
         else:
             inner_ins.append(t.with_axes(t.axes[1:]))  # each step sees one slice: a stack axis
-    inner = prefix + eqn.source_info.name_stack if prefix is not None else None
     outs = _walk(body, inner_ins, rec, inner)
     return outs[:ncar] + [None] * (len(eqn.outvars) - ncar)
+
+
+def _while(eqn, ins, rec, prefix, inner):
+    p = eqn.params
+    cn, bn = p["cond_nconsts"], p["body_nconsts"]
+    cj, _ = open_jaxpr(p["cond_jaxpr"])
+    bj, _ = open_jaxpr(p["body_jaxpr"])
+    carry = list(ins[cn + bn:])
+    _walk(cj, list(ins[:cn]) + carry, rec, inner)
+    return _walk(bj, list(ins[cn:cn + bn]) + carry, rec, inner)
+
+
+def _cond(eqn, ins, rec, prefix, inner):
+    outs = None
+    for br in eqn.params["branches"]:
+        bj, _ = open_jaxpr(br)
+        got = _walk(bj, list(ins[1:]), rec, inner)
+        outs = got if outs is None else [a if a == b else None for a, b in zip(outs, got)]
+    if ins[0] is not None:
+        _other(eqn, [ins[0]], rec, prefix)
+    return outs or [None] * len(eqn.outvars)
+
+
+# One handler per kind of jlora.core.jaxprs.NESTED (the interpreter has one per kind too).
+_NESTED_HANDLERS = {
+    jaxprs.CALL: _call,
+    jaxprs.REMAT: _call,
+    jaxprs.SCAN: _scan,
+    jaxprs.WHILE: _while,
+    jaxprs.COND: _cond,
+}
+jaxprs.check_walker("jlora.layouts.from_use", _NESTED_HANDLERS)
 
 
 def _dot(eqn, ins, rec, prefix):
@@ -522,7 +481,7 @@ def _is_array(x: Any) -> bool:
 def _abstract(x: Any) -> jax.ShapeDtypeStruct:
     if isinstance(x, jax.ShapeDtypeStruct):
         return x
-    if is_quantized(x):  # a quantized kernel is used as the kernel it stands for (jlora.qforward)
+    if is_quantized(x):  # a quantized kernel is used as the kernel it stands for (jlora.quant.forward)
         return jax.ShapeDtypeStruct(x.shape, x.compute_dtype)
     if isinstance(x, (np.ndarray, np.generic)):
         return jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype)
@@ -532,8 +491,6 @@ def _abstract(x: Any) -> jax.ShapeDtypeStruct:
 
 def leaf_paths(params: Any, is_leaf: Optional[Callable[[Any], bool]] = None) -> list[str]:
     """``/``-joined paths of ``params``' leaves, in flattening order."""
-    from .targets import path_names
-
     flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_leaf)[0]
     return ["/".join(path_names(p)) for p, _ in flat]
 

@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, traverse_util
 
-from .. import hf
+from ..name_maps import hf
 
 __all__ = ["BertConfig", "BertModel", "mean_pool", "load_bert", "save_bert", "bert_state_dict"]
 

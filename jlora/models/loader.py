@@ -33,7 +33,7 @@ import numpy as np
 from flax import nnx
 
 from .. import name_maps
-from ..targets import path_names
+from ..core.paths import path_names
 from .config import DecoderConfig, config_from_hf, hf_config_dict
 from .decoder import Llama3, Qwen3
 from .gemma3 import Gemma3

@@ -120,9 +120,9 @@ def default_target_modules(model_type: str) -> Union[list[str], str]:
 
 # The Flax <-> PyTorch rules live with the other name maps (jlora.name_maps); these names
 # stay importable from here.
-from .name_maps import (  # noqa: E402
+from .lookup import NameMapSpec as NameMap  # noqa: E402
+from .rules import (  # noqa: E402
     HFNames as TorchNames,
-    NameMapSpec as NameMap,
     kernel_from_torch,
     kernel_to_torch,
     module_kind,

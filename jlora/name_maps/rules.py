@@ -1,58 +1,13 @@
-"""Name maps: how the leaves of a parameter tree correspond to PyTorch names and layouts.
+"""The machinery of name maps: the :class:`TreeNames` protocol, transformers' Flax ↔
+PyTorch rules (:class:`HFNames`), and table-driven maps (:class:`Rule`, :class:`FamilyMap`)
+whose rules are written as axis names (``"d n h"`` in JAX, ``"(n h) d"`` in PyTorch).
 
-This is model knowledge, not machinery (the core never imports it). The PEFT and Orbax
-I/O (``jlora.save_peft`` / ``load_peft`` / ``save`` / ``load``), the ``jlora`` CLI and
-the safetensors loader of :mod:`jlora.models` ask a name map, for each leaf of a tree,
+The tables themselves are in :mod:`jlora.name_maps.families`; choosing and binding a map
+for a tree is :mod:`jlora.name_maps.lookup`. The package docstring describes the maps.
 
-* which PyTorch module(s) and state-dict name(s) it is (one, or one per slice when a
-  single JAX array holds several PyTorch tensors, like Gemma's ``kv_einsum``),
-* how its array is laid out against the PyTorch tensor (transpose, head axes
-  flattened), and for a LoRA target the role of each kernel axis (its layout) and its
-  PEFT layer kind (``linear`` / ``embedding`` / ``conv``).
-
-Shipped maps, recognised from the tree's paths (so ``name_map=`` is rarely needed):
-
-==============  ===========================================================================
-``"qwen3"``     NNX trees laid out like tunix / bonsai's Qwen3 (``layers/<i>/attn/q_proj/w`` (D, N, H), ``q_norm``)
-``"llama3"``    the same without ``q_norm``/``k_norm`` (Llama 3)
-``"gemma3"``    tunix / bonsai's Gemma 3: ``q_einsum/w`` (N, D, H), ``kv_einsum/w`` (2, K, D, H) =
-                PyTorch's ``k_proj`` and ``v_proj``, ``attn_vec_einsum/w`` (N, H, D)
-``"hf"``        Hugging Face Flax models (transformers' own rules; everything else falls back to these)
-==============  ===========================================================================
-
-For the NNX families the map is, per layer ``i`` (PyTorch names of ``*ForCausalLM``)::
-
-    embedder/input_embedding      (V, D)    model.embed_tokens.weight        (V, D)
-    layers/i/attn/q_proj/w        (D, N, H) model.layers.i.self_attn.q_proj.weight  (N·H, D)
-    layers/i/attn/k_proj/w, v_proj/w (D, K, H)  ...k_proj / v_proj.weight    (K·H, D)
-    layers/i/attn/o_proj/w        (N, H, D) ...o_proj.weight                 (D, N·H)
-    layers/i/attn/q_norm/w        (H,)      ...self_attn.q_norm.weight       (H,)
-    layers/i/mlp/gate_proj/kernel (D, F)    model.layers.i.mlp.gate_proj.weight  (F, D)
-    layers/i/input_layernorm/w    (D,)      model.layers.i.input_layernorm.weight
-    final_norm/w                  (D,)      model.norm.weight
-    lm_head/w                     (D, V)    lm_head.weight                   (V, D)
-    Gemma 3: attn/q_einsum/w (N, D, H) → q_proj; attn/kv_einsum/w (2, K, D, H) → k_proj, v_proj;
-             attn/attn_vec_einsum/w (N, H, D) → o_proj; attn/_query_norm/scale → q_norm;
-             pre_attention_norm → input_layernorm, post_attention_norm → post_attention_layernorm,
-             pre_ffw_norm → pre_feedforward_layernorm, post_ffw_norm → post_feedforward_layernorm,
-             final_norm/scale → model.norm
-
-Head axes flatten head-major (``n·H + h``), which is the row order of PyTorch's
-``q_proj.weight``; so a LoRA factor pair of an einsum kernel is PEFT's 2-D
-``lora_A (r, in)`` / ``lora_B (out, r)`` after a reshape, and ``kv_einsum``'s factors
-(layout ``("stack", "out", "in", "out")``, the stack axis being k/v) are two PEFT
-adapters.
-
-Plugging in your own:
-
-* ``name_map={"encoder.layers.query": "bert.encoder.layer.query"}`` or a function of
-  the ``.``-joined module path returning a PyTorch module path (or ``None`` for the
-  default): overrides on top of the recognised map (``{layer}`` in the result for
-  stacked kernels);
-* ``name_map="qwen3"`` (a shipped map by name) or a :class:`FamilyMap` of your own
-  :class:`Rule` s: a table of path regex → PyTorch name(s) and axes (see
-  :data:`QWEN3`'s source for the pattern);
-* any object with ``bind(leaves, prefix=None) -> TreeNames``.
+>>> r = Rule(r"layers/(\\d+)/attn/q_proj/w", r"model.layers.\\1.self_attn.q_proj.weight", "d n h", "(n h) d")
+>>> r.layout
+('in', 'out', 'out')
 """
 
 from __future__ import annotations
@@ -68,24 +23,15 @@ import numpy as np
 __all__ = [
     "Rule",
     "FamilyMap",
+    "FamilyNames",
     "TreeNames",
     "HFNames",
-    "QWEN3",
-    "LLAMA3",
-    "GEMMA3",
-    "FAMILY_MAPS",
-    "NameMapSpec",
-    "recognise",
-    "for_tree",
-    "get",
+    "Leaves",
+    "ModuleOverrides",
     "torch_param_name",
     "kernel_to_torch",
     "kernel_from_torch",
     "module_kind",
-    "family_of",
-    "record_param_to_torch",
-    "layouts",
-    "tree_leaves",
 ]
 
 Leaves = Sequence[tuple[tuple[str, ...], Optional[tuple[int, ...]], int]]
@@ -603,233 +549,3 @@ class FamilyNames:
         if hit is None:
             return self.fallback.torch_shapes(names, shape)
         return hit[0].torch_shapes(shape)
-
-
-# --------------------------------------------------------------------------------------
-# The shipped families
-
-_L = r"layers/(\d+)/"
-_T = r"model.layers.\1."
-
-
-def _decoder_rules(qk_norm: bool) -> list[Rule]:
-    rules = [
-        Rule(r"embedder/input_embedding", "model.embed_tokens.weight", "v d", "v d", kind="embedding"),
-        Rule(_L + r"attn/q_proj/w", _T + "self_attn.q_proj.weight", "d n h", "(n h) d"),
-        Rule(_L + r"attn/k_proj/w", _T + "self_attn.k_proj.weight", "d k h", "(k h) d"),
-        Rule(_L + r"attn/v_proj/w", _T + "self_attn.v_proj.weight", "d k h", "(k h) d"),
-        Rule(_L + r"attn/o_proj/w", _T + "self_attn.o_proj.weight", "n h d", "d (n h)"),
-        Rule(_L + r"mlp/(gate_proj|up_proj)/kernel", _T + r"mlp.\2.weight", "d f", "f d"),
-        Rule(_L + r"mlp/down_proj/kernel", _T + "mlp.down_proj.weight", "f d", "d f"),
-        Rule(_L + r"(input_layernorm|post_attention_layernorm)/w", _T + r"\2.weight", "d", "d", kind="param"),
-        Rule(r"final_norm/w", "model.norm.weight", "d", "d", kind="param"),
-        Rule(r"lm_head/w", "lm_head.weight", "d v", "v d"),
-    ]
-    if qk_norm:
-        rules.append(Rule(_L + r"attn/(q_norm|k_norm)/w", _T + r"self_attn.\2.weight", "h", "h", kind="param"))
-    return rules
-
-
-QWEN3 = FamilyMap(
-    "qwen3",
-    _decoder_rules(qk_norm=True),
-    requires=(_L + r"attn/q_proj/w", _L + r"attn/q_norm/w"),
-)
-"""tunix / bonsai's Qwen3 (``Qwen3ForCausalLM`` names)."""
-
-LLAMA3 = FamilyMap(
-    "llama3",
-    _decoder_rules(qk_norm=False),
-    requires=(_L + r"attn/q_proj/w",),
-    excludes=(_L + r"attn/q_norm/w",),
-)
-"""tunix / bonsai's Llama 3 (``LlamaForCausalLM`` names)."""
-
-_GEMMA_NORMS = {
-    "pre_attention_norm": "input_layernorm",
-    "post_attention_norm": "post_attention_layernorm",
-    "pre_ffw_norm": "pre_feedforward_layernorm",
-    "post_ffw_norm": "post_feedforward_layernorm",
-}
-
-GEMMA3 = FamilyMap(
-    "gemma3",
-    [
-        Rule(r"embedder/input_embedding", "model.embed_tokens.weight", "v d", "v d", kind="embedding"),
-        Rule(_L + r"attn/q_einsum/w", _T + "self_attn.q_proj.weight", "n d h", "(n h) d"),
-        Rule(
-            _L + r"attn/kv_einsum/w",
-            (_T + "self_attn.k_proj.weight", _T + "self_attn.v_proj.weight"),
-            "s k d h",
-            "(k h) d",
-        ),
-        Rule(
-            _L + r"attn/qkv_einsum/w",
-            (_T + "self_attn.q_proj.weight", _T + "self_attn.k_proj.weight", _T + "self_attn.v_proj.weight"),
-            "s n d h",
-            "(n h) d",
-        ),
-        Rule(_L + r"attn/attn_vec_einsum/w", _T + "self_attn.o_proj.weight", "n h d", "d (n h)"),
-        Rule(_L + r"attn/_query_norm/scale", _T + "self_attn.q_norm.weight", "h", "h", kind="param"),
-        Rule(_L + r"attn/_key_norm/scale", _T + "self_attn.k_norm.weight", "h", "h", kind="param"),
-        Rule(_L + r"mlp/(gate_proj|up_proj)/kernel", _T + r"mlp.\2.weight", "d f", "f d"),
-        Rule(_L + r"mlp/down_proj/kernel", _T + "mlp.down_proj.weight", "f d", "d f"),
-        *[
-            Rule(_L + jax_name + "/scale", _T + torch_name + ".weight", "d", "d", kind="param")
-            for jax_name, torch_name in _GEMMA_NORMS.items()
-        ],
-        Rule(r"final_norm/scale", "model.norm.weight", "d", "d", kind="param"),
-    ],
-    requires=(_L + r"attn/(q_einsum|kv_einsum|qkv_einsum)/w",),
-)
-"""tunix / bonsai's Gemma 3 text decoder (``Gemma3ForCausalLM`` names)."""
-
-FAMILY_MAPS: tuple[FamilyMap, ...] = (QWEN3, LLAMA3, GEMMA3)
-"""The shipped family maps, in the order :func:`recognise` tries them."""
-
-_BY_NAME = {m.name: m for m in FAMILY_MAPS}
-
-NameMapSpec = Union[None, str, FamilyMap, ModuleOverrides, Any]
-
-
-def get(name: str) -> Optional[FamilyMap]:
-    """A shipped map by name: ``"qwen3"``, ``"llama3"``, ``"gemma3"``; ``"hf"`` is ``None``
-    (the Hugging Face rules, which need no table)."""
-    if name == "hf":
-        return None
-    if name not in _BY_NAME:
-        raise ValueError(f"name_map={name!r}: shipped maps are {['hf', *_BY_NAME]} (or 'auto')")
-    return _BY_NAME[name]
-
-
-def recognise(paths: Iterable[str]) -> Optional[FamilyMap]:
-    """The shipped family whose layout these ``/``-joined leaf paths have, or ``None``
-    (then the Hugging Face rules apply).
-
-    >>> recognise(["embedder/input_embedding", "layers/0/attn/q_proj/w", "layers/0/attn/q_norm/w"]).name
-    'qwen3'
-    """
-    paths = list(paths)
-    for m in FAMILY_MAPS:
-        if m.recognises(paths):
-            return m
-    return None
-
-
-def for_tree(leaves: Leaves, name_map: NameMapSpec = None, prefix: Optional[str] = None) -> TreeNames:
-    """The name map for one tree, bound to its leaves.
-
-    Args:
-      leaves: every array leaf as ``(names, shape, n_stack)`` (``n_stack``: leading stack
-        axes of a LoRA kernel, else 0).
-      name_map: ``None``/``"auto"`` (recognise a shipped family from the paths, else the
-        Hugging Face rules), a shipped map's name, a :class:`FamilyMap`, an object with
-        ``bind(leaves, prefix=None)``, or module-path overrides (a dict or a function)
-        applied on top of the recognised map.
-      prefix: a PyTorch module path prepended to every name (e.g. ``"bert"``).
-
-    >>> tn = for_tree([(("layers", "0", "attn", "q_proj", "w"), (8, 2, 4), 0)])
-    >>> tn.name, tn.modules(("layers", "0", "attn", "q_proj", "w"))
-    ('llama3', ['model.layers.0.self_attn.q_proj'])
-    """
-    leaves = [(tuple(n), tuple(int(d) for d in s) if s is not None else None, int(k)) for n, s, k in leaves]
-    overrides: Optional[ModuleOverrides] = None
-    family: Optional[FamilyMap] = None
-    if name_map is None or name_map == "auto":
-        family = recognise("/".join(n) for n, _, _ in leaves)
-    elif isinstance(name_map, str):
-        family = get(name_map)
-        if family is None:
-            return HFNames(leaves, prefix=prefix)
-    elif isinstance(name_map, FamilyMap):
-        family = name_map
-    elif hasattr(name_map, "bind") and callable(name_map.bind):
-        return name_map.bind(leaves, prefix=prefix)
-    elif isinstance(name_map, Mapping) or callable(name_map):
-        overrides = name_map
-        family = recognise("/".join(n) for n, _, _ in leaves)
-    else:
-        raise TypeError(
-            f"name_map must be None, a shipped map's name ({['hf', *_BY_NAME]}), a FamilyMap, a dict or a "
-            f"function of the module path; got {type(name_map).__name__}"
-        )
-    if family is None:
-        return HFNames(leaves, name_map=overrides, prefix=prefix)
-    return family.bind(leaves, prefix=prefix, overrides=overrides)
-
-
-def family_of(source: Any) -> Optional[FamilyMap]:
-    """The :class:`FamilyMap` an adapter's ``name_map`` record names (``"qwen3"``, a
-    ``FamilyMap``), or ``None`` (Hugging Face rules, or a map that cannot be rebuilt
-    without its tree)."""
-    if isinstance(source, FamilyMap):
-        return source
-    if isinstance(source, str) and source in _BY_NAME:
-        return _BY_NAME[source]
-    return None
-
-
-def record_param_to_torch(names: Sequence[str], value: Any, n: int, source: Any = None) -> list[np.ndarray]:
-    """A fully trained leaf's value (JAX layout) as its ``n`` PyTorch tensors, without the
-    tree: the rule of the family ``source`` names if one matches the path, else
-    transformers' rules (a stacked leaf's slices one by one)."""
-    family = family_of(source)
-    if family is not None:
-        hit = family.rule_for("/".join(names))
-        if hit is not None:
-            return hit[0].to_torch(value)
-    v = np.asarray(value)
-    conv = kernel_to_torch if tuple(names)[-1] == "kernel" else np.asarray
-    return [conv(v[i] if n > 1 else v) for i in range(n)]
-
-
-def tree_leaves(params: Any) -> list[tuple[tuple[str, ...], tuple[int, ...], int]]:
-    """``[(names, shape, 0)]`` for every array leaf of ``params`` (a dict, an ``nnx.State``
-    or ``nnx.Module``, a LoRA tree: a ``LoraWeight`` counts as its kernel, with its stack
-    axes), the input of :func:`for_tree`."""
-    import jax
-
-    from .targets import path_names
-
-    def node(x: Any) -> bool:
-        return type(x).__name__ in ("LoraWeight", "MultiLoraWeight", "Trainable")
-
-    out = []
-    for keypath, x in jax.tree_util.tree_flatten_with_path(params, is_leaf=node)[0]:
-        n_stack = 0
-        if type(x).__name__ in ("LoraWeight", "MultiLoraWeight"):
-            n_stack = tuple(x.layout).count("stack")
-            x = x.w
-        elif type(x).__name__ == "Trainable":
-            x = x.value
-        shape = getattr(x, "shape", None)
-        if shape is not None:
-            out.append((path_names(keypath), tuple(int(d) for d in shape), n_stack))
-    return out
-
-
-def layouts(params: Any, name_map: NameMapSpec = None) -> Callable[[str, tuple[int, ...]], Optional[tuple[str, ...]]]:
-    """The kernel layouts a name map knows for the leaves of ``params``, as a ``layouts=``
-    argument of :func:`jlora.wrap` (``None`` for kernels it does not know, which are then
-    inferred as usual).
-
-    Use it to wrap a tree so that its adapter is exactly PEFT's: Gemma 3's ``kv_einsum``
-    (2, K, D, H) gets ``("stack", "out", "in", "out")``, i.e. separate factors for k and v
-    (PEFT's ``k_proj`` and ``v_proj``), where a layout found from its einsum alone would
-    be ``("out", "out", "in", "out")`` (one adapter shared by k and v).
-
-    >>> lp = jlora.wrap(state, config, layouts=jlora.name_maps.layouts(state))  # doctest: +SKIP
-    """
-    leaves = tree_leaves(params)
-    tn = for_tree([(n, s, 0) for n, s, _ in leaves], name_map)
-    table: dict[str, tuple[str, ...]] = {}
-    for names, shape, _ in leaves:
-        lay = tn.layout(names, shape)
-        if lay is not None:
-            table[".".join(names[:-1])] = lay
-
-    def spec(module: str, shape: tuple[int, ...]) -> Optional[tuple[str, ...]]:
-        lay = table.get(module)
-        return lay if lay is not None and len(lay) == len(tuple(shape)) else None
-
-    return spec

@@ -23,7 +23,7 @@ window and input channels, an embedding table's vocabulary axis), with one value
 ``"stack"`` and ``"out"`` index.
 
 Shapes: ``m`` and ``n`` are ``(*stack, *out)``. PEFT's file stores ``(out,)`` for Linear
-and Embedding (``(d,)``) and ``(1, out, 1, …)`` for convolutions (``jlora.peft_format``).
+and Embedding (``(d,)``) and ``(1, out, 1, …)`` for convolutions (``jlora.io.peft``).
 
 Several DoRA adapters on one kernel compose in order, as PEFT's forward and merge do
 (each ``kᵢ`` from ``‖W + sᵢ·ΔWᵢ‖``, the base without the other adapters)::
@@ -41,6 +41,9 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 
+from ..quant.array import is_quantized
+from .factors import delta
+
 __all__ = ["weight_norm", "magnitude_scale", "scale_to_kernel", "merge_kernel", "unmerge_kernel", "chain_kernel"]
 
 _HI = jax.lax.Precision.HIGHEST
@@ -49,8 +52,6 @@ _HI = jax.lax.Precision.HIGHEST
 def _dense(w: Any) -> Any:
     """A quantized base (``jlora.QuantizedArray``) dequantized (PEFT's QDoRA dequantizes
     too); any other kernel as it is."""
-    from .quantization import is_quantized
-
     return w.dequantize() if is_quantized(w) else w
 
 
@@ -122,8 +123,6 @@ def scale_to_kernel(k: jax.Array, layout: Sequence[str], shape: Sequence[int]) -
 
 
 def _delta(a, b, layout, dtype):
-    from .weight import delta  # weight.py imports this module: import at call time
-
     return delta(a, b, tuple(layout), dtype)
 
 

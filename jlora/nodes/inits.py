@@ -32,6 +32,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..quant.array import is_quantized
+from .factors import add_delta
+
 __all__ = ["RESIDUAL_INITS", "is_residual_init", "pissa_niter", "init_residual_factors", "residual_kernel",
            "original_kernel"]
 
@@ -103,8 +106,6 @@ def init_residual_factors(w: jax.Array, layout: Sequence[str], r: int, scale: fl
     True
     """
     where = f" at {path!r}" if path else ""
-    from .quantization import is_quantized
-
     if is_quantized(w) or not jnp.issubdtype(w.dtype, jnp.floating):
         raise TypeError(
             f"init_lora_weights={init!r}{where}: the base kernel is {'quantized' if is_quantized(w) else w.dtype}; "
@@ -143,14 +144,10 @@ def init_residual_factors(w: jax.Array, layout: Sequence[str], r: int, scale: fl
 
 def residual_kernel(w: jax.Array, a0: jax.Array, b0: jax.Array, scale: float, layout: Sequence[str]) -> jax.Array:
     """``W − s·A₀·B₀``: computed in float32, cast once to ``w``'s dtype."""
-    from .weight import add_delta
-
     return add_delta(w, a0, b0, scale, tuple(layout), sign=-1.0)
 
 
 def original_kernel(w_res: jax.Array, a0: jax.Array, b0: jax.Array, scale: float, layout: Sequence[str]) -> jax.Array:
     """``W_res + s·A₀·B₀``: the kernel before PiSSA/OLoRA (to float32 rounding; for a
     bfloat16 base, within the rounding of the residual's cast)."""
-    from .weight import add_delta
-
     return add_delta(w_res, a0, b0, scale, tuple(layout), sign=1.0)

@@ -27,12 +27,13 @@ Gemma ``kv_einsum`` (2, kv_heads, embed, head_dim)  ``("stack", "out", "in", "ou
 from __future__ import annotations
 
 import dataclasses
-import math
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Mapping, Optional
 
 import jax
-import jax.numpy as jnp
-import numpy as np
+
+from ..layouts.kernel import KernelLayout, Layout
+from .dora import chain_kernel
+from .factors import add_delta
 
 __all__ = [
     "LoraWeight",
@@ -40,63 +41,11 @@ __all__ = [
     "DEFAULT_ADAPTER",
     "is_lora_node",
     "Trainable",
-    "KernelLayout",
-    "delta",
-    "init_factors",
     "is_lora_weight",
     "is_trainable",
 ]
 
-Layout = tuple[str, ...]
 DEFAULT_ADAPTER = "default"
-_ROLES = ("stack", "in", "out")
-
-
-@dataclasses.dataclass(frozen=True)
-class KernelLayout:
-    """Role of each axis of a kernel: ``"stack"``, ``"in"`` or ``"out"``.
-
-    >>> KernelLayout(("out", "in")).in_axes
-    (1,)
-    """
-
-    roles: Layout
-
-    def __post_init__(self) -> None:
-        roles = tuple(self.roles)
-        object.__setattr__(self, "roles", roles)
-        bad = [r for r in roles if r not in _ROLES]
-        if bad:
-            raise ValueError(f"KernelLayout{roles}: unknown roles {bad}; valid roles are {_ROLES}")
-        if "in" not in roles or "out" not in roles:
-            raise ValueError(f"KernelLayout{roles}: needs at least one 'in' and one 'out' axis")
-
-    @property
-    def stack_axes(self) -> tuple[int, ...]:
-        return tuple(i for i, r in enumerate(self.roles) if r == "stack")
-
-    @property
-    def in_axes(self) -> tuple[int, ...]:
-        return tuple(i for i, r in enumerate(self.roles) if r == "in")
-
-    @property
-    def out_axes(self) -> tuple[int, ...]:
-        return tuple(i for i, r in enumerate(self.roles) if r == "out")
-
-    def factor_shapes(self, shape: Sequence[int], r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        """Shapes of A and B for a kernel of ``shape``."""
-        if len(shape) != len(self.roles):
-            raise ValueError(f"kernel of shape {tuple(shape)} does not fit layout {self.roles}")
-        stack = tuple(shape[i] for i in self.stack_axes)
-        ins = tuple(shape[i] for i in self.in_axes)
-        outs = tuple(shape[i] for i in self.out_axes)
-        return stack + ins + (r,), stack + (r,) + outs
-
-    def canonical_permutation(self) -> tuple[int, ...]:
-        """Permutation taking the canonical (stack, in, out) order to the kernel's order."""
-        canonical = self.stack_axes + self.in_axes + self.out_axes
-        # kernel axis i lives at canonical position canonical.index(i)
-        return tuple(canonical.index(i) for i in range(len(self.roles)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,8 +140,6 @@ class LoraWeight:
         if self.merged:
             return self.w
         if self.magnitude is not None:
-            from .dora import chain_kernel
-
             return chain_kernel(self.w, [self], self.layout)
         return add_delta(self.w, self.a, self.b, self.scale, self.layout, sign=1.0)
 
@@ -260,8 +207,6 @@ class MultiLoraWeight:
         pairs = self.active_pairs()
         if not pairs:
             return self.w
-        from .dora import chain_kernel
-
         return chain_kernel(self.w, pairs, pairs[0].layout)
 
     def replace(self, **changes: Any) -> "MultiLoraWeight":
@@ -307,74 +252,3 @@ def is_lora_weight(x: Any) -> bool:
 
 def is_trainable(x: Any) -> bool:
     return isinstance(x, Trainable)
-
-
-def delta(a: jax.Array, b: jax.Array, layout: Layout, dtype=jnp.float32) -> jax.Array:
-    """``ΔW = A·B`` arranged in the kernel's axis order (without the scale).
-
-    Computed as ``dot_general`` over the rank axis with the stack axes batched, then
-    transposed from canonical (stack, in, out) order into ``layout`` order.
-    """
-    kl = KernelLayout(layout)
-    n_stack = len(kl.stack_axes)
-    stack = tuple(range(n_stack))
-    d = jax.lax.dot_general(
-        a.astype(dtype),
-        b.astype(dtype),
-        (((a.ndim - 1,), (n_stack,)), (stack, stack)),
-        precision=jax.lax.Precision.HIGHEST,
-    )
-    return jnp.transpose(d, kl.canonical_permutation())
-
-
-def add_delta(w: jax.Array, a: jax.Array, b: jax.Array, scale: float, layout: Layout, sign: float) -> jax.Array:
-    """``w + sign·scale·ΔW``, computed in float32 and cast to ``w``'s dtype."""
-    compute = jnp.promote_types(w.dtype, jnp.float32)
-    out = w.astype(compute) + (sign * scale) * delta(a, b, layout, compute)
-    return out.astype(w.dtype)
-
-
-def _kaiming_uniform_a_sqrt5(key: jax.Array, shape: tuple[int, ...], fan_in: int, dtype) -> jax.Array:
-    # PEFT / torch: kaiming_uniform_(a=sqrt(5)) -> U(-1/sqrt(fan_in), 1/sqrt(fan_in))
-    bound = 1.0 / math.sqrt(fan_in)
-    return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-
-def init_factors(
-    key: Optional[jax.Array],
-    shape: Sequence[int],
-    layout: Layout,
-    r: int,
-    init: Union[bool, str] = True,
-    dtype=jnp.float32,
-    embedding: bool = False,
-) -> tuple[jax.Array, jax.Array]:
-    """Initial ``(A, B)`` for a kernel of ``shape`` and ``layout``, as PEFT initialises them.
-
-    - ``init=True``: A ~ U(±1/sqrt(fan_in)) (kaiming-uniform, a=sqrt(5)), B = 0; for an
-      embedding table PEFT's order: A = 0, B ~ N(0, 1).
-    - ``init="gaussian"``: A ~ N(0, (1/r)²), B = 0.
-    - ``init=False``: A and B both random (torch's default Linear init: U(±1/sqrt(fan_in)));
-      the adapter is *not* an identity at start; for tests.
-
-    ``fan_in`` is the product of A's input axes.
-
-    >>> a, b = init_factors(jax.random.key(0), (6, 4), ("in", "out"), r=2)
-    >>> a.shape, b.shape, float(abs(b).sum())
-    ((6, 2), (2, 4), 0.0)
-    """
-    kl = KernelLayout(layout)
-    a_shape, b_shape = kl.factor_shapes(tuple(shape), r)
-    fan_in = int(np.prod([shape[i] for i in kl.in_axes]))
-    if key is None:
-        raise ValueError("init_factors needs a PRNG key: pass rng=jax.random.key(seed) to jlora.wrap")
-    ka, kb = jax.random.split(key)
-    if init is True:
-        if embedding:
-            return jnp.zeros(a_shape, dtype), jax.random.normal(kb, b_shape, dtype)
-        return _kaiming_uniform_a_sqrt5(ka, a_shape, fan_in, dtype), jnp.zeros(b_shape, dtype)
-    if init == "gaussian":
-        return (jax.random.normal(ka, a_shape, dtype) / r).astype(dtype), jnp.zeros(b_shape, dtype)
-    if init is False:
-        return _kaiming_uniform_a_sqrt5(ka, a_shape, fan_in, dtype), _kaiming_uniform_a_sqrt5(kb, b_shape, r, dtype)
-    raise ValueError(f"init_lora_weights={init!r}: valid values are True, False, 'gaussian'")

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .quantization import QuantizedArray, dense_for_compute, is_quantized
+from .array import QuantizedArray, dense_for_compute, is_quantized
 
 __all__ = ["QuantView", "is_view", "as_value", "dense", "bind", "prepare_scanned"]
 

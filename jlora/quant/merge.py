@@ -25,7 +25,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from .quantization import QuantizedArray, is_quantized, quantize_array
+from ..core.paths import path_names
+from .array import QuantizedArray, is_quantized, quantize_array
 
 __all__ = ["RequantizeReport", "RequantizeWarning", "dequantize_bases", "has_quantized_base", "requantize_merge"]
 
@@ -78,8 +79,6 @@ def requantize_merge(lp: Any, merge_fn: Callable[[Any], Any], is_node: Callable[
     """``merge_fn`` over the base dequantized to its original dtype, then every merged
     target whose base was quantized quantized again like its base; quantized kernels that
     are not targets stay as they are (bit for bit)."""
-    from .targets import path_names
-
     merged = merge_fn(_original(lp))
     kernels: dict[str, tuple[float, float]] = {}
     totals = [0.0, 0.0, 0.0]

@@ -8,11 +8,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from . import qmerge
-from .dora import merge_kernel, unmerge_kernel
-from .quantization import is_quantized
-from .weight import MultiLoraWeight, add_delta, is_lora_weight, is_trainable
-from .weight import is_lora_node as _is_node
+from ..core.nnx_modules import is_nnx_module, map_module_state
+from ..core.paths import path_names
+from ..nodes.dora import merge_kernel, unmerge_kernel
+from ..nodes.factors import add_delta
+from ..nodes.weight import MultiLoraWeight, is_lora_weight, is_trainable
+from ..nodes.weight import is_lora_node as _is_node
+from ..quant import merge as qmerge
+from ..quant.array import is_quantized
 
 __all__ = ["merge", "merge_adapter", "unmerge_adapter"]
 
@@ -45,7 +48,7 @@ def merge(lp: Any, *, safe: bool = False, requantize: bool = False, with_report:
         W' = W + s · ΔW      (ΔW = A·B in W's layout; computed in float32, cast to W.dtype)
         W' = (m / ‖W + s·ΔW‖) ⊙ (W + s·ΔW)      with DoRA (the norm per output feature)
 
-    (several active adapters on one kernel: in order, as PEFT, see :mod:`jlora.dora`;
+    (several active adapters on one kernel: in order, as PEFT, see :mod:`jlora.nodes.dora`;
     a PiSSA/OLoRA ``W`` is the residual, so ``W'`` is the trained model's kernel)
 
     and each ``Trainable`` by its value. One jitted ``tree_map``.
@@ -54,7 +57,7 @@ def merge(lp: Any, *, safe: bool = False, requantize: bool = False, with_report:
     its ``compute_dtype`` first, so the result is the dense model that was trained,
     ``dequant(W) + s·ΔW``. With ``requantize=True`` the merged targets are quantized again
     like their base (PEFT's merge into a bitsandbytes base), which drops most of a small
-    ``ΔW``: a :class:`jlora.qmerge.RequantizeWarning` says how much survived.
+    ``ΔW``: a :class:`jlora.quant.RequantizeWarning` says how much survived.
 
     Args:
       safe: first check that every merged kernel is finite; raise ``ValueError`` naming
@@ -67,8 +70,6 @@ def merge(lp: Any, *, safe: bool = False, requantize: bool = False, with_report:
     >>> merged = merge(lp)                                    # doctest: +SKIP
     >>> model.apply({"params": merged}, x)                    # doctest: +SKIP
     """
-    from .wrap import is_nnx_module, map_module_state
-
     if is_nnx_module(lp):
         if requantize and with_report:
             reports = []
@@ -89,8 +90,6 @@ def merge(lp: Any, *, safe: bool = False, requantize: bool = False, with_report:
         return (out, report) if with_report else out
     lp = qmerge.dequantize_bases(lp)  # a quantized base: dense, in compute_dtype
     if safe:
-        from .targets import path_names
-
         flags = _finite_flags(lp)
         flat = jax.tree_util.tree_flatten_with_path(lp, is_leaf=_is_node)[0]
         paths = ["/".join(path_names(p)) for p, x in flat if isinstance(x, MultiLoraWeight) or is_lora_weight(x)]
@@ -137,8 +136,6 @@ def merge_adapter(lp: Any) -> Any:
 
     >>> lp2 = merge_adapter(lp); lp3 = unmerge_adapter(lp2)   # doctest: +SKIP
     """
-    from .wrap import is_nnx_module, map_module_state
-
     if is_nnx_module(lp):
         return map_module_state(merge_adapter, lp)
     return _set_merged(lp, True)
@@ -148,8 +145,6 @@ def unmerge_adapter(lp: Any) -> Any:
     """PEFT's ``unmerge_adapter``: ``w ← w − s·ΔW`` (float32, so ``W`` comes back to
     within float32 rounding for a float32 base) and ``merged=False``. DoRA:
     ``w ← w·(n/m) − s·ΔW`` with the norm ``n`` that :func:`merge_adapter` kept."""
-    from .wrap import is_nnx_module, map_module_state
-
     if is_nnx_module(lp):
         return map_module_state(unmerge_adapter, lp)
     return _set_merged(lp, False)

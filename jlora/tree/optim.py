@@ -10,8 +10,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from .weight import LoraWeight, MultiLoraWeight, Trainable, is_lora_weight, is_trainable
-from .weight import is_lora_node as _is_node
+from ..core.paths import path_names
+from ..nodes.weight import LoraWeight, MultiLoraWeight, Trainable, is_lora_weight, is_trainable
+from ..nodes.weight import is_lora_node as _is_node
 
 __all__ = ["optimizer", "trainable_labels", "partition", "combine", "nnx_trainable", "LoraOptState"]
 
@@ -79,8 +80,6 @@ def _is_node_or_variable(x: Any) -> bool:
 def _trainable_arrays(tree: Any) -> dict[str, Any]:
     """``{path: array}`` of the trainable arrays of ``tree`` (a LoRA tree, its gradients,
     its ``partition``'s trainable half, or an ``nnx.State`` of Variables holding them)."""
-    from .targets import path_names
-
     out: dict[str, Any] = {}
     flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_node_or_variable)[0]
     for path, x in flat:
@@ -117,8 +116,6 @@ def _pair_updates(p: Any, updates: dict[str, Any], name: str, zero: Any) -> Any:
 
 def _full_updates(params: Any, updates: dict[str, Any]) -> Any:
     """``params``' structure with ``updates`` at the trainable arrays and zeros elsewhere."""
-    from .targets import path_names
-
     flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_node)
     # zeros for every array under a frozen child (a QuantizedArray base holds several)
     zero = lambda v: None if v is None else jax.tree_util.tree_map(_zero_update, v)  # noqa: E731

@@ -3,35 +3,30 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Sequence
 import warnings
+from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .config import LoraConfig
-from .quantization import is_quantized
-from .targets import LayoutSpec, flatten_params, plan_targets, stacklevel_outside_jlora
-from .weight import KernelLayout, LoraWeight, MultiLoraWeight, Trainable, init_factors, is_lora_weight, is_trainable
-from .weight import is_lora_node as _is_node
+from ..core.config import LoraConfig
+from ..core.nnx_modules import is_nnx_module, map_module_state
+from ..core.paths import LeafEntry, path_names, stacklevel_outside_jlora
+from ..layouts.from_tree import LayoutSpec
+from ..layouts.from_use import find_kernel_uses
+from ..layouts.kernel import KernelLayout
+from ..nodes.dora import weight_norm
+from ..nodes.factors import init_factors
+from ..nodes.inits import init_residual_factors, is_residual_init, original_kernel, residual_kernel
+from ..nodes.weight import LoraWeight, MultiLoraWeight, Trainable, is_lora_weight, is_trainable
+from ..nodes.weight import is_lora_node as _is_node
+from ..quant.array import is_quantized
+from .targets import flatten_params, plan_targets
 
-__all__ = ["wrap", "unload", "count_parameters", "print_trainable_parameters", "is_lora_tree", "lora_leaves"]
-
-
-def is_nnx_module(x: Any) -> bool:
-    nnx = sys.modules.get("flax.nnx")
-    return nnx is not None and isinstance(x, nnx.Module)
-
-
-def map_module_state(fn: Callable[[Any], Any], module: Any) -> Any:
-    """``fn`` applied to an ``nnx.Module``'s state (``nnx.split``: each Variable once, even
-    where several attributes share it), and the result merged back into a new module of
-    the same class (``nnx.merge``); the module itself is unchanged."""
-    nnx = sys.modules["flax.nnx"]
-    graphdef, state = nnx.split(module)
-    return nnx.merge(graphdef, fn(state))
+__all__ = ["wrap", "unload", "count_parameters", "print_trainable_parameters", "is_lora_tree", "lora_leaves",
+           "factor_sharding"]
 
 
 def factor_sharding(w: Any, layout: tuple[str, ...]):
@@ -89,13 +84,13 @@ def wrap(
 
     Which leaves are kernels, and the role of each of their axes (``"stack"``, ``"in"``,
     ``"out"``): with ``apply_fn``, found from how the model uses them
-    (:mod:`jlora.usage`: ``apply_fn(params, *example_args)`` is traced abstractly, nothing
+    (:mod:`jlora.layouts.from_use`: ``apply_fn(params, *example_args)`` is traced abstractly, nothing
     is computed, and every leaf the model contracts in a ``dot_general``, convolves or
     gathers by rows is a kernel whatever its name: ``kernel``, ``w``, ``weight``, a bare
     leaf). Without it, inferred from the tree (names ``kernel``/``embedding``, and
     ``w``/``weight`` where the tree tells their layout; otherwise the error says what to
     pass). ``target_modules`` matches module paths as PEFT does (see
-    :mod:`jlora.targets`; a bare leaf is its own module).
+    :mod:`jlora.tree.targets`; a bare leaf is its own module).
 
     Args:
       params: a parameter pytree (Linen ``variables['params']``, ``nnx.State``, an
@@ -159,8 +154,6 @@ def wrap(
 def _module_aliases(module: Any) -> dict[str, list[str]]:
     """``{module path: the other paths of the same module}`` for the Variables an
     ``nnx.Module`` reaches by more than one attribute path."""
-    from .targets import LeafEntry, path_names
-
     nnx = sys.modules["flax.nnx"]
     paths: dict[int, list[str]] = {}
     flat = jax.tree_util.tree_flatten_with_path(module, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]
@@ -182,8 +175,6 @@ def _wrap_tree(params: Any, config: LoraConfig, rng: Optional[jax.Array], apply_
     entries, treedef = flatten_params(params)
     uses = None
     if apply_fn is not None:
-        from .usage import find_kernel_uses
-
         # a quantized kernel is one leaf, used as the kernel it stands for
         uses = find_kernel_uses(apply_fn, params, example_args,
                                 is_leaf=lambda x: _is_node(x) or is_quantized(x))
@@ -241,8 +232,6 @@ def _init_target(e: Any, spec: Any, config: LoraConfig, key: jax.Array, dtype: A
     """The ``LoraWeight`` of one target: factors as ``config.init_lora_weights`` says
     (PiSSA/OLoRA: from ``W``, with ``w`` the residual and the initial factors kept), and
     DoRA's magnitude ``m = ‖w + s·A·B‖`` (so that DoRA equals LoRA at init)."""
-    from .inits import init_residual_factors, is_residual_init, residual_kernel
-
     init = config.init_lora_weights
     shape = tuple(e.leaf.shape)
     w, a0, b0, init_name = e.leaf, None, None, None
@@ -264,8 +253,6 @@ def _init_target(e: Any, spec: Any, config: LoraConfig, key: jax.Array, dtype: A
         a, b = init_factors(key, shape, spec.layout, spec.r, init, dtype, spec.embedding)
     magnitude = None
     if config.use_dora:
-        from .dora import weight_norm
-
         dense = w.dequantize(w.compute_dtype) if is_quantized(w) else w  # the norm of the dequantized base
         magnitude = weight_norm(dense, a, b, spec.scale, spec.layout).astype(dtype)
     return LoraWeight(w, a, b, scale=spec.scale, layout=spec.layout, dropout=config.lora_dropout,
@@ -281,8 +268,6 @@ def is_lora_tree(tree: Any) -> bool:
 
 def lora_leaves(tree: Any) -> list[tuple[str, LoraWeight]]:
     """``[(path, LoraWeight), ...]`` in tree order, paths ``/``-joined."""
-    from .targets import path_names
-
     if is_nnx_module(tree):  # each Variable once, as nnx.split sees it
         tree = sys.modules["flax.nnx"].state(tree)
     flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_node)[0]
@@ -309,8 +294,6 @@ def unload(lp: Any) -> Any:
 
 def _original_base(x: Any) -> Any:
     """The kernel a node was made on: ``w``, plus ``s·a0·b0`` of PiSSA/OLoRA adapters."""
-    from .inits import original_kernel
-
     if isinstance(x, LoraWeight):
         if x.a0 is not None and not x.merged:
             return original_kernel(x.w, x.a0, x.b0, x.scale, x.layout)

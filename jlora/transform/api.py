@@ -1,0 +1,225 @@
+"""``jlora.lora(fn)`` and ``jlora.explain``: trace ``fn`` with plain arrays standing in for
+the LoRA nodes of its arguments, then evaluate its jaxpr with the interpreter, each LoRA
+node a :class:`~jlora.transform.values.LoraValue`.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..adapters.named import check_adapter_ids
+from ..core.paths import path_names
+from ..nodes.dora import magnitude_scale
+from ..nodes.weight import DEFAULT_ADAPTER, LoraWeight, MultiLoraWeight, Trainable
+from ..quant import forward as qforward
+from ..quant.array import is_quantized
+from .interpreter import eval_jaxpr
+from .values import (
+    Context,
+    LoraEvent,
+    LoraReport,
+    LoraValue,
+    OnMaterialize,
+    Pair,
+    roles_to_axes,
+)
+
+__all__ = ["lora", "explain"]
+
+
+def _is_node(x: Any) -> bool:
+    return isinstance(x, (LoraWeight, MultiLoraWeight, Trainable))
+
+
+def _is_dynamic(x: Any) -> bool:
+    return isinstance(x, (jax.Array, np.ndarray, np.generic, jax.core.Tracer))
+
+
+def _adapter_names(leaves: Sequence[Any]) -> list[str]:
+    """All adapter names, in order of first appearance (as ``jlora.adapter_names``)."""
+    names: list[str] = []
+    for x in leaves:
+        if isinstance(x, LoraWeight):
+            found = [DEFAULT_ADAPTER]
+        elif isinstance(x, MultiLoraWeight):
+            found = list(x.adapters)
+        else:
+            continue
+        names += [n for n in found if n not in names]
+    return names
+
+
+def _lora_value(leaf: Any, path: str, names: list[str], mixed: bool) -> Any:
+    """The interpreter's value for a LoRA node: a ``LoraValue``, or a plain kernel when no
+    adapter applies (merged, disabled, none active)."""
+    w = qforward.as_value(leaf.w) if is_quantized(leaf.w) else jax.lax.stop_gradient(leaf.w)
+    if isinstance(leaf, LoraWeight):
+        if leaf.merged:
+            if mixed:
+                raise ValueError(f"jlora: {path!r} is merged (merge_adapter); unmerge it to use adapter_ids")
+            return leaf.w
+        named = [(DEFAULT_ADAPTER, leaf)]
+    else:
+        if not leaf.enabled:
+            return w
+        chosen = list(leaf.adapters) if mixed else [n for n in leaf.active if n in leaf.adapters]
+        named = [(n, leaf.adapters[n]) for n in chosen]
+    if not named:
+        return w
+    layout = named[0][1].layout
+    axes, n_stack = roles_to_axes(layout)
+    pairs = tuple(
+        Pair(a=x.a, b=x.b, scale=x.scale, dropout=x.dropout, gid=names.index(n) if mixed else -2,
+              k=_dora_k(leaf.w, x, n_stack)) for n, x in named
+    )
+    return LoraValue(w=w, pairs=pairs, axes=axes, n_stack=n_stack, path=path)
+
+
+def _dora_k(w: Any, x: LoraWeight, n_stack: int) -> Any:
+    """DoRA's ``k = m / stop_gradient(‖W + s·ΔW‖)`` for adapter ``x`` on kernel ``w``, once per
+    call (float32, ``(*stack, 1, *out)``: B's axes with rank 1); None for a LoRA adapter."""
+    if x.magnitude is None:
+        return None
+    if is_quantized(w):  # the norm of the dequantized base (a constant: no residual)
+        w = w.dequantize(w.compute_dtype)
+    return jnp.expand_dims(magnitude_scale(w, x.a, x.b, x.magnitude, x.scale, x.layout), n_stack)
+
+
+def _run(fn, args, kwargs, key, on_materialize, events, adapter_ids=None):
+    flat_with_path, treedef = jax.tree_util.tree_flatten_with_path(
+        (args, kwargs), is_leaf=lambda x: _is_node(x) or is_quantized(x)
+    )
+    flat = [leaf for _, leaf in flat_with_path]
+    names = _adapter_names(flat)
+    mixed = adapter_ids is not None
+    if mixed:
+        adapter_ids = jnp.asarray(adapter_ids)
+        if adapter_ids.ndim != 1 or not jnp.issubdtype(adapter_ids.dtype, jnp.integer):
+            raise ValueError(
+                f"adapter_ids must be a 1-D integer array (one adapter index per example, -1 for the base "
+                f"model; see jlora.adapter_ids), got {adapter_ids.dtype}{list(adapter_ids.shape)}"
+            )
+        check_adapter_ids(adapter_ids, names)
+    statics = list(flat)
+    dyn_idx: list[int] = []
+    dyn_vals: list[Any] = []
+    for i, (path, leaf) in enumerate(flat_with_path):
+        if isinstance(leaf, (LoraWeight, MultiLoraWeight)):
+            pn = path_names(path)
+            dyn_idx.append(i)
+            dyn_vals.append(_lora_value(leaf, "/".join(pn[2:]) or "/".join(pn), names, mixed))
+        elif isinstance(leaf, Trainable):
+            dyn_idx.append(i)
+            dyn_vals.append(leaf.value)
+        elif is_quantized(leaf):  # a frozen quantized kernel that is not a LoRA target
+            dyn_idx.append(i)
+            dyn_vals.append(qforward.as_value(leaf))
+        elif _is_dynamic(leaf):
+            dyn_idx.append(i)
+            dyn_vals.append(leaf)
+
+    def flat_fn(*dyn):
+        leaves = list(statics)
+        for i, v in zip(dyn_idx, dyn):
+            leaves[i] = v
+        a, k = jax.tree_util.tree_unflatten(treedef, leaves)
+        return fn(*a, **k)
+
+    avals = [_abstract(v.w if isinstance(v, LoraValue) else v) for v in dyn_vals]
+    closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*avals)
+    ctx = Context(key, on_materialize, events, adapter_ids)
+    outs = eval_jaxpr(closed.jaxpr, closed.consts, dyn_vals, ctx)
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outs)
+
+
+def _abstract(value: Any) -> jax.ShapeDtypeStruct:
+    """Shape, dtype and sharding of ``value`` (an array or a tracer), to trace ``fn`` with:
+    under a mesh with ``Explicit`` axes the sharding is part of the type, and a jaxpr traced
+    without it would build replicated intermediates that clash with the real ones."""
+    if qforward.is_view(value):
+        return value.aval
+    t = jax.typeof(value)
+    return jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=t.sharding)
+
+
+def lora(fn: Callable[..., Any], *, on_materialize: OnMaterialize = "warn") -> Callable[..., Any]:
+    """Returns ``fn`` with LoRA applied to every ``LoraWeight`` in its arguments.
+
+    For each LoRA weight used as a kernel, the wrapped function computes::
+
+        y = x·W + s · (dropout(x)·A)·B          s = lora_alpha / r
+
+    without ever forming ``W + s·A·B`` (see the module docstring for where it is formed).
+    The base ``W`` is frozen (``stop_gradient``): gradients flow to A, B and ``Trainable``
+    leaves only. ``Trainable`` leaves are passed to ``fn`` as plain arrays; leaves of
+    merged weights (:func:`jlora.merge_adapter`) are passed as they are.
+
+    The returned function has ``fn``'s signature plus two keyword-only arguments:
+
+    - ``lora_rng``: a PRNG key for LoRA dropout (rate ``LoraConfig.lora_dropout``, on the
+      input of A). No key (the default) means no dropout, as in evaluation. The same key
+      gives the same masks; each use of a weight (each scanned layer) its own mask.
+    - ``adapter_ids``: for trees with several named adapters (:mod:`jlora.adapters`), a
+      mixed batch: one adapter index per example (from :func:`jlora.adapter_ids`; ``-1``
+      for the base model alone), applied along axis 0 of each targeted layer's input.
+      Without it, the active adapters' deltas are summed for every example. Concrete
+      ids outside ``-1 .. n_adapters - 1`` raise ``ValueError``; traced ids (under
+      ``jit``) cannot be checked, and an out-of-range id there selects no adapter (the
+      example gets the base model), so build ids with :func:`jlora.adapter_ids`.
+
+    Non-array arguments (Python bools, strings, ints) are static.
+
+    Args:
+      fn: any function whose arguments hold parameter trees, e.g. ``model.apply``.
+      on_materialize: what to do where a weight cannot stay factored: ``"warn"`` (a
+        :class:`MaterializationWarning`), ``"error"`` (:class:`MaterializationError`),
+        or ``"allow"``.
+
+    Example:
+      >>> forward = lora(model.apply)                                  # doctest: +SKIP
+      >>> logits = forward({"params": lp}, x)                          # doctest: +SKIP
+      >>> loss = forward({"params": lp}, x, lora_rng=jax.random.key(1))  # with dropout
+    """
+    if on_materialize not in ("warn", "error", "allow"):
+        raise ValueError(f"on_materialize={on_materialize!r}: must be 'warn', 'error' or 'allow'")
+
+    @functools.wraps(fn)
+    def wrapped(*args: Any, lora_rng: Optional[jax.Array] = None, adapter_ids: Optional[jax.Array] = None,
+                **kwargs: Any) -> Any:
+        return _run(fn, args, kwargs, lora_rng, on_materialize, [], adapter_ids)
+
+    return wrapped
+
+
+def explain(fn: Callable[..., Any], *args: Any, lora_rng: Optional[jax.Array] = None,
+            adapter_ids: Optional[jax.Array] = None, **kwargs: Any) -> LoraReport:
+    """Reports, for the call ``fn(*args, **kwargs)``, which LoRA weights ``lora(fn)``
+    keeps factored and which it materialises, and where (primitive, module, source line).
+
+    Only traces (``jax.eval_shape``); nothing is computed.
+
+    >>> print(explain(model.apply, {"params": lp}, x))        # doctest: +SKIP
+    >>> explain(model.apply, {"params": lp}, x).materialized  # doctest: +SKIP
+    []
+    """
+    events: list[LoraEvent] = []
+    # Only arrays are traced; everything else (Python flags such as ``train=False``,
+    # strings, modules) is passed through unchanged, as ``lora(fn)`` does.
+    leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))
+    dyn = [i for i, x in enumerate(leaves) if _is_dynamic(x) or isinstance(x, jax.ShapeDtypeStruct)]
+
+    def run(dyn_vals, ids):
+        full = list(leaves)
+        for i, v in zip(dyn, dyn_vals):
+            full[i] = v
+        a, k = jax.tree_util.tree_unflatten(treedef, full)
+        return _run(fn, a, k, lora_rng, "allow", events, ids)
+
+    jax.eval_shape(run, [leaves[i] for i in dyn], adapter_ids)
+    return LoraReport(tuple(events))
