@@ -55,12 +55,17 @@ does the renames, and no process returns before the new checkpoint is in place.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
+import inspect
 import json
 import os
 import shutil
+import logging
+import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -275,6 +280,64 @@ def _short(err: BaseException) -> str:
     return f"{type(err).__name__}: {line[:400]}"
 
 
+def _is_read_echo(unraisable: Any) -> bool:
+    """An echo of a failed parallel read, reported after Orbax closed its event loop: a
+    TensorStore callback finding the loop closed, or a read coroutine never resumed."""
+    exc, obj = unraisable.exc_value, unraisable.object
+    if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+        return True
+    code = getattr(obj, "cr_code", None) if inspect.iscoroutine(obj) else None
+    return code is not None and "orbax" in code.co_filename
+
+
+class _ReadEchoLogFilter(logging.Filter):
+    """Drops asyncio's "Future exception was never retrieved" for reads Orbax abandoned."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        if not msg.startswith(("Future exception was never retrieved", "Task exception was never retrieved")):
+            return True
+        exc = record.exc_info[1] if record.exc_info else None
+        return not ("tensorstore" in msg or "orbax" in msg or (exc is not None and "tensorstore_spec" in str(exc)))
+
+
+def _drop_read_echoes() -> None:
+    """After a failed Orbax read, keeps its echoes off stderr, for the rest of the process.
+
+    Orbax reads the arrays in parallel; when one read fails it closes its event loop while
+    the others are still in flight. Those report later, whenever TensorStore next runs
+    (often during the next read), as "Event loop is closed", read coroutines never resumed
+    (through ``sys.unraisablehook``) and futures whose exception was never retrieved (the
+    ``asyncio`` logger). jlora has already raised its own error for the failure, so a
+    filter is put in front of the hook and the logger that drops exactly these, and passes
+    everything else on. Installed once, on the failure path only.
+    """
+    hook = sys.unraisablehook
+    if not getattr(hook, "jlora_drops_read_echoes", False):
+
+        def filtered(unraisable: Any) -> None:
+            if not _is_read_echo(unraisable):
+                hook(unraisable)
+
+        filtered.jlora_drops_read_echoes = True  # type: ignore[attr-defined]
+        sys.unraisablehook = filtered
+    logger = logging.getLogger("asyncio")
+    if not any(isinstance(f, _ReadEchoLogFilter) for f in logger.filters):
+        logger.addFilter(_ReadEchoLogFilter())
+
+
+@contextlib.contextmanager
+def _quiet_failed_reads() -> Iterator[None]:
+    """Where an Orbax read fails, only jlora's error reaches the user (see
+    :func:`_drop_read_echoes`); the success path is untouched."""
+    try:
+        yield
+    except BaseException:
+        _drop_read_echoes()
+        gc.collect()  # the abandoned read coroutines report now, through the filter
+        raise
+
+
 def _read_custom_metadata(handler: ocp.StandardCheckpointHandler, directory: epath.Path) -> Any:
     """jlora's metadata of the checkpoint item at ``directory``; errors name the file."""
     f = Path(directory) / "_METADATA"
@@ -288,7 +351,8 @@ def _read_custom_metadata(handler: ocp.StandardCheckpointHandler, directory: epa
             f"{type(err).__name__}: {err}"
         ) from None
     try:
-        return handler.metadata(directory).custom_metadata
+        with _quiet_failed_reads():
+            return handler.metadata(directory).custom_metadata
     except Exception as err:  # noqa: BLE001 - Orbax/TensorStore raise many types
         raise ValueError(
             f"{directory}: cannot read the arrays' metadata from the checkpoint's array store (manifest.ocdbt, "
@@ -298,7 +362,8 @@ def _read_custom_metadata(handler: ocp.StandardCheckpointHandler, directory: epa
 
 def _orbax_restore(handler: ocp.StandardCheckpointHandler, directory: epath.Path, target: Any) -> Any:
     try:
-        return ocp.StandardCheckpointHandler.restore(handler, directory, args=ocp.args.StandardRestore(target))
+        with _quiet_failed_reads():
+            return ocp.StandardCheckpointHandler.restore(handler, directory, args=ocp.args.StandardRestore(target))
     except Exception as err:  # noqa: BLE001 - TensorStore / Orbax errors of many types
         raise ValueError(
             f"{directory}: cannot read the array data: a file under {directory} (manifest.ocdbt, ocdbt.process_*/, "

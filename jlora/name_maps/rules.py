@@ -6,7 +6,7 @@ The tables themselves are in :mod:`jlora.name_maps.families`; choosing and bindi
 for a tree is :mod:`jlora.name_maps.lookup`. The package docstring describes the maps.
 
 >>> r = Rule(r"layers/(\\d+)/attn/q_proj/w", r"model.layers.\\1.self_attn.q_proj.weight", "d n h", "(n h) d")
->>> r.layout
+>>> r.layout()
 ('in', 'out', 'out')
 """
 

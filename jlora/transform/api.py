@@ -182,9 +182,15 @@ def lora(fn: Callable[..., Any], *, on_materialize: OnMaterialize = "warn") -> C
         or ``"allow"``.
 
     Example:
-      >>> forward = lora(model.apply)                                  # doctest: +SKIP
-      >>> logits = forward({"params": lp}, x)                          # doctest: +SKIP
-      >>> loss = forward({"params": lp}, x, lora_rng=jax.random.key(1))  # with dropout
+      >>> params = {"dense": {"kernel": jnp.ones((4, 3))}}
+      >>> config = jlora.LoraConfig(r=2, target_modules=["dense"], lora_dropout=0.1, init_lora_weights=False)
+      >>> lp = jlora.wrap(params, config, rng=jax.random.key(0))
+      >>> forward = lora(lambda p, x: x @ p["dense"]["kernel"])
+      >>> y = forward(lp, jnp.ones((2, 4)))                       # x·W + s·(x·A)·B, no dropout
+      >>> bool(jnp.allclose(y, jnp.ones((2, 4)) @ jlora.merge(lp)["dense"]["kernel"], atol=1e-5))
+      True
+      >>> forward(lp, jnp.ones((2, 4)), lora_rng=jax.random.key(1)).shape    # with dropout
+      (2, 3)
     """
     if on_materialize not in ("warn", "error", "allow"):
         raise ValueError(f"on_materialize={on_materialize!r}: must be 'warn', 'error' or 'allow'")

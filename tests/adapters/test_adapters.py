@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import jlora
-from jlora import adapters as ad
+from jlora.adapters import named, weighted
 
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
@@ -69,7 +69,7 @@ def setup():
             a = layer.lora_A[name].weight.detach().numpy().T
             b = layer.lora_B[name].weight.detach().numpy().T
             single[m]["kernel"] = single[m]["kernel"].replace(a=jnp.asarray(a), b=jnp.asarray(b))
-        lp = ad._attach(lp, single, name)
+        lp = named._attach(lp, single, name)
     return pm, params, lp
 
 
@@ -130,10 +130,10 @@ def test_ties_and_dare_match_peft_merge_utils():
     t_weights = torch.tensor(weights)
     for method in ("total", "frequency"):
         want = merge_utils.ties(t_tensors, t_weights, density=0.4, majority_sign_method=method).numpy()
-        got = ad.combine_task_tensors([jnp.asarray(t) for t in tensors], weights, "ties", 0.4, method)
+        got = weighted.combine_task_tensors([jnp.asarray(t) for t in tensors], weights, "ties", 0.4, method)
         np.testing.assert_allclose(np.asarray(got), want, atol=1e-6)
     want = merge_utils.magnitude_prune(t_tensors, t_weights, density=0.3).numpy()
-    got = ad.combine_task_tensors([jnp.asarray(t) for t in tensors], weights, "magnitude_prune", 0.3)
+    got = weighted.combine_task_tensors([jnp.asarray(t) for t in tensors], weights, "magnitude_prune", 0.3)
     np.testing.assert_allclose(np.asarray(got), want, atol=1e-6)
 
     # DARE draws its masks at random: give torch the masks jlora draws, then compare.
@@ -146,7 +146,7 @@ def test_ties_and_dare_match_peft_merge_utils():
         want_lin = merge_utils.dare_linear(t_tensors, t_weights, density=0.6).numpy()
     finally:
         torch.bernoulli = real_bernoulli
-    got_lin = ad.combine_task_tensors([jnp.asarray(t) for t in tensors], weights, "dare_linear", 0.6, key=key)
+    got_lin = weighted.combine_task_tensors([jnp.asarray(t) for t in tensors], weights, "dare_linear", 0.6, key=key)
     np.testing.assert_allclose(np.asarray(got_lin), want_lin, atol=1e-5)
 
     masks = iter([np.asarray(jax.random.bernoulli(k, 0.6, t.shape), np.float32) for k, t in zip(keys, tensors)])
@@ -155,7 +155,7 @@ def test_ties_and_dare_match_peft_merge_utils():
         want_ties = merge_utils.dare_ties(t_tensors, t_weights, density=0.6).numpy()
     finally:
         torch.bernoulli = real_bernoulli
-    got_ties = ad.combine_task_tensors([jnp.asarray(t) for t in tensors], weights, "dare_ties", 0.6, key=key)
+    got_ties = weighted.combine_task_tensors([jnp.asarray(t) for t in tensors], weights, "dare_ties", 0.6, key=key)
     np.testing.assert_allclose(np.asarray(got_ties), want_ties, atol=1e-5)
 
 

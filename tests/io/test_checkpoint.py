@@ -165,7 +165,7 @@ def test_checkpoint_manager_resume_in_fresh_process(tmp_path):
     out = tmp_path / "resumed.npz"
     env = dict(os.environ, PYTHONPATH=subprocess_pythonpath())
     proc = subprocess.run(
-        [sys.executable, "-c", f"import checkpoint_helpers as H; H.resume({str(tmp_path / 'run')!r}, {str(out)!r})"],
+        [sys.executable, "-c", f"from support import checkpoint_helpers as H; H.resume({str(tmp_path / 'run')!r}, {str(out)!r})"],
         capture_output=True, env=env, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr.decode()[-3000:]
@@ -184,7 +184,8 @@ def test_restore_on_two_devices(tmp_path):
     jlora.save(tmp_path / "ck", lp)
     script = textwrap.dedent(
         f"""
-        import jax, numpy as np, checkpoint_helpers as H, jlora
+        import jax, numpy as np, jlora
+        from support import checkpoint_helpers as H
         assert len(jax.devices()) == 2
         mesh = jax.sharding.Mesh(np.array(jax.devices()), ("model",))
         P = jax.sharding.PartitionSpec
@@ -217,7 +218,8 @@ def test_killed_save_leaves_previous_checkpoint(tmp_path, when):
     cond = "True" if when == "orbax-write" else f"str(dst) == {str(path)!r}"
     script = textwrap.dedent(
         f"""
-        import os, signal, jax, checkpoint_helpers as H, jlora
+        import os, signal, jax, jlora
+        from support import checkpoint_helpers as H
         lp = H.numpy_lora(1)
         real = os.rename
         def dying(src, dst):

@@ -15,7 +15,7 @@ import pytest
 
 import jlora  # noqa: E402
 from support import models  # noqa: E402
-from jlora import dora  # noqa: E402
+from jlora.nodes import dora  # noqa: E402
 from support.variant_helpers import (  # noqa: E402
     IDS, jitted, jlora_named, peft_named, perturb_magnitudes, perturb_tree_magnitudes, rel_err, torch_logits,
     torch_state, torch_twin,

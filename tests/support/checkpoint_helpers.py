@@ -1,5 +1,5 @@
 """A small deterministic LoRA training setup shared by test_checkpoint.py and the fresh
-process it starts (``python -c "import checkpoint_helpers; checkpoint_helpers.resume(...)"``).
+process it starts (``python -c "from support import checkpoint_helpers; checkpoint_helpers.resume(...)"``).
 
 Plain numpy parameters, no Flax init: fast to build in a new process.
 """

@@ -18,7 +18,8 @@ _BODY = textwrap.dedent(
     import json, sys
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-    import jlora, models
+    import jlora
+    from support import models
 
     assert jax.device_count() == 4, jax.devices()
     results = {}
