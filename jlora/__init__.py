@@ -79,5 +79,7 @@ from . import hf, name_maps
 from .checkpoint import load, save
 from .hf import default_target_modules
 from .peft_format import load_peft, save_peft
+from .qwix_interop import from_qwix, to_qwix
 
 __all__ += ["save", "load", "save_peft", "load_peft", "hf", "name_maps", "default_target_modules"]
+__all__ += ["from_qwix", "to_qwix"]
