@@ -52,7 +52,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .targets import LayoutSpec, LeafEntry, TreeFacts, flatten_params, infer_layout, path_names, user_layout
+from .targets import LayoutSpec, flatten_params, user_layout
 from .weight import LoraWeight, MultiLoraWeight, Trainable, is_lora_node
 
 __all__ = ["from_qwix", "to_qwix", "qwix_rules"]
@@ -211,6 +211,30 @@ def _equal_along(x: Any, axes: Sequence[int]) -> Optional[bool]:
     return bool(np.array_equal(arr, np.broadcast_to(np.expand_dims(first, tuple(axes)), arr.shape)))
 
 
+def _shared_axes(lw: LoraWeight, form: QwixForm) -> tuple[list[int], list[int]]:
+    """The stack axes of ``lw`` along which qwix's ``A_q`` (first list) or ``B_q``
+    (second) has no axis: one factor shared by every slice."""
+    stack, _, _ = _kernel_roles(lw.layout)
+    shared_a = [j for j in stack if j not in form.both and j not in form.a_axes]
+    shared_b = [j for j in stack if j not in form.both and j not in form.b_axes]
+    return shared_a, shared_b
+
+
+def required_rank(lw: LoraWeight, form: QwixForm) -> int:
+    """The qwix rank that holds ``lw`` exactly in ``form``: ``lw.rank`` when the factor qwix
+    shares along a stack axis is equal along it, else ``n·lw.rank`` (``n`` slices side by
+    side along the rank)."""
+    shared_a, shared_b = _shared_axes(lw, form)
+    stack, _, _ = _kernel_roles(lw.layout)
+    a_labels = stack + [None]
+    b_labels = stack + [None]
+    eq_a = _equal_along(lw.a, [a_labels.index(j) for j in shared_a])
+    eq_b = _equal_along(lw.b, [b_labels.index(j) for j in shared_b])
+    if eq_a is False or eq_b is False:
+        return lw.rank * math.prod(int(lw.shape[j]) for j in shared_a + shared_b)
+    return lw.rank
+
+
 def canonical_to_qwix(lw: LoraWeight, form: QwixForm, rank: int, where: str) -> tuple[Any, Any]:
     """jlora's factors of ``lw`` as qwix's ``(A_q, B_q)`` of ``form`` at qwix rank
     ``rank``: ``lw.rank``, where the factor qwix shares along a stack axis is equal
@@ -223,8 +247,7 @@ def canonical_to_qwix(lw: LoraWeight, form: QwixForm, rank: int, where: str) -> 
     stack, ins, outs = _kernel_roles(layout)
     a_labels = stack + ins + ["r"]
     b_labels = stack + ["r"] + outs
-    shared_a = [j for j in stack if j not in form.both and j not in form.a_axes]  # qwix A has no such axis
-    shared_b = [j for j in stack if j not in form.both and j not in form.b_axes]  # qwix B has no such axis
+    shared_a, shared_b = _shared_axes(lw, form)
     shared = sorted(shared_a + shared_b)
     n = math.prod(sizes[j] for j in shared)
     a_target = list(form.both + form.a_axes) + ["r"]
@@ -570,7 +593,6 @@ def from_qwix(
         if module_in:
             fn = lambda s, *args: apply_fn(nnx.merge(graphdef, s), *args)  # noqa: E731
         uses = find_kernel_uses(fn, base, tuple(example_args), is_leaf=lambda x: is_lora_node(x) or is_quantized(x))
-    facts = TreeFacts(entries)
 
     new_leaves: dict[int, LoraWeight] = {}
     for pair in pairs:
@@ -582,11 +604,11 @@ def from_qwix(
         where = f"{pair.kernel} (shape {shape}; qwix factors A {a_shape}, B {b_shape})"
         use = uses.get(e.index) if uses is not None else None
         if use is not None:
-            prims = {u.primitive for u in use.kernel_uses}
-            if prims - {"dot_general"}:
+            prims = {u.primitive for u in use.kernel_uses} - {"dot_general", "conv_general_dilated"}
+            if prims:
                 raise ValueError(
-                    f"{where}: the model uses it by {sorted(prims - {'dot_general'})} too; qwix adapts only the "
-                    "einsum/dot_general uses of a kernel (a tied embedding's output head, not its row lookup), "
+                    f"{where}: the model uses it by {sorted(prims)} too; qwix adapts only the einsum, "
+                    "dot_general and conv uses of a kernel (a tied embedding's output head, not its row lookup), "
                     "jlora adapts every use of it. This adapter has no jlora equivalent: leave this module out "
                     "of the provider's module_path"
                 )
@@ -609,6 +631,8 @@ def from_qwix(
         told = user_layout(layouts, e)
         if told is not None:
             layout, source = tuple(told), "layouts="
+            if use is not None and use.contracted:
+                use.check(layout)
         elif use is not None and use.contracted:
             layout, source = use.layout(), "apply_fn's use"
         if layout is not None:
@@ -625,19 +649,24 @@ def from_qwix(
             form = forms[0]
             layout = form.natural_layout(len(shape))
         else:
-            try:
-                inferred = infer_layout(e, facts)
-            except ValueError:
-                inferred = None
-            fit = [f for f in forms if inferred is not None and f.fits(inferred)]
+            # Flax's Dense / DenseGeneral / nnx.Linear / LinearGeneral / Conv kernels are
+            # (*in, *out): for a leaf named "kernel", the one form whose A holds a prefix of
+            # the axes. Any other leaf (a square einsum "w" may be contracted on either
+            # axis) needs its use or layouts=.
+            fit = []
+            if e.name == "kernel":
+                fit = [f for f in forms if not f.both
+                       and sorted(f.a_axes) == list(range(len(f.a_axes))) and sorted(f.b_axes) == list(
+                           range(len(f.a_axes), len(shape)))]
             if len(fit) != 1:
                 options = sorted({f.natural_layout(len(shape)) for f in forms})
                 raise ValueError(
-                    f"{where}: qwix's factors fit several kernel layouts, {options}, and the tree does not tell "
-                    f"which. Pass apply_fn= and example_args= (the layout comes from how the model uses it), or "
-                    f"layouts={{{e.module!r}: {options[0]}}}"
+                    f"{where}: qwix's factors fit several kernel layouts, {options}, and the factor shapes do not "
+                    f"tell which axes the model contracts. Pass apply_fn= and example_args= (the layout comes from "
+                    f"how the model uses it), or layouts={{{e.module!r}: {options[0]}}}"
                 )
-            form, layout = fit[0], inferred
+            form = fit[0]
+            layout = form.natural_layout(len(shape))
         rank = int(a_shape[-1])
         if rules is not None:
             module_path = pair.kernel.rsplit("/", 1)[0] if "/" in pair.kernel else ""
@@ -845,7 +874,7 @@ def to_qwix(lp: Any, qwix_model: Any = None, *, provider: Any = None) -> Any:
     for t in plan:
         where = f"{t.path} (shape {t.lw.shape}, layout {t.lw.layout})"
         if _is_abstract(t.lw.a) or _is_abstract(t.lw.b):
-            a_q, b_q = jax.eval_shape(lambda lw, t=t: canonical_to_qwix(lw, t.form, t.rank, where), t.lw)
+            a_q, b_q = jax.eval_shape(lambda lw, t=t, where=where: canonical_to_qwix(lw, t.form, t.rank, where), t.lw)
         else:
             a_q, b_q = canonical_to_qwix(t.lw, t.form, t.rank, where)
         name = str(t.keys[-1])
@@ -885,7 +914,8 @@ def qwix_rules(lp: Any, qwix_model: Any = None) -> list[dict[str, Any]]:
             modules.add("/".join(map(str, keys[:i])))
     groups: dict[tuple, list[str]] = {}
     for t in plan:
-        key = (t.rank, _clean(t.lw.scale * t.rank), float(t.lw.dropout))
+        rank = required_rank(t.lw, t.form)
+        key = (rank, _clean(t.lw.scale * rank), float(t.lw.dropout))
         groups.setdefault(key, []).append(t.path.rsplit("/", 1)[0] if "/" in t.path else "")
     rules = []
     for (rank, alpha, rate), paths in groups.items():
