@@ -627,22 +627,21 @@ def from_qwix(
                 "prod(contracted), r), B = (*batch, r, prod(kept)); the rank must be A's last and B's first "
                 "(after batch) dimension"
             )
-        layout, source = None, ""
         told = user_layout(layouts, e)
-        if told is not None:
-            layout, source = tuple(told), "layouts="
-            if use is not None and use.contracted:
-                use.check(layout)
-        elif use is not None and use.contracted:
-            layout, source = use.layout(), "apply_fn's use"
+        used = use.layout() if use is not None and use.contracted else None
+        layout = tuple(told) if told is not None else used
         if layout is not None:
-            fit = [f for f in forms if f.fits(layout)]
+            options = sorted({f.natural_layout(len(shape)) for f in forms})
+            # the form must fit how the model contracts the kernel (its use, not swapped: a
+            # layouts= that reads x·Wᵀ as x·W would transpose ΔW) and what layouts= says
+            fit = [f for f in forms if f.fits(layout) and (used is None or f.fits(used))]
             if len(fit) != 1:
-                options = sorted({f.natural_layout(len(shape)) for f in forms})
+                said = f"layouts= gives {layout}" if told is not None else f"apply_fn's use gives {layout}"
+                if told is not None and used is not None:
+                    said += f" and apply_fn's use {used}"
                 raise ValueError(
-                    f"{where}: {source} gives layout {layout}, which "
-                    f"{'fits none' if not fit else 'fits several'} of the ways qwix's factors can be laid on it; "
-                    f"they fit {options}"
+                    f"{where}: {said}, which {'fit none' if not fit else 'fit several'} of the ways qwix's "
+                    f"factors can lie on it: they fit {options}"
                 )
             form = fit[0]
         elif len(forms) == 1:
