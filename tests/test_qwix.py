@@ -462,6 +462,11 @@ def test_bad_inputs_name_what_is_wrong():
     flat = [(k, v) for k, v in nnx.to_flat_state(state) if "/".join(map(str, k)) != "layers/1/mlp/up_proj/kernel_lora_b"]
     with pytest.raises(ValueError, match=r"layers/1/mlp/up_proj/kernel_lora_a: .*kernel_lora_b is missing"):
         jlora.from_qwix(nnx.from_flat_state(flat), b.provider)
+    # a quantized qwix base (QLoRA): the kernel is a subtree of qvalue and scale
+    qlora = qwix.LoraProvider(module_path=".*", rank=2, alpha=2.0, weight_qtype="int8")
+    qq = qwix.apply_lora_to_model(nnx.Linear(16, 16, rngs=nnx.Rngs(0)), qlora, jnp.ones((2, 16)), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"kernel_lora_a / kernel_lora_b: no kernel kernel beside them .*QLoRA"):
+        jlora.from_qwix(qq, qlora)
     # alpha= gives every kernel the same scale, with the rank read from the factors
     lp = jlora.from_qwix(state, alpha=2.0)
     assert {w.scale for _, w in jlora.lora_leaves(lp)} == {0.5}
@@ -476,3 +481,40 @@ def test_bad_inputs_name_what_is_wrong():
                       apply_fn=b.apply, example_args=(b.ids,))
     with pytest.raises(ValueError, match="DoRA"):
         jlora.to_qwix(dora)
+
+
+def _measured_errors() -> list[tuple[str, float, float, float]]:
+    """Per family: max |qwix − jlora| on the converted tree, max |PEFT − jlora| (qwix →
+    jlora → PEFT files) and max |qwix − PEFT| (PEFT files → jlora → qwix), float32."""
+    import tempfile
+
+    import peft
+    from family_models import case, peft_adapter, torch_logits
+
+    rows = []
+    for family in FAMILIES:
+        c, provider, qmodel, ref = torch_built(family)
+        lp = jlora.from_qwix(nnx.state(qmodel), provider)
+        got = np.asarray(jax.jit(jlora.lora(c.apply))(lp, jnp.asarray(c.ids)))
+        with tempfile.TemporaryDirectory() as d:
+            jlora.save_peft(d, lp)
+            theirs = torch_logits(peft.PeftModel.from_pretrained(c.fresh_torch(), d), c.ids)
+        d, peft_ref = peft_adapter(family)
+        lp2 = jlora.load_peft(d, case(family).state)
+        ids = jnp.asarray(c.ids)
+        probe = _qwix_model(c.model, qwix.LoraProvider(module_path=REGEX[family], rank=4, alpha=8.0), ids,
+                            randomize=False)
+        rules = qwix_interop.qwix_rules(lp2, probe)
+        provider2 = qwix.LoraProvider([qwix.LoraRule(**r) for r in rules])
+        qmodel2 = _qwix_model(c.model, provider2, ids, seed=3)
+        nnx.update(qmodel2, jlora.to_qwix(lp2, qmodel2, provider=provider2))
+        rows.append((family, _max_err(got, ref), _max_err(theirs, got), _max_err(qmodel2(ids), peft_ref)))
+    return rows
+
+
+if __name__ == "__main__":  # python tests/test_qwix.py: the errors the README quotes
+    sys.path.insert(0, __import__("os").path.dirname(__file__))
+    print("| family | qwix vs jlora | PEFT vs jlora (qwix → PEFT files) | qwix vs PEFT (PEFT files → qwix) |")
+    print("|---|---|---|---|")
+    for fam, e1, e2, e3 in _measured_errors():
+        print(f"| {fam} | {e1:.1e} | {e2:.1e} | {e3:.1e} |")
