@@ -393,6 +393,46 @@ def test_linen_params():
             np.testing.assert_array_equal(np.asarray(back[m][n]), np.asarray(params[m][n]))
 
 
+@pytest.mark.parametrize("case", ["kv_einsum", "einsum_batch"])
+def test_stack_axis_that_qwix_shares(case):
+    """A jlora "stack" axis along which qwix keeps one factor: Gemma's kv_einsum with k and
+    v as two adapters (qwix: one A_q (D, r), B_q (r, 2, K, H)), and an einsum batch axis
+    (qwix: A_q (E, D, r), one B_q (r, F)). Equal slices go in at rank r; different ones at
+    rank n·r, side by side; ΔW against the einsum qwix computes it with."""
+    from jlora.qwix_interop import QwixForm, canonical_to_qwix, qwix_to_canonical, required_rank
+    from jlora.weight import delta
+
+    k1, k2 = jax.random.split(jax.random.key(0))
+    if case == "kv_einsum":
+        shape, layout = (2, 3, 8, 4), ("stack", "out", "in", "out")
+        form = QwixForm((), ((2,),), ((0,), (1,), (3,)))
+        a, b = jax.random.normal(k1, (2, 8, 2)), jax.random.normal(k2, (2, 2, 3, 4))
+        qwix_delta = lambda aq, bq: jnp.einsum("dr,rckh->ckdh", aq, bq)  # noqa: E731
+        share = lambda: (jnp.broadcast_to(a[:1], a.shape), b)  # noqa: E731
+    else:
+        shape, layout = (3, 8, 5), ("stack", "in", "out")
+        form = QwixForm((), ((0,), (1,)), ((2,),))
+        a, b = jax.random.normal(k1, (3, 8, 2)), jax.random.normal(k2, (3, 2, 5))
+        qwix_delta = lambda aq, bq: jnp.einsum("edr,rf->edf", aq, bq)  # noqa: E731
+        share = lambda: (a, jnp.broadcast_to(b[:1], b.shape))  # noqa: E731
+    n = 2 if case == "kv_einsum" else 3
+    lw = jlora.LoraWeight(jnp.zeros(shape), a, b, scale=1.0, layout=layout)
+    assert required_rank(lw, form) == 2 * n
+    with pytest.raises(ValueError, match=rf"rank {2 * n} = {n} × 2"):
+        canonical_to_qwix(lw, form, 2, "k")
+    aq, bq = canonical_to_qwix(lw, form, 2 * n, "k")
+    np.testing.assert_allclose(qwix_delta(aq, bq), delta(a, b, layout), rtol=1e-6, atol=1e-6)
+    # back to jlora (broadcast along the shared axis): the same ΔW, at rank n·r
+    a2, b2 = qwix_to_canonical(aq, bq, shape, form, layout)
+    np.testing.assert_allclose(delta(a2, b2, layout), delta(a, b, layout), rtol=1e-6, atol=1e-6)
+    # equal slices: rank r, exactly the slice
+    sa, sb = share()
+    lw = lw.replace(a=sa, b=sb)
+    assert required_rank(lw, form) == 2
+    aq, bq = canonical_to_qwix(lw, form, 2, "k")
+    np.testing.assert_allclose(qwix_delta(aq, bq), delta(sa, sb, layout), rtol=1e-6, atol=1e-6)
+
+
 # --------------------------------------------------------------------------------------
 # what cannot be mapped: clear errors
 
