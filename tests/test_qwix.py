@@ -169,6 +169,30 @@ def test_to_qwix_round_trip(family):
     assert set(_lora_values(nnx.state(again, nnx.LoRAParam))) == set(want)  # the rules adapt exactly these
 
 
+def test_rank_and_alpha_patterns_become_several_rules():
+    """A jlora adapter with per-module ranks and alphas (PEFT's rank_pattern / alpha_pattern,
+    rsLoRA) is one qwix provider of several rules: qwix_rules gives them, a qwix model built
+    with them takes to_qwix's state and computes jlora's logits; a one-rule provider is
+    refused, naming the rule each kernel needs."""
+    b = built("qwen3")
+    config = jlora.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"],
+                              rank_pattern={"q_proj": 2}, alpha_pattern={"o_proj": 3}, init_lora_weights=False)
+    lp = jlora.wrap(b.state, config, rng=jax.random.key(4), apply_fn=b.apply, example_args=(b.ids,))
+    rules = qwix_interop.qwix_rules(lp)
+    assert sorted((r["rank"], r["alpha"]) for r in rules) == [(2, 8.0), (4, 3.0), (4, 8.0)]
+    provider = qwix.LoraProvider([qwix.LoraRule(**r) for r in rules])
+    qmodel = _qwix_model(b.model, provider, b.ids, randomize=False)
+    with pytest.raises(ValueError, match=r"layers/0/attn/o_proj/w: the rule for 'layers/0/attn/o_proj' has rank 4, "
+                                         r"alpha 8 \(scale 2\); this adapter needs rank 4, alpha 3 \(scale 0.75\)"):
+        jlora.to_qwix(lp, qmodel, provider=qwix.LoraProvider(module_path=".*", rank=4, alpha=8.0))
+    nnx.update(qmodel, jlora.to_qwix(lp, qmodel, provider=provider))
+    want = jax.jit(jlora.lora(b.apply))(lp, b.ids)
+    assert _max_err(want, b.model(b.ids)) > 0.01
+    assert _max_err(qmodel(b.ids), want) <= TOL_QWIX
+    back = jlora.from_qwix(qmodel, provider)
+    assert sorted({(w.rank, w.scale) for _, w in jlora.lora_leaves(back)}) == [(2, 4.0), (4, 0.75), (4, 2.0)]
+
+
 def test_abstract_state_converts_without_allocating():
     b = built("qwen3")
     abstract = jax.eval_shape(lambda: nnx.state(b.qmodel))
