@@ -37,7 +37,7 @@ from .adapters import (
     set_adapter,
 )
 from .core.config import LoraConfig
-from .io import load, load_peft, load_quantized, save, save_peft, save_quantized
+from .io import from_qwix, load, load_peft, load_quantized, save, save_peft, save_quantized, to_qwix
 from .layouts.kernel import KernelLayout
 from .name_maps import hf
 from .name_maps.hf import default_target_modules
@@ -114,4 +114,6 @@ __all__ = [
     "hf",
     "name_maps",
     "default_target_modules",
+    "from_qwix",
+    "to_qwix",
 ]

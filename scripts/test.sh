@@ -11,6 +11,9 @@ PYTHON="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e ".[test]"
+# tunix's Qwen3 model code for tests/io/test_qwix.py, without tunix's training stack (datasets,
+# grain, tensorflow-datasets, ...): its model module needs only what [test] installs
+.venv/bin/python -m pip install -q --no-deps google-tunix==0.1.7
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 # Two workers (one per core here, more where there are more cores); each test file runs
 # whole in one worker, so the models a file compiles once are shared by its tests.
