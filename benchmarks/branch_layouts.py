@@ -264,7 +264,7 @@ def main(argv=None) -> int:
             "## How the LoRA branch is written for XLA:CPU (one layer, forward + backward)",
             "",
             "Issue 14: the candidates tried for `x·W + s·(x·A)·B` on one GPT-2 layer; jlora now emits the "
-            "2-D form with the scale on the rank-r intermediate (`lora_branch` in `jlora/transform.py`). "
+            "2-D form with the scale on the rank-r intermediate (`lora_branch` in `jlora/transform/products.py`). "
             "What the deterministic columns show:",
             "",
             "- **kept -- 2-D products, s on t** (jlora): no activation-sized copy, the fewest bytes of all "

@@ -28,7 +28,7 @@ What runs (bfloat16 weights and activations, LoRA factors float32 as PEFT keeps 
 
 Writes a JSON file (``--json``, default ``benchmarks/gpu.json``) and, with ``--write``, its
 section of ``BENCHMARKS.md``. ``--tiny`` runs the same code on tiny shapes on any backend
-(CPU: seconds) -- that is what CI runs (``tests/test_benchmark_gpu_tiny.py``).
+(CPU: seconds) -- that is what CI runs (``tests/benchmarks/test_benchmark_gpu_tiny.py``).
 
 Usage::
 
