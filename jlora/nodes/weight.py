@@ -1,27 +1,19 @@
-"""`LoraWeight`, the pytree node that carries a kernel and its LoRA factors.
+"""`LoraWeight`, `MultiLoraWeight` and `Trainable`: the pytree nodes of a LoRA tree.
 
-A kernel ``W`` of any rank is described by its *layout*: a role for each of its axes,
-``"stack"`` (a layer axis from ``nn.scan``/stacked layers, or any axis along which the
-kernel holds independent matrices, at any position), ``"in"`` (contracted with the
-input) or ``"out"`` (an output feature axis). The factors are stored in a canonical
-shape whatever the kernel's layout, the stack axes first, in their kernel order::
+A ``LoraWeight`` holds a frozen kernel ``w`` of any rank with its factors in the canonical
+shapes of its :class:`~jlora.KernelLayout` (``layout``: a role per kernel axis)::
 
     A: (*stack, *in, r)      B: (*stack, r, *out)
-    ΔW[stack, in, out] = Σ_k A[stack, in, k] · B[stack, k, out]
+    ΔW[stack, in, out] = Σ_k A[stack, in, k] · B[stack, k, out]      W_eff = W + s·ΔW
 
-and ``ΔW`` is then permuted into ``W``'s axis order. Examples of layouts:
+permuted into ``w``'s axis order (:mod:`jlora.layouts.kernel` lists the layouts of the
+usual kernels). A ``MultiLoraWeight`` holds one ``w`` and several named factor pairs;
+a ``Trainable`` marks a leaf trained in full (biases, ``modules_to_save``).
 
-==================================================  =================================
-Flax ``Dense`` kernel (in, out)                     ``("in", "out")``
-HF GPT-2 ``FlaxConv1D`` kernel (out, in)            ``("out", "in")``
-``DenseGeneral`` (embed, heads, head_dim)           ``("in", "out", "out")``
-``DenseGeneral`` (heads, head_dim, embed)           ``("in", "in", "out")``
-``nn.scan``-stacked Dense (layers, in, out)         ``("stack", "in", "out")``
-MaxText stack, scan axis 1 (in, layers, out)        ``("in", "stack", "out")``
-Gemma ``kv_einsum`` (2, kv_heads, embed, head_dim)  ``("stack", "out", "in", "out")``
-``Conv`` kernel (h, w, in, out)                     ``("in", "in", "in", "out")``
-``Embed`` table (vocab, features)                   ``("in", "out")``
-==================================================  =================================
+>>> import jax.numpy as jnp
+>>> lw = LoraWeight(jnp.zeros((4, 3)), jnp.ones((4, 2)), jnp.ones((2, 3)), scale=0.5)
+>>> lw.rank, lw.effective().tolist()[0]
+(2, [1.0, 1.0, 1.0])
 """
 
 from __future__ import annotations
