@@ -2,13 +2,14 @@
 clean skip of tests that need PyTorch (torch, PEFT, bitsandbytes, transformers' torch models)
 where torch is not installed.
 
-``JLORA_TEST_HIDE_TORCH=1`` runs the suite as if torch, PEFT and bitsandbytes were not
-installed (they cannot be imported), to check that the torch-free part runs on its own.
+Files whose every test needs torch import it through ``pytest.importorskip`` (the module
+is skipped at collection) or set ``pytestmark = pytest.mark.torch``; single tests carry
+``@pytest.mark.torch``. Checked by running the suite in a virtual environment without
+torch (CHANGELOG 0.2.0).
 """
 
 from __future__ import annotations
 
-import importlib.abc
 import importlib.util
 import os
 import sys
@@ -17,23 +18,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-_TORCH_PACKAGES = ("torch", "peft", "bitsandbytes", "sentence_transformers", "torchvision", "torchaudio")
-
-
-class _HideTorch(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in _TORCH_PACKAGES:
-            raise ModuleNotFoundError(f"No module named {name!r} (hidden by JLORA_TEST_HIDE_TORCH)", name=name)
-        return None
-
-
-if os.environ.get("JLORA_TEST_HIDE_TORCH") == "1":
-    sys.meta_path.insert(0, _HideTorch())
-
-
 def _has_torch() -> bool:
-    if os.environ.get("JLORA_TEST_HIDE_TORCH") == "1":
-        return False
     return all(importlib.util.find_spec(m) is not None for m in ("torch", "peft"))
 
 

@@ -7,8 +7,11 @@ from __future__ import annotations
 import re
 
 import numpy as np
+import pytest
 
 from support.examples import run_example
+
+pytestmark = pytest.mark.torch  # the references are torch / PEFT
 
 
 def test_nnx_finetune_smoke(tmp_path):

@@ -22,6 +22,7 @@ def _max_err(a, b) -> float:
     return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize("family", FAMILIES)
 def test_base_logits_equal_torch(family):
     c = case(family)
@@ -32,6 +33,7 @@ def test_base_logits_equal_torch(family):
     assert _max_err(out, ref) <= TOL
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize("family", FAMILIES)
 def test_tree_is_laid_out_like_tunix(family):
     c = case(family)
@@ -63,6 +65,7 @@ def test_tree_is_laid_out_like_tunix(family):
     assert c.model.config.num_params() == sum(p.numel() for p in c.torch_model.parameters())
 
 
+@pytest.mark.torch
 def test_padding_mask_matches_torch():
     c = case("llama3")
     mask = np.ones_like(c.ids)
@@ -74,6 +77,7 @@ def test_padding_mask_matches_torch():
     assert _max_err(out[1], np.asarray(c.model(jnp.asarray(c.ids)))[1]) == 0.0
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize("family", ["qwen3", "gemma3"])
 def test_remat_blocks_compute_the_same(family):
     c = case(family)
@@ -84,6 +88,7 @@ def test_remat_blocks_compute_the_same(family):
     np.testing.assert_array_equal(np.asarray(m(jnp.asarray(c.ids))), np.asarray(c.model(jnp.asarray(c.ids))))
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize("family", FAMILIES)
 def test_safetensors_directory_loads_without_torch_logits_equal(family, tmp_path):
     c = case(family)
@@ -94,6 +99,7 @@ def test_safetensors_directory_loads_without_torch_logits_equal(family, tmp_path
     assert _max_err(m(jnp.asarray(c.ids)), torch_logits(c.torch_model, c.ids)) <= TOL
 
 
+@pytest.mark.torch
 def test_sharded_bfloat16_checkpoint(tmp_path):
     import torch
 
@@ -118,6 +124,7 @@ def test_sharded_bfloat16_checkpoint(tmp_path):
     )
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize("family", FAMILIES)
 def test_state_dict_loads_into_torch(family):
     import torch
@@ -131,6 +138,7 @@ def test_state_dict_loads_into_torch(family):
     assert _max_err(torch_logits(fresh, c.ids), torch_logits(c.torch_model, c.ids)) == 0.0
 
 
+@pytest.mark.torch
 def test_loader_errors_name_the_problem(tmp_path):
     c = case("llama3")
     sd = dict(c.base_state)
@@ -153,6 +161,7 @@ def test_loader_errors_name_the_problem(tmp_path):
         jm.from_pretrained(tmp_path / "missing")
 
 
+@pytest.mark.torch
 def test_hub_id_goes_through_snapshot_download(tmp_path, monkeypatch):
     import huggingface_hub
 
@@ -180,6 +189,7 @@ def test_eval_shape_constructor_allocates_nothing():
     assert m.layers[27].attn.o_proj.w.shape == (16, 128, 1024)
 
 
+@pytest.mark.torch
 def test_config_from_hf_reads_the_families():
     assert jm.config_from_hf(hf_config("qwen3")).family == "qwen3"
     g = jm.config_from_hf(hf_config("gemma3").to_dict())
@@ -194,6 +204,7 @@ def test_config_from_hf_reads_the_families():
     np.testing.assert_array_equal(jm.rope_frequencies(8, ll.rope_theta, ll.rope_scaling), inv.numpy())
 
 
+@pytest.mark.torch
 def test_save_pretrained_is_an_hf_checkpoint(tmp_path):
     """A model built from a DecoderConfig alone (no torch involved) saved as config.json +
     model.safetensors: transformers' AutoModelForCausalLM reads it and computes the same."""
@@ -215,6 +226,7 @@ def test_save_pretrained_is_an_hf_checkpoint(tmp_path):
     assert jm.config_from_hf(tmp_path) == cfg
 
 
+@pytest.mark.torch
 def test_checkpoint_names_nested_or_bare():
     """A multimodal Gemma 3 checkpoint nests the text model (model.language_model.*), a bare
     Qwen3Model has no leading model.: both load."""

@@ -17,6 +17,8 @@ import pytest
 import jlora
 from support.family_models import FAMILIES, NNX_TARGETS, TARGETS, case, peft_adapter, torch_logits
 
+pytestmark = pytest.mark.torch  # the references are torch / PEFT
+
 TOL = 1e-4
 
 

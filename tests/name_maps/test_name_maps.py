@@ -19,6 +19,7 @@ from support.family_models import FAMILIES, case, peft_adapter
 TOL = 1e-4
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize("family", FAMILIES)
 def test_family_recognised_and_every_torch_tensor_produced(family):
     c = case(family)
@@ -84,6 +85,7 @@ def test_rule_validation_names_the_problem():
         name_maps.for_tree([], "mistral")
 
 
+@pytest.mark.torch
 def test_wrap_layouts_from_the_family_map():
     c = case("gemma3")
     spec = name_maps.layouts(c.state)
@@ -92,6 +94,7 @@ def test_wrap_layouts_from_the_family_map():
     assert spec("layers.0.post_ffw_norm", (32,)) is None
 
 
+@pytest.mark.torch
 def test_name_map_overrides_and_custom_family(tmp_path):
     """Pluggable: overrides on top of the recognised map, and a FamilyMap of one's own
     (here: Qwen3's map with PyTorch names of a model whose decoder lives under
@@ -123,6 +126,7 @@ def test_name_map_overrides_and_custom_family(tmp_path):
         jlora.load_peft(tmp_path / "b", c.state, name_map="hf")
 
 
+@pytest.mark.torch
 def test_cli_name_map_rederives_names(tmp_path):
     from safetensors.numpy import load_file
 
