@@ -11,7 +11,7 @@ dot_general              ``(*batch, prod(contracted), r)``      ``(*batch, r, pr
 conv                     ``(*W.shape[:-1], r)``                 ``(r, W.shape[-1])``
 =======================  ====================================  =============================
 
->>> [f.layout for f in qwix_forms((8, 2, 4), (8, 3), (3, 2, 4))]
+>>> [f.natural_layout(3) for f in qwix_forms((8, 2, 4), (8, 3), (3, 2, 4))]
 [('in', 'out', 'out')]
 """
 
