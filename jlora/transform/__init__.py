@@ -67,7 +67,7 @@ Only public JAX API is used (``jax.make_jaxpr``, ``jax.extend``, ``jax.lax``).
 from __future__ import annotations
 
 
-from . import control_flow, products, views  # noqa: F401  (each registers its rules)
+from . import control_flow, products, ragged, views  # noqa: F401  (each registers its rules)
 from .api import explain, lora
 from .products import lora_branch
 from .values import LoraEvent, LoraReport, MaterializationError, MaterializationWarning
