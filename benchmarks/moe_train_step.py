@@ -74,23 +74,44 @@ def lm_loss(logits: jax.Array, ids: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), ids[:, 1:]).mean()
 
 
-def build_step(kind: str, cfg: jm.DecoderConfig, batch: int, seq: int, rank: int = 8,
-               targets: tuple[str, ...] = tuple(ATTENTION + EXPERTS)) -> tuple[Callable, tuple, dict]:
-    """``(step, abstract_args, info)`` of one MoE train step: ``jax.jit(step, donate_argnums=0)
-    .lower(*abstract_args)`` compiles it for any backend (``abstract_args`` are
-    ``jax.ShapeDtypeStruct`` trees: nothing is allocated). ``kind``: ``"floor"``, ``"lora"``
-    or ``"merged"`` (see the module docstring). ``info``: the LoRA tree's trainable count and
-    ``explain``'s factored / materialised targets (``lora`` and ``merged``)."""
-    if kind not in KINDS:
-        raise ValueError(f"kind={kind!r}; valid: {KINDS}")
+def _model(cfg: jm.DecoderConfig):
     graphdef, state = nnx.split(jm.abstract(cfg))
-    ids = jax.ShapeDtypeStruct((batch, seq + 1), jnp.int32)
 
     def apply(s, x):
         return nnx.merge(graphdef, s)(x)
 
+    return apply, state
+
+
+def lora_tree(cfg: jm.DecoderConfig, rank: int = 8, targets: tuple[str, ...] = tuple(ATTENTION + EXPERTS)):
+    """The abstract LoRA tree of the ``lora``/``merged`` steps (``jax.ShapeDtypeStruct`` leaves),
+    targets and layouts found by use, and the model's ``apply(state, ids)``."""
+    apply, state = _model(cfg)
+    config = jlora.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(targets))
+    example = jnp.zeros((1, 8), jnp.int32)
+    lp = jax.eval_shape(
+        lambda s: jlora.wrap(s, config, rng=jax.random.key(0), apply_fn=apply, example_args=(example,)), state)
+    return lp, apply
+
+
+def build_step(kind: str, cfg: jm.DecoderConfig, batch: int, seq: int, rank: int = 8,
+               targets: tuple[str, ...] = tuple(ATTENTION + EXPERTS)) -> tuple[Callable, tuple]:
+    """``(step, abstract_args)`` of one MoE train step: ``jax.jit(step, donate_argnums=0)
+    .lower(*abstract_args).compile()`` compiles it for any backend (``abstract_args`` are
+    ``jax.ShapeDtypeStruct`` trees without shardings, for one device: nothing is allocated).
+    ``kind``: ``"floor"``, ``"lora"`` or ``"merged"`` (see the module docstring).
+
+    >>> step, args = build_step("lora", moe_config(True, 2), 2, 16)            # doctest: +SKIP
+    >>> jax.jit(step, donate_argnums=0).lower(*args).compile().cost_analysis()  # doctest: +SKIP
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind={kind!r}; valid: {KINDS}")
+    ids = jax.ShapeDtypeStruct((batch, seq + 1), jnp.int32)
+
     adamw = optax.adamw(LR, weight_decay=WEIGHT_DECAY)
     if kind == "floor":
+        apply, state = _model(cfg)
+
         def with_leaf(v, s):
             return jax.tree_util.tree_map_with_path(lambda p, x: v if "/".join(path_names(p)) == FLOOR_LEAF else x, s)
 
@@ -103,11 +124,8 @@ def build_step(kind: str, cfg: jm.DecoderConfig, batch: int, seq: int, rank: int
             upd, opt = adamw.update(g, opt, v)
             return (optax.apply_updates(v, upd), opt), loss
 
-        return floor_step, ((leaf, jax.eval_shape(adamw.init, leaf)), state, ids), {}
-    config = jlora.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(targets))
-    example = jnp.zeros((1, 8), jnp.int32)
-    lp = jax.eval_shape(
-        lambda s: jlora.wrap(s, config, rng=jax.random.key(0), apply_fn=apply, example_args=(example,)), state)
+        return floor_step, ((leaf, jax.eval_shape(adamw.init, leaf)), state, ids)
+    lp, apply = lora_tree(cfg, rank, targets)
     trainable, frozen = jlora.partition(lp)
     tx = jlora.optimizer(optax.adamw(LR, weight_decay=WEIGHT_DECAY))
     if kind == "lora":
@@ -122,11 +140,7 @@ def build_step(kind: str, cfg: jm.DecoderConfig, batch: int, seq: int, rank: int
         upd, opt = tx.update(g, opt, t)
         return (optax.apply_updates(t, upd), opt), loss
 
-    report = jlora.explain(apply, lp, example)
-    n_trainable, n_total = jlora.count_parameters(lp)
-    info = {"factored": len(report.factored), "materialized": len(report.materialized), "trainable": n_trainable,
-            "total": n_total, "lp": lp}
-    return lora_step, ((trainable, jax.eval_shape(tx.init, trainable)), frozen, ids), info
+    return lora_step, ((trainable, jax.eval_shape(tx.init, trainable)), frozen, ids)
 
 
 def _memory(compiled) -> dict:
@@ -139,8 +153,15 @@ def _memory(compiled) -> dict:
 
 def measure(kind: str, cfg: jm.DecoderConfig, batch: int, seq: int, rank: int, targets) -> dict:
     t0 = time.perf_counter()
-    step, args, info = build_step(kind, cfg, batch, seq, rank, tuple(targets))
+    step, args = build_step(kind, cfg, batch, seq, rank, tuple(targets))
     compiled = jax.jit(step, donate_argnums=0).lower(*args).compile()
+    info = {}
+    if kind != "floor":
+        lp, apply = lora_tree(cfg, rank, tuple(targets))
+        report = jlora.explain(apply, lp, jnp.zeros((1, 8), jnp.int32))
+        n_trainable, n_total = jlora.count_parameters(lp)
+        info = {"factored": len(report.factored), "materialized": len(report.materialized),
+                "trainable": n_trainable, "total": n_total}
     return {"cost": benchutil.xla_cost(compiled), "memory": _memory(compiled), "info": info,
             "compile_s": time.perf_counter() - t0}
 
@@ -245,10 +266,11 @@ def main(argv=None) -> int:
         ),
         "",
         f"- The factored step costs the floor plus the rank-r branch products (measured {ratio:.4f} x floor, "
-        f"expected {(f0 + branch_flops(cfg, tokens, args.rank, targets, True)) / f0:.4f}; the step is a little "
-        "cheaper than floor + branches because nothing below layer 0's projections is trainable, so it needs "
-        "no gradient through their kernels, which the floor computes): no expert's `W + s·A·B` is formed and no "
-        "kernel-sized gradient exists (compare the merged step). Per expert kernel the branch adds "
+        f"floor + branch products {(f0 + branch_flops(cfg, tokens, args.rank, targets, True)) / f0:.4f}; the "
+        "rest is elementwise work (adding each branch, scaling t) less the gradients through layer 0's "
+        "projection kernels, which the floor computes and the LoRA step does not need): no expert's "
+        "`W + s·A·B` is formed and no kernel-sized gradient exists (compare the merged step). Per expert kernel "
+        "the branch adds "
         "1.5·r·(in + out)/(in·out) of the kernel's own cost (2.1 % at r = 8 for Qwen3-30B-A3B's 2048 x 768 "
         "experts); that decides the ratio where the experts dominate the step, as on XLA:CPU, whose dense "
         "lowering of `ragged_dot` multiplies every expert product by E; a routed-rows-only lowering leaves the "

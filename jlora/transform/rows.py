@@ -57,6 +57,9 @@ _ELEMENTWISE = frozenset({
 })
 
 
+_MAX_DEPTH = 300  # steps of one walk (each two Python frames; earlier walks' results are cached)
+
+
 class RowsNotFound(ValueError):
     """The rows of a value could not be traced back to the examples (``where`` says where the walk stopped)."""
 
@@ -163,14 +166,15 @@ class _Walk:
         self.stopped.append(what)
 
     def _rows(self, frame: Frame, var: Any, depth: int):
-        if depth > 10_000:
+        if depth > _MAX_DEPTH:
+            self._stop(f"a chain of more than {_MAX_DEPTH} operations")
             return None
         shape = _shape(var)
         if not shape:
             return None
         hit = frame.producer(var)
         if hit is None:
-            if frame.caller is not None and var in frame.jaxpr.invars:
+            if frame.caller is not None and frame.parent is not None and var in frame.jaxpr.invars:
                 outer = frame.caller.invars[frame.jaxpr.invars.index(var)]
                 return self.rows(frame.parent, outer, depth + 1) if _is_var(outer) else None
             if shape[0] == self.n:
