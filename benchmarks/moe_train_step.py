@@ -34,7 +34,7 @@ import argparse
 import os
 import sys
 import time
-from typing import Any, Callable
+from typing import Callable
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 

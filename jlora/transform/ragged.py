@@ -32,6 +32,7 @@ DoRA on a kernel used by ``ragged_dot`` is refused (``ValueError``), as PEFT's
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -41,7 +42,7 @@ from ..core import jaxprs
 from .interpreter import register, rule_materialize
 from .products import _add_delta, _base_product
 from .rows import RowsNotFound, example_rows
-from .values import LoraValue, Pair, apply_dropout, factor_dtype, has_dora, roles_str
+from .values import Context, LoraValue, Pair, apply_dropout, factor_dtype, has_dora, roles_str
 
 __all__: list[str] = []
 
@@ -54,7 +55,7 @@ def _factor_axis(lv: LoraValue, view_axis: int, factor: str) -> int:
     return lv.n_stack + k if factor == "a" else lv.n_stack + 1 + k
 
 
-def _rule_ragged_dot(eqn, invals, ctx):
+def _rule_ragged_dot(eqn: Any, invals: Sequence[Any], ctx: Context) -> jax.Array:
     x, lv, group_sizes = invals[:3]
     if isinstance(x, LoraValue) or isinstance(group_sizes, LoraValue) or not isinstance(lv, LoraValue):
         return rule_materialize(eqn, invals, ctx, "LoRA weight as the ragged operand or group sizes of ragged_dot")
@@ -118,7 +119,8 @@ def _rule_ragged_dot(eqn, invals, ctx):
     return _add_delta(base, delta, out_dtype)
 
 
-def _mixed_delta(eqn, lv: LoraValue, x, group_sizes, ctx, fdtype, common) -> jax.Array:
+def _mixed_delta(eqn: Any, lv: LoraValue, x: jax.Array, group_sizes: jax.Array, ctx: Context, fdtype: Any,
+                 common: dict) -> jax.Array:
     """The branch of a mixed batch: each row with the factors of its example's adapter.
 
     Rows are sorted by ``expert · N + adapter`` (stable, so within a group as before) and
