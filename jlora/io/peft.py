@@ -43,7 +43,7 @@ from .. import name_maps
 from ..core.config import LoraConfig
 from ..layouts.from_tree import LayoutSpec
 from ..nodes.inits import is_residual_init
-from . import distributed
+from . import distributed, peft_experts
 from .atomic import recover_interrupted_save, replace_directory, temp_sibling
 from .integrity import json_digest, sha256_hex
 from .placement import ShardingSpec, tree_from_adapter
@@ -247,12 +247,7 @@ def peft_matches(cfg: dict, key: str) -> bool:
     return found
 
 
-def _pattern(patterns: dict, key: str, default: Any) -> Any:
-    """PEFT's ``get_pattern_key`` lookup."""
-    for pat in patterns:
-        if re.match(rf"(.*\.)?({pat})$", key):
-            return patterns[pat]
-    return default
+_pattern = peft_experts.peft_pattern  # PEFT's get_pattern_key lookup
 
 
 def _most_common(values: list) -> Any:
@@ -365,6 +360,7 @@ def write_peft(
     *,
     base_model_name_or_path: Optional[str] = None,
     task_type: Optional[str] = None,
+    fused_experts: bool = False,
 ) -> Path:
     """Writes ``adapter`` in PEFT's format (see :func:`save_peft`).
 
@@ -377,7 +373,7 @@ def write_peft(
     tensors = peft_tensors(adapter)  # every process: gathers sharded factors
     tag = distributed.agreed_tag()
     if distributed.is_primary():
-        _write_peft_files(d, tensors, adapter, tag, base_model_name_or_path, task_type)
+        _write_peft_files(d, tensors, adapter, tag, base_model_name_or_path, task_type, fused_experts)
     distributed.barrier(f"jlora_save_peft_{tag}")  # the others wait and write nothing
     return d
 
@@ -423,11 +419,14 @@ def _sorted_metadata(data: bytes) -> bytes:
     return struct.pack("<Q", len(text)) + text + data[8 + n:]
 
 
-def _write_peft_files(d: Path, tensors: dict, adapter: Adapter, tag: str, base_model_name_or_path, task_type) -> None:
+def _write_peft_files(d: Path, tensors: dict, adapter: Adapter, tag: str, base_model_name_or_path, task_type,
+                      fused_experts: bool = False) -> None:
     from safetensors.numpy import save as st_save
 
     cfg = peft_config_dict(adapter, base_model_name_or_path=base_model_name_or_path, task_type=task_type)
-    LoraConfig.from_dict(cfg)  # what we write must read back
+    if fused_experts:  # transformers 5's fused experts: PEFT's target_parameters
+        tensors, cfg = peft_experts.fuse(tensors, cfg)
+    LoraConfig.from_dict(peft_experts.unfuse_config(cfg))  # what we write must read back
     st_meta = {"format": "pt", "jlora": _jlora_metadata(tensors, cfg)}
     if adapter.base_quantization is not None:  # the quantized base it was trained on (PEFT ignores it)
         st_meta["jlora_base_quantization"] = json.dumps(adapter.base_quantization, sort_keys=True)
@@ -521,6 +520,7 @@ def save_peft(
     base_model_name_or_path: Optional[str] = None,
     task_type: Optional[str] = None,
     convert_to_lora: bool = False,
+    fused_experts: bool = False,
 ) -> Path:
     """Writes a LoRA tree as a PEFT adapter: ``adapter_config.json`` +
     ``adapter_model.safetensors``, loadable by ``PeftModel.from_pretrained`` and by
@@ -563,6 +563,11 @@ def save_peft(
         gives another residual, :func:`load_peft` reproduces it with the ``rng`` of
         :func:`jlora.wrap`). Convert before sharing a ``pissa_niter_N`` adapter.
 
+      fused_experts: write stacked experts (the ``qwen3_moe`` map's ``mlp/experts/*/w``) as PEFT's
+        ``target_parameters`` adapter of transformers 5's fused ``mlp.experts.gate_up_proj`` /
+        ``down_proj`` (:mod:`jlora.io.peft_experts`); default: transformers 4.x's modules
+        ``mlp.experts.<e>.gate_proj``, one per expert. :func:`load_peft` reads both.
+
     DoRA trees are written with ``lora_magnitude_vector`` (no ``.weight`` suffix; ``(out,)``,
     ``(1, out, 1, ...)`` for convolutions) and ``"use_dora": true``.
 
@@ -575,7 +580,8 @@ def save_peft(
         if adapter.config is None:
             adapter = dataclasses.replace(adapter, config=peft_config_dict(adapter))
         adapter = convert_to_lora_records(adapter)
-    return write_peft(directory, adapter, base_model_name_or_path=base_model_name_or_path, task_type=task_type)
+    return write_peft(directory, adapter, base_model_name_or_path=base_model_name_or_path, task_type=task_type,
+                      fused_experts=fused_experts)
 
 
 # --------------------------------------------------------------------------------------
@@ -614,7 +620,7 @@ def read_peft_config(directory: Union[str, os.PathLike]) -> LoraConfig:
     d = _peft_dir(directory)
     cfg = _read_config_dict(d)
     try:
-        return LoraConfig.from_dict(cfg)
+        return LoraConfig.from_dict(peft_experts.unfuse_config(cfg))
     except (ValueError, TypeError, KeyError, AttributeError) as err:
         raise ValueError(f"{d / CONFIG_NAME}: not a valid LoRA adapter config: {err}") from None
 
@@ -676,7 +682,7 @@ def read_peft(directory: Union[str, os.PathLike], *, verify: bool = True) -> Ada
     jlora wrote into the safetensors metadata are checked (see :func:`load_peft`)."""
     d = _peft_dir(directory)
     cfg = _read_config_dict(d)
-    config = read_peft_config(d)
+    read_peft_config(d)  # a valid config, or a ValueError naming the file
     path = d / WEIGHTS_NAME
     if not path.is_file():
         if (d / "adapter_model.bin").is_file():
@@ -688,6 +694,12 @@ def read_peft(directory: Union[str, os.PathLike], *, verify: bool = True) -> Ada
     tensors, st_meta = _read_tensors(path)
     if verify:
         _verify(path, tensors, st_meta, cfg)
+    if cfg.get("target_parameters"):  # transformers 5's fused experts: as one module per expert
+        try:
+            tensors, cfg = peft_experts.unfuse(tensors, cfg)
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None
+    config = LoraConfig.from_dict(cfg)
     factors: dict[str, dict[str, np.ndarray]] = {}
     kinds: dict[str, str] = {}
     params: list[ParamRecord] = []

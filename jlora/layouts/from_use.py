@@ -7,6 +7,9 @@ model *uses* it as a kernel:
 
 * ``dot_general``: axes contracted with the other operand are ``"in"``, batch axes are
   ``"stack"``, axes that stay in the output are ``"out"``;
+* ``ragged_dot_general`` (``jax.lax.ragged_dot``, experts applied to the tokens sorted by
+  expert): the kernel's group (expert) axis is a ``"stack"`` axis, the rest as for
+  ``dot_general``;
 * ``conv_general_dilated`` (as the kernel): the output-feature axis is ``"out"``, the
   input-feature and window axes ``"in"``;
 * ``gather`` by rows (an embedding lookup ``W[ids]``): the indexed axes are ``"in"``,
@@ -54,7 +57,7 @@ from ..quant.array import is_quantized
 __all__ = ["Use", "LeafUse", "find_kernel_uses", "leaf_paths"]
 
 _PASS = ("copy", "copy_p", "sharding_constraint", "reshard")
-KERNEL_PRIMITIVES = ("dot_general", "conv_general_dilated", "gather")
+KERNEL_PRIMITIVES = ("dot_general", "ragged_dot_general", "conv_general_dilated", "gather")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,7 +112,7 @@ class LeafUse:
             return "embedding"
         if "conv_general_dilated" in prims:
             return "conv"
-        if "dot_general" in prims:
+        if "dot_general" in prims or "ragged_dot_general" in prims:
             return "linear"
         return None
 
@@ -131,7 +134,7 @@ class LeafUse:
         uses = self.kernel_uses
         if not uses:
             raise ValueError(f"{self.path}: not used as a kernel (no dot_general, conv or row gather)")
-        order = {"gather": 0, "conv_general_dilated": 1, "dot_general": 2}
+        order = {"gather": 0, "conv_general_dilated": 1, "dot_general": 2, "ragged_dot_general": 3}
         ref = sorted(uses, key=lambda u: order[u.primitive])[0]
         layout = list(ref.roles)
         for u in uses:
@@ -344,6 +347,8 @@ def _apply(eqn, ins, rec: _Recorder, prefix) -> list[Optional[_Track]]:
         return _other(eqn, ins, rec, prefix)
     if name == "dot_general":
         return _dot(eqn, ins, rec, prefix)
+    if name == "ragged_dot_general":
+        return _ragged_dot(eqn, ins, rec, prefix)
     if name == "conv_general_dilated":
         return _conv(eqn, ins, rec, prefix)
     if name == "gather" and t is not None and ins[1] is None:
@@ -424,6 +429,29 @@ def _dot(eqn, ins, rec, prefix):
         rec.add(t.leaf, Use("dot_general", roles, where, problem))
         if t.gather is not None:
             rec.superseded.add((t.leaf, t.gather))
+    return [None]
+
+
+def _ragged_dot(eqn, ins, rec, prefix):
+    """``ragged_dot(x, W, group_sizes)``: a kernel with a group (expert) axis, which is a
+    ``"stack"`` axis as are its batch axes; contracted axes are ``"in"``, kept ones ``"out"``.
+    Other uses (the ragged operand, a ragged dot without a group axis) are not kernel uses."""
+    dn = eqn.params["ragged_dot_dimension_numbers"]
+    (_, rc), (_, rb) = dn.dot_dimension_numbers
+    x, w = ins[0], ins[1]
+    others = [t for t in (x, *ins[2:]) if t is not None]
+    if w is not None and len(dn.rhs_group_dimensions) != 1:
+        others.append(w)
+        w = None
+    if others:
+        _other(eqn, others, rec, prefix)
+    if w is not None:
+        group = dn.rhs_group_dimensions[0]
+        view = ["in" if i in rc else "stack" if i in rb or i == group else "out" for i in range(len(w.axes))]
+        roles, problem = _roles_of(w, view, rec.ndims[w.leaf])
+        rec.add(w.leaf, Use("ragged_dot_general", roles, _where(eqn, prefix), problem))
+        if w.gather is not None:
+            rec.superseded.add((w.leaf, w.gather))
     return [None]
 
 

@@ -1,4 +1,4 @@
-"""Flax NNX decoders for Qwen3, Llama 3 and Gemma 3 (text), laid out as tunix / bonsai
+"""Flax NNX decoders for Qwen3, Llama 3, Gemma 3 (text) and Qwen3-MoE, laid out as tunix / bonsai
 lay them out, with loaders for Hugging Face checkpoints.
 
 This package is model knowledge, not part of jlora's core (nothing in the core imports
@@ -34,6 +34,7 @@ recognised from the paths, so ``jlora.save_peft(dir, lp)`` writes an adapter tha
 from .config import FAMILIES, DecoderConfig, config_from_hf, hf_config_dict, rope_frequencies
 from .decoder import Decoder, Llama3, Qwen3
 from .gemma3 import Gemma3
+from .qwen3_moe import Qwen3Moe
 from .loader import (
     MODEL_CLASSES,
     abstract,
@@ -58,6 +59,7 @@ __all__ = [
     "Qwen3",
     "Llama3",
     "Gemma3",
+    "Qwen3Moe",
     "MODEL_CLASSES",
     "build",
     "abstract",

@@ -1,6 +1,6 @@
-"""`DecoderConfig`: the shape and options of a Qwen3 / Llama 3 / Gemma 3 decoder.
+"""`DecoderConfig`: the shape and options of a Qwen3 / Llama 3 / Gemma 3 / Qwen3-MoE decoder.
 
-One frozen (hashable) dataclass for the three families, read from a Hugging Face
+One frozen (hashable) dataclass for the four families, read from a Hugging Face
 ``config.json`` by :func:`config_from_hf`. Which HF options are supported, and what is
 refused with an error (never silently ignored):
 
@@ -28,8 +28,8 @@ import numpy as np
 
 __all__ = ["DecoderConfig", "config_from_hf", "hf_config_dict", "FAMILIES", "rope_frequencies"]
 
-FAMILIES = ("qwen3", "llama3", "gemma3")
-_MODEL_TYPES = {"qwen3": "qwen3", "llama": "llama3", "gemma3_text": "gemma3", "gemma3": "gemma3"}
+FAMILIES = ("qwen3", "llama3", "gemma3", "qwen3_moe")
+_MODEL_TYPES = {"qwen3": "qwen3", "llama": "llama3", "gemma3_text": "gemma3", "gemma3": "gemma3", "qwen3_moe": "qwen3_moe"}
 _ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -38,7 +38,7 @@ class DecoderConfig:
     """Shape and options of a decoder of one of :data:`FAMILIES`.
 
     Attributes (HF ``config.json`` names in brackets):
-      family: ``"qwen3"``, ``"llama3"`` or ``"gemma3"``.
+      family: ``"qwen3"``, ``"llama3"``, ``"gemma3"`` or ``"qwen3_moe"``.
       vocab_size, embed_dim [hidden_size], hidden_dim [intermediate_size], num_layers
         [num_hidden_layers], num_heads [num_attention_heads], num_kv_heads
         [num_key_value_heads], head_dim.
@@ -56,6 +56,13 @@ class DecoderConfig:
       dtype: computation dtype (``None``: the parameters' dtype); param_dtype: of the
         parameters.
       initializer_range: standard deviation of the random initialisation.
+      num_experts, num_experts_per_tok, moe_intermediate_size, norm_topk_prob,
+        decoder_sparse_step, mlp_only_layers: a mixture of experts (``qwen3_moe``), with
+        HF's names and meaning: layer ``i`` is sparse unless ``i in mlp_only_layers`` or
+        ``(i + 1) % decoder_sparse_step``; a sparse layer routes each token to its
+        ``num_experts_per_tok`` most probable experts of width ``moe_intermediate_size``
+        (probabilities renormalised over those when ``norm_topk_prob``); the other layers
+        are dense MLPs of width ``hidden_dim``. ``num_experts=0`` for dense families.
     """
 
     family: str
@@ -80,6 +87,12 @@ class DecoderConfig:
     dtype: Optional[str] = None
     param_dtype: str = "float32"
     initializer_range: float = 0.02
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False
+    decoder_sparse_step: int = 1
+    mlp_only_layers: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -115,11 +128,23 @@ class DecoderConfig:
             raise ValueError(f"DecoderConfig.layer_types: unknown {bad}; valid: 'full_attention', 'sliding_attention'")
         if "sliding_attention" in self.layer_types and not self.sliding_window:
             raise ValueError("DecoderConfig: sliding_attention layers need a positive sliding_window")
+        object.__setattr__(self, "mlp_only_layers", tuple(int(i) for i in self.mlp_only_layers))
+        if self.family == "qwen3_moe":
+            _check_moe(self)
 
     @property
     def qk_norm(self) -> bool:
-        """Whether queries and keys are RMS-normalised per head (Qwen3, Gemma 3)."""
-        return self.family in ("qwen3", "gemma3")
+        """Whether queries and keys are RMS-normalised per head (Qwen3, Qwen3-MoE, Gemma 3)."""
+        return self.family in ("qwen3", "gemma3", "qwen3_moe")
+
+    def is_moe_layer(self, i: int) -> bool:
+        """Whether layer ``i`` is a mixture of experts (transformers' ``Qwen3MoeDecoderLayer`` rule).
+
+        >>> DecoderConfig("qwen3_moe", 10, 8, 16, 4, 2, 1, 4, num_experts=4, num_experts_per_tok=2,
+        ...               moe_intermediate_size=6, decoder_sparse_step=2).is_moe_layer(1)
+        True
+        """
+        return self.num_experts > 0 and i not in self.mlp_only_layers and (i + 1) % self.decoder_sparse_step == 0
 
     @property
     def rope_type(self) -> str:
@@ -141,8 +166,25 @@ class DecoderConfig:
         D, F, N, K, H, V = self.embed_dim, self.hidden_dim, self.num_heads, self.num_kv_heads, self.head_dim, self.vocab_size
         attn = D * N * H * 2 + D * K * H * 2 + (2 * H if self.qk_norm else 0)
         norms = (4 if self.family == "gemma3" else 2) * D
-        per_layer = attn + 3 * D * F + norms
-        return V * D * (1 if self.tie_embeddings else 2) + self.num_layers * per_layer + D
+        per_layer = attn + norms
+        mlps = sum(
+            D * self.num_experts + 3 * D * self.moe_intermediate_size * self.num_experts if self.is_moe_layer(i)
+            else 3 * D * F for i in range(self.num_layers)
+        )
+        return V * D * (1 if self.tie_embeddings else 2) + self.num_layers * per_layer + mlps + D
+
+
+def _check_moe(config: DecoderConfig) -> None:
+    """The mixture-of-experts fields of a ``qwen3_moe`` config are consistent."""
+    E, k = config.num_experts, config.num_experts_per_tok
+    if not (isinstance(E, (int, np.integer)) and E > 0):
+        raise ValueError(f"DecoderConfig(family='qwen3_moe').num_experts={E!r}: expected a positive int")
+    if not (isinstance(k, (int, np.integer)) and 0 < k <= E):
+        raise ValueError(f"DecoderConfig.num_experts_per_tok={k!r}: expected 1 <= k <= num_experts={E}")
+    if not (isinstance(config.moe_intermediate_size, (int, np.integer)) and config.moe_intermediate_size > 0):
+        raise ValueError(f"DecoderConfig.moe_intermediate_size={config.moe_intermediate_size!r}: expected a positive int")
+    if config.decoder_sparse_step < 1:
+        raise ValueError(f"DecoderConfig.decoder_sparse_step={config.decoder_sparse_step!r}: expected >= 1")
 
 
 def _get(cfg: Mapping[str, Any], key: str, default: Any = None) -> Any:
@@ -189,7 +231,7 @@ def config_from_hf(hf_config: Any, **overrides: Any) -> DecoderConfig:
     if model_type not in _MODEL_TYPES:
         raise ValueError(
             f"config model_type={model_type!r}: jlora.models builds {sorted(_MODEL_TYPES)} "
-            "(Qwen3ForCausalLM, LlamaForCausalLM, Gemma3ForCausalLM)"
+            "(Qwen3ForCausalLM, LlamaForCausalLM, Gemma3ForCausalLM, Qwen3MoeForCausalLM)"
         )
     family = _MODEL_TYPES[model_type]
     where = f"config (model_type={model_type!r})"
@@ -212,6 +254,8 @@ def config_from_hf(hf_config: Any, **overrides: Any) -> DecoderConfig:
     sliding_window = cfg.get("sliding_window")
     if family == "qwen3" and not cfg.get("use_sliding_window", False):
         layer_types, sliding_window = None, None
+    if family == "qwen3_moe":  # one sliding window for every layer, or none
+        layer_types = ["sliding_attention"] * L if cfg.get("use_sliding_window") and sliding_window else None
     if family == "llama3":
         layer_types, sliding_window = None, None
     if family == "gemma3" and layer_types is None:
@@ -237,6 +281,15 @@ def config_from_hf(hf_config: Any, **overrides: Any) -> DecoderConfig:
         sliding_window=int(sliding_window) if sliding_window and layer_types is not None else None,
         initializer_range=float(_get(cfg, "initializer_range", 0.02)),
     )
+    if family == "qwen3_moe":
+        kwargs.update(
+            num_experts=int(cfg["num_experts"]),
+            num_experts_per_tok=int(cfg["num_experts_per_tok"]),
+            moe_intermediate_size=int(cfg["moe_intermediate_size"]),
+            norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
+            decoder_sparse_step=int(_get(cfg, "decoder_sparse_step", 1)),
+            mlp_only_layers=tuple(cfg.get("mlp_only_layers") or ()),
+        )
     if family == "gemma3":
         kwargs.update(
             query_pre_attn_scalar=float(_get(cfg, "query_pre_attn_scalar", H)),
@@ -252,6 +305,7 @@ _HF_MODEL = {
     "qwen3": ("qwen3", "Qwen3ForCausalLM", "silu"),
     "llama3": ("llama", "LlamaForCausalLM", "silu"),
     "gemma3": ("gemma3_text", "Gemma3ForCausalLM", "gelu_pytorch_tanh"),
+    "qwen3_moe": ("qwen3_moe", "Qwen3MoeForCausalLM", "silu"),
 }
 
 
@@ -288,6 +342,14 @@ def hf_config_dict(config: DecoderConfig) -> dict[str, Any]:
     if config.family == "qwen3":
         sliding = "sliding_attention" in config.layer_types
         d.update(use_sliding_window=sliding, sliding_window=config.sliding_window, layer_types=list(config.layer_types))
+    if config.family == "qwen3_moe":
+        sliding = "sliding_attention" in config.layer_types
+        d.update(
+            use_sliding_window=sliding, sliding_window=config.sliding_window, num_experts=config.num_experts,
+            num_experts_per_tok=config.num_experts_per_tok, moe_intermediate_size=config.moe_intermediate_size,
+            norm_topk_prob=config.norm_topk_prob, decoder_sparse_step=config.decoder_sparse_step,
+            mlp_only_layers=list(config.mlp_only_layers),
+        )
     if config.family == "gemma3":
         d.update(
             layer_types=list(config.layer_types),

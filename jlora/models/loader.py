@@ -37,6 +37,7 @@ from ..core.paths import path_names
 from .config import DecoderConfig, config_from_hf, hf_config_dict
 from .decoder import Llama3, Qwen3
 from .gemma3 import Gemma3
+from .qwen3_moe import Qwen3Moe
 
 __all__ = [
     "MODEL_CLASSES",
@@ -52,7 +53,7 @@ __all__ = [
     "write_safetensors",
 ]
 
-MODEL_CLASSES: dict[str, type] = {"qwen3": Qwen3, "llama3": Llama3, "gemma3": Gemma3}
+MODEL_CLASSES: dict[str, type] = {"qwen3": Qwen3, "llama3": Llama3, "gemma3": Gemma3, "qwen3_moe": Qwen3Moe}
 
 # Tensors a checkpoint may hold that the NNX model has no leaf for, on purpose.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)

@@ -13,13 +13,15 @@ the safetensors loader of :mod:`jlora.models` ask a name map, for each leaf of a
 
 Shipped maps, recognised from the tree's paths (so ``name_map=`` is rarely needed):
 
-==============  ===========================================================================
-``"qwen3"``     NNX trees laid out like tunix / bonsai's Qwen3 (``layers/<i>/attn/q_proj/w`` (D, N, H), ``q_norm``)
-``"llama3"``    the same without ``q_norm``/``k_norm`` (Llama 3)
-``"gemma3"``    tunix / bonsai's Gemma 3: ``q_einsum/w`` (N, D, H), ``kv_einsum/w`` (2, K, D, H) =
-                PyTorch's ``k_proj`` and ``v_proj``, ``attn_vec_einsum/w`` (N, H, D)
-``"hf"``        Hugging Face Flax models (transformers' own rules; everything else falls back to these)
-==============  ===========================================================================
+================  ===========================================================================
+``"qwen3"``       NNX trees laid out like tunix / bonsai's Qwen3 (``layers/<i>/attn/q_proj/w`` (D, N, H), ``q_norm``)
+``"llama3"``      the same without ``q_norm``/``k_norm`` (Llama 3)
+``"gemma3"``      tunix / bonsai's Gemma 3: ``q_einsum/w`` (N, D, H), ``kv_einsum/w`` (2, K, D, H) =
+                  PyTorch's ``k_proj`` and ``v_proj``, ``attn_vec_einsum/w`` (N, H, D)
+``"qwen3_moe"``   Qwen3-MoE: Qwen3's attention, the router ``mlp/gate/w`` (D, E) and stacked experts
+                  ``mlp/experts/gate_proj/w`` (E, D, F) = ``model.layers.i.mlp.experts.<e>.gate_proj``
+``"hf"``          Hugging Face Flax models (transformers' own rules; everything else falls back to these)
+================  ===========================================================================
 
 For the NNX families the map is, per layer ``i`` (PyTorch names of ``*ForCausalLM``)::
 
@@ -57,7 +59,7 @@ Plugging in your own:
 """
 
 from . import hf
-from .families import FAMILY_MAPS, GEMMA3, LLAMA3, QWEN3
+from .families import FAMILY_MAPS, GEMMA3, LLAMA3, QWEN3, QWEN3_MOE
 from .lookup import NameMapSpec, family_of, for_tree, get, layouts, recognise, record_param_to_torch, tree_leaves
 from .rules import FamilyMap, HFNames, Rule, TreeNames, kernel_from_torch, kernel_to_torch, module_kind, torch_param_name
 
@@ -69,6 +71,7 @@ __all__ = [
     "QWEN3",
     "LLAMA3",
     "GEMMA3",
+    "QWEN3_MOE",
     "FAMILY_MAPS",
     "NameMapSpec",
     "recognise",

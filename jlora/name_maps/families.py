@@ -1,15 +1,15 @@
-"""The shipped family maps: Qwen3, Llama 3 and Gemma 3 laid out like tunix / bonsai,
+"""The shipped family maps: Qwen3, Llama 3, Gemma 3 and Qwen3-MoE laid out like tunix / bonsai,
 with the PyTorch names of transformers' ``*ForCausalLM`` (see :mod:`jlora.name_maps`).
 
 >>> [m.name for m in FAMILY_MAPS]
-['qwen3', 'llama3', 'gemma3']
+['qwen3', 'llama3', 'gemma3', 'qwen3_moe']
 """
 
 from __future__ import annotations
 
 from .rules import FamilyMap, Rule
 
-__all__ = ["QWEN3", "LLAMA3", "GEMMA3", "FAMILY_MAPS"]
+__all__ = ["QWEN3", "LLAMA3", "GEMMA3", "QWEN3_MOE", "FAMILY_MAPS"]
 
 
 _L = r"layers/(\d+)/"
@@ -38,6 +38,7 @@ QWEN3 = FamilyMap(
     "qwen3",
     _decoder_rules(qk_norm=True),
     requires=(_L + r"attn/q_proj/w", _L + r"attn/q_norm/w"),
+    excludes=(_L + r"mlp/(gate/w|experts/.*)",),
 )
 """tunix / bonsai's Qwen3 (``Qwen3ForCausalLM`` names)."""
 
@@ -88,5 +89,22 @@ GEMMA3 = FamilyMap(
 )
 """tunix / bonsai's Gemma 3 text decoder (``Gemma3ForCausalLM`` names)."""
 
-FAMILY_MAPS: tuple[FamilyMap, ...] = (QWEN3, LLAMA3, GEMMA3)
+QWEN3_MOE = FamilyMap(
+    "qwen3_moe",
+    [
+        *_decoder_rules(qk_norm=True),
+        Rule(_L + r"mlp/gate/w", _T + "mlp.gate.weight", "d e", "e d"),
+        # one stacked kernel (E, D, F) = the E experts' nn.Linear modules of transformers 4.x
+        Rule(_L + r"mlp/experts/(gate_proj|up_proj)/w", _T + r"mlp.experts.{i}.\2.weight", "e d f", "f d"),
+        Rule(_L + r"mlp/experts/down_proj/w", _T + "mlp.experts.{i}.down_proj.weight", "e f d", "d f"),
+    ],
+    requires=(_L + r"attn/q_proj/w", _L + r"attn/q_norm/w", _L + r"mlp/experts/gate_proj/w"),
+)
+"""Qwen3-MoE (``Qwen3MoeForCausalLM`` names of transformers 4.x): the router ``mlp/gate/w``
+(D, E) and the experts stacked, ``mlp/experts/{gate,up,down}_proj/w`` (E, D, F) / (E, F, D),
+each expert slice one PyTorch module ``model.layers.<i>.mlp.experts.<e>.gate_proj`` (PEFT
+adapters for experts name those modules). PEFT's ``target_parameters`` adapters for
+transformers 5's fused experts are converted in :mod:`jlora.io.peft_experts`."""
+
+FAMILY_MAPS: tuple[FamilyMap, ...] = (QWEN3, LLAMA3, GEMMA3, QWEN3_MOE)
 """The shipped family maps, in the order :func:`recognise` tries them."""

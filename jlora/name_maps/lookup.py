@@ -24,7 +24,7 @@ NameMapSpec = Union[None, str, FamilyMap, ModuleOverrides, Any]
 
 
 def get(name: str) -> Optional[FamilyMap]:
-    """A shipped map by name: ``"qwen3"``, ``"llama3"``, ``"gemma3"``; ``"hf"`` is ``None``
+    """A shipped map by name: ``"qwen3"``, ``"llama3"``, ``"gemma3"``, ``"qwen3_moe"``; ``"hf"`` is ``None``
     (the Hugging Face rules, which need no table)."""
     if name == "hf":
         return None

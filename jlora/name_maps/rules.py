@@ -294,7 +294,9 @@ class Rule:
         after a ``/``, or all of it); its groups fill ``torch``.
       torch: the PyTorch state-dict name (``\\1`` for groups), or a tuple of names when
         the leaf's first axis holds one PyTorch tensor per slice (that first axis is
-        then absent from ``torch_axes``).
+        then absent from ``torch_axes``), or a name with ``{i}`` for as many slices as the
+        first axis has (``model.layers.\\1.mlp.experts.{i}.gate_proj.weight``: a stack of
+        experts, whatever their number).
       axes: the leaf's axes as names, e.g. ``"d n h"``.
       torch_axes: the PyTorch tensor's axes, with flattened groups in parentheses in
         row-major order, e.g. ``"(n h) d"``.
@@ -346,7 +348,20 @@ class Rule:
 
     @property
     def is_split(self) -> bool:
-        return isinstance(self.torch, tuple)
+        return isinstance(self.torch, tuple) or self.per_slice
+
+    @property
+    def per_slice(self) -> bool:
+        """Whether ``torch`` is one name with ``{i}``, for each slice of the first axis."""
+        return isinstance(self.torch, str) and "{i}" in self.torch
+
+    def torch_names(self, m: re.Match, shape: Optional[Sequence[int]] = None) -> list[str]:
+        """The PyTorch names of the leaf matched by ``m`` (of ``shape``: needed for ``{i}``)."""
+        if not self.per_slice:
+            return [m.expand(t) for t in self.torch_names_template]
+        if shape is None or not len(shape):
+            raise ValueError(f"Rule {self.path!r}: the names of each slice need the leaf's shape")
+        return [m.expand(self.torch).replace("{i}", str(i)) for i in range(int(shape[0]))]
 
     @property
     def torch_names_template(self) -> tuple[str, ...]:
@@ -460,6 +475,7 @@ class FamilyNames:
         self.prefix = (prefix or "").strip(".")
         self.overrides = overrides
         self._rules: dict[tuple[str, ...], tuple[Rule, re.Match]] = {}
+        self._shapes = {tuple(names): shape for names, shape, _ in leaves}
         rest = []
         for names, shape, n_stack in leaves:
             hit = family.rule_for("/".join(names))
@@ -486,7 +502,7 @@ class FamilyNames:
         if hit is None:
             return self.fallback.params(names)
         rule, m = hit
-        out = [m.expand(t) for t in rule.torch_names_template]
+        out = rule.torch_names(m, self._shapes.get(tuple(names)))
         mapped = _override(self.overrides, ".".join(tuple(names)[:-1]))
         if mapped is not None:
             leaf = out[0].rsplit(".", 1)[-1]

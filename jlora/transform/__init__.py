@@ -9,6 +9,10 @@ is a value of its own (a view of ``W`` plus its factors ``A``, ``B`` and scale `
   the factorisation: Dense, DenseGeneral, einsum projections, stacked layers whose stack
   axes are batch dimensions (vmapped layers) or free dimensions. A contraction over the
   *output* axes, as in tied embeddings ``x·Wᵀ``, gives ``(x·Bᵀ)·Aᵀ``.
+* ``ragged_dot_general`` (``jax.lax.ragged_dot``: experts applied to tokens sorted by
+  expert, the kernel's group axis a stack axis) emits ``ragged_dot(x, W, g) +
+  ragged_dot(s·ragged_dot(x, A, g), B, g)`` with the same group sizes; in a mixed batch the
+  rows are traced back to their examples (:mod:`.ragged`, :mod:`.rows`).
 * ``gather`` on an embedding table (a row lookup over its input axes) gives
   ``W[ids] + s·A[ids]·B``.
 * ``conv_general_dilated`` on a kernel gives ``conv(x, W) + s·conv1x1(conv(x, A), B)``
@@ -58,7 +62,7 @@ key, deterministically.
 
 The package, top layer of jlora: :mod:`.values` (the LoRA value, the context, the
 report), :mod:`.interpreter` (the evaluator and the rule table), the rules by kind
-(:mod:`.views`, :mod:`.products`, :mod:`.control_flow`; each registers its rules at
+(:mod:`.views`, :mod:`.products`, :mod:`.ragged`, :mod:`.control_flow`; each registers its rules at
 import) and :mod:`.api` (``lora``, ``explain``).
 
 Only public JAX API is used (``jax.make_jaxpr``, ``jax.extend``, ``jax.lax``).
@@ -67,7 +71,7 @@ Only public JAX API is used (``jax.make_jaxpr``, ``jax.extend``, ``jax.lax``).
 from __future__ import annotations
 
 
-from . import control_flow, products, views  # noqa: F401  (each registers its rules)
+from . import control_flow, products, ragged, views  # noqa: F401  (each registers its rules)
 from .api import explain, lora
 from .products import lora_branch
 from .values import LoraEvent, LoraReport, MaterializationError, MaterializationWarning

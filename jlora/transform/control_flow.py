@@ -28,7 +28,7 @@ def _call(eqn, invals, ctx):
     """A nested jit / call / custom_jvp / custom_vjp body, evaluated in place, so LoRA
     values stay factored inside it and may also come back out of it."""
     jaxpr, consts = jaxprs.body(eqn)
-    return eval_jaxpr(jaxpr, consts, invals, ctx, materialize_out=False)
+    return eval_jaxpr(jaxpr, consts, invals, ctx, materialize_out=False, caller=eqn)
 
 
 def _pair_arrays(p: Pair) -> list[Any]:

@@ -16,7 +16,9 @@ from typing import Any
 
 import jax.extend as jex
 
+from ..core import jaxprs
 from ..quant import forward as qforward
+from .rows import Frame
 from .values import Context, LoraValue
 
 __all__ = ["RULES", "register", "eval_jaxpr", "bind", "bind_with", "materialize", "rule_materialize", "is_structural"]
@@ -74,10 +76,32 @@ def materialize(x: Any, ctx: Context, eqn: Any, reason: str = "") -> Any:
     return qforward.dense(x)
 
 
-def eval_jaxpr(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], ctx: Context, materialize_out: bool = True):
-    """Evaluates ``jaxpr`` where some values may be ``LoraValue``."""
+def eval_jaxpr(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], ctx: Context, materialize_out: bool = True,
+               caller: Any = None):
+    """Evaluates ``jaxpr`` where some values may be ``LoraValue``. ``caller``: the ``jit``-like
+    equation whose body this is (kept with the frame in a mixed batch, see :mod:`.rows`)."""
     env: dict[Any, Any] = {}
+    if not ctx.tracks_rows:
+        return _eval(jaxpr, consts, args, ctx, materialize_out, env)
+    parent = ctx.frames[-1] if ctx.frames and caller is not None else None
+    frame = Frame(jaxpr, env, caller, parent)
+    if parent is not None:
+        parent.children[id(caller)] = frame
+    ctx.frames.append(frame)
+    try:
+        return _eval(jaxpr, consts, args, ctx, materialize_out, env)
+    finally:
+        ctx.frames.pop()
 
+
+def _inline(eqn: Any, ctx: Context) -> bool:
+    """In a mixed batch, ``jit`` bodies are evaluated in place (same program under ``jit``) so
+    that the rows of a value can be traced through them (``jnp.take`` is one)."""
+    entry = jaxprs.nested(eqn)
+    return ctx.tracks_rows and entry is not None and entry.kind == jaxprs.CALL and "jaxpr" in eqn.params
+
+
+def _eval(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], ctx: Context, materialize_out: bool, env: dict):
     def read(v):
         if isinstance(v, jex.core.Literal):
             return v.val
@@ -98,7 +122,7 @@ def eval_jaxpr(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], ctx: Cont
             if any(isinstance(x, LoraValue) for x in invals):
                 rule = RULES.get(eqn.primitive.name, rule_materialize)
                 outvals = rule(eqn, invals, ctx)
-            elif is_structural(eqn) and any(qforward.is_view(x) for x in invals):
+            elif (is_structural(eqn) and any(qforward.is_view(x) for x in invals)) or _inline(eqn, ctx):
                 outvals = RULES[eqn.primitive.name](eqn, invals, ctx)  # a quantized kernel goes inside
             else:
                 outvals = bind(eqn, invals)

@@ -201,6 +201,13 @@ def _rule_dot_general(eqn, invals, ctx):
             f"contraction over kernel axes {tuple(lvc)} does not match its layout (roles {roles_str(lv)})",
         )
 
+    if ctx.adapter_ids is not None and 0 in xb and any(p.gid >= 0 for p in lv.pairs):
+        raise ValueError(
+            f"jlora: a mixed batch (adapter_ids) needs the examples along axis 0 of the input of {lv.path!r}, but "
+            "there axis 0 is batched against a stack axis of the kernel (experts of a dense dispatch, or layers): "
+            "the rows of one expert mix examples. Route the tokens with jax.lax.ragged_dot (a sorted dispatch, "
+            "whose rows jlora traces back to their examples), or call without adapter_ids"
+        )
     fdtype = factor_dtype(lv)
     pair_x = None
     if mode == "out" and has_dora(lv):

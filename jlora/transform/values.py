@@ -265,6 +265,9 @@ class Context:
         self.events = events
         self._adapter_ids = adapter_ids
         self._counter = [0]
+        # the jaxprs under evaluation (jlora.transform.rows.Frame), innermost last; kept in a
+        # mixed batch only, where the rows of an expert kernel's input are traced to examples
+        self.frames: list = []
 
     @property
     def adapter_ids(self) -> Optional[jax.Array]:
@@ -273,7 +276,13 @@ class Context:
     def child(self, key: Optional[jax.Array]) -> "Context":
         c = Context(key, self.on_materialize, self.events, self._adapter_ids)
         c._counter = self._counter
+        c.frames = self.frames
         return c
+
+    @property
+    def tracks_rows(self) -> bool:
+        """Whether the interpreter keeps its frames (a mixed batch: ``adapter_ids`` given)."""
+        return self._adapter_ids is not None
 
     def next_key(self) -> Optional[jax.Array]:
         if self.key is None:
