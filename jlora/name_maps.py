@@ -43,6 +43,11 @@ Head axes flatten head-major (``n·H + h``), which is the row order of PyTorch's
 (layout ``("stack", "out", "in", "out")``, the stack axis being k/v) are two PEFT
 adapters.
 
+Stacked layers (``jlora.models``' ``scan_layers=True``): every ``layers/<i>/...`` rule also
+matches the leaf stacked over the layers, ``layers/attn/q_proj/w`` (L, D, N, H) →
+``model.layers.<i>.self_attn.q_proj.weight`` for each ``i`` (a leading ``"stack"`` axis;
+:mod:`jlora.stacked_rules`), so PEFT files hold one adapter per layer either way.
+
 Plugging in your own:
 
 * ``name_map={"encoder.layers.query": "bert.encoder.layer.query"}`` or a function of
@@ -64,6 +69,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Optional, Protocol, Union, runtime_checkable
 
 import numpy as np
+
+from .stacked_rules import StackedRule, stacked_rules
 
 __all__ = [
     "Rule",
@@ -339,6 +346,9 @@ def _parse_axes(spec: str) -> list[tuple[str, ...]]:
     return groups
 
 
+_L = r"layers/(\d+)/"  # a layer's index in a path (group 1 of the shipped rules)
+
+
 @dataclasses.dataclass(frozen=True)
 class Rule:
     """One row of a :class:`FamilyMap`: a leaf path pattern and its PyTorch counterpart.
@@ -475,11 +485,17 @@ class FamilyMap:
       excludes: regexes none of which may match (tells Llama from Qwen3).
 
     Leaves no rule matches fall back to the Hugging Face rules (:class:`HFNames`).
+
+    A rule whose path starts with ``layers/(\\d+)/`` also names the same leaf stacked over
+    the layers (``layers/...`` with a leading layer axis, one PyTorch tensor per layer):
+    :attr:`stacked` holds those :class:`jlora.stacked_rules.StackedRule` s, tried after
+    :attr:`rules`.
     """
 
     def __init__(self, name: str, rules: Sequence[Rule], requires: Sequence[str], excludes: Sequence[str] = ()):
         self.name = name
         self.rules = tuple(rules)
+        self.stacked = tuple(stacked_rules(self.rules, _L))
         self.requires = tuple(re.compile(r"(?:.*/)?" + r) for r in requires)
         self.excludes = tuple(re.compile(r"(?:.*/)?" + r) for r in excludes)
 
@@ -494,7 +510,7 @@ class FamilyMap:
         )
 
     def rule_for(self, path: str) -> Optional[tuple[Rule, re.Match]]:
-        for rule in self.rules:
+        for rule in self.rules + self.stacked:
             m = rule.match(path)
             if m is not None:
                 return rule, m
@@ -514,6 +530,7 @@ class FamilyNames:
         self.prefix = (prefix or "").strip(".")
         self.overrides = overrides
         self._rules: dict[tuple[str, ...], tuple[Rule, re.Match]] = {}
+        self._shapes = {tuple(names): shape for names, shape, _ in leaves}  # a StackedRule names per layer
         rest = []
         for names, shape, n_stack in leaves:
             hit = family.rule_for("/".join(names))
@@ -540,7 +557,12 @@ class FamilyNames:
         if hit is None:
             return self.fallback.params(names)
         rule, m = hit
-        out = [m.expand(t) for t in rule.torch_names_template]
+        if isinstance(rule, StackedRule):
+            if self._shapes.get(tuple(names)) is None:
+                raise ValueError(f"{'/'.join(names)}: a stacked leaf not among the tree's leaves (its layer count is unknown)")
+            out = rule.torch_names(m, self._shapes[tuple(names)])
+        else:
+            out = [m.expand(t) for t in rule.torch_names_template]
         mapped = _override(self.overrides, ".".join(tuple(names)[:-1]))
         if mapped is not None:
             leaf = out[0].rsplit(".", 1)[-1]
@@ -608,8 +630,8 @@ class FamilyNames:
 # --------------------------------------------------------------------------------------
 # The shipped families
 
-_L = r"layers/(\d+)/"
 _T = r"model.layers.\1."
+_LS = r"layers/(?:\d+/)?"  # a layer's leaf, or the leaf stacked over the layers (scan_layers)
 
 
 def _decoder_rules(qk_norm: bool) -> list[Rule]:
@@ -633,15 +655,15 @@ def _decoder_rules(qk_norm: bool) -> list[Rule]:
 QWEN3 = FamilyMap(
     "qwen3",
     _decoder_rules(qk_norm=True),
-    requires=(_L + r"attn/q_proj/w", _L + r"attn/q_norm/w"),
+    requires=(_LS + r"attn/q_proj/w", _LS + r"attn/q_norm/w"),
 )
 """tunix / bonsai's Qwen3 (``Qwen3ForCausalLM`` names)."""
 
 LLAMA3 = FamilyMap(
     "llama3",
     _decoder_rules(qk_norm=False),
-    requires=(_L + r"attn/q_proj/w",),
-    excludes=(_L + r"attn/q_norm/w",),
+    requires=(_LS + r"attn/q_proj/w",),
+    excludes=(_LS + r"attn/q_norm/w",),
 )
 """tunix / bonsai's Llama 3 (``LlamaForCausalLM`` names)."""
 
@@ -680,7 +702,7 @@ GEMMA3 = FamilyMap(
         ],
         Rule(r"final_norm/scale", "model.norm.weight", "d", "d", kind="param"),
     ],
-    requires=(_L + r"attn/(q_einsum|kv_einsum|qkv_einsum)/w",),
+    requires=(_LS + r"attn/(q_einsum|kv_einsum|qkv_einsum)/w",),
 )
 """tunix / bonsai's Gemma 3 text decoder (``Gemma3ForCausalLM`` names)."""
 
