@@ -9,8 +9,10 @@ Forward, for each query block and each key block ``j`` (keys in order)::
     m'    = max(m, rowmax(s_j));  c = exp(m − m')
     l     = c·l + rowsum(exp(s_j − m'));  acc = c·acc + exp(s_j − m')·v_j;  m = m'
 
-and ``out = acc / l``, ``lse = m + log l``. Key blocks that the causal mask (or the
-window) hides entirely are skipped (``lax.cond``). A row whose every key is masked (a
+and ``out = acc / l``, ``lse = m + log l``. Only the tiles that the causal mask (or a
+static window) does not hide entirely are visited: one ``lax.scan`` over a static list of
+(query block, key block) pairs, the row statistics updated in place (no branches, so
+autodiff around it, e.g. a scan over layers, keeps nothing of the loop). A row whose every key is masked (a
 padding query under left padding) gets the mean of all values, exactly as the reference
 :func:`jlora.models.layers.attend` (all logits equal to MIN, a uniform softmax).
 
@@ -47,6 +49,17 @@ def _pad_to(x: jax.Array, length: int, axis: int) -> jax.Array:
     return jnp.pad(x, widths)
 
 
+def _tile_pairs(n: int, block: int, window: Optional[int]) -> tuple[np.ndarray, np.ndarray]:
+    """The (query block i, key block j) tiles not hidden entirely by the causal mask (j ≤ i)
+    or a static window (some key of tile j within ``window`` of some query of tile i),
+    row by row: a static list, so the loops are one ``lax.scan`` without branches."""
+    pairs = [
+        (i, j) for i in range(n) for j in range(i + 1)
+        if window is None or j * block + block - 1 > i * block - window
+    ]
+    return np.asarray([i for i, _ in pairs], np.int32), np.asarray([j for _, j in pairs], np.int32)
+
+
 def _allowed(q_idx, k_idx, kv_mask_blk, window):
     """(B or 1, bq, bk) bool: causal, inside the window, key not padding."""
     ok = k_idx[None, :] <= q_idx[:, None]
@@ -58,16 +71,6 @@ def _allowed(q_idx, k_idx, kv_mask_blk, window):
     return ok
 
 
-def _skipped(i, j, block, window):
-    """Whether tile (query block i, key block j) is masked entirely by causality or the window."""
-    q_first, q_last = i * block, i * block + block - 1
-    k_first, k_last = j * block, j * block + block - 1
-    skip = k_first > q_last
-    if window is not None:
-        skip = skip | (k_last <= q_first - window)
-    return skip
-
-
 def _logits(q_blk, k_blk, scale, softcap):
     """(B, K, G, bq, bk) float32 logits of a tile, and tanh(·) of the softcap (or None)."""
     s = jnp.einsum("bqkgh,bskh->bkgqs", q_blk, k_blk, preferred_element_type=jnp.float32) * scale
@@ -77,125 +80,119 @@ def _logits(q_blk, k_blk, scale, softcap):
     return t * softcap, t
 
 
-def _split_blocks(x: jax.Array, n: int, block: int) -> jax.Array:
-    """(B, n·block, ...) -> (n, B, block, ...)."""
-    return jnp.moveaxis(x.reshape(x.shape[0], n, block, *x.shape[2:]), 1, 0)
+def _slice(x, i, block, axis):
+    return jax.lax.dynamic_slice_in_dim(x, i * block, block, axis=axis)
 
 
-def _forward(q, k, v, kv_mask, window, *, scale, softcap, block, length):
+def _update(x, part, i, block, axis):
+    return jax.lax.dynamic_update_slice_in_dim(x, part, i * block, axis=axis)
+
+
+def _tile(q, k, kv_mask, window, i, j, *, scale, softcap, block, length):
+    """A tile's logits (masked: MIN where not allowed, -inf beyond the real keys), tanh of
+    the softcap, and where it is allowed."""
+    q_blk, k_blk = _slice(q, i, block, 1), _slice(k, j, block, 1)
+    s, t = _logits(q_blk, k_blk, scale, softcap)
+    k_idx = j * block + jnp.arange(block)
+    ok = _allowed(i * block + jnp.arange(block), k_idx, _slice(kv_mask, j, block, 1) if kv_mask is not None else None,
+                  window)[:, None, None]
+    s = jnp.where(ok, s, _MIN)
+    real = (k_idx < length)[None, None, None, None, :]
+    return jnp.where(real, s, -jnp.inf), t, ok & real
+
+
+def _no_residuals(step):
+    """A tile step under ``jax.checkpoint`` (saving nothing): when a transformation around
+    the attention (autodiff of a scan over layers) partially evaluates these loops, the
+    per-tile masks and logits are recomputed, never stacked over the tiles as residuals."""
+    return jax.checkpoint(step, prevent_cse=False, policy=jax.checkpoint_policies.nothing_saveable)
+
+
+def _forward(q, k, v, kv_mask, window, *, scale, softcap, block, length, static_window):
     """Padded inputs q (B, Tp, K, G, H), k/v (B, Tp, K, H), kv_mask (B, Tp) or None.
     Returns out (B, Tp, K, G, H) in q's dtype, lse and fully-masked (B, K, G, Tp)."""
     B, Tp, K, G, H = q.shape
-    n = Tp // block
-    idx = jnp.arange(Tp)
-    real = idx < length
-    k_blocks, v_blocks = _split_blocks(k, n, block), _split_blocks(v, n, block)
-    m_blocks = _split_blocks(kv_mask, n, block) if kv_mask is not None else None
-    real_blocks = real.reshape(n, block)
+    rows, cols = _tile_pairs(Tp // block, block, static_window)
 
-    def q_block(_, i):
-        q_blk = jax.lax.dynamic_slice_in_dim(q, i * block, block, axis=1)
-        q_idx = i * block + jnp.arange(block)
+    def step(carry, ij):
+        m_all, l_all, acc_all = carry
+        i, j = ij
+        s, _, _ = _tile(q, k, kv_mask, window, i, j, scale=scale, softcap=softcap, block=block, length=length)
+        m, l, acc = _slice(m_all, i, block, 3), _slice(l_all, i, block, 3), _slice(acc_all, i, block, 3)
+        m_new = jnp.maximum(m, s.max(-1))
+        p = jnp.exp(s - m_new[..., None])
+        c = jnp.exp(m - m_new)
+        l = l * c + p.sum(-1)
+        pv = jnp.einsum("bkgqs,bskh->bkgqh", p.astype(v.dtype), _slice(v, j, block, 1),
+                        preferred_element_type=jnp.float32)
+        acc = acc * c[..., None] + pv
+        return (_update(m_all, m_new, i, block, 3), _update(l_all, l, i, block, 3), _update(acc_all, acc, i, block, 3)), None
 
-        def k_block(carry, j):
-            def compute(carry):
-                m, l, acc = carry
-                k_blk, v_blk = k_blocks[j], v_blocks[j]
-                s, _ = _logits(q_blk, k_blk, scale, softcap)
-                ok = _allowed(q_idx, j * block + jnp.arange(block), m_blocks[j] if m_blocks is not None else None, window)
-                s = jnp.where(ok[:, None, None], s, _MIN)
-                s = jnp.where(real_blocks[j][None, None, None, None, :], s, -jnp.inf)
-                m_new = jnp.maximum(m, s.max(-1))
-                p = jnp.exp(s - m_new[..., None])
-                c = jnp.exp(m - m_new)
-                l = l * c + p.sum(-1)
-                pv = jnp.einsum("bkgqs,bskh->bkgqh", p.astype(v.dtype), v_blk, preferred_element_type=jnp.float32)
-                return m_new, l, acc * c[..., None] + pv
-
-            return jax.lax.cond(_skipped(i, j, block, window), lambda c: c, compute, carry), None
-
-        init = (
-            jnp.full((B, K, G, block), -jnp.inf, jnp.float32),
-            jnp.zeros((B, K, G, block), jnp.float32),
-            jnp.zeros((B, K, G, block, H), jnp.float32),
-        )
-        (m, l, acc), _ = jax.lax.scan(k_block, init, jnp.arange(n))
-        return None, (m, l, acc)
-
-    _, (m, l, acc) = jax.lax.scan(q_block, None, jnp.arange(n))  # each (n, B, K, G, block, ...)
-    m = jnp.moveaxis(m, 0, 3).reshape(B, K, G, Tp)
-    l = jnp.moveaxis(l, 0, 3).reshape(B, K, G, Tp)
-    acc = jnp.moveaxis(acc, 0, 3).reshape(B, K, G, Tp, H)
+    init = (
+        jnp.full((B, K, G, Tp), -jnp.inf, jnp.float32),
+        jnp.zeros((B, K, G, Tp), jnp.float32),
+        jnp.zeros((B, K, G, Tp, H), jnp.float32),
+    )
+    (m, l, acc), _ = jax.lax.scan(_no_residuals(step), init, (jnp.asarray(rows), jnp.asarray(cols)))
+    real = jnp.arange(Tp) < length
     fully_masked = m <= _MIN
-    mean_v = (jnp.sum(v.astype(jnp.float32) * real[None, :, None, None], axis=1) / length)  # (B, K, H)
+    mean_v = jnp.sum(v.astype(jnp.float32) * real[None, :, None, None], axis=1) / length  # (B, K, H)
     out = jnp.where(fully_masked[..., None], mean_v[:, :, None, None, :], acc / l[..., None])
     lse = m + jnp.log(l)
     out = jnp.transpose(out, (0, 3, 1, 2, 4)).astype(q.dtype)  # (B, Tp, K, G, H)
     return out, lse, fully_masked
 
 
-def _backward(q, k, v, kv_mask, window, out, lse, fully_masked, dout, *, scale, softcap, block, length):
+def _backward(q, k, v, kv_mask, window, out, lse, fully_masked, dout, *, scale, softcap, block, length, static_window):
     B, Tp, K, G, H = q.shape
-    n = Tp // block
-    idx = jnp.arange(Tp)
-    real = idx < length
+    rows, cols = _tile_pairs(Tp // block, block, static_window)
     dsum = jnp.einsum("btkgh,btkgh->bkgt", dout.astype(jnp.float32), out.astype(jnp.float32))
-    q_blocks, do_blocks = _split_blocks(q, n, block), _split_blocks(dout, n, block)
-    lse_blocks = jnp.moveaxis(lse.reshape(B, K, G, n, block), 3, 0)
-    dsum_blocks = jnp.moveaxis(dsum.reshape(B, K, G, n, block), 3, 0)
-    live_blocks = jnp.moveaxis((~fully_masked).reshape(B, K, G, n, block), 3, 0)
-    k_blocks, v_blocks = _split_blocks(k, n, block), _split_blocks(v, n, block)
-    m_blocks = _split_blocks(kv_mask, n, block) if kv_mask is not None else None
-    real_blocks = real.reshape(n, block)
+    live = ~fully_masked
 
-    def k_block(dq, j):
-        k_blk, v_blk = k_blocks[j], v_blocks[j]
-        k_idx = j * block + jnp.arange(block)
+    def step(carry, ij):
+        dq_all, dk_all, dv_all = carry
+        i, j = ij
+        s, t, ok = _tile(q, k, kv_mask, window, i, j, scale=scale, softcap=softcap, block=block, length=length)
+        ok = ok & _slice(live, i, block, 3)[..., None]
+        p = jnp.where(ok, jnp.exp(s - _slice(lse, i, block, 3)[..., None]), 0.0)
+        q_blk, do_blk = _slice(q, i, block, 1), _slice(dout, i, block, 1)
+        k_blk, v_blk = _slice(k, j, block, 1), _slice(v, j, block, 1)
+        dv = jnp.einsum("bkgqs,bqkgh->bskh", p.astype(dout.dtype), do_blk, preferred_element_type=jnp.float32)
+        dp = jnp.einsum("bqkgh,bskh->bkgqs", do_blk, v_blk, preferred_element_type=jnp.float32)
+        ds = p * (dp - _slice(dsum, i, block, 3)[..., None])
+        if t is not None:
+            ds = ds * (1.0 - t * t)
+        ds = ds * scale
+        dq = jnp.einsum("bkgqs,bskh->bqkgh", ds.astype(k.dtype), k_blk, preferred_element_type=jnp.float32)
+        dk = jnp.einsum("bkgqs,bqkgh->bskh", ds.astype(q.dtype), q_blk, preferred_element_type=jnp.float32)
+        return (
+            _update(dq_all, _slice(dq_all, i, block, 1) + dq, i, block, 1),
+            _update(dk_all, _slice(dk_all, j, block, 1) + dk, j, block, 1),
+            _update(dv_all, _slice(dv_all, j, block, 1) + dv, j, block, 1),
+        ), None
 
-        def q_block(carry, i):
-            def compute(carry):
-                dk, dv = carry
-                q_blk, do_blk = q_blocks[i], do_blocks[i]
-                s, t = _logits(q_blk, k_blk, scale, softcap)
-                ok = _allowed(i * block + jnp.arange(block), k_idx, m_blocks[j] if m_blocks is not None else None, window)
-                ok = ok[:, None, None] & real_blocks[j][None, None, None, None, :] & live_blocks[i][..., None]
-                p = jnp.where(ok, jnp.exp(s - lse_blocks[i][..., None]), 0.0)
-                dv = dv + jnp.einsum("bkgqs,bqkgh->bskh", p.astype(dout.dtype), do_blk, preferred_element_type=jnp.float32)
-                dp = jnp.einsum("bqkgh,bskh->bkgqs", do_blk, v_blk, preferred_element_type=jnp.float32)
-                ds = p * (dp - dsum_blocks[i][..., None])
-                if t is not None:
-                    ds = ds * (1.0 - t * t)
-                ds = ds * scale
-                dq_i = jnp.einsum("bkgqs,bskh->bqkgh", ds.astype(k.dtype), k_blk, preferred_element_type=jnp.float32)
-                dk = dk + jnp.einsum("bkgqs,bqkgh->bskh", ds.astype(q.dtype), q_blk, preferred_element_type=jnp.float32)
-                return (dk, dv), dq_i
-
-            def skip(carry):
-                return carry, jnp.zeros((B, block, K, G, H), jnp.float32)
-
-            return jax.lax.cond(_skipped(i, j, block, window), skip, compute, carry)
-
-        init = (jnp.zeros((B, block, K, H), jnp.float32), jnp.zeros((B, block, K, H), jnp.float32))
-        (dk, dv), dq_parts = jax.lax.scan(q_block, init, jnp.arange(n))
-        return dq + dq_parts, (dk, dv)
-
-    dq, (dk, dv) = jax.lax.scan(k_block, jnp.zeros((n, B, block, K, G, H), jnp.float32), jnp.arange(n))
-    dq = jnp.moveaxis(dq, 0, 1).reshape(B, Tp, K, G, H)
-    dk = jnp.moveaxis(dk, 0, 1).reshape(B, Tp, K, H)
-    dv = jnp.moveaxis(dv, 0, 1).reshape(B, Tp, K, H)
+    init = (
+        jnp.zeros((B, Tp, K, G, H), jnp.float32),
+        jnp.zeros((B, Tp, K, H), jnp.float32),
+        jnp.zeros((B, Tp, K, H), jnp.float32),
+    )
+    (dq, dk, dv), _ = jax.lax.scan(_no_residuals(step), init, (jnp.asarray(rows), jnp.asarray(cols)))
     # fully masked rows attend uniformly to the `length` real keys: dv += Σ_rows dout / length
+    real = jnp.arange(Tp) < length
     dead = jnp.einsum("btkgh,bkgt->bkh", dout.astype(jnp.float32), fully_masked.astype(jnp.float32)) / length
     dv = dv + dead[:, None] * real[None, :, None, None]
     return dq, dk, dv
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
-def _attention(q, k, v, kv_mask, window, scale, softcap, block, length):
-    return _forward(q, k, v, kv_mask, window, scale=scale, softcap=softcap, block=block, length=length)[0]
+@partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
+def _attention(q, k, v, kv_mask, window, scale, softcap, block, length, static_window):
+    return _forward(q, k, v, kv_mask, window, scale=scale, softcap=softcap, block=block, length=length,
+                    static_window=static_window)[0]
 
 
-def _attention_fwd(q, k, v, kv_mask, window, scale, softcap, block, length):
-    out, lse, fully_masked = _forward(q, k, v, kv_mask, window, scale=scale, softcap=softcap, block=block, length=length)
+def _attention_fwd(q, k, v, kv_mask, window, scale, softcap, block, length, static_window):
+    out, lse, fully_masked = _forward(q, k, v, kv_mask, window, scale=scale, softcap=softcap, block=block,
+                                      length=length, static_window=static_window)
     return out, (q, k, v, kv_mask, window, out, lse, fully_masked)
 
 
@@ -205,10 +202,11 @@ def _zero_cotangent(x: Any) -> Any:
     return np.zeros(np.shape(x), jax.dtypes.float0)
 
 
-def _attention_bwd(scale, softcap, block, length, res, dout):
+def _attention_bwd(scale, softcap, block, length, static_window, res, dout):
     q, k, v, kv_mask, window, out, lse, fully_masked = res
     dq, dk, dv = _backward(
-        q, k, v, kv_mask, window, out, lse, fully_masked, dout, scale=scale, softcap=softcap, block=block, length=length
+        q, k, v, kv_mask, window, out, lse, fully_masked, dout, scale=scale, softcap=softcap, block=block,
+        length=length, static_window=static_window,
     )
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), _zero_cotangent(kv_mask), _zero_cotangent(window)
 
@@ -257,7 +255,11 @@ def blockwise_attention(
     qg = _pad_to(q.reshape(B, T, K, N // K, H), Tp, 1)
     kp, vp = _pad_to(k, Tp, 1), _pad_to(v, Tp, 1)
     mask = _pad_to(kv_mask.astype(bool), Tp, 1) if kv_mask is not None else None
+    static_window = None
     if window is not None:
+        if isinstance(window, (int, np.integer)):
+            static_window = int(window)  # tiles outside it are skipped; a traced window only masks
         window = jnp.asarray(window, jnp.int32)
-    out = _attention(qg, kp, vp, mask, window, float(scale), None if softcap is None else float(softcap), block, T)
+    out = _attention(qg, kp, vp, mask, window, float(scale), None if softcap is None else float(softcap), block, T,
+                     static_window)
     return out[:, :T].reshape(B, T, N, H)
