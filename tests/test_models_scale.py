@@ -402,19 +402,22 @@ def test_blockwise_attention_never_forms_the_square():
     assert "16,16" in text.replace(" ", "")
 
 
-@pytest.mark.parametrize("family", ["gemma3"])
-def test_lora_through_scan_remat_blockwise_and_chunked_loss(family):
-    """Under jlora.lora with every memory setting on: nothing materialised
-    (on_materialize="error"), loss and gradients of the factors equal those of the plain
-    model's forward with the same adapter."""
+@pytest.mark.parametrize("impl", ["blockwise", "dot_product"])
+def test_lora_through_scan_remat_attention_and_chunked_loss(impl):
+    """Gemma 3 (its local/global flag scanned) under jlora.lora with every memory setting
+    on: nothing materialised (on_materialize="error", explain), loss and gradients of the
+    factors equal those of the plain model's forward with the same adapter."""
+    family = "gemma3"
     c = case(family)
     ids = jnp.asarray(c.ids)
     lp_plain = jlora.load_peft(peft_adapter(family)[0], c.state)
-    _, graphdef, state = stacked(family, attention="blockwise", remat="dots", attention_block_size=4)
+    _, graphdef, state = stacked(family, attention=impl, remat="dots", attention_block_size=4)
     lp = jlora.load_peft(peft_adapter(family)[0], state)
     fwd = jlora.lora(lambda s, x: nnx.merge(c.graphdef, s)(x), on_materialize="error")
     want, gwant = jax.jit(jax.value_and_grad(lambda p: _ce(fwd(p, ids), ids)))(lp_plain)
     loss_fn = jlora.lora(jm.causal_lm_loss_fn(graphdef, chunk_size=4), on_materialize="error")
+    report = jlora.explain(jm.causal_lm_loss_fn(graphdef, chunk_size=4), lp, ids)
+    assert not report.materialized and len(set(report.factored)) == 6
     got, g = jax.jit(jax.value_and_grad(loss_fn))(lp, ids)
     assert abs(float(got) - float(want)) <= EXACT
     # the stacked factors are the per-layer ones stacked

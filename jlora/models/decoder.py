@@ -17,8 +17,8 @@ H head dim, F MLP width, V vocabulary)::
     final_norm/w                             (D,)
     lm_head/w                                (D, V)       absent when embeddings are tied
 
-``layers`` is an ``nnx.List``. With ``config.remat`` each block runs under
-``nnx.remat(self.block.__func__)(self, ...)``, as tunix does.
+``layers`` is an ``nnx.List``. With ``config.remat`` (``"full"``, ``"dots"``) each block runs
+under ``nnx.remat(type(self).block, policy=...)(self, ...)``, as tunix does.
 
 With ``config.scan_layers`` ``layers`` is one :class:`DecoderLayer` whose parameters have
 a leading layer axis (``layers/attn/q_proj/w`` (L, D, N, H), ``layers/input_layernorm/w``
