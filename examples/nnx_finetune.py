@@ -14,6 +14,11 @@ and save the adapter as an Orbax checkpoint and as PEFT files (which
     python examples/nnx_finetune.py --model ~/ckpt/Qwen3-0.6B --steps 50 --seq-len 128
     python examples/nnx_finetune.py --smoke              # a few steps (CI)
 
+    # a real checkpoint at real lengths: layers under one scan, each layer checkpointed,
+    # blockwise attention; the loss is always computed chunk by chunk (causal_lm_loss)
+    python examples/nnx_finetune.py --model ~/ckpt/Llama-3.1-8B --scan-layers --remat full \
+        --attention blockwise --param-dtype bfloat16 --seq-len 2048 --batch-size 1
+
 Everything lands in ``--output-dir`` (default ``runs/nnx-finetune``): ``adapter-orbax/``,
 ``adapter-peft/``, ``merged/`` (the merged model as an HF checkpoint), and for a random
 model ``base/`` (the base as an HF checkpoint, so that the PEFT files have a PyTorch base
@@ -47,8 +52,8 @@ TARGETS = {
 }
 
 
-def random_config(family: str, smoke: bool, remat: bool) -> jm.DecoderConfig:
-    """A small model over bytes (vocabulary 256)."""
+def random_config(family: str, smoke: bool, **settings) -> jm.DecoderConfig:
+    """A small model over bytes (vocabulary 256); ``settings``: the memory settings."""
     D, F, L = (64, 128, 2) if smoke else (128, 384, 4)
     extra = {}
     if family == "gemma3":
@@ -56,7 +61,7 @@ def random_config(family: str, smoke: bool, remat: bool) -> jm.DecoderConfig:
                      sliding_window=32, query_pre_attn_scalar=32.0, rope_theta=1e6)
     else:
         extra = dict(tie_embeddings=family == "llama3", rope_theta=1e4)
-    return jm.DecoderConfig(family, 256, D, F, L, num_heads=4, num_kv_heads=2, head_dim=D // 4, remat=remat, **extra)
+    return jm.DecoderConfig(family, 256, D, F, L, num_heads=4, num_kv_heads=2, head_dim=D // 4, **settings, **extra)
 
 
 def documents() -> tuple[list[str], list[str]]:
@@ -104,7 +109,13 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--remat", action="store_true", help="run each block under nnx.remat")
+    ap.add_argument("--remat", nargs="?", const="full", default="none", choices=["none", "full", "dots"],
+                    help="checkpoint each layer: 'full' keeps only its input (the default of a bare --remat), "
+                         "'dots' also the matmul outputs")
+    ap.add_argument("--scan-layers", action="store_true", help="stack the layers and run them under one lax.scan")
+    ap.add_argument("--attention", default="xla", choices=["xla", "dot_product", "blockwise"],
+                    help="'blockwise' (any backend) and 'dot_product' (cuDNN on GPU) never form the (T, T) logits")
+    ap.add_argument("--param-dtype", default=None, help="e.g. bfloat16 (parameters and computation)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--output-dir", default="runs/nnx-finetune")
     ap.add_argument("--smoke", action="store_true", help="a few steps of a tiny model, for CI")
@@ -115,17 +126,21 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
 
     # 1. The base model: an NNX module whose tree is tunix's (attn/q_proj/w (D, N, H), ...).
+    settings = dict(remat=args.remat, scan_layers=args.scan_layers, attention=args.attention)
+    if args.param_dtype:
+        settings.update(param_dtype=args.param_dtype, dtype=args.param_dtype)
     if args.model:
-        model = jm.from_pretrained(args.model, remat=args.remat)
+        model = jm.from_pretrained(args.model, **settings)
         where = args.model
     else:
-        model = jm.build(random_config(args.family, args.smoke, args.remat), seed=args.seed)
+        model = jm.build(random_config(args.family, args.smoke, **settings), seed=args.seed)
         where = "random"
         jm.save_pretrained(model, out / "base")
     family = model.config.family
     graphdef, state = nnx.split(model)
     print(f"model: {type(model).__name__} ({where}), {model.config.num_params():,d} parameters, "
-          f"{model.config.num_layers} layers")
+          f"{model.config.num_layers} layers{' (stacked, one scan)' if args.scan_layers else ''}, "
+          f"remat {model.config.remat}, attention {model.config.attention}")
 
     def apply(state, ids):
         return nnx.merge(graphdef, state)(ids)
@@ -148,12 +163,10 @@ def main() -> None:
     report = jlora.explain(apply, lp, held_out[0][:, :-1])
     print(f"explain: {len(set(report.factored))} targets factored, {len(set(report.materialized))} materialised")
 
-    # 3. Train: W frozen (no optimizer state), A and B trained.
+    # 3. Train: W frozen (no optimizer state), A and B trained. The loss is computed chunk
+    #    by chunk over the sequence: the (batch, seq, vocab) float32 logits never exist.
     forward = jlora.lora(apply, on_materialize="error")
-
-    def loss_fn(lp, ids):
-        logits = forward(lp, ids[:, :-1])
-        return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), ids[:, 1:]).mean()
+    loss_fn = jlora.lora(jm.causal_lm_loss_fn(graphdef, chunk_size=256), on_materialize="error")
 
     tx = jlora.optimizer(optax.adamw(args.lr))
     opt_state = tx.init(lp)

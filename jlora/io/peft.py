@@ -114,6 +114,9 @@ def module_factors(t: TargetRecord, a: Any = None, b: Any = None) -> list[tuple[
     of a ``"stack"`` axis has factors ``a[i]``, ``b[i]``; if that axis is an output axis
     (a layout found from the einsum alone, one A shared by k and v) slice ``i`` is
     ``A · B[:, i]``, i.e. ``a`` and ``b[:, i]``; if it is an input axis, ``a[i]`` and ``b``.
+    Several stack axes (a stacked ``kv_einsum`` (L, 2, K, D, H)) are taken in row-major
+    order (``0.k, 0.v, 1.k, ...``), and a stacked kernel whose layers each stand for
+    several modules is split per layer as above.
     ``a``/``b``: the factors as host arrays (default: ``t.a``/``t.b``, which must then be
     addressable here; :func:`peft_tensors` passes them gathered across processes).
     """
@@ -121,23 +124,42 @@ def module_factors(t: TargetRecord, a: Any = None, b: Any = None) -> list[tuple[
         raise ValueError(f"{t.path}: no PyTorch module name for this target; pass name_map=")
     a = np.asarray(t.a if a is None else a)
     b = np.asarray(t.b if b is None else b)
-    stacked = t.layout is not None and "stack" in t.layout
-    if stacked and t.layout.count("stack") != 1:
-        raise ValueError(f"{t.path}: only one stack axis maps to PyTorch layers, layout {t.layout}")
-    if stacked:
-        if len(t.torch) != a.shape[0]:
-            raise ValueError(f"{t.path}: {a.shape[0]} layer(s) but {len(t.torch)} PyTorch name(s) {t.torch}")
-        return [(m, a[i], b[i]) for i, m in enumerate(t.torch)]
-    if len(t.torch) == 1:
-        return [(t.torch[0], a, b)]
-    first = t.layout[0] if t.layout else None
-    if first is None or t.base_shape is None or int(t.base_shape[0]) != len(t.torch):
-        raise ValueError(
-            f"{t.path}: 1 adapter but {len(t.torch)} PyTorch names {t.torch}; the kernel's first axis must hold them"
-        )
-    if first == "out":
-        return [(m, a, b[:, i]) for i, m in enumerate(t.torch)]
-    return [(m, a[i], b) for i, m in enumerate(t.torch)]
+    return [(m, a[sl_a], b[sl_b]) for m, sl_a, sl_b, _ in _module_slices(t, a.shape)]
+
+
+def _module_slices(t: TargetRecord, a_shape: tuple[int, ...]) -> list[tuple[str, tuple, tuple, tuple]]:
+    """``[(torch module, index into a, index into b, index into DoRA's magnitude)]`` (see
+    :func:`module_factors`; the magnitude ``(*stack, *out)`` is split like B)."""
+    n_stack = t.layout.count("stack") if t.layout is not None else 0
+    n_layers = int(np.prod(a_shape[:n_stack])) if n_stack else 1
+    if len(t.torch) % n_layers:
+        raise ValueError(f"{t.path}: {n_layers} layer(s) but {len(t.torch)} PyTorch name(s) {t.torch}")
+    per = len(t.torch) // n_layers
+    stack_shape = tuple(a_shape[:n_stack])
+    roles = tuple(r for r in t.layout if r != "stack") if t.layout is not None else ()
+    out = []
+    for i, m in enumerate(t.torch):
+        layer = np.unravel_index(i // per, stack_shape) if n_stack else ()
+        layer = tuple(int(x) for x in layer)
+        if per == 1:
+            out.append((m, layer, layer, layer))
+            continue
+        j = i % per
+        per_shape = None
+        if t.base_shape is not None:
+            kl = [s for s, r in zip(t.base_shape, t.layout) if r != "stack"] if t.layout is not None else []
+            per_shape = kl[0] if kl else None
+        first = roles[0] if roles else None
+        if first is None or per_shape is None or int(per_shape) != per:
+            raise ValueError(
+                f"{t.path}: 1 adapter but {per} PyTorch names per layer {t.torch[:per]}; the kernel's first axis "
+                "must hold them"
+            )
+        if first == "out":
+            out.append((m, layer, layer + (slice(None), j), layer + (j,)))
+        else:
+            out.append((m, layer + (j,), layer, layer))
+    return out
 
 
 def peft_tensors(adapter: Adapter) -> dict[str, np.ndarray]:
@@ -159,10 +181,8 @@ def peft_tensors(adapter: Adapter) -> dict[str, np.ndarray]:
     host_v = {id(p): hosted[n_ab + i] for i, p in enumerate(adapter.params)}
     host_m = {id(t): hosted[n_ab + len(adapter.params) + i] for i, t in enumerate(dora)}
     for t in adapter.targets:
-        stacked = t.layout is not None and "stack" in t.layout
         per_module = module_factors(t, host_a[id(t)], host_b[id(t)])
-        # the magnitude follows the output axes: split like B when the modules are slices of them
-        split_m = stacked or (len(per_module) > 1 and t.layout is not None and t.layout[0] == "out")
+        m_index = [sl_m for _, _, _, sl_m in _module_slices(t, np.shape(host_a[id(t)]))]
         for i, (module, a, b) in enumerate(per_module):
             A, B = to_torch(a, b, t.kind)
             if t.kind == "embedding":
@@ -172,8 +192,7 @@ def peft_tensors(adapter: Adapter) -> dict[str, np.ndarray]:
             tensors = [(names[0], A), (names[1], B)]
             if t.magnitude is not None:
                 # DoRA: no ".weight" suffix; (out,) for Linear/Embedding, (1, out, 1, ...) for ConvNd
-                m = host_m[id(t)]
-                m = (m[i] if split_m else m).reshape(-1)
+                m = np.asarray(host_m[id(t)])[m_index[i]].reshape(-1)
                 if t.kind == "conv":
                     m = m.reshape((1, -1) + (1,) * (A.ndim - 2))
                 tensors.append((f"{PEFT_PREFIX}{module}.lora_magnitude_vector", np.ascontiguousarray(m)))

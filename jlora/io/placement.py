@@ -344,10 +344,10 @@ def plan_adapter(
                     raise ValueError(f"{e.path}: a stacked kernel needs one adapter entry per layer")
                 _flat_to_canonical(t0, layout, shape, where)
         else:
-            if n_stack != 1:
-                raise ValueError(f"{e.path}: per-layer adapter entries need a kernel with one stack axis, got {layout}")
+            if n_stack < 1:
+                raise ValueError(f"{e.path}: per-layer adapter entries need a kernel with a stack axis, got {layout}")
             layers = sorted(layer for _, layer in parts)
-            n_layers = shape[kl.stack_axes[0]]
+            n_layers = math.prod(shape[i] for i in kl.stack_axes)  # several stack axes: row-major
             if layers != list(range(n_layers)):
                 raise ValueError(
                     f"{e.path}: stacked kernel with {n_layers} layers, but the adapter has layers {layers}; "
@@ -449,8 +449,9 @@ def assemble_tree(
                 a_s, b_s = _flat_to_canonical(t, per_layout, per_shape, pl.entry.path)
                 a_list.append(np.asarray(arrays(t, "a")).reshape(a_s))
                 b_list.append(np.asarray(arrays(t, "b")).reshape(b_s))
-            a = np.stack(a_list) if pl.parts[0][1] is not None else a_list[0]
-            b = np.stack(b_list) if pl.parts[0][1] is not None else b_list[0]
+            stack_shape = tuple(int(pl.entry.leaf.shape[i]) for i in kl.stack_axes)
+            a = np.stack(a_list).reshape(stack_shape + a_list[0].shape) if pl.parts[0][1] is not None else a_list[0]
+            b = np.stack(b_list).reshape(stack_shape + b_list[0].shape) if pl.parts[0][1] is not None else b_list[0]
         a, b = put(a, pl.a_sharding, dtype), put(b, pl.b_sharding, dtype)
         lw = LoraWeight(pl.entry.leaf, a, b, scale=float(t0.scale), layout=pl.layout, dropout=float(t0.dropout))
         leaves[pl.entry.index] = _with_variants(lw, pl, arrays, dtype, rng)
@@ -472,7 +473,8 @@ def _variant_array(pl: _Placement, arrays: Callable[[Any, str], Any], name: str,
         return arrays(pl.parts[0][0], name)
     per = [np.asarray(arrays(t, name)) for t, _ in pl.parts]
     if pl.parts[0][1] is not None:
-        return np.stack([x.reshape(shape[1:]) for x in per])
+        n_stack = len(KernelLayout(pl.layout).stack_axes)  # per-layer records, several stack axes row-major
+        return np.stack([x.reshape(shape[n_stack:]) for x in per]).reshape(shape)
     return per[0].reshape(shape)
 
 

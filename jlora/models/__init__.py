@@ -20,7 +20,19 @@ checkpoints, and so that a notebook can load a real checkpoint without torch::
 :func:`state_dict`     an NNX model as PyTorch-named numpy arrays
 :func:`save_pretrained`  an NNX model as an HF checkpoint directory (``config.json`` + safetensors)
 :func:`config_from_hf` a :class:`DecoderConfig` from ``config.json`` / a PretrainedConfig
+:func:`causal_lm_loss` the mean next-token cross-entropy, chunked over the sequence (no (B, T, V) float32 logits)
 =====================  ===================================================================
+
+Real sizes on one chip: ``DecoderConfig(scan_layers=True)`` stacks the layers on a
+leading axis under one ``lax.scan`` (:mod:`jlora.models.stack`), ``remat="full"`` /
+``"dots"`` checkpoints each layer, ``attention="blockwise"`` (any backend) or
+``"dot_product"`` (cuDNN flash attention on GPU) never forms (B, heads, T, T) float32
+logits (:mod:`jlora.models.attention`), and :func:`causal_lm_loss` never forms the
+(B, T, vocab) float32 logits (:mod:`jlora.models.loss`)::
+
+    cfg = jlora.models.config_from_hf(path, scan_layers=True, remat="full", attention="blockwise",
+                                      param_dtype="bfloat16")
+    loss = jlora.models.causal_lm_loss(model, ids)
 
 :mod:`jlora.models.bert` is a BERT encoder (``load_bert`` / ``save_bert`` over a
 Hugging Face BERT directory, e.g. all-MiniLM-L6-v2), imported on its own:
@@ -34,6 +46,7 @@ recognised from the paths, so ``jlora.save_peft(dir, lp)`` writes an adapter tha
 from .config import FAMILIES, DecoderConfig, config_from_hf, hf_config_dict, rope_frequencies
 from .decoder import Decoder, Llama3, Qwen3
 from .gemma3 import Gemma3
+from .loss import causal_lm_loss, causal_lm_loss_fn
 from .qwen3_moe import Qwen3Moe
 from .loader import (
     MODEL_CLASSES,
@@ -71,4 +84,6 @@ __all__ = [
     "read_safetensors",
     "resolve_checkpoint",
     "write_safetensors",
+    "causal_lm_loss",
+    "causal_lm_loss_fn",
 ]

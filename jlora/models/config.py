@@ -22,9 +22,12 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import numpy as np
+
+from .attention import IMPLEMENTATIONS
+from .stack import remat_mode
 
 __all__ = ["DecoderConfig", "config_from_hf", "hf_config_dict", "FAMILIES", "rope_frequencies"]
 
@@ -52,7 +55,18 @@ class DecoderConfig:
         (Gemma 3; ``None`` means ``head_dim``).
       rope_local_base_freq: RoPE theta of Gemma 3's sliding layers (unscaled).
       final_logit_softcapping, attn_logit_softcapping: ``tanh`` capping (Gemma).
-      remat: run each decoder block under ``nnx.remat`` (as tunix does with remat on).
+      remat: activation checkpointing around each decoder layer: ``"none"`` (default),
+        ``"full"`` (keep only each layer's input) or ``"dots"`` (also keep the matmul
+        outputs: ``jax.checkpoint_policies.dots_with_no_batch_dims_saveable``); ``True``
+        and ``False`` mean ``"full"`` and ``"none"``. See :mod:`jlora.models.stack`.
+      scan_layers: stack the layers' parameters on a leading axis (``layers/attn/q_proj/w``
+        (L, D, N, H)) and run them under one ``lax.scan``: the program and its compile
+        time do not grow with depth. Default ``False``: a list, ``layers/<i>/...``.
+      attention: ``"xla"`` (default: the reference, forms (B, heads, T, T) float32
+        logits), ``"dot_product"`` (``jax.nn.dot_product_attention``; cuDNN flash
+        attention on GPU) or ``"blockwise"`` (online softmax over tiles, pure JAX, any
+        backend; never forms the (T, T) logits). See :mod:`jlora.models.attention`.
+      attention_block_size: the tile size of ``"blockwise"`` attention.
       dtype: computation dtype (``None``: the parameters' dtype); param_dtype: of the
         parameters.
       initializer_range: standard deviation of the random initialisation.
@@ -83,7 +97,7 @@ class DecoderConfig:
     rope_local_base_freq: float = 10_000.0
     final_logit_softcapping: Optional[float] = None
     attn_logit_softcapping: Optional[float] = None
-    remat: bool = False
+    remat: Union[bool, str] = "none"
     dtype: Optional[str] = None
     param_dtype: str = "float32"
     initializer_range: float = 0.02
@@ -93,6 +107,9 @@ class DecoderConfig:
     norm_topk_prob: bool = False
     decoder_sparse_step: int = 1
     mlp_only_layers: tuple[int, ...] = ()
+    scan_layers: bool = False
+    attention: str = "xla"
+    attention_block_size: int = 512
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -131,6 +148,19 @@ class DecoderConfig:
         object.__setattr__(self, "mlp_only_layers", tuple(int(i) for i in self.mlp_only_layers))
         if self.family == "qwen3_moe":
             _check_moe(self)
+        object.__setattr__(self, "remat", remat_mode(self.remat))
+        if self.attention not in IMPLEMENTATIONS:
+            raise ValueError(f"DecoderConfig.attention={self.attention!r}; valid: {IMPLEMENTATIONS}")
+        if self.attention == "dot_product" and self.attn_logit_softcapping is not None:
+            raise ValueError(
+                "DecoderConfig: attention='dot_product' (jax.nn.dot_product_attention) has no logit softcap, and "
+                f"attn_logit_softcapping={self.attn_logit_softcapping}; use attention='blockwise' or 'xla'"
+            )
+        b = self.attention_block_size
+        if not isinstance(b, (int, np.integer)) or isinstance(b, bool) or b <= 0:
+            raise ValueError(f"DecoderConfig.attention_block_size={b!r}: expected a positive int")
+        if not isinstance(self.scan_layers, (bool, np.bool_)):
+            raise ValueError(f"DecoderConfig.scan_layers={self.scan_layers!r}: expected True or False")
 
     @property
     def qk_norm(self) -> bool:
@@ -198,7 +228,7 @@ def config_from_hf(hf_config: Any, **overrides: Any) -> DecoderConfig:
 
     ``model_type`` picks the family (``qwen3``, ``llama``, ``gemma3_text``; for a
     multimodal ``gemma3`` config its ``text_config`` is used). ``overrides`` replace
-    fields (e.g. ``remat=True``, ``dtype="bfloat16"``).
+    fields (e.g. ``remat="full"``, ``scan_layers=True``, ``dtype="bfloat16"``).
 
     >>> cfg = config_from_hf({"model_type": "llama", "vocab_size": 100, "hidden_size": 32,
     ...                       "intermediate_size": 64, "num_hidden_layers": 2,

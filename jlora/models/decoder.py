@@ -17,22 +17,32 @@ H head dim, F MLP width, V vocabulary)::
     final_norm/w                             (D,)
     lm_head/w                                (D, V)       absent when embeddings are tied
 
-``layers`` is an ``nnx.List``. With ``config.remat`` each block runs under
-``nnx.remat(self.block.__func__)(self, ...)``, as tunix does.
+``layers`` is an ``nnx.List``. With ``config.remat`` (``"full"``, ``"dots"``) each block runs
+under ``nnx.remat(type(self).block, policy=...)(self, ...)``, as tunix does.
+
+With ``config.scan_layers`` ``layers`` is one :class:`DecoderLayer` whose parameters have
+a leading layer axis (``layers/attn/q_proj/w`` (L, D, N, H), ``layers/input_layernorm/w``
+(L, D), ...), run under ``jax.lax.scan`` (:mod:`jlora.models.stack`).
+
+``model.hidden_states(ids)`` is the final norm's output (batch, seq, D) and
+``model.logits(h)`` the output head: ``model(ids) == model.logits(model.hidden_states(ids))``
+(what :func:`jlora.models.causal_lm_loss` uses to compute the loss chunk by chunk).
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from .attention import AttentionInputs, attention, attention_inputs
 from .config import DecoderConfig, rope_frequencies
-from .layers import Einsum, Embedder, RMSNorm, apply_rope, attend, attention_masks, rope_cos_sin
+from .layers import Einsum, Embedder, RMSNorm, apply_rope, rope_cos_sin
+from .stack import remat_policy, scan_layers, stacked_layers
 
-__all__ = ["Attention", "MLP", "DecoderLayer", "Decoder", "Qwen3", "Llama3"]
+__all__ = ["Attention", "MLP", "DecoderLayer", "Decoder", "Qwen3", "Llama3", "run_layers", "sliding_flags"]
 
 
 def _dtypes(config: DecoderConfig):
@@ -41,10 +51,30 @@ def _dtypes(config: DecoderConfig):
     return param_dtype, dtype
 
 
-class Attention(nnx.Module):
-    """Causal grouped-query self-attention with RoPE (and per-head q/k RMSNorm for Qwen3)."""
+def _layer_flag(sliding: Optional[bool], given: Any) -> Any:
+    """A layer's sliding flag: its own (a built-in type) or the one given per call (scanned)."""
+    if given is not None:
+        return given
+    if sliding is None:
+        raise ValueError("a layer of a stacked (scan_layers) model needs its sliding flag per call")
+    return sliding
 
-    def __init__(self, config: DecoderConfig, layer_type: str, *, rngs: nnx.Rngs):
+
+def sliding_flags(config: DecoderConfig) -> Any:
+    """What :func:`jlora.models.stack.scan_layers` needs: one bool if every layer has the
+    same type, else a (L,) bool array (per-layer flag, scanned)."""
+    flags = [t == "sliding_attention" for t in config.layer_types]
+    if all(f == flags[0] for f in flags):
+        return flags[0]
+    return jnp.asarray(flags)
+
+
+class Attention(nnx.Module):
+    """Causal grouped-query self-attention with RoPE (and per-head q/k RMSNorm for Qwen3).
+
+    ``layer_type`` ``None`` (a layer of a stacked model): sliding or not is given per call."""
+
+    def __init__(self, config: DecoderConfig, layer_type: Optional[str], *, rngs: nnx.Rngs):
         pd, dt = _dtypes(config)
         D, N, K, H = config.embed_dim, config.num_heads, config.num_kv_heads, config.head_dim
         kw = dict(rngs=rngs, param_dtype=pd, dtype=dt, stddev=config.initializer_range)
@@ -57,19 +87,26 @@ class Attention(nnx.Module):
             self.k_norm = RMSNorm(H, eps=config.rms_norm_eps, param_dtype=pd)
         self.qk_norm = config.qk_norm
         self.scale = float(H) ** -0.5
-        self.sliding = layer_type == "sliding_attention"
+        self.sliding = None if layer_type is None else layer_type == "sliding_attention"
+        self.window = config.sliding_window
+        self.implementation = config.attention
+        self.block_size = config.attention_block_size
         self.inv_freq = tuple(float(f) for f in rope_frequencies(H, config.rope_theta, config.rope_scaling))
 
-    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, inputs: AttentionInputs, sliding: Any = None) -> jax.Array:
         q = self.q_proj(x)
         k = self.k_proj(x)
         v = self.v_proj(x)
         if self.qk_norm:
             q = self.q_norm(q)
             k = self.k_norm(k)
-        cos, sin = rope_cos_sin(positions, jnp.asarray(self.inv_freq, jnp.float32), q.dtype)
+        cos, sin = rope_cos_sin(inputs.positions, jnp.asarray(self.inv_freq, jnp.float32), q.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        return self.o_proj(attend(q, k, v, mask, self.scale))
+        out = attention(
+            q, k, v, inputs, sliding=_layer_flag(self.sliding, sliding), window=self.window, scale=self.scale,
+            implementation=self.implementation, block_size=self.block_size,
+        )
+        return self.o_proj(out)
 
 
 class MLP(nnx.Module):
@@ -89,25 +126,43 @@ class MLP(nnx.Module):
         return self.down_proj(self.activation(self.gate_proj(x)) * self.up_proj(x))
 
 
-class DecoderLayer(nnx.Module):
-    """Pre-norm block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``."""
+def _remat_call(layer: nnx.Module, x: jax.Array, inputs: AttentionInputs, sliding: Any) -> jax.Array:
+    """``layer.block`` under ``nnx.remat`` with the layer's policy (or plainly, remat "none")."""
+    if layer.remat == "none":
+        return layer.block(x, inputs, sliding)
+    return nnx.remat(type(layer).block, policy=remat_policy(layer.remat))(layer, x, inputs, sliding)
 
-    def __init__(self, config: DecoderConfig, layer_type: str, *, rngs: nnx.Rngs):
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``.
+
+    ``remat`` (a :data:`jlora.models.stack.REMAT_MODES` name): the layer runs its block under
+    ``nnx.remat`` itself; a stacked model's layers are checkpointed by the scan instead."""
+
+    def __init__(self, config: DecoderConfig, layer_type: Optional[str], *, rngs: nnx.Rngs):
         pd, _ = _dtypes(config)
         self.input_layernorm = RMSNorm(config.embed_dim, eps=config.rms_norm_eps, param_dtype=pd)
         self.attn = Attention(config, layer_type, rngs=rngs)
         self.post_attention_layernorm = RMSNorm(config.embed_dim, eps=config.rms_norm_eps, param_dtype=pd)
         self.mlp = MLP(config, rngs=rngs)
-        self.remat = config.remat
+        self.remat = "none" if config.scan_layers else config.remat
 
-    def block(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
-        x = x + self.attn(self.input_layernorm(x), positions, mask)
+    def block(self, x: jax.Array, inputs: AttentionInputs, sliding: Any = None) -> jax.Array:
+        x = x + self.attn(self.input_layernorm(x), inputs, sliding)
         return x + self.mlp(self.post_attention_layernorm(x))
 
-    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
-        if self.remat:
-            return nnx.remat(self.block.__func__)(self, x, positions, mask)
-        return self.block(x, positions, mask)
+    def __call__(self, x: jax.Array, inputs: AttentionInputs, sliding: Any = None) -> jax.Array:
+        return _remat_call(self, x, inputs, sliding)
+
+
+def run_layers(model: nnx.Module, x: jax.Array, inputs: AttentionInputs) -> jax.Array:
+    """``x`` through the model's layers: a loop over the list, or one scan over the stack."""
+    config = model.config
+    if config.scan_layers:
+        return scan_layers(model.layers, x, inputs, sliding_flags(config), config.remat)
+    for layer in model.layers:
+        x = layer(x, inputs)
+    return x
 
 
 class Decoder(nnx.Module):
@@ -136,7 +191,10 @@ class Decoder(nnx.Module):
         self.embedder = Embedder(
             config.vocab_size, config.embed_dim, rngs=rngs, param_dtype=pd, dtype=dt, stddev=config.initializer_range
         )
-        self.layers = nnx.List([DecoderLayer(config, t, rngs=rngs) for t in config.layer_types])
+        if config.scan_layers:
+            self.layers = stacked_layers(lambda r: self.make_layer(config, None, None, r), config.num_layers, rngs)
+        else:
+            self.layers = nnx.List([self.make_layer(config, i, t, rngs) for i, t in enumerate(config.layer_types)])
         self.final_norm = RMSNorm(config.embed_dim, eps=config.rms_norm_eps, param_dtype=pd)
         if not config.tie_embeddings:
             self.lm_head = Einsum(
@@ -144,23 +202,38 @@ class Decoder(nnx.Module):
                 stddev=config.initializer_range,
             )
 
+    def make_layer(self, config: DecoderConfig, index: Optional[int], layer_type: Optional[str],
+                   rngs: nnx.Rngs) -> nnx.Module:
+        """Layer ``index`` of type ``layer_type``; ``None``, ``None``: one layer of the stack."""
+        return DecoderLayer(config, layer_type, rngs=rngs)
+
+    def hidden_states(
+        self,
+        input_ids: jax.Array,
+        positions: Optional[jax.Array] = None,
+        attention_mask: Optional[jax.Array] = None,
+    ) -> jax.Array:
+        """The final norm's output (batch, seq, embed_dim): everything but the output head."""
+        B, T = input_ids.shape
+        inputs = attention_inputs(self.config.attention, B, T, positions, attention_mask, self.config.sliding_window)
+        x = self.embedder.encode(input_ids)
+        x = run_layers(self, x, inputs)
+        return self.final_norm(x)
+
+    def logits(self, x: jax.Array, out_dtype: Any = None) -> jax.Array:
+        """The output head on hidden states ``x`` (..., embed_dim) -> (..., vocab);
+        ``out_dtype`` is the matmul's result type (e.g. float32 from bfloat16)."""
+        if self.config.tie_embeddings:
+            return self.embedder.decode(x, out_dtype)
+        return self.lm_head(x, out_dtype)
+
     def __call__(
         self,
         input_ids: jax.Array,
         positions: Optional[jax.Array] = None,
         attention_mask: Optional[jax.Array] = None,
     ) -> jax.Array:
-        B, T = input_ids.shape
-        if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(T), (B, T))
-        full, sliding = attention_masks(T, attention_mask, B, self.config.sliding_window)
-        x = self.embedder.encode(input_ids)
-        for layer in self.layers:
-            x = layer(x, positions, sliding if layer.attn.sliding else full)
-        x = self.final_norm(x)
-        if self.config.tie_embeddings:
-            return self.embedder.decode(x)
-        return self.lm_head(x)
+        return self.logits(self.hidden_states(input_ids, positions, attention_mask))
 
 
 class Qwen3(Decoder):

@@ -18,6 +18,11 @@ H head dim, F MLP width, V vocabulary)::
     layers/<i>/post_ffw_norm/scale           (D,)
     final_norm/scale                         (D,)
 
+With ``config.scan_layers`` every ``layers/...`` leaf has a leading layer axis (e.g.
+``layers/attn/kv_einsum/w`` (L, 2, K, D, H)) and the layers run under one ``lax.scan``; the
+local/global interleave is a per-layer flag scanned with the weights, which selects the
+sliding-window mask and the local RoPE table (:mod:`jlora.models.stack`).
+
 Norms are Gemma's ``(1 + scale)`` RMSNorm. Sliding (local) layers use
 ``rope_local_base_freq`` without scaling and a sliding-window mask; global layers use
 ``rope_theta`` with ``rope_scaling``. Attention logits are scaled by
@@ -28,15 +33,17 @@ Norms are Gemma's ``(1 + scale)`` RMSNorm. Sliding (local) layers use
 from __future__ import annotations
 
 from functools import partial
-from typing import Optional
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from .attention import AttentionInputs, attention, attention_inputs
 from .config import DecoderConfig, rope_frequencies
-from .decoder import MLP, _dtypes
-from .layers import Einsum, Embedder, GemmaRMSNorm, apply_rope, attend, attention_masks, rope_cos_sin
+from .decoder import MLP, _dtypes, _layer_flag, _remat_call, run_layers
+from .layers import Einsum, Embedder, GemmaRMSNorm, apply_rope, rope_cos_sin
+from .stack import stacked_layers
 
 __all__ = ["Gemma3Attention", "Gemma3Block", "Gemma3"]
 
@@ -44,7 +51,7 @@ __all__ = ["Gemma3Attention", "Gemma3Block", "Gemma3"]
 class Gemma3Attention(nnx.Module):
     """Gemma 3 attention: separate q and stacked kv einsums, q/k norms, local or global RoPE."""
 
-    def __init__(self, config: DecoderConfig, layer_type: str, *, rngs: nnx.Rngs):
+    def __init__(self, config: DecoderConfig, layer_type: Optional[str], *, rngs: nnx.Rngs):
         pd, dt = _dtypes(config)
         D, N, K, H = config.embed_dim, config.num_heads, config.num_kv_heads, config.head_dim
         kw = dict(rngs=rngs, param_dtype=pd, dtype=dt, stddev=config.initializer_range)
@@ -53,30 +60,41 @@ class Gemma3Attention(nnx.Module):
         self.attn_vec_einsum = Einsum("BTNH,NHD->BTD", (N, H, D), **kw)
         self._query_norm = GemmaRMSNorm(H, eps=config.rms_norm_eps, param_dtype=pd)
         self._key_norm = GemmaRMSNorm(H, eps=config.rms_norm_eps, param_dtype=pd)
-        self.sliding = layer_type == "sliding_attention"
-        if self.sliding:
-            freqs = rope_frequencies(H, config.rope_local_base_freq, None)
-        else:
-            freqs = rope_frequencies(H, config.rope_theta, config.rope_scaling)
-        self.inv_freq = tuple(float(f) for f in freqs)
+        self.sliding = None if layer_type is None else layer_type == "sliding_attention"
+        self.inv_freq_local = tuple(float(f) for f in rope_frequencies(H, config.rope_local_base_freq, None))
+        self.inv_freq_global = tuple(float(f) for f in rope_frequencies(H, config.rope_theta, config.rope_scaling))
+        self.inv_freq = self.inv_freq_local if self.sliding else self.inv_freq_global
         scalar = config.query_pre_attn_scalar if config.query_pre_attn_scalar is not None else H
         self.scale = float(scalar) ** -0.5
         self.softcap = config.attn_logit_softcapping
+        self.window = config.sliding_window
+        self.implementation = config.attention
+        self.block_size = config.attention_block_size
 
-    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, inputs: AttentionInputs, sliding: Any = None) -> jax.Array:
         q = self.q_einsum(x)
         k, v = self.kv_einsum(x)
         q = self._query_norm(q)
         k = self._key_norm(k)
-        cos, sin = rope_cos_sin(positions, jnp.asarray(self.inv_freq, jnp.float32), q.dtype)
+        flag = _layer_flag(self.sliding, sliding)
+        if isinstance(flag, bool):
+            cos, sin = rope_cos_sin(inputs.positions, jnp.asarray(self.inv_freq, jnp.float32), q.dtype)
+        else:  # a scanned layer: local or global RoPE by its flag
+            inv_freq = jnp.where(flag, jnp.asarray(self.inv_freq_local, jnp.float32),
+                                 jnp.asarray(self.inv_freq_global, jnp.float32))
+            cos, sin = rope_cos_sin(inputs.positions, inv_freq, q.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        return self.attn_vec_einsum(attend(q, k, v, mask, self.scale, self.softcap))
+        out = attention(
+            q, k, v, inputs, sliding=flag, window=self.window, scale=self.scale, softcap=self.softcap,
+            implementation=self.implementation, block_size=self.block_size,
+        )
+        return self.attn_vec_einsum(out)
 
 
 class Gemma3Block(nnx.Module):
     """``x + post_attention_norm(attn(pre_attention_norm(x)))``, then the same around the MLP."""
 
-    def __init__(self, config: DecoderConfig, layer_type: str, *, rngs: nnx.Rngs):
+    def __init__(self, config: DecoderConfig, layer_type: Optional[str], *, rngs: nnx.Rngs):
         pd, _ = _dtypes(config)
         D, eps = config.embed_dim, config.rms_norm_eps
         self.pre_attention_norm = GemmaRMSNorm(D, eps=eps, param_dtype=pd)
@@ -85,16 +103,14 @@ class Gemma3Block(nnx.Module):
         self.pre_ffw_norm = GemmaRMSNorm(D, eps=eps, param_dtype=pd)
         self.mlp = MLP(config, rngs=rngs, activation=partial(jax.nn.gelu, approximate=True))
         self.post_ffw_norm = GemmaRMSNorm(D, eps=eps, param_dtype=pd)
-        self.remat = config.remat
+        self.remat = "none" if config.scan_layers else config.remat
 
-    def block(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
-        x = x + self.post_attention_norm(self.attn(self.pre_attention_norm(x), positions, mask))
+    def block(self, x: jax.Array, inputs: AttentionInputs, sliding: Any = None) -> jax.Array:
+        x = x + self.post_attention_norm(self.attn(self.pre_attention_norm(x), inputs, sliding))
         return x + self.post_ffw_norm(self.mlp(self.pre_ffw_norm(x)))
 
-    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
-        if self.remat:
-            return nnx.remat(self.block.__func__)(self, x, positions, mask)
-        return self.block(x, positions, mask)
+    def __call__(self, x: jax.Array, inputs: AttentionInputs, sliding: Any = None) -> jax.Array:
+        return _remat_call(self, x, inputs, sliding)
 
 
 class Gemma3(nnx.Module):
@@ -124,8 +140,33 @@ class Gemma3(nnx.Module):
             config.vocab_size, config.embed_dim, rngs=rngs, scale_by_sqrt_dim=True, param_dtype=pd, dtype=dt,
             stddev=config.initializer_range,
         )
-        self.layers = nnx.List([Gemma3Block(config, t, rngs=rngs) for t in config.layer_types])
+        if config.scan_layers:
+            self.layers = stacked_layers(lambda r: Gemma3Block(config, None, rngs=r), config.num_layers, rngs)
+        else:
+            self.layers = nnx.List([Gemma3Block(config, t, rngs=rngs) for t in config.layer_types])
         self.final_norm = GemmaRMSNorm(config.embed_dim, eps=config.rms_norm_eps, param_dtype=pd)
+
+    def hidden_states(
+        self,
+        input_ids: jax.Array,
+        positions: Optional[jax.Array] = None,
+        attention_mask: Optional[jax.Array] = None,
+    ) -> jax.Array:
+        """The final norm's output (batch, seq, embed_dim): everything but the output head."""
+        B, T = input_ids.shape
+        inputs = attention_inputs(self.config.attention, B, T, positions, attention_mask, self.config.sliding_window)
+        x = self.embedder.encode(input_ids)
+        x = run_layers(self, x, inputs)
+        return self.final_norm(x)
+
+    def logits(self, x: jax.Array, out_dtype: Any = None) -> jax.Array:
+        """The (tied) output head on hidden states ``x``, soft-capped by
+        ``final_logit_softcapping``; ``out_dtype`` is the matmul's result type."""
+        logits = self.embedder.decode(x, out_dtype)
+        cap = self.config.final_logit_softcapping
+        if cap is not None:
+            logits = jnp.tanh(logits / cap) * cap
+        return logits
 
     def __call__(
         self,
@@ -133,15 +174,4 @@ class Gemma3(nnx.Module):
         positions: Optional[jax.Array] = None,
         attention_mask: Optional[jax.Array] = None,
     ) -> jax.Array:
-        B, T = input_ids.shape
-        if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(T), (B, T))
-        full, sliding = attention_masks(T, attention_mask, B, self.config.sliding_window)
-        x = self.embedder.encode(input_ids)
-        for layer in self.layers:
-            x = layer(x, positions, sliding if layer.attn.sliding else full)
-        logits = self.embedder.decode(self.final_norm(x))
-        cap = self.config.final_logit_softcapping
-        if cap is not None:
-            logits = jnp.tanh(logits / cap) * cap
-        return logits
+        return self.logits(self.hidden_states(input_ids, positions, attention_mask))

@@ -54,11 +54,13 @@ class Einsum(nnx.Module):
         init = jax.nn.initializers.normal(stddev)
         self.w = nnx.Param(init(rngs.params(), tuple(shape), param_dtype))
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, out_dtype: Any = None) -> jax.Array:
+        """``out_dtype``: the einsum's ``preferred_element_type`` (e.g. float32 logits
+        from bfloat16 operands); default the operands' dtype."""
         w = self.w[...]
         if self.dtype is not None and w.dtype != self.dtype:
             w = w.astype(self.dtype)
-        return jnp.einsum(self.einsum_str, x, w)
+        return jnp.einsum(self.einsum_str, x, w, preferred_element_type=out_dtype)
 
 
 class RMSNorm(nnx.Module):
@@ -123,8 +125,8 @@ class Embedder(nnx.Module):
             x = x * jnp.asarray(np.sqrt(table.shape[-1]), dtype=table.dtype)
         return x
 
-    def decode(self, x: jax.Array) -> jax.Array:
-        return jnp.einsum("BTD,VD->BTV", x, self._table())
+    def decode(self, x: jax.Array, out_dtype: Any = None) -> jax.Array:
+        return jnp.einsum("BTD,VD->BTV", x, self._table(), preferred_element_type=out_dtype)
 
 
 def rope_cos_sin(positions: jax.Array, inv_freq: np.ndarray, dtype: Any) -> tuple[jax.Array, jax.Array]:

@@ -273,7 +273,9 @@ def from_pretrained(
     Reads ``config.json`` (:func:`jlora.models.config_from_hf`) and the safetensors
     files; no torch, no transformers. ``overrides`` set :class:`DecoderConfig` fields,
     e.g. ``param_dtype="bfloat16"`` (default ``float32``: checkpoints stored in bfloat16
-    are upcast), ``dtype="bfloat16"`` (computation), ``remat=True``.
+    are upcast), ``dtype="bfloat16"`` (computation), and the memory settings
+    ``scan_layers=True``, ``remat="full"``, ``attention="blockwise"`` (see
+    :class:`jlora.models.DecoderConfig`).
 
     Example:
       >>> model = jlora.models.from_pretrained("Qwen/Qwen3-0.6B")             # doctest: +SKIP

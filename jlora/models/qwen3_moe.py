@@ -29,15 +29,16 @@ token it was not routed to, and LoRA on the experts stays factored
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from .attention import AttentionInputs
 from .config import DecoderConfig
-from .decoder import MLP, Attention, _dtypes
-from .layers import Einsum, Embedder, RMSNorm, attention_masks
+from .decoder import MLP, Attention, Decoder, _dtypes, _remat_call
+from .layers import Einsum, RMSNorm
 
 __all__ = ["ExpertKernel", "SparseMoeBlock", "Qwen3MoeLayer", "Qwen3Moe", "route"]
 
@@ -115,31 +116,31 @@ class SparseMoeBlock(nnx.Module):
 
 
 class Qwen3MoeLayer(nnx.Module):
-    """Pre-norm block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))`` with a sparse or dense MLP."""
+    """Pre-norm block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))`` with a sparse or dense
+    MLP; ``remat`` and ``layer_type`` as :class:`jlora.models.decoder.DecoderLayer`'s."""
 
-    def __init__(self, config: DecoderConfig, index: int, *, rngs: nnx.Rngs):
+    def __init__(self, config: DecoderConfig, index: int, layer_type: Optional[str], *, rngs: nnx.Rngs):
         pd, _ = _dtypes(config)
-        layer_type = config.layer_types[index]
         self.input_layernorm = RMSNorm(config.embed_dim, eps=config.rms_norm_eps, param_dtype=pd)
         self.attn = Attention(config, layer_type, rngs=rngs)
         self.post_attention_layernorm = RMSNorm(config.embed_dim, eps=config.rms_norm_eps, param_dtype=pd)
         self.mlp = SparseMoeBlock(config, rngs=rngs) if config.is_moe_layer(index) else MLP(config, rngs=rngs)
-        self.remat = config.remat
+        self.remat = "none" if config.scan_layers else config.remat
 
-    def block(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
-        x = x + self.attn(self.input_layernorm(x), positions, mask)
+    def block(self, x: jax.Array, inputs: AttentionInputs, sliding: Any = None) -> jax.Array:
+        x = x + self.attn(self.input_layernorm(x), inputs, sliding)
         return x + self.mlp(self.post_attention_layernorm(x))
 
-    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
-        if self.remat:
-            return nnx.remat(self.block.__func__)(self, x, positions, mask)
-        return self.block(x, positions, mask)
+    def __call__(self, x: jax.Array, inputs: AttentionInputs, sliding: Any = None) -> jax.Array:
+        return _remat_call(self, x, inputs, sliding)
 
 
-class Qwen3Moe(nnx.Module):
+class Qwen3Moe(Decoder):
     """A Qwen3-MoE causal LM (``Qwen3MoeForCausalLM``): ``model(input_ids) -> logits``.
 
-    Arguments of ``__call__`` as :class:`jlora.models.Qwen3`'s.
+    Arguments of ``__call__``, ``hidden_states`` / ``logits`` and the memory settings
+    (``scan_layers``, ``remat``, ``attention``) as :class:`jlora.models.Qwen3`'s; stacked
+    layers need every layer sparse (no ``mlp_only_layers``, ``decoder_sparse_step=1``).
 
     >>> from jlora.models import DecoderConfig, Qwen3Moe
     >>> cfg = DecoderConfig("qwen3_moe", vocab_size=64, embed_dim=16, hidden_dim=32, num_layers=2, num_heads=4,
@@ -152,36 +153,14 @@ class Qwen3Moe(nnx.Module):
 
     family = "qwen3_moe"
 
-    def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs):
-        if config.family != self.family:
-            raise ValueError(f"Qwen3Moe needs a config with family='qwen3_moe', got {config.family!r}")
-        pd, dt = _dtypes(config)
-        self.config = config
-        self.embedder = Embedder(
-            config.vocab_size, config.embed_dim, rngs=rngs, param_dtype=pd, dtype=dt, stddev=config.initializer_range
-        )
-        self.layers = nnx.List([Qwen3MoeLayer(config, i, rngs=rngs) for i in range(config.num_layers)])
-        self.final_norm = RMSNorm(config.embed_dim, eps=config.rms_norm_eps, param_dtype=pd)
-        if not config.tie_embeddings:
-            self.lm_head = Einsum(
-                "BTD,DV->BTV", (config.embed_dim, config.vocab_size), rngs=rngs, param_dtype=pd, dtype=dt,
-                stddev=config.initializer_range,
-            )
-
-    def __call__(
-        self,
-        input_ids: jax.Array,
-        positions: Optional[jax.Array] = None,
-        attention_mask: Optional[jax.Array] = None,
-    ) -> jax.Array:
-        B, T = input_ids.shape
-        if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(T), (B, T))
-        full, sliding = attention_masks(T, attention_mask, B, self.config.sliding_window)
-        x = self.embedder.encode(input_ids)
-        for layer in self.layers:
-            x = layer(x, positions, sliding if layer.attn.sliding else full)
-        x = self.final_norm(x)
-        if self.config.tie_embeddings:
-            return self.embedder.decode(x)
-        return self.lm_head(x)
+    def make_layer(self, config: DecoderConfig, index: Optional[int], layer_type: Optional[str],
+                   rngs: nnx.Rngs) -> nnx.Module:
+        if index is None:  # one layer of a stacked model: every layer must be alike
+            dense = [i for i in range(config.num_layers) if not config.is_moe_layer(i)]
+            if dense:
+                raise ValueError(
+                    f"Qwen3Moe: scan_layers=True stacks identical layers, but layers {dense} are dense "
+                    "(mlp_only_layers / decoder_sparse_step); use scan_layers=False for this checkpoint"
+                )
+            index = 0
+        return Qwen3MoeLayer(config, index, layer_type, rngs=rngs)

@@ -46,6 +46,11 @@ Head axes flatten head-major (``n·H + h``), which is the row order of PyTorch's
 (layout ``("stack", "out", "in", "out")``, the stack axis being k/v) are two PEFT
 adapters.
 
+Stacked layers (``jlora.models``' ``scan_layers=True``): every ``layers/<i>/...`` rule also
+matches the leaf stacked over the layers, ``layers/attn/q_proj/w`` (L, D, N, H) →
+``model.layers.<i>.self_attn.q_proj.weight`` for each ``i`` (a leading ``"stack"`` axis;
+:mod:`jlora.name_maps.stacked`), so PEFT files hold one adapter per layer either way.
+
 Plugging in your own:
 
 * ``name_map={"encoder.layers.query": "bert.encoder.layer.query"}`` or a function of

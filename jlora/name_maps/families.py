@@ -7,12 +7,13 @@ with the PyTorch names of transformers' ``*ForCausalLM`` (see :mod:`jlora.name_m
 
 from __future__ import annotations
 
-from .rules import FamilyMap, Rule
+from .rules import LAYER_PATTERN, FamilyMap, Rule
 
 __all__ = ["QWEN3", "LLAMA3", "GEMMA3", "QWEN3_MOE", "FAMILY_MAPS"]
 
 
-_L = r"layers/(\d+)/"
+_L = LAYER_PATTERN
+_LS = r"layers/(?:\d+/)?"  # a layer's leaf, or the leaf stacked over the layers (scan_layers)
 _T = r"model.layers.\1."
 
 
@@ -37,16 +38,16 @@ def _decoder_rules(qk_norm: bool) -> list[Rule]:
 QWEN3 = FamilyMap(
     "qwen3",
     _decoder_rules(qk_norm=True),
-    requires=(_L + r"attn/q_proj/w", _L + r"attn/q_norm/w"),
-    excludes=(_L + r"mlp/(gate/w|experts/.*)",),
+    requires=(_LS + r"attn/q_proj/w", _LS + r"attn/q_norm/w"),
+    excludes=(_LS + r"mlp/(gate/w|experts/.*)",),
 )
 """tunix / bonsai's Qwen3 (``Qwen3ForCausalLM`` names)."""
 
 LLAMA3 = FamilyMap(
     "llama3",
     _decoder_rules(qk_norm=False),
-    requires=(_L + r"attn/q_proj/w",),
-    excludes=(_L + r"attn/q_norm/w",),
+    requires=(_LS + r"attn/q_proj/w",),
+    excludes=(_LS + r"attn/q_norm/w",),
 )
 """tunix / bonsai's Llama 3 (``LlamaForCausalLM`` names)."""
 
@@ -85,7 +86,7 @@ GEMMA3 = FamilyMap(
         ],
         Rule(r"final_norm/scale", "model.norm.weight", "d", "d", kind="param"),
     ],
-    requires=(_L + r"attn/(q_einsum|kv_einsum|qkv_einsum)/w",),
+    requires=(_LS + r"attn/(q_einsum|kv_einsum|qkv_einsum)/w",),
 )
 """tunix / bonsai's Gemma 3 text decoder (``Gemma3ForCausalLM`` names)."""
 

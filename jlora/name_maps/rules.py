@@ -20,6 +20,8 @@ from typing import Any, Optional, Protocol, Union, runtime_checkable
 
 import numpy as np
 
+from .stacked import StackedRule, stacked_rules
+
 __all__ = [
     "Rule",
     "FamilyMap",
@@ -33,6 +35,8 @@ __all__ = [
     "kernel_from_torch",
     "module_kind",
 ]
+
+LAYER_PATTERN = r"layers/(\d+)/"  # a layer's index in a path (group 1 of the shipped rules)
 
 Leaves = Sequence[tuple[tuple[str, ...], Optional[tuple[int, ...]], int]]
 ModuleOverrides = Union[Mapping[str, str], Callable[[str], Optional[str]]]
@@ -436,11 +440,17 @@ class FamilyMap:
       excludes: regexes none of which may match (tells Llama from Qwen3).
 
     Leaves no rule matches fall back to the Hugging Face rules (:class:`HFNames`).
+
+    A rule whose path starts with ``layers/(\\d+)/`` also names the same leaf stacked over
+    the layers (``layers/...`` with a leading layer axis, one PyTorch tensor per layer):
+    :attr:`stacked` holds those :class:`jlora.name_maps.stacked.StackedRule` s, tried after
+    :attr:`rules`.
     """
 
     def __init__(self, name: str, rules: Sequence[Rule], requires: Sequence[str], excludes: Sequence[str] = ()):
         self.name = name
         self.rules = tuple(rules)
+        self.stacked = tuple(stacked_rules(self.rules, LAYER_PATTERN))
         self.requires = tuple(re.compile(r"(?:.*/)?" + r) for r in requires)
         self.excludes = tuple(re.compile(r"(?:.*/)?" + r) for r in excludes)
 
@@ -455,7 +465,7 @@ class FamilyMap:
         )
 
     def rule_for(self, path: str) -> Optional[tuple[Rule, re.Match]]:
-        for rule in self.rules:
+        for rule in self.rules + self.stacked:
             m = rule.match(path)
             if m is not None:
                 return rule, m
@@ -502,7 +512,10 @@ class FamilyNames:
         if hit is None:
             return self.fallback.params(names)
         rule, m = hit
-        out = rule.torch_names(m, self._shapes.get(tuple(names)))
+        shape = self._shapes.get(tuple(names))
+        if shape is None and isinstance(rule, StackedRule):
+            raise ValueError(f"{'/'.join(names)}: a stacked leaf not among the tree's leaves (its layer count is unknown)")
+        out = rule.torch_names(m, shape)
         mapped = _override(self.overrides, ".".join(tuple(names)[:-1]))
         if mapped is not None:
             leaf = out[0].rsplit(".", 1)[-1]

@@ -287,6 +287,9 @@ def plan_targets(
                 u = used_as_kernel(e)
                 if u is not None:
                     return u.kind == "linear" or (u.kind is None and any(x.problem for x in u.uses))
+                seen = uses.get(e.index) if uses is not None else None
+                if seen is not None and not any(x.problem for x in seen.uses):
+                    return False  # apply_fn uses it, never in a matmul (a norm scale stacked over layers)
                 return e.name in ("kernel", "w", "weight")
 
             kernels = [e for e in kernels if linear(e)]

@@ -1,6 +1,8 @@
-"""examples/nnx_finetune.py --smoke: an NNX Gemma 3 (remat blocks) wrapped, trained, merged
-back into the module, saved in both formats; the PEFT files it writes, loaded by PEFT on
-the PyTorch model of the base it saved, compute what the merged model it saved computes."""
+"""examples/nnx_finetune.py --smoke: an NNX Gemma 3 with the memory settings (stacked layers
+under one scan, remat "full", blockwise attention, the chunked loss) wrapped, trained,
+merged back into the module, saved in both formats; the PEFT files it writes (one adapter
+per layer), loaded by PEFT on the PyTorch model of the base it saved, compute what the
+merged model it saved computes."""
 
 from __future__ import annotations
 
@@ -15,11 +17,12 @@ pytestmark = pytest.mark.torch  # the references are torch / PEFT
 
 
 def test_nnx_finetune_smoke(tmp_path):
-    out = run_example("nnx_finetune.py", "--smoke", "--family", "gemma3", "--remat", "--output-dir", str(tmp_path))
-    assert "model: Gemma3 (random)" in out
+    out = run_example("nnx_finetune.py", "--smoke", "--family", "gemma3", "--scan-layers", "--remat", "full",
+                      "--attention", "blockwise", "--output-dir", str(tmp_path))
+    assert "model: Gemma3 (random)" in out and "(stacked, one scan), remat full, attention blockwise" in out
     assert "trainable params:" in out
     m = re.search(r"explain: (\d+) targets factored, (\d+) materialised", out)
-    assert m and int(m.group(1)) == 6 * 2 and int(m.group(2)) == 0, out[-3000:]
+    assert m and int(m.group(1)) == 6 and int(m.group(2)) == 0, out[-3000:]  # one stacked kernel per module
     m = re.search(r"held-out loss: ([\d.]+) -> ([\d.]+)", out)
     assert m and float(m.group(2)) < float(m.group(1)), out[-3000:]
     assert "read back: Orbax identical True, PEFT identical True" in out
