@@ -437,13 +437,13 @@ def plan_adapter(
                 layout, guessed = _orient(t0, layout, source, shape, where, e.module, fan_in_fan_out)
         if len(layout) != len(shape):
             raise ValueError(f"{e.path}: layout {layout} does not fit the base kernel of shape {shape}")
-        groups = int(t0.groups)
-        if used is not None and t0.kind == "conv" and used.groups != groups:
+        n_groups = int(t0.groups)
+        if used is not None and t0.kind == "conv" and used.groups != n_groups:
             raise ValueError(
-                f"{where}: the adapter is for a convolution with groups={groups} (lora_B {tuple(t0.b.shape)}), the "
+                f"{where}: the adapter is for a convolution with groups={n_groups} (lora_B {tuple(t0.b.shape)}), the "
                 f"model's convolution has feature_group_count={used.groups}"
             )
-        check_groups(where, layout, t0.r, groups, used.feature_axis if used is not None else None, shape)
+        check_groups(where, layout, t0.r, n_groups, used.feature_axis if used is not None else None, shape)
         if t0.base_shape is not None and parts[0][1] is None and tuple(t0.base_shape) != shape:
             raise ValueError(
                 f"{e.path}: shape mismatch: the adapter was made for a kernel of shape {tuple(t0.base_shape)}, "
@@ -456,7 +456,7 @@ def plan_adapter(
             )
         kl = KernelLayout(layout)
         n_stack = len(kl.stack_axes)
-        full_a, full_b = kl.factor_shapes(shape, t0.r, groups)
+        full_a, full_b = kl.factor_shapes(shape, t0.r, n_groups)
         exact = False
         if parts[0][1] is None:
             if len(parts) != 1:
@@ -497,7 +497,7 @@ def plan_adapter(
         if a_sh is None or b_sh is None:
             da, db = _default_factor_shardings(e.leaf, layout)
             a_sh, b_sh = a_sh or da, b_sh or db
-        placements.append(_Placement(e, layout, full_a, full_b, parts, exact, a_sh, b_sh, groups, guessed))
+        placements.append(_Placement(e, layout, full_a, full_b, parts, exact, a_sh, b_sh, n_groups, guessed))
 
     pgroups: dict[int, list[tuple[ParamRecord, Optional[int]]]] = {}
     for p, e, layer in p_loc:
