@@ -281,7 +281,9 @@ def _orient(rec: TargetRecord, layout: tuple[str, ...], source: str, shape: tupl
     map) that the shapes contradict is an error naming the orientation that would fit; a
     square kernel oriented by convention alone, from a file that says
     ``fan_in_fan_out: true`` (PyTorch ``Conv1D`` modules, whose JAX twins are often
-    ``(out, in)``), is an error naming ``layouts=`` and ``apply_fn=``."""
+    ``(out, in)``), is an error naming ``layouts=`` and ``apply_fn=``. A layout the
+    convention gave and the shapes did not overturn stays a guess, as :func:`jlora.wrap`
+    marks it (``LoraWeight.guessed``)."""
     roles = tuple(r for r in layout if r != "stack")
     if rec.kind != "linear" or roles not in (("in", "out"), ("out", "in")) or rec.a.ndim != 2 or rec.b.ndim != 2:
         return layout, False
@@ -305,8 +307,8 @@ def _orient(rec: TargetRecord, layout: tuple[str, ...], source: str, shape: tupl
                 f"how the model uses the kernel) or layouts={{{module!r}: {other}}} (or {layout}) to say which"
             )
         return layout, True
-    if fits(roles):
-        return layout, False
+    if fits(roles):  # the convention fits: still the convention (lora(fn) raises on a transposed use)
+        return layout, source == "guess"
     if fits(other_roles):
         if source in ("tree", "guess"):
             return other, False
