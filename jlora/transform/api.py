@@ -110,7 +110,8 @@ def _dora_k(w: Any, x: LoraWeight, n_stack: int) -> Any:
         return None
     if is_quantized(w):  # the norm of the dequantized base (a constant: no residual)
         w = w.dequantize(w.compute_dtype)
-    return jnp.expand_dims(magnitude_scale(w, x.a, x.b, x.magnitude, x.scale, x.layout, x.groups), n_stack)
+    grouped = {"groups": x.groups} if x.groups != 1 else {}  # PEFT's norm for a grouped convolution
+    return jnp.expand_dims(magnitude_scale(w, x.a, x.b, x.magnitude, x.scale, x.layout, **grouped), n_stack)
 
 
 def _run(fn, args, kwargs, key, on_materialize, events, adapter_ids=None):
