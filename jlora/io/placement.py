@@ -320,6 +320,23 @@ def _orient(rec: TargetRecord, layout: tuple[str, ...], source: str, shape: tupl
     return layout, False
 
 
+def _check_stored_layout(used: Any, layout: tuple[str, ...], where: str) -> None:
+    """``ValueError`` unless a stored layout is the one the model's use gives (``"stack"``
+    may stand for a kept ``"out"`` axis); uses that conflict among themselves need the
+    stored layout to fit one of them (:meth:`LeafUse.check`)."""
+    try:
+        want = tuple(used.layout())
+    except ValueError:
+        used.check(layout)
+        return
+    if len(want) != len(layout) or not all(a == b or {a, b} == {"stack", "out"} for a, b in zip(want, layout)):
+        raise ValueError(
+            f"{where}: the adapter was saved for the kernel layout {layout}, but the model uses the kernel as {want} "
+            f"({used.kernel_uses[0].describe()}): its factors belong to another orientation: load it on the model "
+            "it was trained with (or without apply_fn=, as it was saved)"
+        )
+
+
 def uses_of(apply_fn: Any, params: Any, example_args: Any) -> Optional[dict]:
     """``{leaf index: LeafUse}`` of ``params`` (flattened as :func:`plan_adapter` does) from
     tracing ``apply_fn(params, *example_args)``; None without ``apply_fn``."""
@@ -431,7 +448,7 @@ def plan_adapter(
         if t0.layout is not None and parts[0][1] is None:
             layout = tuple(t0.layout)
             if used is not None:  # the stored layout must be the one the model uses
-                used.check(layout)
+                _check_stored_layout(used, layout, where)
             guessed = bool(t0.guessed) and used is None and user_layout(layouts, e) is None
         else:
             layout, source = index.layout_source(e)

@@ -80,7 +80,8 @@ def _lora_value(leaf: Any, path: str, names: list[str], mixed: bool) -> Any:
              bias=None if x.b_bias is None else jnp.expand_dims(x.b_bias, n_stack)) for n, x in named
     )
     guessed = any(x.guessed for _, x in named)
-    return LoraValue(w=w, pairs=pairs, axes=axes, n_stack=n_stack, path=path, guessed=guessed)
+    return LoraValue(w=w, pairs=pairs, axes=axes, n_stack=n_stack, path=path, guessed=guessed,
+                     kernel_layout=tuple(layout))
 
 
 def _tokens_value(leaf: TrainableTokens, path: str) -> LoraValue:
@@ -100,7 +101,7 @@ def _tokens_value(leaf: TrainableTokens, path: str) -> LoraValue:
         pair = Pair(a=delta.T, b=onehot.T, scale=1.0, dropout=0.0)
         layout = ("in", "out")
     axes, n_stack = roles_to_axes(layout)
-    return LoraValue(w=w, pairs=(pair,), axes=axes, n_stack=n_stack, path=path)
+    return LoraValue(w=w, pairs=(pair,), axes=axes, n_stack=n_stack, path=path, kernel_layout=layout)
 
 
 def _dora_k(w: Any, x: LoraWeight, n_stack: int) -> Any:

@@ -118,6 +118,7 @@ class LoraValue:
     n_stack: int
     path: str
     guessed: bool = False  # the layout is a naming convention, not evidence (LoraWeight.guessed)
+    kernel_layout: tuple = ()  # the roles of the kernel's own axes (before any view), for messages
 
     @property
     def n_in(self) -> int:
@@ -202,9 +203,9 @@ class LoraValue:
 def transposed_guess_error(lv: "LoraValue") -> str:
     """The message for a kernel whose guessed layout the model reads transposed."""
     module = lv.path.rsplit("/", 1)[0].replace("/", ".") if "/" in lv.path else lv.path
-    swapped = "(" + ", ".join(repr({"in": "out", "out": "in"}.get(r, r)) for r in roles_str(lv)[1:-1].split(", ")) + ")"
+    swapped = tuple({"in": "out", "out": "in"}.get(r, r) for r in lv.kernel_layout)
     return (
-        f"jlora: the layout of {lv.path!r} {roles_str(lv)} was guessed from the tree (a 2-D kernel is taken to be "
+        f"jlora: the layout of {lv.path!r} {lv.kernel_layout} was guessed from the tree (a 2-D kernel is taken to be "
         "(in, out), Flax's Dense), but the model contracts its output axis: it reads the kernel as (out, in), like "
         "transformers' FlaxConv1D. The LoRA factors would sit on the wrong axes (and a PEFT file would not match). "
         f"Pass apply_fn= and example_args= (layouts found from how the model uses each kernel), or layouts={{"
