@@ -98,7 +98,13 @@ def wrap(
     leaf). Without it, inferred from the tree (names ``kernel``/``embedding``, and
     ``w``/``weight`` where the tree tells their layout; otherwise the error says what to
     pass). ``target_modules`` matches module paths as PEFT does (see
-    :mod:`jlora.tree.targets`; a bare leaf is its own module).
+    :mod:`jlora.tree.targets`; a bare leaf is its own module). A 2-D kernel that only the
+    (in, out) naming convention orients is marked ``guessed``: :func:`jlora.lora` raises
+    where the model reads it transposed (pass ``apply_fn=`` or ``layouts=``). A grouped
+    convolution (found by use) gets PEFT's structure: A a full convolution, B a grouped
+    1×1 convolution (``LoraWeight.groups``; ``r`` must be divisible by the groups).
+    ``lora_bias`` adds a trained ``b_bias``; ``trainable_token_indices`` turns the chosen
+    tables into :class:`jlora.TrainableTokens` (their rows start as the original rows).
 
     Args:
       params: a parameter pytree (Linen ``variables['params']``, ``nnx.State``, an
