@@ -666,7 +666,8 @@ def _token_ids(config: LoraConfig, module: str, path: Path) -> tuple[int, ...]:
     matching)."""
     spec = config.trainable_token_indices
     if spec is None:
-        raise ValueError(f"{path}: trainable_tokens_delta for {module!r} but {CONFIG_NAME} has no trainable_token_indices")
+        raise ValueError(f"{path}: trainable_tokens_delta for {module!r} but {CONFIG_NAME} has no "
+                         "trainable_token_indices")
     if not isinstance(spec, Mapping):
         return tuple(spec)
     hits = [k for k in spec if module.endswith(k)]

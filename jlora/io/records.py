@@ -201,8 +201,8 @@ def adapter_from_tree(
             leaves.append((names, x))
     if not any(_is_node(x) for _, x in leaves):
         raise ValueError(
-            "the tree holds no LoraWeight, Trainable or TrainableTokens leaf: nothing to save; pass the tree returned by "
-            "jlora.wrap (or jlora.load / jlora.load_peft)"
+            "the tree holds no LoraWeight, Trainable or TrainableTokens leaf: nothing to save; pass the tree "
+            "returned by jlora.wrap (or jlora.load / jlora.load_peft)"
         )
     shapes = []
     for names, x in leaves:

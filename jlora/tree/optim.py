@@ -30,8 +30,8 @@ FROZEN = "frozen"
 
 def trainable_labels(lp: Any) -> Any:
     """A tree like ``lp`` with ``"trainable"`` at A, B, DoRA's magnitude, the lora_B bias,
-    trainable token rows and ``Trainable`` values and ``"frozen"`` everywhere else (the labels of :func:`optimizer`), PiSSA/OLoRA's
-    initial factors and DoRA's saved norm included.
+    trainable token rows and ``Trainable`` values and ``"frozen"`` everywhere else (the
+    labels of :func:`optimizer`), PiSSA/OLoRA's initial factors and DoRA's saved norm included.
 
     >>> trainable_labels(lp)["dense"]["kernel"]   # doctest: +SKIP
     LoraWeight(w='frozen', a='trainable', b='trainable', ...)
@@ -155,7 +155,8 @@ def optimizer(tx: optax.GradientTransformation) -> optax.GradientTransformation:
     """``tx`` on the trainable leaves, a zero update on the frozen ones.
 
     A, B, DoRA's magnitude, the lora_B bias (``lora_bias``), trainable token rows and
-    leaves marked ``Trainable`` (by ``bias=`` or ``modules_to_save``) are updated by ``tx``; every other leaf, the base kernels included, gets a zero update
+    leaves marked ``Trainable`` (by ``bias=`` or ``modules_to_save``) are updated by ``tx``;
+    every other leaf, the base kernels included, gets a zero update
     and holds no optimizer state::
 
         updates[θ] = tx(g)[θ] if θ is trainable else 0
