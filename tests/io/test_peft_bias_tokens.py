@@ -148,3 +148,59 @@ def test_trainable_tokens_errors():
     grads = jax.grad(lambda t: jnp.sum(jlora.lora(lambda p: p["emb"]["embedding"][jnp.array([1, 2])])(t)))(lp)
     assert float(jnp.abs(grads["emb"]["embedding"].w).sum()) == 0.0
     assert grads["emb"]["embedding"].values.tolist() == [[1.0] * 4, [0.0] * 4]
+
+
+def test_trainable_tokens_on_an_output_head(tmp_path):
+    """Trainable token rows of an untied ``nn.Linear`` output head (PEFT's TrainableTokens
+    on a Linear: rows of its (vocab, d) weight): on the Flax ``Dense`` twin, whose kernel
+    is (d, vocab), they are columns (token axis 1). Both ways and merged, against PEFT."""
+    import flax.linen as nn
+
+    class TorchLM(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(20, 4)
+            self.proj = torch.nn.Linear(4, 4)
+            self.lm_head = torch.nn.Linear(4, 20, bias=False)
+
+        def forward(self, ids):
+            return self.lm_head(torch.tanh(self.proj(self.emb(ids))))
+
+    class FlaxLM(nn.Module):
+        @nn.compact
+        def __call__(self, ids):
+            h = jnp.tanh(nn.Dense(4, name="proj")(nn.Embed(20, 4, name="emb")(ids)))
+            return nn.Dense(20, use_bias=False, name="lm_head")(h)
+
+    def torch_model():
+        torch.manual_seed(0)
+        return TorchLM().eval()
+
+    m = torch_model()
+    t2n = lambda x: x.detach().numpy().copy()  # noqa: E731
+    params = {"emb": {"embedding": t2n(m.emb.weight)}, "proj": {"kernel": t2n(m.proj.weight).T,
+              "bias": t2n(m.proj.bias)}, "lm_head": {"kernel": t2n(m.lm_head.weight).T}}
+    apply = lambda p, ids: FlaxLM().apply({"params": p}, ids)  # noqa: E731
+    ids = np.array([[1, 3, 5, 7]])
+    kw = dict(target_modules=["proj"], trainable_token_indices={"lm_head": [1, 3]})
+    pm = peft.get_peft_model(torch_model(), peft.LoraConfig(init_lora_weights=False, **kw))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "trainable_tokens_delta" in n:
+                p.add_(1.0)
+    pm.eval().save_pretrained(tmp_path / "peft")
+    with torch.no_grad():
+        want = pm(torch.tensor(ids)).numpy()
+    lp = jlora.load_peft(tmp_path / "peft", params)
+    tt = lp["lm_head"]["kernel"]
+    assert isinstance(tt, jlora.TrainableTokens) and tt.axis == 1
+    assert close(jlora.lora(apply, on_materialize="error")(lp, ids), want)
+    assert close(apply(jlora.merge(lp), ids), want)
+    config = jlora.LoraConfig(init_lora_weights=False, **kw)
+    mine = jlora.wrap(params, config, rng=jax.random.key(0))
+    mine["lm_head"]["kernel"] = mine["lm_head"]["kernel"].replace(values=mine["lm_head"]["kernel"].values - 0.7)
+    out = np.asarray(jlora.lora(apply)(mine, ids))
+    jlora.save_peft(tmp_path / "mine", mine, config=config)
+    back = peft.PeftModel.from_pretrained(torch_model(), tmp_path / "mine").eval()
+    with torch.no_grad():
+        assert close(back(torch.tensor(ids)).numpy(), out)
