@@ -10,7 +10,7 @@ directory (:mod:`.atomic`) and what several processes do (:mod:`.distributed`).
 from .orbax import AdapterCheckpointHandler, AdapterRestore, AdapterSave, load, read_adapter, read_metadata, save
 from .peft import load_peft, read_peft, read_peft_config, save_peft
 from .quant_storage import from_bnb_state_dict, load_quantized, save_quantized, to_bnb_state_dict
-from .records import Adapter, ParamRecord, TargetRecord, adapter_from_tree
+from .records import Adapter, ParamRecord, TargetRecord, TokenRecord, adapter_from_tree
 from .placement import tree_from_adapter
 
 __all__ = [
@@ -32,6 +32,7 @@ __all__ = [
     "Adapter",
     "TargetRecord",
     "ParamRecord",
+    "TokenRecord",
     "adapter_from_tree",
     "tree_from_adapter",
 ]
