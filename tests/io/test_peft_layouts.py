@@ -76,15 +76,19 @@ def test_square_kernel_each_source_of_evidence(square, evidence):
 def test_square_kernel_without_evidence_is_refused(square):
     """No evidence, and adapter_config.json says fan_in_fan_out: true: an error that names
     the kernel, both orientations, layouts= and apply_fn= (it used to load silently and be
-    off by half the output's scale)."""
+    off by half the output's scale). jlora.load_adapter refuses the same way, and loads it
+    with apply_fn=."""
     t, d, _ = square
     with pytest.raises(ValueError) as info:
         jlora.load_peft(d, t.params)
     msg = str(info.value)
     for words in ("conv1d", "square", "fan_in_fan_out: true", "apply_fn=", "layouts={'conv1d': ('out', 'in')}"):
         assert words in msg, (words, msg)
+    other = jlora.wrap(t.params, jlora.LoraConfig(target_modules=["lin0"]))
     with pytest.raises(ValueError, match="apply_fn="):  # jlora.load_adapter goes the same way
-        jlora.load_adapter(jlora.wrap(t.params, jlora.LoraConfig(target_modules=["lin0"])), d, "peft")
+        jlora.load_adapter(other, d, "peft")
+    lp = jlora.set_adapter(jlora.load_adapter(other, d, "peft", apply_fn=t.apply, example_args=(t.jax_input,)), "peft")
+    assert close(jlora.lora(t.apply)(lp, t.jax_input), square[2])
 
 
 def test_guess_read_transposed_raises_at_the_forward(square, tmp_path):
