@@ -41,7 +41,7 @@ from .io import from_qwix, load, load_peft, load_quantized, save, save_peft, sav
 from .layouts.kernel import KernelLayout
 from .name_maps import hf
 from .name_maps.hf import default_target_modules
-from .nodes.weight import LoraWeight, MultiLoraWeight, Trainable
+from .nodes.weight import LoraWeight, MultiLoraWeight, Trainable, TrainableTokens
 from .quant.array import QuantConfig, QuantizedArray, dequantize, quantize_array
 from .transform import LoraReport, MaterializationError, MaterializationWarning, explain, lora
 from .tree import (
@@ -69,6 +69,7 @@ __all__ = [
     "LoraWeight",
     "MultiLoraWeight",
     "Trainable",
+    "TrainableTokens",
     "KernelLayout",
     "wrap",
     "unload",

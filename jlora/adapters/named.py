@@ -31,7 +31,7 @@ from ..core.config import LoraConfig
 from ..io.orbax import load
 from ..io.peft import load_peft
 from ..nodes.inits import original_kernel
-from ..nodes.weight import DEFAULT_ADAPTER, LoraWeight, MultiLoraWeight, Trainable
+from ..nodes.weight import DEFAULT_ADAPTER, LoraWeight, MultiLoraWeight, Trainable, TrainableTokens
 from ..nodes.weight import is_lora_node as _is_node
 from ..quant.array import is_quantized
 from ..tree.wrap import wrap
@@ -118,10 +118,10 @@ def _attach(lp: Any, single: Any, name: str, active: Optional[bool] = None) -> A
     _warn_residual_mix(lp, single, name)
 
     def join(old, new):
-        if isinstance(new, Trainable):
+        if isinstance(new, (Trainable, TrainableTokens)):
             raise ValueError(
-                f"adapter {name!r}: an added adapter may not train bias or modules_to_save leaves (they belong "
-                "to the shared base); use bias='none' and no modules_to_save"
+                f"adapter {name!r}: an added adapter may not train bias, modules_to_save leaves or token rows (they "
+                "belong to the shared base); use bias='none', no modules_to_save and no trainable_token_indices"
             )
         if not isinstance(new, LoraWeight):
             return old
@@ -184,6 +184,8 @@ def _base(lp: Any) -> Any:
             return x.w
         if isinstance(x, Trainable):
             return x.value
+        if isinstance(x, TrainableTokens):
+            return x.w
         return x
 
     return _map(strip, lp)
@@ -204,7 +206,10 @@ def add_adapter(lp: Any, name: str, config: LoraConfig, rng: Optional[jax.Array]
 def load_adapter(lp: Any, path: Union[str, os.PathLike], name: str, *, active: bool = False, **load_kwargs: Any) -> Any:
     """Loads an adapter saved by ``jlora.save`` (Orbax) or in PEFT's format
     (``adapter_config.json`` + ``adapter_model.safetensors``) as ``name``
-    (PEFT's ``load_adapter``); ``active=True`` also activates it."""
+    (PEFT's ``load_adapter``); ``active=True`` also activates it. ``load_kwargs`` go to
+    :func:`jlora.load_peft` / :func:`jlora.load`, ``apply_fn=`` / ``example_args=``
+    included (called as ``apply_fn(base_params, *example_args)``: each kernel's layout
+    from its use)."""
     path = os.fspath(path)
     base = _base(lp)
     if os.path.exists(os.path.join(path, "adapter_config.json")):

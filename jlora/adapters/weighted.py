@@ -184,6 +184,14 @@ def add_weighted_adapter(
             "adapter's magnitude and produces a wrong adapter, PEFT issue #3761); jlora refuses. Combine LoRA "
             "adapters, or merge the DoRA adapters into the base (jlora.merge) instead"
         )
+    special = sorted({a for x in leaves for a in adapters if a in x.adapters
+                      and (x.adapters[a].b_bias is not None or x.adapters[a].groups != 1)})
+    if special:
+        raise ValueError(
+            f"add_weighted_adapter: adapters {special} have a lora_B bias (lora_bias=True) or adapt a grouped "
+            "convolution; a weighted combination of those is not implemented (PEFT's combinations ignore the bias "
+            "and the grouped lora_B); combine plain LoRA adapters"
+        )
     linear_family = ctype in ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
     if linear_family:
         ranks = {x.adapters[a].rank for x in leaves for a in adapters if a in x.adapters}

@@ -23,7 +23,8 @@ from typing import Any, Literal, Union
 __all__ = ["LoraConfig"]
 
 BiasMode = Literal["none", "all", "lora_only"]
-InitMode = Union[bool, str]  # True, False, "gaussian", "pissa", "pissa_niter_<N>", "olora"
+InitMode = Union[bool, str]  # True, False, "gaussian", "pissa", "pissa_niter_<N>", "olora", "mica" (loading)
+TokenIndices = Union[None, Sequence[int], Mapping[str, Sequence[int]]]
 
 _BIAS_MODES = ("none", "all", "lora_only")
 
@@ -34,17 +35,24 @@ _INACTIVE_PEFT_KEYS: dict[str, Any] = {
     "megatron_config": None,
     "megatron_core": "megatron.core",
     "layer_replication": None,
-    "lora_bias": False,
     "use_qalora": False,
     "qalora_group_size": 16,
     "eva_config": None,
     "corda_config": None,
-    "trainable_token_indices": None,
     "target_parameters": None,
     "runtime_config": None,
     "arrow_config": None,
     "alora_invocation_tokens": None,
     "ensure_weight_tying": False,
+    "lora_ga_config": None,
+}
+
+# PEFT's LoRA variants with their own math (forward, init or structure), refused with their name.
+_VARIANT_PEFT_KEYS = {
+    "kasa_config": "KaSA",
+    "velora_config": "VeLoRA",
+    "monteclora_config": "MonteCLoRA",
+    "use_bdlora": "BD-LoRA",
 }
 
 # PEFT keys with no effect on the adapter's math; kept out of jlora's fields.
@@ -98,7 +106,7 @@ def _freeze_names(name: str, value: Any, allow_str: bool) -> Union[None, str, tu
 
 
 _NITER = re.compile(r"^pissa_niter_([1-9][0-9]*)$")
-_OTHER_PEFT_INITS = ("corda", "loftq", "eva", "lora_ga", "orthogonal", "mica")
+_OTHER_PEFT_INITS = ("corda", "loftq", "eva", "lora_ga", "orthogonal")
 
 
 def _check_init(init: Any) -> Union[bool, str]:
@@ -108,17 +116,45 @@ def _check_init(init: Any) -> Union[bool, str]:
     if isinstance(init, str):
         if init.lower() == "olora":
             return "olora"
+        if init.lower() == "mica":
+            return "mica"
         if init in ("gaussian", "pissa") or _NITER.match(init):
             return init
         if init.lower() in _OTHER_PEFT_INITS or init.startswith("corda"):
             raise ValueError(
                 f"LoraConfig.init_lora_weights={init!r}: this PEFT initialisation is not implemented in jlora; "
-                "valid: True, False, 'gaussian', 'pissa', 'pissa_niter_<N>', 'olora'"
+                "valid: True, False, 'gaussian', 'pissa', 'pissa_niter_<N>', 'olora' ('mica' to load MiCA adapters)"
             )
     raise ValueError(
         f"LoraConfig.init_lora_weights={init!r}: valid values are True, False, 'gaussian', 'pissa', "
-        "'pissa_niter_<N>' (N >= 1 subspace iterations) and 'olora'"
+        "'pissa_niter_<N>' (N >= 1 subspace iterations), 'olora' and 'mica' (loading MiCA adapters only)"
     )
+
+
+def _freeze_tokens(value: Any) -> Union[None, tuple[int, ...], Mapping[str, tuple[int, ...]]]:
+    """Validates ``trainable_token_indices``: a list of token ids (the input embedding) or
+    ``{module name: ids}``; ids are distinct integers >= 0."""
+    if value is None:
+        return None
+
+    def ids(where: str, v: Any) -> tuple[int, ...]:
+        if isinstance(v, (str, bytes)) or not isinstance(v, Sequence) or not v:
+            raise TypeError(f"LoraConfig.trainable_token_indices{where} must be a non-empty list of token ids, got {v!r}")
+        out = tuple(v)
+        if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in out):
+            raise ValueError(f"LoraConfig.trainable_token_indices{where}={list(out)}: token ids must be integers >= 0")
+        if len(set(out)) != len(out):
+            raise ValueError(f"LoraConfig.trainable_token_indices{where}={list(out)}: token ids must be distinct")
+        return out
+
+    if isinstance(value, Mapping):
+        if not value:
+            raise ValueError("LoraConfig.trainable_token_indices is an empty dict: name a module and its token ids")
+        for key in value:
+            if not isinstance(key, str) or not key:
+                raise TypeError(f"LoraConfig.trainable_token_indices: key {key!r} must be a module name")
+        return MappingProxyType({k: ids(f"[{k!r}]", v) for k, v in value.items()})
+    return ids("", value)
 
 
 @dataclasses.dataclass(frozen=True, eq=True)
@@ -151,9 +187,17 @@ class LoraConfig:
         ``"gaussian"``: A ~ N(0, (1/r)^2), B = 0; ``False``: both random (for tests);
         ``"pissa"`` / ``"pissa_niter_<N>"`` / ``"olora"``: A and B from the SVD / a
         randomised SVD / the QR of ``W``, and ``W`` replaced by the residual
-        ``W − s·A·B`` (:mod:`jlora.inits`).
+        ``W − s·A·B`` (:mod:`jlora.inits`); ``"mica"``: accepted for loading PEFT's MiCA
+        adapters (a plain LoRA forward and merge); :func:`jlora.wrap` cannot initialise it.
       use_dora: DoRA: a trainable magnitude per output feature rescales ``W + s·A·B``
         (:mod:`jlora.dora`).
+      lora_bias: PEFT's ``lora_bias``: ``B`` gets a trainable bias ``b_B`` (zeros at
+        init, random with ``init_lora_weights=False``), so a target computes
+        ``x·W + b + s·((x·A)·B + b_B)``; merging adds ``s·b_B`` to the base bias.
+      trainable_token_indices: train only these rows of an embedding (PEFT's trainable
+        tokens, e.g. new special tokens): a list of token ids (the input embedding) or
+        ``{module name: ids}``. The rows' new values are trained; the rest of the table
+        stays frozen (a tied output layer reads the same rows).
       fan_in_fan_out, task_type, base_model_name_or_path, inference_mode: carried for PEFT
         compatibility (jlora infers kernel layouts itself).
 
@@ -183,6 +227,8 @@ class LoraConfig:
     base_model_name_or_path: Union[None, str] = None
     inference_mode: bool = False
     use_dora: bool = False
+    lora_bias: bool = False
+    trainable_token_indices: TokenIndices = None
 
     def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731  (frozen dataclass)
@@ -199,6 +245,15 @@ class LoraConfig:
         set_("init_lora_weights", _check_init(self.init_lora_weights))
         if not isinstance(self.use_dora, bool):
             raise TypeError(f"LoraConfig.use_dora={self.use_dora!r}: must be True or False")
+        if not isinstance(self.lora_bias, bool):
+            raise TypeError(f"LoraConfig.lora_bias={self.lora_bias!r}: must be True or False")
+        if self.lora_bias and self.use_dora:
+            raise ValueError("LoraConfig(lora_bias=True, use_dora=True): PEFT rejects this combination (DoRA has no "
+                             "bias on lora_B); use one of them")
+        if self.lora_bias and self.init_lora_weights not in (True, False, "gaussian"):
+            raise ValueError(f"LoraConfig(lora_bias=True) works with init_lora_weights True, False or 'gaussian' "
+                             f"(as PEFT), got {self.init_lora_weights!r}")
+        set_("trainable_token_indices", _freeze_tokens(self.trainable_token_indices))
         set_("target_modules", _freeze_names("target_modules", self.target_modules, allow_str=True))
         set_("exclude_modules", _freeze_names("exclude_modules", self.exclude_modules, allow_str=True))
         set_("modules_to_save", _freeze_names("modules_to_save", self.modules_to_save, allow_str=False))
@@ -252,7 +307,7 @@ class LoraConfig:
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
             if isinstance(v, Mapping):
-                v = dict(v)
+                v = {k: list(x) if isinstance(x, tuple) else x for k, x in v.items()}
             elif isinstance(v, tuple):
                 v = list(v)
             d[f.name] = v
@@ -273,7 +328,7 @@ class LoraConfig:
         if data.get("use_dora") and data.get("lora_bias"):
             raise ValueError(
                 "adapter config key 'lora_bias'=True with 'use_dora'=True: PEFT rejects this combination "
-                "(DoRA has no bias on lora_B), and jlora does not implement lora_bias; use lora_bias=false"
+                "(DoRA has no bias on lora_B); use lora_bias=false"
             )
         if peft_type != "LORA":
             raise ValueError(f"peft_type={peft_type!r}: jlora reads LoRA adapters only (peft_type 'LORA')")
@@ -282,6 +337,12 @@ class LoraConfig:
         for key, value in data.items():
             if key in names:
                 kwargs[key] = value
+            elif key in _VARIANT_PEFT_KEYS:
+                if value not in (None, False, {}, []):
+                    raise ValueError(
+                        f"adapter config key {key!r}: a {_VARIANT_PEFT_KEYS[key]} adapter; jlora implements plain LoRA, "
+                        f"DoRA, PiSSA/OLoRA and MiCA (loading) only, not {_VARIANT_PEFT_KEYS[key]}"
+                    )
             elif key in _INACTIVE_PEFT_KEYS:
                 default = _INACTIVE_PEFT_KEYS[key]
                 if value not in (default, None, {}, [], False):

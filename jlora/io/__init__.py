@@ -11,7 +11,7 @@ from .orbax import AdapterCheckpointHandler, AdapterRestore, AdapterSave, load, 
 from .peft import load_peft, read_peft, read_peft_config, save_peft
 from .qwix_state import from_qwix, qwix_rules, to_qwix
 from .quant_storage import from_bnb_state_dict, load_quantized, save_quantized, to_bnb_state_dict
-from .records import Adapter, ParamRecord, TargetRecord, adapter_from_tree
+from .records import Adapter, ParamRecord, TargetRecord, TokenRecord, adapter_from_tree
 from .placement import tree_from_adapter
 
 __all__ = [
@@ -36,6 +36,7 @@ __all__ = [
     "Adapter",
     "TargetRecord",
     "ParamRecord",
+    "TokenRecord",
     "adapter_from_tree",
     "tree_from_adapter",
 ]

@@ -26,7 +26,12 @@ Variants add, per target, arrays next to ``a``/``b`` (``"magnitude"``: DoRA's ``
 ``"a0"``/``"b0"``: the initial factors of PiSSA/OLoRA, so that loading rebuilds the
 residual base ``W − s·a0·b0`` exactly, ``pissa_niter_N`` included, without running the
 SVD again), described in the target's metadata as ``"arrays": {name: {"shape",
-"dtype"}}``, and ``"init": "pissa" | "pissa_niter_N" | "olora"``.
+"dtype"}}``, and ``"init": "pissa" | "pissa_niter_N" | "olora"``; ``"b_bias"`` (lora_bias's
+lora_B bias) is one more such array; ``"groups"`` (a grouped convolution) and
+``"guessed": true`` (a layout that was the tree's convention, not evidence) are written
+when they differ from 1 / false. Trainable token rows are a third group of arrays,
+``{"tokens": {"k0000": values}}``, described under ``"tokens"`` (path, indices, token
+axis, PyTorch module).
 
 ``path`` is the Flax leaf path; ``torch`` the PyTorch module name(s) (one per layer for
 stacked kernels, or per slice of a kernel that holds several modules; see
@@ -81,8 +86,8 @@ from ..layouts.from_tree import LayoutSpec
 from . import distributed
 from .atomic import recover_interrupted_save as _recover, replace_directory, temp_sibling
 from .integrity import ARRAY_ALGORITHM, array_checksums, json_digest
-from .placement import ShardingSpec, assemble_tree, plan_adapter
-from .records import Adapter, ParamRecord, TargetRecord, adapter_from_tree, dtype_name
+from .placement import ShardingSpec, assemble_tree, plan_adapter, uses_of
+from .records import Adapter, ParamRecord, TargetRecord, TokenRecord, adapter_from_tree, dtype_name
 
 __all__ = [
     "save",
@@ -105,7 +110,7 @@ VERSION = 1
 
 
 # optional per-target arrays, stored next to "a" and "b" when present
-_VARIANT_ARRAYS = ("magnitude", "a0", "b0")
+_VARIANT_ARRAYS = ("magnitude", "a0", "b0", "b_bias")
 
 
 def _map_name(source: Any) -> Optional[str]:
@@ -158,8 +163,19 @@ def _encode(adapter: Adapter) -> tuple[dict, dict]:
                 "b_dtype": dtype_name(t.b.dtype),
                 **({"arrays": extra} if extra else {}),
                 **({"init": t.init} if t.init is not None else {}),
+                **({"groups": int(t.groups)} if t.groups != 1 else {}),
+                **({"guessed": True} if t.guessed else {}),
             }
         )
+    if adapter.tokens:
+        tree["tokens"] = {}
+        meta["tokens"] = []
+    for i, k in enumerate(adapter.tokens):
+        key = f"k{i:04d}"
+        tree["tokens"][key] = k.values
+        meta["tokens"].append({"key": key, "path": k.path, "indices": [int(j) for j in k.indices], "axis": k.axis,
+                               "torch": list(k.torch) if k.torch is not None else None,
+                               "shape": list(k.values.shape), "dtype": dtype_name(k.values.dtype)})
     if adapter.params:
         tree["params"] = {}
     for i, p in enumerate(adapter.params):
@@ -189,6 +205,8 @@ def _encode(adapter: Adapter) -> tuple[dict, dict]:
             info["checksum"] = sums["lora"][m["key"]][name]
     for m in meta["params"]:
         m["checksum"] = sums["params"][m["key"]]
+    for m in meta.get("tokens", []):
+        m["checksum"] = sums["tokens"][m["key"]]
     meta["checksum_algorithm"] = ARRAY_ALGORITHM
     meta["digest"] = json_digest(meta)
     return tree, meta
@@ -221,7 +239,9 @@ def _decode_meta(meta: Any, where: str, verify: bool = True) -> tuple[Adapter, d
 
 
 def _decode_records(meta: dict) -> tuple[Adapter, dict[int, str], dict[int, str]]:
-    targets, params = [], []
+    """Records with ``ShapeDtypeStruct`` arrays; the Orbax keys of targets, and of params and
+    token rows (one dict: their keys differ, ``p…`` / ``k…``)."""
+    targets, params, tokens = [], [], []
     tkeys: dict[int, str] = {}
     pkeys: dict[int, str] = {}
     for m in meta["targets"]:
@@ -239,6 +259,8 @@ def _decode_records(meta: dict) -> tuple[Adapter, dict[int, str], dict[int, str]
             kind=m.get("kind", "linear"),
             torch=tuple(m["torch"]) if m.get("torch") is not None else None,
             init=m.get("init"),
+            groups=int(m.get("groups", 1)),
+            guessed=bool(m.get("guessed", False)),
             **{n: jax.ShapeDtypeStruct(tuple(v["shape"]), jnp.dtype(v["dtype"])) for n, v in m.get("arrays", {}).items()
                if n in _VARIANT_ARRAYS},
         )
@@ -253,8 +275,14 @@ def _decode_records(meta: dict) -> tuple[Adapter, dict[int, str], dict[int, str]
         )
         params.append(p)
         pkeys[id(p)] = m["key"]
+    for m in meta.get("tokens", []):
+        k = TokenRecord(path=m["path"], values=jax.ShapeDtypeStruct(tuple(m["shape"]), jnp.dtype(m["dtype"])),
+                        indices=tuple(int(j) for j in m["indices"]), axis=m.get("axis"),
+                        torch=tuple(m["torch"]) if m.get("torch") is not None else None)
+        tokens.append(k)
+        pkeys[id(k)] = m["key"]
     adapter = Adapter(targets, params, meta.get("config"), meta.get("torch_modules"), meta.get("name_map"),
-                      base_quantization=meta.get("base_quantization"))
+                      base_quantization=meta.get("base_quantization"), tokens=tokens)
     return adapter, tkeys, pkeys
 
 
@@ -268,6 +296,8 @@ def _stored_abstract(meta: dict) -> dict:
         }
     if meta.get("params"):
         tree["params"] = {m["key"]: jax.ShapeDtypeStruct(tuple(m["shape"]), jnp.dtype(m["dtype"])) for m in meta["params"]}
+    if meta.get("tokens"):
+        tree["tokens"] = {m["key"]: jax.ShapeDtypeStruct(tuple(m["shape"]), jnp.dtype(m["dtype"])) for m in meta["tokens"]}
     return tree
 
 
@@ -394,6 +424,10 @@ def _verify(restored: dict, meta: dict, where: str) -> None:
         expected.append((f"trained parameter {m.get('path') or m.get('torch')} (Orbax key params/{m['key']})",
                          m.get("checksum"), None))
         arrays.append(restored["params"][m["key"]])
+    for m in meta.get("tokens", []):
+        expected.append((f"trainable token rows of {m.get('path') or m.get('torch')} (Orbax key tokens/{m['key']})",
+                         m.get("checksum"), None))
+        arrays.append(restored["tokens"][m["key"]])
     got = array_checksums(arrays)
     for (what, want, _), have in zip(expected, got):
         if want != have:
@@ -406,9 +440,9 @@ def _verify(restored: dict, meta: dict, where: str) -> None:
 def _restore(handler: ocp.StandardCheckpointHandler, directory: epath.Path, args: "AdapterRestore") -> Any:
     meta = _read_custom_metadata(handler, directory)
     adapter, tkeys, pkeys = _decode_meta(meta, str(directory), args.verify)
-    entries, treedef, pls, pps = plan_adapter(
+    entries, treedef, pls, pps, tps = plan_adapter(
         adapter, args.params, layouts=args.layouts, name_map=args.name_map, prefix=args.prefix,
-        strict=args.strict, shardings=args.shardings,
+        strict=args.strict, shardings=args.shardings, uses=uses_of(args.apply_fn, args.params, args.example_args),
     )
     # Records that need reshaping (converted from PEFT) are read whole on each process;
     # the others are read straight onto their shardings, each process reading its shards.
@@ -447,9 +481,11 @@ def _restore(handler: ocp.StandardCheckpointHandler, directory: epath.Path, args
     def arrays(rec, name):
         if isinstance(rec, TargetRecord):
             return restored["lora"][tkeys[id(rec)]][name]
+        if isinstance(rec, TokenRecord):
+            return restored["tokens"][pkeys[id(rec)]]
         return restored["params"][pkeys[id(rec)]]
 
-    return assemble_tree(entries, treedef, pls, pps, arrays, args.dtype)
+    return assemble_tree(entries, treedef, pls, pps, arrays, args.dtype, tplacements=tps)
 
 
 class AdapterCheckpointHandler(ocp.StandardCheckpointHandler):
@@ -506,6 +542,8 @@ class AdapterRestore(ocp.args.CheckpointArgs):
     name_map: name_maps.NameMapSpec = None
     prefix: Optional[str] = None
     verify: bool = True
+    apply_fn: Any = None
+    example_args: Any = ()
 
 
 # --------------------------------------------------------------------------------------
@@ -589,6 +627,8 @@ def read_adapter(path: Union[str, os.PathLike], *, verify: bool = True) -> Adapt
                 setattr(t, name, np.asarray(restored["lora"][tkeys[id(t)]][name]))
     for p in adapter.params:
         p.value = np.asarray(restored["params"][pkeys[id(p)]])
+    for k in adapter.tokens:
+        k.values = np.asarray(restored["tokens"][pkeys[id(k)]])
     return adapter
 
 
@@ -673,6 +713,8 @@ def load(
     name_map: name_maps.NameMapSpec = None,
     prefix: Optional[str] = None,
     verify: bool = True,
+    apply_fn: Any = None,
+    example_args: Any = (),
 ) -> Any:
     """The LoRA tree of the adapter at ``path`` over the base ``params``.
 
@@ -697,6 +739,10 @@ def load(
       verify: compare every array read with the checksum recorded when it was written,
         and the metadata with its digest (``ValueError`` naming the checkpoint and the
         tensor on a mismatch); ``False`` skips that.
+      apply_fn, example_args: the model's forward, as in :func:`jlora.wrap`: the stored
+        layouts are checked against how the model uses each kernel (a ``ValueError``
+        names the kernel where they differ), and adapters converted from PEFT get the
+        layouts of that use.
 
     With several processes (``jax.distributed.initialize``) every process calls
     ``load``; with ``params`` on a global mesh, A and B land on the shardings
@@ -711,6 +757,6 @@ def load(
         epath.Path(d),
         args=AdapterRestore(
             params, shardings=shardings, strict=strict, dtype=dtype, layouts=layouts, name_map=name_map,
-            prefix=prefix, verify=verify,
+            prefix=prefix, verify=verify, apply_fn=apply_fn, example_args=tuple(example_args),
         ),
     )

@@ -33,7 +33,7 @@ import os
 import re
 import shutil
 import struct
-from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -46,8 +46,9 @@ from ..nodes.inits import is_residual_init
 from . import distributed, peft_experts
 from .atomic import recover_interrupted_save, replace_directory, temp_sibling
 from .integrity import json_digest, sha256_hex
-from .placement import ShardingSpec, tree_from_adapter
-from .records import Adapter, ParamRecord, TargetRecord, adapter_from_tree, alpha_from_scale
+from .peft_config import peft_config_dict, peft_pattern
+from .placement import ShardingSpec, tree_from_adapter, uses_of
+from .records import Adapter, ParamRecord, TargetRecord, TokenRecord, adapter_from_tree, alpha_from_scale
 
 __all__ = [
     "CONFIG_NAME",
@@ -68,6 +69,8 @@ PEFT_PREFIX = "base_model.model."
 
 _LORA_RE = re.compile(r"^(?P<module>.+)\.lora_(?P<which>A|B)\.weight$")
 _EMB_RE = re.compile(r"^(?P<module>.+)\.lora_embedding_(?P<which>A|B)$")
+_BIAS_SUFFIX = ".lora_B.bias"  # lora_bias=True: the bias of lora_B
+_TOKENS_SUFFIX = ".token_adapter.trainable_tokens_delta"  # trainable_token_indices: the new rows
 
 
 # --------------------------------------------------------------------------------------
@@ -75,27 +78,36 @@ _EMB_RE = re.compile(r"^(?P<module>.+)\.lora_embedding_(?P<which>A|B)$")
 
 
 def to_torch(a: np.ndarray, b: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray]:
-    """One layer's canonical (or flat) factors → PEFT's (lora_A, lora_B)."""
+    """One layer's canonical (or flat) factors → PEFT's (lora_A, lora_B). A grouped
+    convolution's B ``(r/groups, out)`` becomes PEFT's grouped ``(out, r/groups, 1, ...)``."""
     r = int(a.shape[-1])
     if kind == "conv":
         n = a.ndim  # (*spatial, in, r) -> (r, in, *spatial)
+        rb = int(b.shape[0])  # r, or r / groups for a grouped convolution
         A = np.transpose(a, (n - 1, n - 2, *range(n - 2)))
-        B = b.reshape(r, -1).T.reshape((-1, r) + (1,) * (n - 2))
+        B = b.reshape(rb, -1).T.reshape((-1, rb) + (1,) * (n - 2))
     else:
         A = a.reshape(-1, r).T
         B = b.reshape(r, -1).T
     return np.ascontiguousarray(A), np.ascontiguousarray(B)
 
 
-def _from_torch(A: np.ndarray, B: np.ndarray, kind: str, where: str) -> tuple[np.ndarray, np.ndarray]:
-    """PEFT's (lora_A, lora_B) → flat canonical ``(in, r)``, ``(r, out)`` (conv: ``(*spatial, in, r)``)."""
+def _from_torch(A: np.ndarray, B: np.ndarray, kind: str, where: str) -> tuple[np.ndarray, np.ndarray, int]:
+    """PEFT's (lora_A, lora_B) → flat canonical ``(in, r)``, ``(r, out)`` (conv: ``(*spatial,
+    in, r)``, ``(r/groups, out)``) and the groups of a convolution (PEFT's lora_B on a
+    grouped convolution is a grouped 1x1 convolution ``(out, r/groups, 1, ...)``)."""
     r = int(A.shape[0])
     if kind == "conv":
-        if B.ndim != A.ndim or B.shape[1] != r or any(s != 1 for s in B.shape[2:]):
-            raise ValueError(f"{where}: conv LoRA factors lora_A {A.shape}, lora_B {B.shape} do not fit together")
+        rb = int(B.shape[1]) if B.ndim == A.ndim else 0
+        if B.ndim != A.ndim or rb < 1 or r % rb or any(s != 1 for s in B.shape[2:]) or int(B.shape[0]) % (r // rb):
+            raise ValueError(
+                f"{where}: conv LoRA factors lora_A {tuple(A.shape)}, lora_B {tuple(B.shape)} do not fit together: "
+                f"lora_B must be (out, r, 1, ...), or (out, r/groups, 1, ...) for a grouped convolution, with r={r}"
+            )
         n = A.ndim
         a = np.transpose(A, (*range(2, n), 1, 0))
-        b = B.reshape(B.shape[0], r).T
+        b = B.reshape(B.shape[0], rb).T
+        return np.ascontiguousarray(a), np.ascontiguousarray(b), r // rb
     else:
         if A.ndim != 2 or B.ndim != 2 or B.shape[1] != r:
             raise ValueError(
@@ -103,7 +115,7 @@ def _from_torch(A: np.ndarray, B: np.ndarray, kind: str, where: str) -> tuple[np
                 "with the same r"
             )
         a, b = A.T, B.T
-    return np.ascontiguousarray(a), np.ascontiguousarray(b)
+    return np.ascontiguousarray(a), np.ascontiguousarray(b), 1
 
 
 def module_factors(t: TargetRecord, a: Any = None, b: Any = None) -> list[tuple[str, np.ndarray, np.ndarray]]:
@@ -171,15 +183,19 @@ def peft_tensors(adapter: Adapter) -> dict[str, np.ndarray]:
     target_modules: set[str] = set()
     # all factors whole on this process, one collective for all of them when sharded
     dora = [t for t in adapter.targets if t.magnitude is not None]
+    biased = [t for t in adapter.targets if t.b_bias is not None]
     hosted = distributed.gather_to_host(
         [x for t in adapter.targets for x in (t.a, t.b)] + [p.value for p in adapter.params]
-        + [t.magnitude for t in dora]
+        + [t.magnitude for t in dora] + [t.b_bias for t in biased] + [k.values for k in adapter.tokens]
     )
     host_a = {id(t): hosted[2 * i] for i, t in enumerate(adapter.targets)}
     host_b = {id(t): hosted[2 * i + 1] for i, t in enumerate(adapter.targets)}
     n_ab = 2 * len(adapter.targets)
     host_v = {id(p): hosted[n_ab + i] for i, p in enumerate(adapter.params)}
-    host_m = {id(t): hosted[n_ab + len(adapter.params) + i] for i, t in enumerate(dora)}
+    n_v = n_ab + len(adapter.params)
+    host_m = {id(t): hosted[n_v + i] for i, t in enumerate(dora)}
+    host_bb = {id(t): hosted[n_v + len(dora) + i] for i, t in enumerate(biased)}
+    host_k = {id(k): hosted[n_v + len(dora) + len(biased) + i] for i, k in enumerate(adapter.tokens)}
     for t in adapter.targets:
         per_module = module_factors(t, host_a[id(t)], host_b[id(t)])
         m_index = [sl_m for _, _, _, sl_m in _module_slices(t, np.shape(host_a[id(t)]))]
@@ -196,11 +212,22 @@ def peft_tensors(adapter: Adapter) -> dict[str, np.ndarray]:
                 if t.kind == "conv":
                     m = m.reshape((1, -1) + (1,) * (A.ndim - 2))
                 tensors.append((f"{PEFT_PREFIX}{module}.lora_magnitude_vector", np.ascontiguousarray(m)))
+            if biased:  # lora_bias: PEFT gives every target a lora_B bias (zeros where jlora has none)
+                bb = host_bb.get(id(t))
+                bb = np.zeros((B.shape[0],), B.dtype) if bb is None else np.asarray(bb)[m_index[i]].reshape(-1)
+                tensors.append((f"{PEFT_PREFIX}{module}{_BIAS_SUFFIX}", np.ascontiguousarray(bb)))
             for name, x in tensors:
                 if name in out:
                     raise ValueError(f"two targets map to the PyTorch name {name!r}; pass name_map=")
                 out[name] = x
             target_modules.add(module)
+    for k in adapter.tokens:
+        if not k.torch:
+            raise ValueError(f"{k.path}: no PyTorch module name for these trainable tokens; pass name_map=")
+        key = f"{PEFT_PREFIX}{k.torch[0]}{_TOKENS_SUFFIX}"
+        if key in out:
+            raise ValueError(f"two tables map to the PyTorch name {key!r}; pass name_map=")
+        out[key] = np.ascontiguousarray(host_k[id(k)])
     for p in adapter.params:
         if not p.torch:
             raise ValueError(f"{p.path}: no PyTorch name for this parameter; pass name_map=")
@@ -219,147 +246,6 @@ def peft_tensors(adapter: Adapter) -> dict[str, np.ndarray]:
                 raise ValueError(f"two parameters map to the PyTorch name {key!r}")
             out[key] = np.ascontiguousarray(x)
     return out
-
-
-# --------------------------------------------------------------------------------------
-# adapter_config.json
-
-
-def _layer_index(key: str, layers_pattern: Any) -> Optional[int]:
-    if not layers_pattern:
-        m = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
-    else:
-        patterns = [layers_pattern] if isinstance(layers_pattern, str) else list(layers_pattern)
-        m = None
-        for pattern in patterns:
-            m = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", key)
-            if m is not None:
-                break
-    return int(m.group("idx")) if m else None
-
-
-def peft_matches(cfg: dict, key: str) -> bool:
-    """PEFT's ``check_target_module_exists`` on a PyTorch module name (LoRA keys only)."""
-    excl = cfg.get("exclude_modules")
-    if excl:
-        if isinstance(excl, str):
-            if re.fullmatch(excl, key):
-                return False
-        elif key in excl or any(key.endswith("." + x) for x in excl):
-            return False
-    mts = cfg.get("modules_to_save")
-    if mts and any(re.match(rf"(^|.*\.){m}($|\..*)", key) for m in mts):
-        return False
-    tm = cfg.get("target_modules")
-    if tm is None:
-        return False
-    if isinstance(tm, str):
-        return re.fullmatch(tm, key) is not None
-    if key in tm:
-        return True
-    found = any(key.endswith("." + t) for t in tm)
-    layers = cfg.get("layers_to_transform")
-    if found and layers is not None and layers != []:
-        idx = _layer_index(key, cfg.get("layers_pattern"))
-        layers = [layers] if isinstance(layers, int) else list(layers)
-        found = idx is not None and idx in layers
-    return found
-
-
-_pattern = peft_experts.peft_pattern  # PEFT's get_pattern_key lookup
-
-
-def _most_common(values: list) -> Any:
-    return Counter(values).most_common(1)[0][0]
-
-
-def peft_config_dict(
-    adapter: Adapter,
-    *,
-    base_model_name_or_path: Optional[str] = None,
-    task_type: Optional[str] = None,
-) -> dict:
-    """``adapter_config.json`` for ``adapter``: its config, checked against the targets.
-
-    ``target_modules`` is kept when PEFT would select exactly the adapted modules with
-    it; otherwise it becomes the list of module-name suffixes (``["c_attn", "c_proj"]``)
-    or, if that selects more, the full module names. ``rank_pattern``/``alpha_pattern``
-    get exact entries for modules whose rank or alpha the config would not give.
-    """
-    cfg = dict(adapter.config) if adapter.config is not None else LoraConfig().to_dict()
-    rslora = bool(cfg.get("use_rslora", False))
-    per: dict[str, tuple[int, Union[int, float]]] = {}
-    for t in adapter.targets:
-        alpha = t.alpha if t.alpha is not None else alpha_from_scale(t.scale, t.r, rslora)
-        # the scale is what counts; alpha is re-derived so PEFT computes the same scale
-        alpha = alpha_from_scale(t.scale, t.r, rslora) if not math.isclose(
-            float(alpha) / (math.sqrt(t.r) if rslora else t.r), t.scale, rel_tol=1e-9) else alpha
-        for m in t.torch or ():
-            per[m] = (t.r, alpha)
-    targets = set(per)
-    candidates = set(adapter.torch_modules) if adapter.torch_modules is not None else None
-    if adapter.config is None:
-        cfg["r"] = int(_most_common([r for r, _ in per.values()])) if per else cfg["r"]
-        cfg["lora_alpha"] = _most_common([a for _, a in per.values()]) if per else cfg["lora_alpha"]
-        cfg["lora_dropout"] = float(adapter.targets[0].dropout) if adapter.targets else 0.0
-        biases = [p for p in adapter.params if (p.torch or ("",))[0].endswith(".bias")]
-        bias_ids = {id(p) for p in biases}
-        others = [p for p in adapter.params if id(p) not in bias_ids]
-        bias_modules = {n.rsplit(".", 1)[0] for p in biases for n in p.torch or ()}
-        cfg["bias"] = "none" if not biases else ("lora_only" if bias_modules <= targets else "all")
-        mts = sorted({n.rsplit(".", 1)[0] for p in others for n in p.torch or ()})
-        cfg["modules_to_save"] = mts or None
-        cfg["use_dora"] = any(t.magnitude is not None for t in adapter.targets)
-        inits = sorted({t.init for t in adapter.targets if t.init is not None})
-        if len(inits) > 1:
-            raise ValueError(f"the targets use different initialisations {inits}; pass config=")
-        cfg["init_lora_weights"] = inits[0] if inits else True
-
-    def selects_exactly(c: dict) -> bool:
-        if not all(peft_matches(c, t) for t in targets):
-            return False
-        return candidates is None or not any(peft_matches(c, m) for m in candidates - targets)
-
-    if adapter.config is not None and cfg.get("modules_to_save"):
-        # The config names JAX modules; PEFT matches PyTorch ones (an NNX "embedder" is
-        # "embed_tokens"): name the trained modules by their PyTorch names where they differ.
-        trained = {n.rsplit(".", 1)[0] for p in adapter.params for n in p.torch or () if not n.endswith(".bias")}
-        pattern = lambda m, t: re.match(rf"(^|.*\.){m}($|\..*)", t) is not None  # noqa: E731
-        if trained and not all(any(pattern(m, t) for t in trained) for m in cfg["modules_to_save"]):
-            cfg["modules_to_save"] = sorted({t.rsplit(".", 1)[-1] for t in trained})
-
-    keep = adapter.config is not None and cfg.get("target_modules") not in ("all-linear", None)
-    if not (keep and selects_exactly(cfg)) and targets:
-        trial = dict(cfg, exclude_modules=None, layers_to_transform=None, layers_pattern=None)
-        trial["target_modules"] = sorted({t.rsplit(".", 1)[-1] for t in targets})
-        if not selects_exactly(trial):
-            trial["target_modules"] = sorted(targets)
-        cfg = trial
-
-    r0, a0 = cfg["r"], cfg["lora_alpha"]
-    rank_pattern = dict(cfg.get("rank_pattern") or {})
-    alpha_pattern = dict(cfg.get("alpha_pattern") or {})
-    extra_r, extra_a = {}, {}
-    for m in sorted(targets):
-        r, alpha = per[m]
-        if _pattern(rank_pattern, m, r0) != r:
-            extra_r[m] = r
-        if not math.isclose(float(_pattern(alpha_pattern, m, a0)), float(alpha), rel_tol=1e-9):
-            extra_a[m] = alpha
-    cfg["rank_pattern"] = {**extra_r, **rank_pattern}
-    cfg["alpha_pattern"] = {**extra_a, **alpha_pattern}
-    # fan_in_fan_out: the PyTorch weight is (in, out), i.e. GPT-2's Conv1D, whose Flax kernel
-    # is (out, in). Targets of unknown layout (converted from PEFT) keep the config's value.
-    cfg["fan_in_fan_out"] = any(
-        t.kind == "linear" and t.layout is not None and tuple(x for x in t.layout if x != "stack") == ("out", "in")
-        for t in adapter.targets
-    ) or (any(t.layout is None for t in adapter.targets) and bool(cfg.get("fan_in_fan_out", False)))
-    cfg["peft_type"] = "LORA"
-    if base_model_name_or_path is not None:
-        cfg["base_model_name_or_path"] = base_model_name_or_path
-    if task_type is not None:
-        cfg["task_type"] = task_type
-    return cfg
 
 
 # --------------------------------------------------------------------------------------
@@ -399,11 +285,12 @@ def write_peft(
 
 # The adapter_config.json keys that change the tree load_peft builds (ranks, scales,
 # dropout); their digest is written with the tensors.
-_CONFIG_KEYS_CHECKED = ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "lora_dropout", "use_dora")
+_CONFIG_KEYS_CHECKED = ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "lora_dropout", "use_dora",
+                        "lora_bias", "trainable_token_indices", "fan_in_fan_out")
 
 
-def _config_digest(cfg: dict) -> str:
-    return json_digest({k: cfg.get(k) for k in _CONFIG_KEYS_CHECKED})
+def _config_digest(cfg: dict, keys: Any = _CONFIG_KEYS_CHECKED) -> str:
+    return json_digest({k: cfg.get(k) for k in keys})
 
 
 def _jlora_metadata(tensors: dict[str, np.ndarray], cfg: dict) -> str:
@@ -687,8 +574,9 @@ def _verify(path: Path, tensors: dict[str, np.ndarray], meta: dict[str, str], cf
                 "the file is corrupt"
             )
     want = info.get("config_digest")
-    if want is not None and _config_digest(cfg) != want:
-        keys = ", ".join(info.get("config_keys", _CONFIG_KEYS_CHECKED))
+    recorded_keys = info.get("config_keys", _CONFIG_KEYS_CHECKED[:7])  # the keys this file's digest covers
+    if want is not None and _config_digest(cfg, recorded_keys) != want:
+        keys = ", ".join(recorded_keys)
         raise ValueError(
             f"{path.parent / CONFIG_NAME}: the keys that set ranks, scales and dropout ({keys}) differ from those "
             f"written with {path.name}: the file was edited or is corrupt (pass verify=False to load it as it is)"
@@ -723,10 +611,20 @@ def read_peft(directory: Union[str, os.PathLike], *, verify: bool = True) -> Ada
     kinds: dict[str, str] = {}
     params: list[ParamRecord] = []
     magnitudes: dict[str, np.ndarray] = {}
+    biases: dict[str, np.ndarray] = {}
+    tokens: list[TokenRecord] = []
     for key, x in tensors.items():
         name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
         if name.endswith(".lora_magnitude_vector"):
             magnitudes[name[: -len(".lora_magnitude_vector")]] = x
+            continue
+        if name.endswith(_BIAS_SUFFIX):
+            biases[name[: -len(_BIAS_SUFFIX)]] = x
+            continue
+        if name.endswith(_TOKENS_SUFFIX):
+            module = name[: -len(_TOKENS_SUFFIX)]
+            tokens.append(TokenRecord(path=None, values=x, indices=_token_ids(config, module, path),
+                                      torch=(module,)))
             continue
         m = _LORA_RE.match(name)
         emb = _EMB_RE.match(name)
@@ -751,6 +649,13 @@ def read_peft(directory: Union[str, os.PathLike], *, verify: bool = True) -> Ada
     stray = sorted(set(magnitudes) - set(factors))
     if stray:
         raise ValueError(f"{path}: lora_magnitude_vector for module(s) {stray} without lora_A/lora_B")
+    stray = sorted(set(biases) - set(factors))
+    if stray or (biases and not config.lora_bias):
+        raise ValueError(f"{path}: lora_B.bias for module(s) {stray or sorted(biases)} "
+                         + ("without lora_A/lora_B" if stray else f"but {CONFIG_NAME} says lora_bias=false"))
+    if tokens and config.trainable_token_indices is None:
+        raise ValueError(f"{path}: trainable_tokens_delta for {[k.torch[0] for k in tokens]} but {CONFIG_NAME} has no "
+                         "trainable_token_indices")
     if magnitudes and not config.use_dora:
         raise ValueError(f"{path}: the file has DoRA magnitudes (lora_magnitude_vector) but {CONFIG_NAME} says "
                          "use_dora=false")
@@ -761,13 +666,15 @@ def read_peft(directory: Union[str, os.PathLike], *, verify: bool = True) -> Ada
         kind = kinds[module]
         if kind == "linear" and ab["A"].ndim > 2:
             kind = "conv"
-        a, b = _from_torch(ab["A"], ab["B"], kind, f"{path}: {module}")
+        a, b, groups = _from_torch(ab["A"], ab["B"], kind, f"{path}: {module}")
         r = int(ab["A"].shape[0])
-        r_cfg = _pattern(dict(config.rank_pattern), module, config.r)
+        r_cfg = peft_pattern(dict(config.rank_pattern), module, config.r)
         if r_cfg != r:
             raise ValueError(f"{path}: {module}: lora_A has rank {r} but {CONFIG_NAME} gives r={r_cfg}")
-        alpha = _pattern(dict(config.alpha_pattern), module, config.lora_alpha)
+        alpha = peft_pattern(dict(config.alpha_pattern), module, config.lora_alpha)
         magnitude = magnitudes.get(module)
+        if config.lora_bias and module not in biases:
+            raise ValueError(f"{path}: {CONFIG_NAME} says lora_bias=true but module {module!r} has no lora_B.bias")
         if config.use_dora and magnitude is None:
             raise ValueError(f"{path}: {CONFIG_NAME} says use_dora=true but module {module!r} has no "
                              "lora_magnitude_vector")
@@ -778,12 +685,32 @@ def read_peft(directory: Union[str, os.PathLike], *, verify: bool = True) -> Ada
                 path=None, a=a, b=b, r=r, scale=config.scale_for(r, alpha), alpha=alpha, layout=None,
                 dropout=float(config.lora_dropout), kind=kind, torch=(module,),
                 magnitude=None if magnitude is None else np.ascontiguousarray(magnitude.reshape(-1)), init=init,
+                b_bias=None if module not in biases else np.ascontiguousarray(biases[module].reshape(-1)),
+                groups=groups,
             )
         )
-    if not targets and not params:
+    if not targets and not params and not tokens:
         raise ValueError(f"{path}: no LoRA tensors found")
     quant = st_meta.get("jlora_base_quantization")
-    return Adapter(targets, params, cfg_clean(cfg), None, base_quantization=json.loads(quant) if quant else None)
+    return Adapter(targets, params, cfg_clean(cfg), None, base_quantization=json.loads(quant) if quant else None,
+                   tokens=tokens)
+
+
+def _token_ids(config: LoraConfig, module: str, path: Path) -> tuple[int, ...]:
+    """The token ids of a ``trainable_tokens_delta`` from ``trainable_token_indices``: a
+    list (the one table), or the entry of a dict whose key ends the module name (PEFT's
+    matching)."""
+    spec = config.trainable_token_indices
+    if spec is None:
+        raise ValueError(f"{path}: trainable_tokens_delta for {module!r} but {CONFIG_NAME} has no "
+                         "trainable_token_indices")
+    if not isinstance(spec, Mapping):
+        return tuple(spec)
+    hits = [k for k in spec if module.endswith(k)]
+    if len(hits) != 1:
+        raise ValueError(f"{path}: trainable_tokens_delta for {module!r}: trainable_token_indices {dict(spec)} has "
+                         f"{'no key' if not hits else 'several keys'} matching the module")
+    return tuple(spec[hits[0]])
 
 
 def cfg_clean(cfg: dict) -> dict:
@@ -802,6 +729,8 @@ def load_peft(
     shardings: ShardingSpec = None,
     verify: bool = True,
     rng: Any = None,
+    apply_fn: Any = None,
+    example_args: Any = (),
 ) -> Any:
     """The LoRA tree of a PEFT adapter directory over the base ``params``.
 
@@ -810,6 +739,20 @@ def load_peft(
     :mod:`jlora.name_maps.hf`; a missing or extra ``base_model_prefix`` such as ``bert.`` is
     resolved automatically), reshapes ``lora_A``/``lora_B`` into the kernel's layout and
     sets ``scale = lora_alpha / r`` (rsLoRA: ``/ sqrt(r)``) per module as PEFT does.
+
+    **Kernel layouts.** PEFT's factors are ``(r, in_features)`` / ``(out_features, r)``;
+    which axis of a JAX kernel is its input is decided, in order, by ``layouts=``, by how
+    ``apply_fn(params, *example_args)`` uses the kernel (traced abstractly, as
+    :func:`jlora.wrap` does), by a name map, and by the tree; for a 2-D kernel, factor
+    shapes that fit one orientation only decide it over the tree's (in, out) convention.
+    A *square* 2-D kernel that only the convention orients, from a file whose
+    ``fan_in_fan_out`` is true (PyTorch ``Conv1D``, whose JAX twins such as transformers'
+    ``FlaxConv1D`` are ``(out, in)``), is a ``ValueError`` naming ``layouts=`` and
+    ``apply_fn=``; with ``fan_in_fan_out`` false it loads as (in, out) and
+    :func:`jlora.lora` raises if the model reads it transposed. Grouped convolutions
+    (PEFT: a full ``lora_A``, a grouped ``lora_B``), ``lora_B.bias`` (``lora_bias``) and
+    trainable token rows (``trainable_token_indices``) load as well; MiCA adapters load as
+    the plain LoRA they compute.
 
     Errors name the problem: a missing ``adapter_config.json`` (``FileNotFoundError``), a
     ``peft_type`` other than ``"LORA"``, a truncated or corrupt safetensors file, modules
@@ -835,6 +778,9 @@ def load_peft(
       verify: check jlora's checksums (``False`` skips it, e.g. for an edited config).
       rng: for ``init_lora_weights="pissa_niter_N"`` adapters, the key given to
         :func:`jlora.wrap` (default ``jax.random.key(0)``, wrap's default).
+      apply_fn, example_args: the model's forward and its other arguments, as in
+        :func:`jlora.wrap`: each kernel's layout (and a convolution's groups) comes from
+        how the model uses it. Only traced; nothing is computed.
 
     DoRA adapters (``use_dora``) come with their magnitudes. PiSSA/OLoRA adapters
     (``init_lora_weights="pissa"``, ``"pissa_niter_N"``, ``"olora"``, not converted) are
@@ -851,5 +797,5 @@ def load_peft(
     adapter = read_peft(directory, verify=verify)
     return tree_from_adapter(
         adapter, params, layouts=layouts, name_map=name_map, prefix=prefix, strict=False,
-        shardings=shardings, dtype=dtype, rng=rng,
+        shardings=shardings, dtype=dtype, rng=rng, uses=uses_of(apply_fn, params, example_args),
     )

@@ -39,6 +39,8 @@ from typing import Any
 
 import numpy as np
 
+from .peft_config import peft_pattern
+
 __all__ = ["FUSED", "peft_pattern", "unfuse", "unfuse_config", "fuse"]
 
 PREFIX = "base_model.model."
@@ -47,18 +49,6 @@ FUSED: dict[str, tuple[str, ...]] = {"gate_up_proj": ("gate_proj", "up_proj"), "
 _UNFUSED = {m: p for p, ms in FUSED.items() for m in ms}
 _LORA = re.compile(r"^(?P<module>.+)\.lora_(?P<which>A|B)\.weight$")
 _EXPERT = re.compile(r"^(?P<experts>.+\.experts)\.(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)$")
-
-
-def peft_pattern(patterns: dict, key: str, default: Any) -> Any:
-    """PEFT's ``get_pattern_key`` lookup: the value of the first pattern matching ``key``'s end.
-
-    >>> peft_pattern({"experts.gate_up_proj": 8}, "model.layers.0.mlp.experts.gate_up_proj", 4)
-    8
-    """
-    for pat in patterns:
-        if re.match(rf"(.*\.)?({pat})$", key):
-            return patterns[pat]
-    return default
 
 
 def _scale(alpha: float, r: int, rslora: bool) -> float:

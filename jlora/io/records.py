@@ -35,12 +35,13 @@ import numpy as np
 from .. import name_maps
 from ..core.config import LoraConfig
 from ..core.paths import path_names
-from ..nodes.weight import LoraWeight, Trainable, is_lora_weight, is_trainable
+from ..nodes.weight import LoraWeight, Trainable, TrainableTokens, is_lora_weight, is_trainable, is_trainable_tokens
 from ..quant.array import is_quantized, quantization_summary
 
 __all__ = [
     "TargetRecord",
     "ParamRecord",
+    "TokenRecord",
     "Adapter",
     "adapter_from_tree",
     "alpha_from_scale",
@@ -82,11 +83,14 @@ class TargetRecord:
     init: Optional[str] = None
     a0: Any = None
     b0: Any = None
+    b_bias: Any = None
+    groups: int = 1
+    guessed: bool = False
 
     @property
     def n_params(self) -> int:
-        m = int(np.prod(self.magnitude.shape)) if self.magnitude is not None else 0
-        return int(np.prod(self.a.shape)) + int(np.prod(self.b.shape)) + m
+        extra = sum(int(np.prod(x.shape)) for x in (self.magnitude, self.b_bias) if x is not None)
+        return int(np.prod(self.a.shape)) + int(np.prod(self.b.shape)) + extra
 
 
 @dataclasses.dataclass
@@ -105,6 +109,23 @@ class ParamRecord:
 
 
 @dataclasses.dataclass
+class TokenRecord:
+    """Trainable token rows of one table (:class:`jlora.TrainableTokens`): ``values``
+    ``(n, d)`` (PEFT's ``trainable_tokens_delta``, the new rows), the token ``indices``
+    and the table's token ``axis`` (``None`` when read from PEFT: decided by the base)."""
+
+    path: Optional[str]
+    values: Any
+    indices: tuple[int, ...]
+    axis: Optional[int] = None
+    torch: Optional[tuple[str, ...]] = None
+
+    @property
+    def n_params(self) -> int:
+        return int(np.prod(self.values.shape))
+
+
+@dataclasses.dataclass
 class Adapter:
     """An adapter independent of its storage: targets, fully trained leaves, the PEFT
     config dict (or ``None``) and the PyTorch names of every kernel module of the base
@@ -116,10 +137,12 @@ class Adapter:
     torch_modules: Optional[list[str]] = None
     name_map: Any = None  # the name map that named it: "hf", "qwen3", ... or a FamilyMap
     base_quantization: Optional[dict] = None  # jlora.quantization.quantization_summary of a quantized base
+    tokens: list[TokenRecord] = dataclasses.field(default_factory=list)
 
     @property
     def n_params(self) -> int:
-        return sum(t.n_params for t in self.targets) + sum(p.n_params for p in self.params)
+        return (sum(t.n_params for t in self.targets) + sum(p.n_params for p in self.params)
+                + sum(k.n_params for k in self.tokens))
 
 
 
@@ -130,7 +153,7 @@ def stack_first(shape: tuple[int, ...], layout: Sequence[str]) -> tuple[int, ...
     return tuple(shape[i] for i in stack) + tuple(s for i, s in enumerate(shape) if i not in stack)
 
 def _is_node(x: Any) -> bool:
-    return isinstance(x, (LoraWeight, Trainable))
+    return isinstance(x, (LoraWeight, Trainable, TrainableTokens))
 
 
 def dtype_name(dtype: Any) -> str:
@@ -178,8 +201,8 @@ def adapter_from_tree(
             leaves.append((names, x))
     if not any(_is_node(x) for _, x in leaves):
         raise ValueError(
-            "the tree holds no LoraWeight or Trainable leaf: nothing to save; pass the tree returned by "
-            "jlora.wrap (or jlora.load / jlora.load_peft)"
+            "the tree holds no LoraWeight, Trainable or TrainableTokens leaf: nothing to save; pass the tree "
+            "returned by jlora.wrap (or jlora.load / jlora.load_peft)"
         )
     shapes = []
     for names, x in leaves:
@@ -187,12 +210,15 @@ def adapter_from_tree(
             shapes.append((names, stack_first(tuple(x.w.shape), x.layout), x.layout.count("stack")))
         elif is_trainable(x):
             shapes.append((names, tuple(np.shape(x.value)), 0))
+        elif is_trainable_tokens(x):
+            shapes.append((names, tuple(x.w.shape), 0))
         elif hasattr(x, "shape"):
             shapes.append((names, tuple(x.shape), 0))
     tn = name_maps.for_tree(shapes, name_map, prefix)
     rslora = bool(config.use_rslora) if config is not None else False
     targets: list[TargetRecord] = []
     params: list[ParamRecord] = []
+    tokens: list[TokenRecord] = []
     torch_modules: list[str] = []
     for names, x in leaves:
         if is_lora_weight(x):
@@ -209,16 +235,20 @@ def adapter_from_tree(
                     layout=tuple(x.layout), base_shape=tuple(int(s) for s in x.w.shape),
                     base_dtype=dtype_name(x.w.dtype), dropout=float(x.dropout), kind=kind,
                     torch=tuple(tn.modules(names)), magnitude=x.magnitude, init=x.init, a0=x.a0, b0=x.b0,
+                    b_bias=x.b_bias, groups=int(x.groups), guessed=bool(x.guessed),
                 )
             )
         elif is_trainable(x):
             params.append(ParamRecord(path="/".join(names), value=x.value, torch=tuple(tn.params(names))))
+        elif is_trainable_tokens(x):
+            tokens.append(TokenRecord(path="/".join(names), values=x.values, indices=tuple(int(i) for i in x.indices),
+                                      axis=int(x.axis), torch=tuple(tn.modules(names))))
         if names and not is_trainable(x):
-            shape = getattr(x.w if is_lora_weight(x) else x, "shape", None)
+            shape = getattr(x.w if (is_lora_weight(x) or is_trainable_tokens(x)) else x, "shape", None)
             if shape is not None and len(shape) >= 2 and tn.is_kernel(names, tuple(shape)):
                 torch_modules.extend(tn.modules(names))
     source = name_map if isinstance(name_map, name_maps.FamilyMap) else tn.name
     return Adapter(
         targets, params, config.to_dict() if config is not None else None, sorted(set(torch_modules)), source,
-        base_quantization=quantization_summary(lp),
+        base_quantization=quantization_summary(lp), tokens=tokens,
     )

@@ -22,7 +22,8 @@ from typing import Optional, Union
 
 from ..core.paths import LeafEntry, is_array_like, list_match
 
-__all__ = ["LayoutSpec", "TreeFacts", "infer_layout", "ambiguous_layout_error", "user_layout"]
+__all__ = ["LayoutSpec", "TreeFacts", "infer_layout", "infer_layout_guess", "ambiguous_layout_error", "user_layout",
+           "transposed_layout"]
 
 _CONV1D_GPT2_NAMES = ("c_attn", "c_proj", "c_fc", "q_attn")
 
@@ -96,10 +97,44 @@ class TreeFacts:
         return None
 
 
+def infer_layout_guess(entry: LeafEntry, facts: TreeFacts) -> tuple[tuple[str, ...], bool]:
+    """:func:`infer_layout` and whether its orientation is only a *guess*: a 2-D kernel
+    (after stack axes) named ``kernel`` or ``w`` whose orientation comes from the naming
+    convention alone (Flax's ``Dense`` is (in, out)), with no GPT-2 ``Conv1D`` name and no
+    sibling bias of a non-square kernel to confirm it. A transformers ``FlaxConv1D``
+    twin is (out, in) under the same name: only use (``apply_fn=``), ``layouts=``, a name
+    map or factor shapes that fit one orientation can tell.
+
+    >>> import numpy as np
+    >>> from jlora.core.paths import LeafEntry
+    >>> e = [LeafEntry(0, ("proj", "kernel"), np.zeros((4, 4)))]
+    >>> infer_layout_guess(e[0], TreeFacts(e))
+    (('in', 'out'), True)
+    """
+    layout = infer_layout(entry, facts)
+    roles = tuple(r for r in layout if r != "stack")
+    if roles not in (("in", "out"), ("out", "in")) or entry.name in ("embedding", "embeddings"):
+        return layout, False
+    if entry.name == "kernel" and facts.gpt2_conv1d and len(entry.names) >= 2 and entry.names[-2] in _CONV1D_GPT2_NAMES:
+        return layout, False
+    shape = [int(s) for s, r in zip(entry.leaf.shape, layout) if r != "stack"]
+    bias = facts.by_module.get(entry.module, {}).get("bias")
+    if bias is not None and is_array_like(bias.leaf) and shape[0] != shape[1] and int(bias.leaf.shape[-1]) in shape:
+        return layout, False
+    return layout, entry.name in ("kernel", "w")
+
+
+def transposed_layout(layout: Sequence[str]) -> tuple[str, ...]:
+    """``layout`` with ``"in"`` and ``"out"`` swapped (the other orientation of a 2-D kernel)."""
+    return tuple({"in": "out", "out": "in"}.get(r, r) for r in layout)
+
+
 def infer_layout(entry: LeafEntry, facts: TreeFacts) -> tuple[str, ...]:
     """Role of each kernel axis (``"stack"``, ``"in"``, ``"out"``), inferred from the tree.
 
-    Rules, in order: HF GPT-2 ``FlaxConv1D`` kernels are (out, in); an ``embedding`` is
+    Rules, in order: HF GPT-2 ``FlaxConv1D`` kernels are (out, in); a 2-D ``kernel`` is
+    (in, out) (Flax's ``Dense``) unless a sibling bias fits only its first axis; an
+    ``embedding`` is
     (vocab, features) = ("in", "out"); leaves named ``w``/``weight`` (and bare leaves)
     follow :func:`_infer_generic`; norm scales ``(width, L)`` mark a layer axis at
     position 1 (``nn.scan(variable_axes={"params": 1})``); a sibling ``bias`` fixes the
@@ -116,11 +151,14 @@ def infer_layout(entry: LeafEntry, facts: TreeFacts) -> tuple[str, ...]:
         return ("stack",) * n_stack + ("in", "out")
     if entry.name != "kernel":
         return _infer_generic(entry, facts, shape)
+    bias = facts.by_module.get(entry.module, {}).get("bias")
     if nd == 2:
         if facts.gpt2_conv1d and module_name in _CONV1D_GPT2_NAMES:
             return ("out", "in")
+        n = tuple(bias.leaf.shape) if bias is not None and is_array_like(bias.leaf) else None
+        if n is not None and len(n) == 1 and shape[0] != shape[1] and n[0] == shape[0]:
+            return ("out", "in")  # a (out, in) kernel, e.g. a transformers FlaxConv1D twin
         return ("in", "out")
-    bias = facts.by_module.get(entry.module, {}).get("bias")
     p = facts.stack_axis(entry.names, shape)
     if p is not None and p > 0:
         # A layer axis inside the kernel (MaxText's (in, L, out)): the other axes are one

@@ -74,6 +74,8 @@ class Use:
     roles: tuple[str, ...]
     where: str
     problem: str = ""
+    groups: int = 1  # a convolution's feature_group_count
+    feature_axis: Optional[int] = None  # a convolution kernel's input-feature axis (leaf axis)
 
     @property
     def is_kernel_use(self) -> bool:
@@ -115,6 +117,21 @@ class LeafUse:
         if "dot_general" in prims or "ragged_dot_general" in prims:
             return "linear"
         return None
+
+    @property
+    def groups(self) -> int:
+        """The ``feature_group_count`` of the convolutions that use this leaf (1 when it is
+        not a grouped convolution kernel); a ``ValueError`` if two convolutions disagree."""
+        got = {u.groups for u in self.kernel_uses if u.primitive == "conv_general_dilated"}
+        if len(got) > 1:
+            raise ValueError(f"{self.path}: used in convolutions with different feature_group_count {sorted(got)}")
+        return got.pop() if got else 1
+
+    @property
+    def feature_axis(self) -> Optional[int]:
+        """The input-feature axis of a convolution kernel (None when not used in a convolution)."""
+        got = {u.feature_axis for u in self.kernel_uses if u.primitive == "conv_general_dilated"}
+        return got.pop() if len(got) == 1 else None
 
     def layout(self) -> tuple[str, ...]:
         """The one kernel layout that serves every kernel use, or a ``ValueError``.
@@ -460,10 +477,12 @@ def _conv(eqn, ins, rec, prefix):
     if x is not None:
         _other(eqn, [x], rec, prefix)
     if k is not None:
-        out_dim = eqn.params["dimension_numbers"].rhs_spec[0]
+        out_dim, in_dim = eqn.params["dimension_numbers"].rhs_spec[:2]
         view = ["out" if i == out_dim else "in" for i in range(len(k.axes))]
         roles, problem = _roles_of(k, view, rec.ndims[k.leaf])
-        rec.add(k.leaf, Use("conv_general_dilated", roles, _where(eqn, prefix), problem))
+        feature = next(iter(k.axes[in_dim])) if len(k.axes[in_dim]) == 1 else None
+        rec.add(k.leaf, Use("conv_general_dilated", roles, _where(eqn, prefix), problem,
+                            groups=int(eqn.params["feature_group_count"]), feature_axis=feature))
     return [None]
 
 

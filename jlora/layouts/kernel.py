@@ -66,13 +66,28 @@ class KernelLayout:
     def out_axes(self) -> tuple[int, ...]:
         return tuple(i for i, r in enumerate(self.roles) if r == "out")
 
-    def factor_shapes(self, shape: Sequence[int], r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        """Shapes of A and B for a kernel of ``shape``."""
+    def factor_shapes(self, shape: Sequence[int], r: int, groups: int = 1) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Shapes of A and B for a kernel of ``shape``.
+
+        ``groups > 1``: a grouped convolution (``feature_group_count``) adapted as PEFT
+        does it: A is a full convolution, its last input axis (the input features)
+        ``groups`` times the kernel's; B a grouped 1×1 convolution ``(r / groups, *out)``.
+
+        >>> KernelLayout(("in", "in", "out")).factor_shapes((3, 4, 8), 4, groups=2)
+        ((3, 8, 4), (2, 8))
+        """
         if len(shape) != len(self.roles):
             raise ValueError(f"kernel of shape {tuple(shape)} does not fit layout {self.roles}")
         stack = tuple(shape[i] for i in self.stack_axes)
         ins = tuple(shape[i] for i in self.in_axes)
         outs = tuple(shape[i] for i in self.out_axes)
+        if groups != 1:
+            if stack or len(outs) != 1 or r % groups or outs[0] % groups:
+                raise ValueError(
+                    f"grouped convolution (groups={groups}) with kernel shape {tuple(shape)}, layout {self.roles} "
+                    f"and r={r}: needs one output axis divisible by groups, no stack axis and r divisible by groups"
+                )
+            return ins[:-1] + (ins[-1] * groups, r), (r // groups,) + outs
         return stack + ins + (r,), stack + (r,) + outs
 
     def canonical_permutation(self) -> tuple[int, ...]:

@@ -41,10 +41,12 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 
+from ..layouts.kernel import KernelLayout
 from ..quant.array import is_quantized
 from .factors import delta
 
-__all__ = ["weight_norm", "magnitude_scale", "scale_to_kernel", "merge_kernel", "unmerge_kernel", "chain_kernel"]
+__all__ = ["weight_norm", "magnitude_scale", "scale_to_kernel", "merge_kernel", "unmerge_kernel", "chain_kernel",
+           "grouped_peft_delta"]
 
 _HI = jax.lax.Precision.HIGHEST
 
@@ -61,7 +63,36 @@ def _axes(layout: Sequence[str]) -> tuple[tuple[int, ...], tuple[int, ...], tupl
     return pick("stack"), pick("in"), pick("out")
 
 
-def weight_norm(w: jax.Array, a: jax.Array, b: jax.Array, scale: float, layout: Sequence[str]) -> jax.Array:
+def grouped_peft_delta(a: jax.Array, b: jax.Array, layout: Sequence[str], groups: int) -> jax.Array:
+    """What PEFT 0.21.2's DoRA takes for ``ΔW`` of a grouped convolution, in the kernel's
+    layout (float32): ``(lora_B.view(-1, r) @ lora_A.view(r, -1)).reshape(W.shape)``
+    in PyTorch's ``(out, in/groups, *window)`` order.
+
+    For ``groups > 1`` this is not the adapter's update (which reads every input channel
+    and has no grouped kernel shape): it regroups B's rows, so the DoRA norm PEFT divides
+    by is the norm of that array. jlora uses it to give PEFT's outputs and files; for
+    ``groups == 1`` it is ``A·B``. ``a``: ``(*window, in, r)``, ``b``: ``(r / groups, out)``,
+    the input features the last input axis of ``layout``.
+
+    >>> a = jnp.ones((3, 4, 2)); b = jnp.ones((1, 4))      # window 3, 4 channels in, r = 2, 2 groups
+    >>> grouped_peft_delta(a, b, ("in", "in", "out"), 2).shape
+    (3, 2, 4)
+    """
+    kl = KernelLayout(tuple(layout))
+    r = int(a.shape[-1])
+    n = a.ndim
+    a_t = jnp.transpose(a.astype(jnp.float32), (n - 1, n - 2, *range(n - 2)))  # (r, in, *window)
+    b_t = jnp.transpose(b.astype(jnp.float32))  # (out, r / groups)
+    out = int(b.shape[-1])
+    cin_g = int(a.shape[-2]) // groups
+    p = jnp.matmul(b_t.reshape(-1, r), a_t.reshape(r, -1), precision=_HI)
+    p = p.reshape((out, cin_g) + tuple(a.shape[:-2]))  # PyTorch (out, in/groups, *window)
+    canonical = jnp.transpose(p, (*range(2, p.ndim), 1, 0))  # (*window, in/groups, out)
+    return jnp.transpose(canonical, kl.canonical_permutation())
+
+
+def weight_norm(w: jax.Array, a: jax.Array, b: jax.Array, scale: float, layout: Sequence[str],
+                groups: int = 1) -> jax.Array:
     """``‖W + s·A·B‖`` over the input axes, per (stack, output) index, in float32, without
     forming ``W + s·A·B``: ``n² = ‖W‖² + 2s·⟨AᵀW, B⟩_r + s²·⟨(AᵀA)B, B⟩_r``.
 
@@ -70,6 +101,9 @@ def weight_norm(w: jax.Array, a: jax.Array, b: jax.Array, scale: float, layout: 
       a: ``(*stack, *in, r)``; b: ``(*stack, r, *out)``.
       scale: the LoRA scale ``s``.
       layout: the role of each axis of ``w`` (``"stack"``, ``"in"``, ``"out"``).
+      groups: a grouped convolution (PEFT's structure): the norm PEFT computes,
+        ``‖W + s·grouped_peft_delta(A, B)‖`` (a kernel-sized array; convolution kernels
+        are small).
 
     Returns: ``(*stack, *out)`` float32.
 
@@ -77,6 +111,10 @@ def weight_norm(w: jax.Array, a: jax.Array, b: jax.Array, scale: float, layout: 
     >>> weight_norm(w, a, b, 0.5, ("in", "out")).tolist() == jnp.linalg.norm(w + 0.5, axis=0).tolist()
     True
     """
+    if groups != 1:
+        _, ins, _ = _axes(layout)
+        full = _dense(w).astype(jnp.float32) + jnp.asarray(scale, jnp.float32) * grouped_peft_delta(a, b, layout, groups)
+        return jnp.sqrt(jnp.sum(jnp.square(full), axis=ins))
     stack, ins, _ = _axes(layout)
     ns, n_in = len(stack), len(ins)
     f32 = jnp.float32
@@ -97,14 +135,14 @@ def weight_norm(w: jax.Array, a: jax.Array, b: jax.Array, scale: float, layout: 
 
 
 def magnitude_scale(w: jax.Array, a: jax.Array, b: jax.Array, magnitude: jax.Array, scale: float,
-                    layout: Sequence[str]) -> jax.Array:
+                    layout: Sequence[str], groups: int = 1) -> jax.Array:
     """DoRA's ``k = m / stop_gradient(‖W + s·A·B‖)``, ``(*stack, *out)`` float32.
 
     The norm is a constant for differentiation (paper §4.3, as PEFT): gradients reach
     ``m`` through ``k``, and reach A and B only through the LoRA branch.
     """
     n = jax.lax.stop_gradient(weight_norm(jax.lax.stop_gradient(w), jax.lax.stop_gradient(a),
-                                          jax.lax.stop_gradient(b), scale, layout))
+                                          jax.lax.stop_gradient(b), scale, layout, groups))
     return magnitude.astype(jnp.float32) / n
 
 

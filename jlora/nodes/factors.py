@@ -21,7 +21,7 @@ import numpy as np
 
 from ..layouts.kernel import KernelLayout, Layout
 
-__all__ = ["delta", "add_delta", "init_factors"]
+__all__ = ["delta", "add_delta", "init_factors", "init_b_bias"]
 
 
 def delta(a: jax.Array, b: jax.Array, layout: Layout, dtype=jnp.float32) -> jax.Array:
@@ -63,6 +63,7 @@ def init_factors(
     init: Union[bool, str] = True,
     dtype=jnp.float32,
     embedding: bool = False,
+    groups: int = 1,
 ) -> tuple[jax.Array, jax.Array]:
     """Initial ``(A, B)`` for a kernel of ``shape`` and ``layout``, as PEFT initialises them.
 
@@ -72,15 +73,16 @@ def init_factors(
     - ``init=False``: A and B both random (torch's default Linear init: U(±1/sqrt(fan_in)));
       the adapter is *not* an identity at start; for tests.
 
-    ``fan_in`` is the product of A's input axes.
+    ``fan_in`` is the product of A's input axes. ``groups > 1``: a grouped convolution
+    as PEFT adapts it (:meth:`jlora.KernelLayout.factor_shapes`: A full, B grouped).
 
     >>> a, b = init_factors(jax.random.key(0), (6, 4), ("in", "out"), r=2)
     >>> a.shape, b.shape, float(abs(b).sum())
     ((6, 2), (2, 4), 0.0)
     """
     kl = KernelLayout(layout)
-    a_shape, b_shape = kl.factor_shapes(tuple(shape), r)
-    fan_in = int(np.prod([shape[i] for i in kl.in_axes]))
+    a_shape, b_shape = kl.factor_shapes(tuple(shape), r, groups)
+    fan_in = int(np.prod([shape[i] for i in kl.in_axes])) * groups
     if key is None:
         raise ValueError("init_factors needs a PRNG key: pass rng=jax.random.key(seed) to jlora.wrap")
     ka, kb = jax.random.split(key)
@@ -91,5 +93,20 @@ def init_factors(
     if init == "gaussian":
         return (jax.random.normal(ka, a_shape, dtype) / r).astype(dtype), jnp.zeros(b_shape, dtype)
     if init is False:
-        return _kaiming_uniform_a_sqrt5(ka, a_shape, fan_in, dtype), _kaiming_uniform_a_sqrt5(kb, b_shape, r, dtype)
+        return (_kaiming_uniform_a_sqrt5(ka, a_shape, fan_in, dtype),
+                _kaiming_uniform_a_sqrt5(kb, b_shape, r // groups, dtype))
     raise ValueError(f"init_lora_weights={init!r}: valid values are True, False, 'gaussian'")
+
+
+def init_b_bias(key: jax.Array, shape: Sequence[int], r: int, init: Union[bool, str] = True,
+                dtype=jnp.float32) -> jax.Array:
+    """PEFT's initial ``lora_B.bias`` (``lora_bias=True``) of shape ``(*stack, *out)``:
+    zeros, except with ``init=False`` (PEFT then keeps torch's default layer init,
+    ``U(±1/sqrt(fan_in))``, ``fan_in`` the rank B reads).
+
+    >>> init_b_bias(jax.random.key(0), (3,), 4).tolist()
+    [0.0, 0.0, 0.0]
+    """
+    if init is False:
+        return _kaiming_uniform_a_sqrt5(key, tuple(shape), r, dtype)
+    return jnp.zeros(tuple(shape), dtype)

@@ -35,6 +35,8 @@ __all__ = [
     "Trainable",
     "is_lora_weight",
     "is_trainable",
+    "TrainableTokens",
+    "is_trainable_tokens",
 ]
 
 DEFAULT_ADAPTER = "default"
@@ -58,6 +60,17 @@ class LoraWeight:
     - ``a0``, ``b0``: the initial factors of PiSSA/OLoRA (frozen): ``w`` is then the
       residual ``W − s·a0·b0`` and ``init`` (static) names the initialisation; the
       original kernel is ``w + s·a0·b0`` (:func:`jlora.unload`).
+    - ``b_bias``: PEFT's ``lora_B.bias`` (``LoraConfig(lora_bias=True)``), trainable,
+      ``(*stack, *out)``: the target's output gains ``s·b_bias``; merging adds it to the
+      base bias next to the kernel.
+
+    More static data: ``groups`` (a grouped convolution with that
+    ``feature_group_count``, adapted as PEFT does it: ``a`` is a full ``(*window,
+    in·groups, r)`` convolution, ``b`` a grouped 1×1 convolution ``(r/groups, out)``;
+    there is no kernel-shaped ``ΔW``, so it cannot be merged) and ``guessed`` (the layout
+    is the tree's convention for a 2-D kernel, not evidence: :func:`jlora.lora` raises
+    where the model reads the kernel transposed, instead of computing with a wrong
+    orientation).
 
     The effective kernel is ``w + scale · delta(self)`` (times ``m / ‖w + scale·ΔW‖``
     per output with DoRA), or ``w`` when merged.
@@ -79,11 +92,15 @@ class LoraWeight:
     a0: Any = None
     b0: Any = None
     init: Optional[str] = None
+    b_bias: Any = None
+    groups: int = 1
+    guessed: bool = False
 
-    _CHILDREN = ("w", "a", "b", "magnitude", "weight_norm", "a0", "b0")
+    _CHILDREN = ("w", "a", "b", "magnitude", "weight_norm", "a0", "b0", "b_bias")
+    _STATIC = ("scale", "layout", "dropout", "merged", "init", "groups", "guessed")
 
     def _aux(self):
-        return (self.scale, self.layout, self.dropout, self.merged, self.init)
+        return tuple(getattr(self, n) for n in self._STATIC)
 
     def tree_flatten(self):
         return tuple(getattr(self, n) for n in self._CHILDREN), self._aux()
@@ -97,7 +114,7 @@ class LoraWeight:
         obj = object.__new__(cls)
         for n, c in zip(cls._CHILDREN, children):
             object.__setattr__(obj, n, c)
-        for n, v in zip(("scale", "layout", "dropout", "merged", "init"), aux):
+        for n, v in zip(cls._STATIC, aux):
             object.__setattr__(obj, n, v)
         return obj
 
@@ -131,6 +148,11 @@ class LoraWeight:
         (computed in float32); ``W`` if merged."""
         if self.merged:
             return self.w
+        if self.groups != 1:
+            raise ValueError(
+                f"a LoRA adapter on a grouped convolution (groups={self.groups}) has no merged kernel: PEFT's lora_A "
+                "reads every input channel, so W + s·ΔW is not a grouped kernel (PEFT cannot merge it either)"
+            )
         if self.magnitude is not None:
             return chain_kernel(self.w, [self], self.layout)
         return add_delta(self.w, self.a, self.b, self.scale, self.layout, sign=1.0)
@@ -145,6 +167,70 @@ jax.tree_util.register_pytree_with_keys(
     LoraWeight.tree_unflatten,
     lambda x: x.tree_flatten(),
 )
+
+
+@jax.tree_util.register_pytree_with_keys_class
+@dataclasses.dataclass(frozen=True)
+class TrainableTokens:
+    """Chosen rows of a token table trained in full (PEFT's trainable tokens,
+    ``LoraConfig(trainable_token_indices=...)``); a pytree node.
+
+    Children: ``w`` (the frozen table) and ``values`` (the trained rows, ``(n, d)``:
+    PEFT's ``trainable_tokens_delta``, which holds the new rows themselves). Static:
+    ``indices`` (the ``n`` token ids) and ``axis`` (the token axis of ``w``: 0 for an
+    embedding table ``(vocab, d)``, 1 for a Flax ``Dense`` output head ``(d, vocab)``).
+    The effective table is ``w`` with its token rows replaced::
+
+        W'[indices[i]] = values[i]            (along ``axis``)
+
+    which is ``W + P·(V − W[indices])`` with ``P`` the one-hot ``(vocab, n)`` matrix of
+    the indices: a rank-``n`` update, applied factored by :func:`jlora.lora` (a lookup
+    and a tied output layer ``x·Wᵀ`` alike).
+
+    >>> tt = TrainableTokens(jnp.zeros((4, 2)), jnp.ones((1, 2)), (2,))
+    >>> tt.effective()[:, 0].tolist()
+    [0.0, 0.0, 1.0, 0.0]
+    """
+
+    w: Any
+    values: Any
+    indices: tuple[int, ...]
+    axis: int = 0
+
+    def tree_flatten_with_keys(self):
+        keys = (jax.tree_util.GetAttrKey("w"), jax.tree_util.GetAttrKey("values"))
+        return tuple(zip(keys, (self.w, self.values))), (self.indices, self.axis)
+
+    def tree_flatten(self):
+        return (self.w, self.values), (self.indices, self.axis)
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        obj = object.__new__(cls)
+        object.__setattr__(obj, "w", children[0])
+        object.__setattr__(obj, "values", children[1])
+        object.__setattr__(obj, "indices", aux[0])
+        object.__setattr__(obj, "axis", aux[1])
+        return obj
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.w.shape)
+
+    def rows(self) -> Any:
+        """The trained rows in ``w``'s axis order (``values`` for ``axis=0``, ``values.T`` for 1)."""
+        return self.values if self.axis == 0 else jax.numpy.swapaxes(self.values, 0, 1)
+
+    def effective(self) -> jax.Array:
+        """``w`` with the token rows replaced by ``values`` (in ``w``'s dtype)."""
+        idx = jax.numpy.asarray(self.indices, jax.numpy.int32)
+        rows = self.rows().astype(self.w.dtype)
+        if self.axis == 0:
+            return self.w.at[idx].set(rows)
+        return self.w.at[:, idx].set(rows)
+
+    def replace(self, **changes: Any) -> "TrainableTokens":
+        return dataclasses.replace(self, **changes)
 
 
 @jax.tree_util.register_pytree_with_keys_class
@@ -234,8 +320,12 @@ jax.tree_util.register_pytree_with_keys(MultiLoraWeight, _flatten_multi_with_key
 
 def is_lora_node(x: Any) -> bool:
     """Whether ``x`` is one of jlora's nodes (``LoraWeight``, ``MultiLoraWeight``,
-    ``Trainable``): the ``is_leaf`` for walking a LoRA tree node by node."""
-    return isinstance(x, (LoraWeight, MultiLoraWeight, Trainable))
+    ``Trainable``, ``TrainableTokens``): the ``is_leaf`` for walking a LoRA tree node by node."""
+    return isinstance(x, (LoraWeight, MultiLoraWeight, Trainable, TrainableTokens))
+
+
+def is_trainable_tokens(x: Any) -> bool:
+    return isinstance(x, TrainableTokens)
 
 
 def is_lora_weight(x: Any) -> bool:

@@ -16,7 +16,7 @@ import numpy as np
 from ..adapters.named import check_adapter_ids
 from ..core.paths import path_names
 from ..nodes.dora import magnitude_scale
-from ..nodes.weight import DEFAULT_ADAPTER, LoraWeight, MultiLoraWeight, Trainable
+from ..nodes.weight import DEFAULT_ADAPTER, LoraWeight, MultiLoraWeight, Trainable, TrainableTokens
 from ..quant import forward as qforward
 from ..quant.array import is_quantized
 from .interpreter import eval_jaxpr
@@ -34,7 +34,7 @@ __all__ = ["lora", "explain"]
 
 
 def _is_node(x: Any) -> bool:
-    return isinstance(x, (LoraWeight, MultiLoraWeight, Trainable))
+    return isinstance(x, (LoraWeight, MultiLoraWeight, Trainable, TrainableTokens))
 
 
 def _is_dynamic(x: Any) -> bool:
@@ -76,9 +76,32 @@ def _lora_value(leaf: Any, path: str, names: list[str], mixed: bool) -> Any:
     axes, n_stack = roles_to_axes(layout)
     pairs = tuple(
         Pair(a=x.a, b=x.b, scale=x.scale, dropout=x.dropout, gid=names.index(n) if mixed else -2,
-              k=_dora_k(leaf.w, x, n_stack)) for n, x in named
+             k=_dora_k(leaf.w, x, n_stack), groups=x.groups,
+             bias=None if x.b_bias is None else jnp.expand_dims(x.b_bias, n_stack)) for n, x in named
     )
-    return LoraValue(w=w, pairs=pairs, axes=axes, n_stack=n_stack, path=path)
+    guessed = any(x.guessed for _, x in named)
+    return LoraValue(w=w, pairs=pairs, axes=axes, n_stack=n_stack, path=path, guessed=guessed,
+                     kernel_layout=tuple(layout))
+
+
+def _tokens_value(leaf: TrainableTokens, path: str) -> LoraValue:
+    """Trainable token rows as a rank-``n`` LoRA value: ``W' = W + P·(V − W[ids])`` with
+    ``P`` the one-hot ``(vocab, n)`` matrix of the ids (frozen) and ``V`` the trained rows,
+    so a lookup and a tied output layer ``x·Wᵀ`` stay factored."""
+    w = jax.lax.stop_gradient(leaf.w)
+    idx = jnp.asarray(leaf.indices, jnp.int32)
+    vocab = int(w.shape[leaf.axis])
+    dtype = jnp.promote_types(leaf.values.dtype, jnp.float32)
+    onehot = jax.nn.one_hot(idx, vocab, dtype=dtype).T  # (vocab, n)
+    delta = leaf.values.astype(dtype) - jnp.moveaxis(jnp.take(w, idx, axis=leaf.axis), leaf.axis, 0).astype(dtype)
+    if leaf.axis == 0:  # an embedding table (vocab, d): the token axis is the input axis
+        pair = Pair(a=onehot, b=delta, scale=1.0, dropout=0.0)
+        layout = ("in", "out")
+    else:  # an output head (d, vocab): the token axis is the output axis
+        pair = Pair(a=delta.T, b=onehot.T, scale=1.0, dropout=0.0)
+        layout = ("in", "out")
+    axes, n_stack = roles_to_axes(layout)
+    return LoraValue(w=w, pairs=(pair,), axes=axes, n_stack=n_stack, path=path, kernel_layout=layout)
 
 
 def _dora_k(w: Any, x: LoraWeight, n_stack: int) -> Any:
@@ -88,7 +111,8 @@ def _dora_k(w: Any, x: LoraWeight, n_stack: int) -> Any:
         return None
     if is_quantized(w):  # the norm of the dequantized base (a constant: no residual)
         w = w.dequantize(w.compute_dtype)
-    return jnp.expand_dims(magnitude_scale(w, x.a, x.b, x.magnitude, x.scale, x.layout), n_stack)
+    grouped = {"groups": x.groups} if x.groups != 1 else {}  # PEFT's norm for a grouped convolution
+    return jnp.expand_dims(magnitude_scale(w, x.a, x.b, x.magnitude, x.scale, x.layout, **grouped), n_stack)
 
 
 def _run(fn, args, kwargs, key, on_materialize, events, adapter_ids=None):
@@ -117,6 +141,13 @@ def _run(fn, args, kwargs, key, on_materialize, events, adapter_ids=None):
         elif isinstance(leaf, Trainable):
             dyn_idx.append(i)
             dyn_vals.append(leaf.value)
+        elif isinstance(leaf, TrainableTokens):
+            pn = path_names(path)
+            if mixed:
+                raise ValueError(f"jlora: {'/'.join(pn[2:])!r} has trainable token rows, which named adapters and "
+                                 "mixed batches (adapter_ids=) do not support")
+            dyn_idx.append(i)
+            dyn_vals.append(_tokens_value(leaf, "/".join(pn[2:]) or "/".join(pn)))
         elif is_quantized(leaf):  # a frozen quantized kernel that is not a LoRA target
             dyn_idx.append(i)
             dyn_vals.append(qforward.as_value(leaf))

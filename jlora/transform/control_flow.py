@@ -31,32 +31,38 @@ def _call(eqn, invals, ctx):
     return eval_jaxpr(jaxpr, consts, invals, ctx, materialize_out=False, caller=eqn)
 
 
-def _pair_arrays(p: Pair) -> list[Any]:
-    return [p.a, p.b] if p.k is None else [p.a, p.b, p.k]
+_OPTIONAL = ("k", "bias")  # a pair's optional arrays (DoRA's k, lora_B's bias)
+
+
+def _pair_names(p: Pair) -> list[str]:
+    return ["a", "b"] + [n for n in _OPTIONAL if getattr(p, n) is not None]
 
 
 def _lora_arrays(v: LoraValue) -> list[Any]:
-    return [v.w] + [x for p in v.pairs for x in _pair_arrays(p)]
+    return [v.w] + [getattr(p, n) for p in v.pairs for n in _pair_names(p)]
 
 
 def _lora_spec(v: LoraValue) -> LoraValue:
-    # k=True marks a DoRA pair (its k is one more array)
+    # True marks an optional array the pair has (one more array each)
     return dataclasses.replace(
-        v, w=None, pairs=tuple(dataclasses.replace(p, a=None, b=None, k=None if p.k is None else True) for p in v.pairs)
+        v, w=None, pairs=tuple(
+            dataclasses.replace(p, a=None, b=None, **{n: None if getattr(p, n) is None else True for n in _OPTIONAL})
+            for p in v.pairs
+        )
     )
 
 
 def _n_arrays(spec: LoraValue) -> int:
-    return 1 + sum(2 if p.k is None else 3 for p in spec.pairs)
+    return 1 + sum(len(_pair_names(p)) for p in spec.pairs)
 
 
 def _lora_from(spec: LoraValue, arrays: Sequence[Any]) -> LoraValue:
     pairs, i = [], 1
     for p in spec.pairs:
-        n = 2 if p.k is None else 3
-        got = dict(zip(("a", "b", "k"), arrays[i:i + n]))
+        names = _pair_names(p)
+        got = dict(zip(names, arrays[i:i + len(names)]))
         pairs.append(dataclasses.replace(p, **got))
-        i += n
+        i += len(names)
     return dataclasses.replace(spec, w=arrays[0], pairs=tuple(pairs))
 
 

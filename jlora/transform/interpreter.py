@@ -71,6 +71,7 @@ def bind(eqn: Any, invals: Sequence[Any]) -> Any:
 
 def materialize(x: Any, ctx: Context, eqn: Any, reason: str = "") -> Any:
     if isinstance(x, LoraValue):
+        x.check_materializable(eqn.primitive.name if eqn is not None else "the function's output")
         ctx.record(x, eqn, "materialized", reason)
         return x.materialize(ctx.adapter_ids)
     return qforward.dense(x)

@@ -26,6 +26,7 @@ from .values import (
     has_dora,
     k_on,
     roles_str,
+    transposed_guess_error,
 )
 
 __all__ = ["lora_branch", "BranchSpec"]
@@ -112,7 +113,7 @@ def _gathered_mixed_delta(lv, x, ctx, mode, xc, xb, cgroups, stack_batch, nsf, t
     pairs = [p for p in lv.pairs if p.gid >= 0]
     if (
         ids is None or mode != "in" or not pairs or 0 in xc or 0 in xb or nsf
-        or x.shape[0] != ids.shape[0]
+        or x.shape[0] != ids.shape[0] or any(p.bias is not None for p in pairs)
         or (ctx.key is not None and any(p.dropout > 0 for p in pairs))
     ):
         return None
@@ -200,6 +201,11 @@ def _rule_dot_general(eqn, invals, ctx):
             eqn, invals, ctx,
             f"contraction over kernel axes {tuple(lvc)} does not match its layout (roles {roles_str(lv)})",
         )
+    if mode == "out" and lv.guessed:
+        raise ValueError(transposed_guess_error(lv))
+    if mode == "out" and any(p.bias is not None for p in lv.pairs):
+        raise ValueError(f"jlora: {lv.path!r} has a lora_B bias (lora_bias=True) but the model contracts its output "
+                         "axes (x·Wᵀ), where a bias on the output cannot be added")
 
     if ctx.adapter_ids is not None and 0 in xb and any(p.gid >= 0 for p in lv.pairs):
         raise ValueError(
@@ -256,6 +262,11 @@ def _rule_dot_general(eqn, invals, ctx):
         else:
             xd = (x if pair_x is None else pair_x[i]).astype(fdtype)
         u = lora_branch(xd, pair.a, pair.b, pair.scale, spec)
+        if pair.bias is not None:  # lora_bias: y += s·b_B along the output axes
+            bias = k_on(pair.bias, ns, target, stack_label)
+            if bias is None:
+                raise ValueError(f"jlora: {lv.path!r}: the lora_B bias cannot be placed on this product's output")
+            u = u + jnp.asarray(pair.scale, fdtype) * bias.astype(fdtype)
         mask = example_mask(pair, ctx, lv, u.ndim, ex_axis, None if ex_axis is None else u.shape[ex_axis], fdtype)
         if mask is not None:
             u = u * mask
@@ -474,6 +485,9 @@ def _rule_gather(eqn, invals, ctx):
     )
     if not ok:
         return rule_materialize(eqn, invals, ctx, "gather is not a row lookup over the input axes")
+    if any(p.bias is not None for p in lv.pairs):
+        raise ValueError(f"jlora: {lv.path!r} has a lora_B bias (lora_bias=True) but is used as an embedding table; "
+                         "PEFT has no lora_bias for embeddings")
     base = bind(eqn, [lv.w, indices])
     n_offset = len(other)
     batch_rank = base.ndim - n_offset
@@ -512,6 +526,18 @@ def _rule_gather(eqn, invals, ctx):
     return _add_delta(base, functools.reduce(jnp.add, [u for _, u, _, _ in terms]), base.dtype)
 
 
+def _grouped_b(t, b, of, groups, fdtype):
+    """PEFT's grouped 1×1 ``lora_B`` on ``t`` (``r`` features on axis ``of``): output
+    ``o`` of group ``g = o // (out/groups)`` reads the rank features ``g·(r/groups) + j``
+    with weight ``b[j, o]`` (``b``: ``(r/groups, out)``)."""
+    rg, out = int(b.shape[0]), int(b.shape[1])
+    t = jnp.moveaxis(t, of, -1)
+    t = t.reshape(t.shape[:-1] + (groups, rg))
+    b3 = b.astype(fdtype).reshape(rg, groups, out // groups)
+    u = jnp.einsum("...gj,jgo->...go", t, b3, preferred_element_type=fdtype)
+    return jnp.moveaxis(u.reshape(u.shape[:-2] + (out,)), -1, of)
+
+
 def _rule_conv(eqn, invals, ctx):
     x, k = invals
     if isinstance(x, LoraValue) or not isinstance(k, LoraValue):
@@ -520,44 +546,58 @@ def _rule_conv(eqn, invals, ctx):
     p = eqn.params
     dn = p["dimension_numbers"]
     out_dim, in_dim = dn.rhs_spec[0], dn.rhs_spec[1]
-    ok = (
+    groups = int(p["feature_group_count"])
+    pair_groups = {pair.groups for pair in lv.pairs}
+    layout_ok = (
         lv.n_stack == 0 and lv.n_out == 1 and lv.axes[out_dim] == ("b", 0)
-        and all(g == "a" for i, (g, _) in enumerate(lv.axes) if i != out_dim)
-        and p["feature_group_count"] == 1 and p["batch_group_count"] == 1
+        and all(g == "a" for i, (g, _) in enumerate(lv.axes) if i != out_dim) and p["batch_group_count"] == 1
     )
-    if not ok:
-        if has_dora(lv) and (p["feature_group_count"] != 1 or p["batch_group_count"] != 1):
-            raise ValueError(
-                f"jlora: DoRA (use_dora=True) on the grouped convolution {lv.path!r} (feature_group_count="
-                f"{p['feature_group_count']}): PEFT's DoRA norm is wrong there and its merge fails; jlora does not "
-                "support it. Leave this target out (exclude_modules) or use use_dora=False"
-            )
-        return rule_materialize(eqn, invals, ctx, "grouped conv or unusual kernel layout")
+    if groups != 1 and pair_groups == {1}:
+        raise ValueError(
+            f"jlora: grouped convolution {lv.path!r} (feature_group_count={groups}): its adapter has a plain "
+            f"convolution's factors (A {tuple(lv.pairs[0].a.shape)}), made without knowing the grouping. PEFT's LoRA "
+            "on a grouped convolution has a full lora_A (every input channel) and a grouped lora_B: pass apply_fn= "
+            "and example_args= to jlora.wrap so the grouping is found from the model, or leave the layer out"
+        )
+    if pair_groups != {groups}:
+        raise ValueError(f"jlora: grouped convolution {lv.path!r}: the adapter is for groups={sorted(pair_groups)}, "
+                         f"the model's convolution has feature_group_count={groups}")
+    if groups != 1 and (not layout_ok or lv.axes[in_dim] != ("a", lv.n_in - 1)):
+        raise ValueError(f"jlora: grouped convolution {lv.path!r}: the kernel's layout {roles_str(lv)} does not fit "
+                         "the convolution's dimension numbers (input features must be the last input axis)")
+    if not layout_ok:
+        return rule_materialize(eqn, invals, ctx, "unusual kernel layout for a convolution")
     fdtype = factor_dtype(lv)
     base, out_dtype = _base_product(eqn, [x, lv.w], fdtype)
     perm = [lv.n_in if i == out_dim else lv.axes[i][1] for i in range(lv.w.ndim)]
     params = dict(p)
     params["preferred_element_type"] = fdtype
+    params["feature_group_count"] = 1  # PEFT's lora_A is a full convolution, grouped or not
     of, ex_axis = dn.out_spec[1], dn.out_spec[0]
+    target = [("x", i) for i in range(base.ndim)]
+    target[of] = ("b", 0)
     terms = []
     for pair in lv.pairs:
         a_kernel = jnp.transpose(pair.a, perm).astype(fdtype)
         xd = apply_dropout(x.astype(fdtype), pair, ctx)
         t = bind_with(eqn.primitive, params, [xd, a_kernel])
-        u = jax.lax.dot_general(t, pair.b.astype(fdtype), (((of,), (0,)), ((), ())), preferred_element_type=fdtype)
-        u = jnp.moveaxis(u, -1, of) * jnp.asarray(pair.scale, fdtype)
+        if groups != 1:
+            u = _grouped_b(t, pair.b, of, groups, fdtype)
+        else:
+            u = jax.lax.dot_general(t, pair.b.astype(fdtype), (((of,), (0,)), ((), ())), preferred_element_type=fdtype)
+            u = jnp.moveaxis(u, -1, of)
+        if pair.bias is not None:  # lora_bias: lora_B's bias on the output features
+            u = u + k_on(pair.bias, 0, target).astype(fdtype)
+        u = u * jnp.asarray(pair.scale, fdtype)
         mask = example_mask(pair, ctx, lv, u.ndim, ex_axis, u.shape[ex_axis], fdtype)
         if mask is not None:
             u = u * mask
         dropped = xd if pair.k is not None and pair.dropout > 0 and ctx.key is not None else None
         terms.append((pair, u, mask, dropped))
     ctx.record(lv, eqn, "factored")
-    del in_dim
     if has_dora(lv):
-        target = [("x", i) for i in range(base.ndim)]
-        target[of] = ("b", 0)
         return dora_sum(base, terms, out_dtype, lambda p: k_on(p.k, 0, target),
-                         lambda xd: _base_product(eqn, [xd.astype(x.dtype), lv.w], fdtype)[0])
+                        lambda xd: _base_product(eqn, [xd.astype(x.dtype), lv.w], fdtype)[0])
     return _add_delta(base, functools.reduce(jnp.add, [u for _, u, _, _ in terms]), out_dtype)
 
 

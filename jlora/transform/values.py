@@ -33,7 +33,7 @@ from ..quant import forward as qforward
 __all__ = [
     "OnMaterialize", "MaterializationWarning", "MaterializationError", "LoraEvent", "LoraReport", "Axis", "Pair",
     "LoraValue", "Context", "roles_str", "roles_to_axes", "k_on", "dora_sum", "has_dora", "on_current_mesh",
-    "apply_dropout", "factor_dtype", "example_mask",
+    "apply_dropout", "factor_dtype", "example_mask", "transposed_guess_error",
 ]
 
 OnMaterialize = Literal["warn", "error", "allow"]
@@ -95,6 +95,8 @@ class Pair:
     dropout: float
     gid: int = -2  # index of the adapter in the call's adapter list (for ``adapter_ids``)
     k: Any = None  # DoRA: m / ‖W + s·ΔW‖ (float32, b-shaped with r = 1: (*stack, 1, *out)); jlora.dora
+    bias: Any = None  # lora_bias: lora_B's bias, b-shaped with r = 1: (*stack, 1, *out); added as s·bias
+    groups: int = 1  # a grouped convolution: a is (*window, in·groups, r), b (r/groups, out)
 
     @property
     def dtype(self):
@@ -115,6 +117,8 @@ class LoraValue:
     axes: tuple[Axis, ...]
     n_stack: int
     path: str
+    guessed: bool = False  # the layout is a naming convention, not evidence (LoraWeight.guessed)
+    kernel_layout: tuple = ()  # the roles of the kernel's own axes (before any view), for messages
 
     @property
     def n_in(self) -> int:
@@ -133,9 +137,10 @@ class LoraValue:
         """A new view: ``w`` replaced, and each pair's (a, b) replaced by ``ab(a, b)``."""
         pairs = self.pairs
         if ab is not None:
-            # DoRA's k has B's axes (rank 1): it follows B through every view change
+            # DoRA's k and lora_B's bias have B's axes (rank 1): they follow B through every view change
             pairs = tuple(
-                dataclasses.replace(p, **dict(zip(("a", "b"), ab(p.a, p.b))), k=None if p.k is None else ab(p.a, p.k)[1])
+                dataclasses.replace(p, **dict(zip(("a", "b"), ab(p.a, p.b))), k=None if p.k is None else ab(p.a, p.k)[1],
+                                    bias=None if p.bias is None else ab(p.a, p.bias)[1])
                 for p in pairs
             )
         return dataclasses.replace(
@@ -159,7 +164,24 @@ class LoraValue:
         """``Σ scale · ΔW`` in the view's axis order, computed in ``dtype``."""
         return functools.reduce(jnp.add, [self.pair_delta_view(p, dtype) for p in self.pairs])
 
+    def check_materializable(self, where: str = "") -> None:
+        """``ValueError`` where ``W + s·A·B`` is not the adapter: a grouped convolution's
+        (no kernel-shaped ``ΔW``) or one with a lora_B bias (the bias is not in ``W``)."""
+        at = f" at {where}" if where else ""
+        if any(p.groups != 1 for p in self.pairs):
+            raise ValueError(
+                f"jlora: the grouped convolution {self.path!r} (PEFT's LoRA: a full lora_A and a grouped lora_B) is "
+                f"used{at} other than as the kernel of its convolution; it has no merged kernel W + s·ΔW, so it cannot "
+                "be formed there"
+            )
+        if any(p.bias is not None for p in self.pairs):
+            raise ValueError(
+                f"jlora: {self.path!r} has a lora_B bias (lora_bias=True) and is used{at} where the bias cannot be "
+                "added (not a contraction over its input axes or a convolution); W + s·A·B alone would drop it"
+            )
+
     def materialize(self, adapter_ids=None) -> jax.Array:
+        self.check_materializable()
         if adapter_ids is not None and any(p.gid >= 0 for p in self.pairs):
             raise ValueError(
                 f"jlora: LoRA weight {self.path!r} would have to be materialised, but a mixed batch "
@@ -176,6 +198,19 @@ class LoraValue:
                     out = out * k_on(p.k, self.n_stack, list(self.axes)).astype(compute)
             return out.astype(w.dtype)
         return (w.astype(compute) + self.delta_view(compute)).astype(w.dtype)
+
+
+def transposed_guess_error(lv: "LoraValue") -> str:
+    """The message for a kernel whose guessed layout the model reads transposed."""
+    module = lv.path.rsplit("/", 1)[0].replace("/", ".") if "/" in lv.path else lv.path
+    swapped = tuple({"in": "out", "out": "in"}.get(r, r) for r in lv.kernel_layout)
+    return (
+        f"jlora: the layout of {lv.path!r} {lv.kernel_layout} was guessed from the tree (a 2-D kernel is taken to be "
+        "(in, out), Flax's Dense), but the model contracts its output axis: it reads the kernel as (out, in), like "
+        "transformers' FlaxConv1D. The LoRA factors would sit on the wrong axes (and a PEFT file would not match). "
+        f"Pass apply_fn= and example_args= (layouts found from how the model uses each kernel), or layouts={{"
+        f"{module!r}: {swapped}}}, to jlora.wrap / jlora.load_peft / jlora.load"
+    )
 
 
 def roles_str(lv: "LoraValue") -> str:

@@ -74,7 +74,10 @@ def _rule_transpose(eqn, invals, ctx):
 
 
 def _reshape_lora(lv: LoraValue, new_shape: Sequence[int]) -> Optional[LoraValue]:
-    """The factored value of ``reshape(view, new_shape)``, or None if it does not factor."""
+    """The factored value of ``reshape(view, new_shape)``, or None if it does not factor
+    (nor for a grouped convolution's factors, whose A is wider than the kernel)."""
+    if any(p.groups != 1 for p in lv.pairs):
+        return None
     old = tuple(lv.w.shape)
     blocks = reshape_blocks(old, tuple(new_shape))
     if blocks is None:
@@ -176,7 +179,7 @@ def _rule_slice(eqn, invals, ctx):
     (lv,) = invals
     p = eqn.params
     strides = p.get("strides") or (1,) * lv.w.ndim
-    if 0 in eqn.outvars[0].aval.shape:
+    if 0 in eqn.outvars[0].aval.shape or any(q.groups != 1 for q in lv.pairs):
         return rule_materialize(eqn, invals, ctx, "empty slice")
 
     def cut(x, f):
@@ -193,7 +196,7 @@ def _rule_slice(eqn, invals, ctx):
 def _rule_dynamic_slice(eqn, invals, ctx):
     """``lax.dynamic_slice(W, starts)`` (e.g. ``W[i]`` of stacked layers in a loop)."""
     lv, *starts = invals
-    if any(isinstance(s, LoraValue) for s in starts) or len(starts) != lv.w.ndim:
+    if any(isinstance(s, LoraValue) for s in starts) or len(starts) != lv.w.ndim or any(q.groups != 1 for q in lv.pairs):
         return rule_materialize(eqn, invals, ctx, "LoRA weight used as an index")
     sizes = eqn.params["slice_sizes"]
     dtype = jnp.asarray(starts[0]).dtype

@@ -12,7 +12,7 @@ from ..core.nnx_modules import is_nnx_module, map_module_state
 from ..core.paths import path_names
 from ..nodes.dora import merge_kernel, unmerge_kernel
 from ..nodes.factors import add_delta
-from ..nodes.weight import MultiLoraWeight, is_lora_weight, is_trainable
+from ..nodes.weight import MultiLoraWeight, Trainable, is_lora_weight, is_trainable, is_trainable_tokens
 from ..nodes.weight import is_lora_node as _is_node
 from ..quant import merge as qmerge
 from ..quant.array import is_quantized
@@ -20,16 +20,69 @@ from ..quant.array import is_quantized
 __all__ = ["merge", "merge_adapter", "unmerge_adapter"]
 
 
+def _lora_biases(x: Any) -> list[tuple[float, Any]]:
+    """``[(s, b_B)]`` of the active adapters of a node that carry a lora_B bias."""
+    if is_lora_weight(x):
+        return [(x.scale, x.b_bias)] if x.b_bias is not None and not x.merged else []
+    if isinstance(x, MultiLoraWeight):
+        return [(p.scale, p.b_bias) for p in x.active_pairs() if p.b_bias is not None]
+    return []
+
+
+def _fold_lora_biases(flat: list, leaves: list, sign: float) -> list:
+    """``leaves`` (one per node of ``flat``) with ``sign·s·b_B`` of every adapter's lora_B
+    bias added to the base bias next to its kernel (the leaf ``bias`` of the same module,
+    plain or ``Trainable``), as PEFT's merge does; ``ValueError`` where there is none."""
+    where = {tuple(path_names(p)): i for i, (p, _) in enumerate(flat)}
+    leaves = list(leaves)
+    for i, (path, x) in enumerate(flat):
+        biases = _lora_biases(x)
+        if not biases:
+            continue
+        names = tuple(path_names(path))
+        j = where.get(names[:-1] + ("bias",))
+        if j is None:
+            raise ValueError(
+                f"{'/'.join(names)}: lora_bias: the module has no bias leaf to merge the lora_B bias into (PEFT cannot "
+                "merge it either); keep the adapter unmerged, or train with lora_bias=False"
+            )
+        base = leaves[j]
+        value = base.value if isinstance(base, Trainable) else base
+        for scale, b in biases:
+            if tuple(b.shape) != tuple(value.shape):
+                raise ValueError(f"{'/'.join(names)}: lora_B bias of shape {tuple(b.shape)} does not fit the base bias "
+                                 f"{'/'.join(names[:-1] + ('bias',))} of shape {tuple(value.shape)}")
+            compute = jnp.promote_types(value.dtype, jnp.float32)
+            value = (value.astype(compute) + (sign * scale) * b.astype(compute)).astype(value.dtype)
+        leaves[j] = Trainable(value) if isinstance(base, Trainable) else value
+    return leaves
+
+
+def _check_mergeable(lp: Any) -> None:
+    """``ValueError`` naming a grouped-convolution target: it has no merged kernel."""
+    for path, x in jax.tree_util.tree_flatten_with_path(lp, is_leaf=_is_node)[0]:
+        pairs = [x] if is_lora_weight(x) else x.active_pairs() if isinstance(x, MultiLoraWeight) else []
+        for p in pairs:
+            if p.groups != 1 and not getattr(x, "merged", False):
+                raise ValueError(
+                    f"{'/'.join(path_names(path))}: a LoRA adapter on a grouped convolution (groups={p.groups}) cannot "
+                    "be merged: PEFT's lora_A reads every input channel, so W + s·ΔW is not a grouped kernel (PEFT's "
+                    "merge raises too). Keep it unmerged (jlora.lora), or leave the layer out of target_modules"
+                )
+
+
 @jax.jit
 def _merge(lp: Any) -> Any:
     def fold(x):
         if isinstance(x, MultiLoraWeight) or is_lora_weight(x):
             return x.effective()
-        if is_trainable(x):
-            return x.value
+        if is_trainable(x) or is_trainable_tokens(x):
+            return x.value if is_trainable(x) else x.effective()
         return x
 
-    return jax.tree_util.tree_map(fold, lp, is_leaf=_is_node)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(lp, is_leaf=_is_node)
+    leaves = _fold_lora_biases(flat, [fold(x) for _, x in flat], 1.0)
+    return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
 @jax.jit
@@ -51,7 +104,12 @@ def merge(lp: Any, *, safe: bool = False, requantize: bool = False, with_report:
     (several active adapters on one kernel: in order, as PEFT, see :mod:`jlora.nodes.dora`;
     a PiSSA/OLoRA ``W`` is the residual, so ``W'`` is the trained model's kernel)
 
-    and each ``Trainable`` by its value. One jitted ``tree_map``.
+    and each ``Trainable`` by its value. With ``lora_bias``, ``s·b_B`` is added to the
+    base bias next to each kernel (PEFT's merge; a ``ValueError`` where the module has no
+    bias); trainable token rows replace their rows of the table (PEFT's
+    ``index_copy``). One jitted ``tree_map``. A LoRA adapter on a grouped convolution
+    has no merged kernel (PEFT's lora_A reads every input channel): ``ValueError``, as
+    PEFT raises.
 
     Over a quantized base (:func:`jlora.quantize`) each quantized kernel is dequantized to
     its ``compute_dtype`` first, so the result is the dense model that was trained,
@@ -81,6 +139,7 @@ def merge(lp: Any, *, safe: bool = False, requantize: bool = False, with_report:
 
             return map_module_state(merge_state, lp), reports[0]
         return map_module_state(lambda s: merge(s, safe=safe, requantize=requantize), lp)
+    _check_mergeable(lp)  # after the nnx branch: runs on the module's state
     if requantize:
         if safe:
             merge(lp, safe=True)
@@ -125,7 +184,16 @@ def _set_merged(lp: Any, to_merged: bool) -> Any:
         w = add_delta(x.w, x.a, x.b, x.scale, x.layout, sign)
         return x.replace(w=w, merged=to_merged)
 
-    return jax.tree_util.tree_map(step, lp, is_leaf=_is_node)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(lp, is_leaf=_is_node)
+    # the lora_B biases of the adapters that change state go into (out of) the base biases
+    changing = [(p, x if is_lora_weight(x) and x.merged != to_merged else None) for p, x in flat]
+    leaves = [step(x) for _, x in flat]
+    if to_merged:
+        leaves = _fold_lora_biases(changing, leaves, 1.0)
+    else:
+        leaves = _fold_lora_biases([(p, None if x is None else x.replace(merged=False)) for p, x in changing], leaves,
+                                   -1.0)
+    return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
 def merge_adapter(lp: Any) -> Any:
@@ -138,6 +206,7 @@ def merge_adapter(lp: Any) -> Any:
     """
     if is_nnx_module(lp):
         return map_module_state(merge_adapter, lp)
+    _check_mergeable(lp)
     return _set_merged(lp, True)
 
 

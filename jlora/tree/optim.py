@@ -11,7 +11,15 @@ import jax.numpy as jnp
 import optax
 
 from ..core.paths import path_names
-from ..nodes.weight import LoraWeight, MultiLoraWeight, Trainable, is_lora_weight, is_trainable
+from ..nodes.weight import (
+    LoraWeight,
+    MultiLoraWeight,
+    Trainable,
+    TrainableTokens,
+    is_lora_weight,
+    is_trainable,
+    is_trainable_tokens,
+)
 from ..nodes.weight import is_lora_node as _is_node
 
 __all__ = ["optimizer", "trainable_labels", "partition", "combine", "nnx_trainable", "LoraOptState"]
@@ -21,9 +29,9 @@ FROZEN = "frozen"
 
 
 def trainable_labels(lp: Any) -> Any:
-    """A tree like ``lp`` with ``"trainable"`` at A, B, DoRA's magnitude and ``Trainable``
-    values and ``"frozen"`` everywhere else (the labels of :func:`optimizer`), PiSSA/OLoRA's
-    initial factors and DoRA's saved norm included.
+    """A tree like ``lp`` with ``"trainable"`` at A, B, DoRA's magnitude, the lora_B bias,
+    trainable token rows and ``Trainable`` values and ``"frozen"`` everywhere else (the
+    labels of :func:`optimizer`), PiSSA/OLoRA's initial factors and DoRA's saved norm included.
 
     >>> trainable_labels(lp)["dense"]["kernel"]   # doctest: +SKIP
     LoraWeight(w='frozen', a='trainable', b='trainable', ...)
@@ -38,6 +46,8 @@ def trainable_labels(lp: Any) -> Any:
             return x.replace(w=FROZEN, adapters=adapters)
         if is_trainable(x):
             return Trainable(jax.tree_util.tree_map(lambda _: TRAINABLE, x.value))
+        if is_trainable_tokens(x):
+            return x.replace(w=FROZEN, values=TRAINABLE)
         return FROZEN
 
     return jax.tree_util.tree_map(label, lp, is_leaf=_is_node)
@@ -48,10 +58,10 @@ def _label_pair(p: Any, how: str) -> Any:
     for DoRA's saved norm and PiSSA/OLoRA's initial factors (absent children stay None)."""
     tag = lambda v, t: None if v is None else t  # noqa: E731
     return p.replace(a=how, b=how, magnitude=tag(p.magnitude, how), weight_norm=tag(p.weight_norm, FROZEN),
-                     a0=tag(p.a0, FROZEN), b0=tag(p.b0, FROZEN))
+                     a0=tag(p.a0, FROZEN), b0=tag(p.b0, FROZEN), b_bias=tag(p.b_bias, how))
 
 
-_TRAINED = ("a", "b", "magnitude")
+_TRAINED = ("a", "b", "magnitude", "b_bias")
 _KEPT = ("weight_norm", "a0", "b0")
 
 
@@ -95,6 +105,8 @@ def _trainable_arrays(tree: Any) -> dict[str, Any]:
         elif is_trainable(x):
             for sub, v in jax.tree_util.tree_flatten_with_path(x.value)[0]:
                 out["/".join((name, *path_names(sub)))] = v
+        elif is_trainable_tokens(x) and x.values is not None:
+            out[f"{name}/values"] = x.values
     return out
 
 
@@ -132,6 +144,8 @@ def _full_updates(params: Any, updates: dict[str, Any]) -> Any:
             vals = [updates.get("/".join((name, *path_names(sp))), None) for sp, _ in sub_flat]
             vals = [zero(v) if u is None else u for u, (_, v) in zip(vals, sub_flat)]
             leaves.append(Trainable(jax.tree_util.tree_unflatten(sub_def, vals)))
+        elif is_trainable_tokens(x):
+            leaves.append(x.replace(w=zero(x.w), values=updates.get(f"{name}/values", zero(x.values))))
         else:
             leaves.append(zero(x))
     return jax.tree_util.tree_unflatten(treedef, leaves)
@@ -140,8 +154,9 @@ def _full_updates(params: Any, updates: dict[str, Any]) -> Any:
 def optimizer(tx: optax.GradientTransformation) -> optax.GradientTransformation:
     """``tx`` on the trainable leaves, a zero update on the frozen ones.
 
-    A, B, DoRA's magnitude and leaves marked ``Trainable`` (by ``bias=`` or ``modules_to_save``) are
-    updated by ``tx``; every other leaf, the base kernels included, gets a zero update
+    A, B, DoRA's magnitude, the lora_B bias (``lora_bias``), trainable token rows and
+    leaves marked ``Trainable`` (by ``bias=`` or ``modules_to_save``) are updated by ``tx``;
+    every other leaf, the base kernels included, gets a zero update
     and holds no optimizer state::
 
         updates[θ] = tx(g)[θ] if θ is trainable else 0
@@ -192,7 +207,7 @@ def nnx_trainable(path: Any, x: Any) -> bool:
     True
     """
     del path
-    return isinstance(_unwrap_variable(x), (LoraWeight, MultiLoraWeight, Trainable))
+    return isinstance(_unwrap_variable(x), (LoraWeight, MultiLoraWeight, Trainable, TrainableTokens))
 
 
 def _zero_update(u: Any) -> Any:
@@ -233,6 +248,8 @@ def partition(lp: Any) -> tuple[Any, Any]:
             return x.replace(w=None if want_trainable else x.w, adapters=adapters)
         if is_trainable(x):
             return x if want_trainable else None
+        if is_trainable_tokens(x):
+            return x.replace(w=None) if want_trainable else x.replace(values=None)
         return None if want_trainable else x
 
     trainable = jax.tree_util.tree_map(lambda x: split(x, True), lp, is_leaf=_is_node)
@@ -253,6 +270,8 @@ def combine(trainable: Any, frozen: Any) -> Any:
         if isinstance(t, MultiLoraWeight):
             adapters = {n: join(p, f.adapters[n]) for n, p in t.adapters.items()}
             return t.replace(w=f.w, adapters=adapters)
+        if is_trainable_tokens(t):
+            return t.replace(w=f.w)
         return f if t is None else t
 
     return jax.tree_util.tree_map(

@@ -40,12 +40,18 @@ from ..core.paths import (
     path_names,
     stacklevel_outside_jlora,
 )
-from ..layouts.from_tree import LayoutSpec, TreeFacts, infer_layout, user_layout
+from ..layouts.from_tree import LayoutSpec, TreeFacts, infer_layout_guess, user_layout
 from ..layouts.kernel import KernelLayout
 from ..nodes.weight import is_lora_node
 from ..quant.array import is_quantized
 
-__all__ = ["TargetSpec", "Plan", "flatten_params", "plan_targets", "warn_rank_above_size"]
+__all__ = ["TargetSpec", "TokenSpec", "Plan", "flatten_params", "plan_targets", "warn_rank_above_size",
+           "check_groups", "INPUT_EMBEDDING_NAMES"]
+
+# Module names of a model's input (token) embedding: ``trainable_token_indices`` given as a
+# list applies to it (PEFT: ``model.get_input_embeddings()``).
+INPUT_EMBEDDING_NAMES = ("embed_tokens", "wte", "word_embeddings", "embed_in", "tok_embeddings", "embedder",
+                         "input_embedding", "token_embedding", "shared", "embeddings")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,14 +61,51 @@ class TargetSpec:
     scale: float
     layout: tuple[str, ...]
     embedding: bool
+    guessed: bool = False  # the layout is the tree's naming convention for a 2-D kernel, not evidence
+    groups: int = 1  # a grouped convolution's feature_group_count (found by use)
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenSpec:
+    """Trainable token rows of one table: the token ids and the table's token axis."""
+
+    indices: tuple[int, ...]
+    axis: int
 
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """The result of matching: targets by leaf index, and leaves that train in full."""
+    """The result of matching: targets by leaf index, leaves that train in full, and
+    tables with trainable token rows."""
 
     targets: dict[int, TargetSpec]
     trainable: frozenset[int]
+    tokens: dict[int, TokenSpec] = dataclasses.field(default_factory=dict)
+
+
+def check_groups(path: str, layout: Sequence[str], r: int, groups: int, feature_axis: Optional[int],
+                 shape: Sequence[int]) -> None:
+    """Raises ``ValueError`` unless a grouped convolution can carry PEFT's LoRA: ``r``
+    divisible by ``groups`` (PEFT's rule), one output axis divisible by it, no stack
+    axis, and the input features on the kernel's last input axis (Flax's ``nn.Conv``)."""
+    if groups == 1:
+        return
+    kl = KernelLayout(tuple(layout))
+    if r % groups:
+        raise ValueError(
+            f"{path}: a grouped convolution (feature_group_count={groups}) with r={r}: PEFT's LoRA on grouped "
+            f"convolutions needs r divisible by the groups (its lora_B is a grouped 1x1 convolution); use "
+            f"rank_pattern to give this module a multiple of {groups}, or leave it out"
+        )
+    if kl.stack_axes or len(kl.out_axes) != 1 or int(shape[kl.out_axes[0]]) % groups:
+        raise ValueError(f"{path}: grouped convolution kernel {tuple(shape)} with layout {tuple(layout)}: "
+                         "expected one output axis divisible by the groups and no stack axis")
+    if feature_axis is not None and feature_axis != kl.in_axes[-1]:
+        raise ValueError(
+            f"{path}: a grouped convolution whose input-feature axis is kernel axis {feature_axis}, not its last "
+            f"input axis {kl.in_axes[-1]}: jlora adapts grouped convolutions with Flax's kernel layout "
+            "(*window, in/groups, out)"
+        )
 
 
 def _param_flags(params: Any, n: int) -> list[bool]:
@@ -239,8 +282,11 @@ def plan_targets(
         u = uses.get(e.index) if uses is not None else None
         return u if u is not None and u.contracted else None
 
+    guessed: set[int] = set()
+
     def resolve_layout(e: LeafEntry) -> tuple[str, ...]:
-        """layouts= (checked against the uses), else the uses' layout, else inference."""
+        """layouts= (checked against the uses), else the uses' layout, else inference
+        (a guessed orientation is noted in ``guessed``)."""
         if is_quantized(e.leaf):  # a quantized kernel knows its layout (jlora.quantize inferred or was told it)
             return user_layout(layouts, e) or e.leaf.layout
         used = used_as_kernel(e)
@@ -251,7 +297,10 @@ def plan_targets(
             return layout
         if used is not None:
             return used.layout()
-        return infer_layout(e, facts)
+        layout, guess = infer_layout_guess(e, facts)
+        if guess:
+            guessed.add(e.index)
+        return layout
 
     # Every module path in the tree (a module may hold no kernel, e.g. a LayerNorm).
     modules: dict[str, list[LeafEntry]] = collections.defaultdict(list)
@@ -325,9 +374,16 @@ def plan_targets(
             r = _pattern_value(config.rank_pattern, key, config.r)
             alpha = _pattern_value(config.alpha_pattern, key, config.lora_alpha)
             warn_rank_above_size(e.path, tuple(e.leaf.shape), layout, int(r))
+            used = used_as_kernel(e)
+            groups = used.groups if used is not None else 1
+            check_groups(e.path, layout, int(r), groups, used.feature_axis if used is not None else None,
+                         tuple(e.leaf.shape))
+            if config.lora_bias and kinds[e.index] == "embedding":
+                raise ValueError(f"{e.path}: lora_bias=True on an embedding: PEFT does not support it either; "
+                                 "exclude the embedding or use lora_bias=False")
             targets[e.index] = TargetSpec(
                 r=int(r), alpha=alpha, scale=config.scale_for(int(r), alpha), layout=layout,
-                embedding=kinds[e.index] == "embedding",
+                embedding=kinds[e.index] == "embedding", guessed=e.index in guessed, groups=groups,
             )
 
     if not targets:
@@ -380,4 +436,55 @@ def plan_targets(
                 raise ValueError(
                     f"modules_to_save entry {m!r} matched no module; modules: {_format_list(all_prefixes)}"
                 )
-    return Plan(targets=targets, trainable=frozenset(trainable))
+    tokens = _plan_tokens(entries, config, uses, targets, trainable, resolve_layout) if (
+        config.trainable_token_indices is not None) else {}
+    return Plan(targets=targets, trainable=frozenset(trainable), tokens=tokens)
+
+
+def _plan_tokens(entries: Sequence[LeafEntry], config: LoraConfig, uses: Optional[Mapping[int, Any]],
+                 targets: Mapping[int, TargetSpec], trainable: set, resolve_layout: Any) -> dict[int, TokenSpec]:
+    """The tables of ``trainable_token_indices`` (PEFT's matching: a dict key names a module
+    whose dotted path ends with it; a list applies to the input embedding) and their token axes."""
+    tables = []
+    for e in entries:
+        kind = _kernel_kind(e, uses, explicit=True)
+        if kind in ("embedding", "linear") and is_array_like(e.leaf) and len(e.leaf.shape) == 2:
+            tables.append((e, kind))
+    spec = config.trainable_token_indices
+    chosen: list[tuple[LeafEntry, str, tuple[int, ...]]] = []
+    if isinstance(spec, Mapping):
+        for name, ids in spec.items():
+            hits = [(e, k) for e, k in tables if e.module.endswith(name)]
+            if not hits:
+                raise ValueError(
+                    f"trainable_token_indices names module {name!r}, which matches no embedding or 2-D kernel; "
+                    f"modules that could: {_format_list(sorted({e.module for e, _ in tables}))}"
+                )
+            chosen += [(e, k, ids) for e, k in hits]
+    else:
+        embeddings = [(e, k) for e, k in tables if k == "embedding"]
+        if len(embeddings) > 1:
+            named = [(e, k) for e, k in embeddings if e.module_names and e.module_names[-1] in INPUT_EMBEDDING_NAMES]
+            embeddings = named if len(named) == 1 else embeddings
+        if len(embeddings) != 1:
+            raise ValueError(
+                "trainable_token_indices as a list applies to the input embedding, and the tree has "
+                f"{len(embeddings)} embedding tables ({_format_list([e.module for e, _ in embeddings]) or 'none'}); "
+                "pass a dict {module name: token ids}"
+            )
+        chosen = [(embeddings[0][0], embeddings[0][1], tuple(spec))]
+    out: dict[int, TokenSpec] = {}
+    for e, kind, ids in chosen:
+        if e.index in targets:
+            raise ValueError(f"{e.path}: both a LoRA target and in trainable_token_indices; choose one for this table")
+        if e.index in trainable:
+            raise ValueError(f"{e.path}: both in modules_to_save (trained in full) and in trainable_token_indices "
+                             "(as PEFT, choose one)")
+        axis = 0 if kind == "embedding" else resolve_layout(e).index("out")
+        n = int(e.leaf.shape[axis])
+        bad = [i for i in ids if i >= n]
+        if bad:
+            raise ValueError(f"{e.path}: trainable_token_indices {bad} out of range for a table of {n} tokens "
+                             f"(shape {tuple(e.leaf.shape)}, token axis {axis})")
+        out[e.index] = TokenSpec(tuple(ids), axis)
+    return out

@@ -18,9 +18,17 @@ from ..layouts.from_tree import LayoutSpec
 from ..layouts.from_use import find_kernel_uses
 from ..layouts.kernel import KernelLayout
 from ..nodes.dora import weight_norm
-from ..nodes.factors import init_factors
+from ..nodes.factors import init_b_bias, init_factors
 from ..nodes.inits import init_residual_factors, is_residual_init, original_kernel, residual_kernel
-from ..nodes.weight import LoraWeight, MultiLoraWeight, Trainable, is_lora_weight, is_trainable
+from ..nodes.weight import (
+    LoraWeight,
+    MultiLoraWeight,
+    Trainable,
+    TrainableTokens,
+    is_lora_weight,
+    is_trainable,
+    is_trainable_tokens,
+)
 from ..nodes.weight import is_lora_node as _is_node
 from ..quant.array import is_quantized
 from .targets import flatten_params, plan_targets
@@ -90,7 +98,13 @@ def wrap(
     leaf). Without it, inferred from the tree (names ``kernel``/``embedding``, and
     ``w``/``weight`` where the tree tells their layout; otherwise the error says what to
     pass). ``target_modules`` matches module paths as PEFT does (see
-    :mod:`jlora.tree.targets`; a bare leaf is its own module).
+    :mod:`jlora.tree.targets`; a bare leaf is its own module). A 2-D kernel that only the
+    (in, out) naming convention orients is marked ``guessed``: :func:`jlora.lora` raises
+    where the model reads it transposed (pass ``apply_fn=`` or ``layouts=``). A grouped
+    convolution (found by use) gets PEFT's structure: A a full convolution, B a grouped
+    1×1 convolution (``LoraWeight.groups``; ``r`` must be divisible by the groups).
+    ``lora_bias`` adds a trained ``b_bias``; ``trainable_token_indices`` turns the chosen
+    tables into :class:`jlora.TrainableTokens` (their rows start as the original rows).
 
     Args:
       params: a parameter pytree (Linen ``variables['params']``, ``nnx.State``, an
@@ -127,6 +141,11 @@ def wrap(
     """
     if not isinstance(config, LoraConfig):
         raise TypeError(f"config must be a jlora.LoraConfig, got {type(config).__name__}")
+    if config.init_lora_weights == "mica":
+        raise ValueError(
+            "init_lora_weights='mica': jlora loads MiCA adapters (jlora.load_peft: a plain LoRA forward and merge) "
+            "but cannot initialise one for training (MiCA freezes B at the minor singular vectors of W)"
+        )
     check_param_tree(params)
     if not isinstance(example_args, (tuple, list)):
         raise TypeError(
@@ -179,6 +198,8 @@ def _wrap_tree(params: Any, config: LoraConfig, rng: Optional[jax.Array], apply_
         uses = find_kernel_uses(apply_fn, params, example_args,
                                 is_leaf=lambda x: _is_node(x) or is_quantized(x))
     plan = plan_targets(entries, config, layouts, uses, aliases)
+    if config.lora_bias:
+        _warn_no_base_bias(entries, plan)
     if rng is None:
         rng = jax.random.key(0)
 
@@ -214,6 +235,11 @@ def _attach(entries: Sequence[Any], treedef: Any, plan: Any, config: LoraConfig,
             leaves.append(lw)
         elif e.index in plan.trainable:
             leaves.append(Trainable(e.leaf))
+        elif e.index in plan.tokens:
+            tok = plan.tokens[e.index]
+            idx = jnp.asarray(tok.indices, jnp.int32)
+            rows = jnp.take(e.leaf, idx, axis=tok.axis)  # PEFT starts from the original rows
+            leaves.append(TrainableTokens(e.leaf, jnp.moveaxis(rows, tok.axis, 0).astype(dtype), tok.indices, tok.axis))
         else:
             leaves.append(e.leaf)
     if residual_embeddings:
@@ -250,13 +276,32 @@ def _init_target(e: Any, spec: Any, config: LoraConfig, key: jax.Array, dtype: A
         a, b = a32.astype(dtype), b32.astype(dtype)
         a0, b0, init_name = a, b, init
     else:
-        a, b = init_factors(key, shape, spec.layout, spec.r, init, dtype, spec.embedding)
+        a, b = init_factors(key, shape, spec.layout, spec.r, init, dtype, spec.embedding, spec.groups)
     magnitude = None
     if config.use_dora:
         dense = w.dequantize(w.compute_dtype) if is_quantized(w) else w  # the norm of the dequantized base
-        magnitude = weight_norm(dense, a, b, spec.scale, spec.layout).astype(dtype)
+        magnitude = weight_norm(dense, a, b, spec.scale, spec.layout, spec.groups).astype(dtype)
+    b_bias = None
+    if config.lora_bias:
+        kl = KernelLayout(spec.layout)
+        out_shape = tuple(shape[i] for i in kl.stack_axes) + tuple(shape[i] for i in kl.out_axes)
+        b_bias = init_b_bias(jax.random.fold_in(key, 1), out_shape, spec.r // spec.groups, init, dtype)
     return LoraWeight(w, a, b, scale=spec.scale, layout=spec.layout, dropout=config.lora_dropout,
-                      magnitude=magnitude, a0=a0, b0=b0, init=init_name)
+                      magnitude=magnitude, a0=a0, b0=b0, init=init_name, b_bias=b_bias, groups=spec.groups,
+                      guessed=spec.guessed)
+
+
+def _warn_no_base_bias(entries: Sequence[Any], plan: Any) -> None:
+    """PEFT's warning: ``lora_bias=True`` on a target whose module has no bias cannot be merged."""
+    biases = {e.module for e in entries if e.name == "bias"}
+    missing = [entries[i].path for i in plan.targets if entries[i].module not in biases]
+    if missing:
+        warnings.warn(
+            f"lora_bias=True but the targets {missing} have no bias next to their kernel: jlora.merge cannot fold "
+            "their lora_B bias into a base bias (as in PEFT, which cannot merge them either)",
+            UserWarning,
+            stacklevel=stacklevel_outside_jlora(),
+        )
 
 
 def is_lora_tree(tree: Any) -> bool:
@@ -306,6 +351,8 @@ def _original_base(x: Any) -> Any:
         return w
     if is_trainable(x):
         return x.value
+    if is_trainable_tokens(x):
+        return x.w
     return x
 
 
@@ -317,7 +364,8 @@ def _size(x: Any) -> int:
 def count_parameters(lp: Any) -> tuple[int, int]:
     """``(trainable, total)`` parameter counts of a LoRA tree, as PEFT counts them.
 
-    trainable = Σ |A| + |B| (+ |m| with DoRA) + Σ |Trainable leaves|; total = trainable + all
+    trainable = Σ |A| + |B| (+ |m| with DoRA, + |b_B| with lora_bias) + Σ |Trainable leaves|
+    + Σ |trainable token rows|; total = trainable + all
     frozen leaves. PiSSA/OLoRA's frozen initial factors and DoRA's saved norm are jlora's
     bookkeeping, not PEFT parameters, and are not counted.
     With several adapters (``jlora.add_adapter``), only the active ones are trainable.
@@ -332,14 +380,17 @@ def count_parameters(lp: Any) -> tuple[int, int]:
     # a quantized kernel counts its parameters (its shape), not its bytes, as PEFT counts
     for x in jax.tree_util.tree_leaves(lp, is_leaf=lambda x: _is_node(x) or is_quantized(x)):
         if is_lora_weight(x):
-            n = _size(x.a) + _size(x.b) + _size(x.magnitude)
+            n = _size(x.a) + _size(x.b) + _size(x.magnitude) + _size(x.b_bias)
             trainable += n
             total += n + _size(x.w)
+        elif is_trainable_tokens(x):
+            trainable += _size(x.values)
+            total += _size(x.values) + _size(x.w)
         elif isinstance(x, MultiLoraWeight):
             total += _size(x.w)
             live = {id(p) for p in x.active_pairs()}
             for p in x.adapters.values():
-                n = _size(p.a) + _size(p.b) + _size(p.magnitude)
+                n = _size(p.a) + _size(p.b) + _size(p.magnitude) + _size(p.b_bias)
                 total += n
                 trainable += n if id(p) in live else 0
         elif is_trainable(x):

@@ -168,7 +168,7 @@ def test_jlora_dict_loads_in_peft():
     _compare_with_peft(jcfg, pcfg)
 
 
-@pytest.mark.parametrize("key, value", [("use_qalora", True), ("lora_bias", True), ("peft_type", "IA3")])
+@pytest.mark.parametrize("key, value", [("use_qalora", True), ("layer_replication", [[0, 1]]), ("peft_type", "IA3")])
 def test_from_dict_rejects_features_jlora_lacks(key, value):
     """A PEFT config that switches on an unimplemented feature is refused, naming the key."""
     d = peft.LoraConfig(r=4, target_modules=["q"]).to_dict()
@@ -176,3 +176,46 @@ def test_from_dict_rejects_features_jlora_lacks(key, value):
     d[key] = value
     with pytest.raises(ValueError, match=key):
         jlora.LoraConfig.from_dict(d)
+
+
+def test_lora_bias_trainable_tokens_and_mica_keys():
+    """``lora_bias``, ``trainable_token_indices`` (list or dict) and ``init_lora_weights="mica"``
+    from PEFT's own ``adapter_config.json`` load with PEFT's values and round-trip; PEFT's
+    rule lora_bias + DoRA is refused, and so are bad token ids."""
+    for extra in (dict(lora_bias=True), dict(trainable_token_indices=[3, 7]),
+                  dict(trainable_token_indices={"embed_tokens": [0, 2]}), dict(init_lora_weights="mica")):
+        pcfg = peft.LoraConfig(r=4, target_modules=["q"], **extra)
+        data = json.loads(json.dumps(pcfg.to_dict(), default=sorted))
+        jcfg = jlora.LoraConfig.from_dict(data)
+        key, value = next(iter(extra.items()))
+        got = getattr(jcfg, key)
+        got = {k: list(v) for k, v in got.items()} if isinstance(value, dict) else list(got) if isinstance(
+            value, list) else got
+        assert got == value == getattr(pcfg, key), key
+        assert jlora.LoraConfig.from_json(jcfg.to_json()) == jcfg
+    with pytest.raises(ValueError, match="lora_bias=True, use_dora=True"):
+        jlora.LoraConfig(target_modules=["q"], lora_bias=True, use_dora=True)
+    with pytest.raises(ValueError, match="distinct"):
+        jlora.LoraConfig(target_modules=["q"], trainable_token_indices=[1, 1])
+    with pytest.raises(ValueError, match="integers >= 0"):
+        jlora.LoraConfig(target_modules=["q"], trainable_token_indices={"emb": [-1]})
+    with pytest.raises(ValueError, match="cannot initialise"):
+        jlora.wrap({"q": {"kernel": jax_ones((4, 4))}}, jlora.LoraConfig(target_modules=["q"], init_lora_weights="mica"))
+
+
+@pytest.mark.parametrize("key, value, name", [
+    ("kasa_config", {"eps": 1e-4}, "KaSA"), ("velora_config", {"num_groups": 2}, "VeLoRA"),
+    ("monteclora_config", {"num_samples": 2}, "MonteCLoRA"), ("use_bdlora", {"nblocks": 2}, "BD-LoRA"),
+])
+def test_lora_variants_refused_by_name(key, value, name):
+    """PEFT's LoRA variants with their own math are refused with the variant's name."""
+    d = json.loads(json.dumps(peft.LoraConfig(r=4, target_modules=["q"]).to_dict(), default=sorted))
+    d[key] = value
+    with pytest.raises(ValueError, match=name):
+        jlora.LoraConfig.from_dict(d)
+
+
+def jax_ones(shape):
+    import jax.numpy as jnp
+
+    return jnp.ones(shape)
