@@ -9,6 +9,7 @@ Choosing the kernels of a tree to quantize is a verb on trees: :func:`jlora.quan
 from .array import (
     QuantConfig,
     QuantizedArray,
+    bnb_order,
     dequantize,
     is_quantized,
     quantization_summary,
@@ -25,6 +26,7 @@ __all__ = [
     "is_quantized",
     "quantized_leaves",
     "quantization_summary",
+    "bnb_order",
     "RequantizeReport",
     "RequantizeWarning",
 ]

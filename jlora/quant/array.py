@@ -55,8 +55,9 @@ __all__ = [
     "quantization_summary",
     "dense_for_compute",
     "packed_specs",
-    "packed_rows",
-    "as_packed_rows",
+    "packed_transposed",
+    "as_packed_transposed",
+    "bnb_order",
 ]
 
 
@@ -195,11 +196,14 @@ class QuantizedArray:
     - ``absmax``: per block, ``float32 (*stack, n_blocks)``; with double quantization
       ``uint8 (*stack, n_blocks)`` codes of the dynamic map; int8: ``SCB float32 (*stack, out)``.
     - Where each row of the PyTorch weight is whole blocks (``in % block_size == 0``, every
-      real model), the same bytes are held by row: ``codes (*stack, out, in/2)`` and
-      ``absmax (*stack, out, in/block_size)`` (:func:`packed_rows`): on a TPU a flat
-      ``uint8 (layers, n/2)`` stack is tiled across its layer axis, and a scan over the
-      layers copied the whole stack on every step of the loop. bitsandbytes' flat arrays are
-      their reshape (``jlora.io.to_bnb_state_dict``).
+      real model), the same bytes and scales are held transposed, in the Flax kernel's
+      orientation (:func:`packed_transposed`): ``codes (*stack, in/2, out)`` and ``absmax
+      (*stack, in/block_size, out)``. A layer then dequantizes with no transpose and no
+      relayout (``jlora.quant.codec.dequantize_4bit_transposed``): on a TPU, a flat
+      ``uint8 (layers, n/2)`` stack was tiled across its layer axis and a scan over the
+      layers copied the whole stack on every step of the loop, and a transpose of the bytes
+      was hoisted onto the whole stack. bitsandbytes' flat arrays are their transpose,
+      flattened (``jlora.io.to_bnb_state_dict``, :func:`bnb_order`).
     - ``nested_absmax``: ``float32 (*stack, ceil(n_blocks/256))`` (double quantization), else None.
     - ``offset``: ``float32 (*stack,)`` (double quantization), else None.
 
@@ -211,7 +215,7 @@ class QuantizedArray:
     ``nbytes`` the storage; ``dequantize()`` the values.
 
     >>> q = quantize_array(jnp.ones((128, 64)), QuantConfig())
-    >>> q.shape, q.codes.shape, q.absmax.dtype   # PyTorch (64, 128): by row
+    >>> q.shape, q.codes.shape, q.absmax.dtype   # (in/2, out): bitsandbytes' bytes, transposed
     ((128, 64), (64, 64), dtype('uint8'))
     """
 
@@ -251,7 +255,7 @@ class QuantizedArray:
     # -- array-like ---------------------------------------------------------------
     @property
     def stack_shape(self) -> tuple[int, ...]:
-        n_item = 2 if packed_rows(self.item_shape, self.roles, self.quant_type, self.block_size) else 1
+        n_item = 2 if packed_transposed(self.item_shape, self.roles, self.quant_type, self.block_size) else 1
         return tuple(int(s) for s in self.absmax.shape[:len(self.absmax.shape) - n_item])
 
     @property
@@ -335,31 +339,43 @@ def _from_torch_2d(w: jax.Array, item_shape: Sequence[int], roles: Sequence[str]
     return jnp.transpose(t, [perm.index(i) for i in range(len(roles))])
 
 
-def packed_rows(item_shape: Sequence[int], roles: Sequence[str], quant_type: str, block_size: int) -> bool:
-    """Whether a 4-bit kernel's codes and block scales are held by row of the PyTorch
-    ``(out, in)`` weight (``codes (out, in/2)``, ``absmax (out, in/block_size)`` per
-    layer): where every row is whole blocks. int8 is always by row (``CB (out, in)``)."""
+def packed_transposed(item_shape: Sequence[int], roles: Sequence[str], quant_type: str, block_size: int) -> bool:
+    """Whether a 4-bit kernel's codes and block scales are held transposed, in the
+    kernel's orientation (``codes (in/2, out)``, ``absmax (in/block_size, out)`` per
+    layer): where every row of the PyTorch ``(out, in)`` weight is whole blocks. int8 is
+    held as bitsandbytes holds it (``CB (out, in)``)."""
     if quant_type == "int8":
         return False
     _, ins = _torch_perm(roles)
     return int(np.prod([item_shape[i] for i in ins])) % block_size == 0
 
 
-def as_packed_rows(q: "QuantizedArray") -> "QuantizedArray":
-    """``q`` with flat per-layer ``codes (*stack, n/2)`` and ``absmax (*stack, n_blocks)``
-    (bitsandbytes' arrays) held by row where :func:`packed_rows` says so; unchanged
-    otherwise or when they already are."""
-    if not packed_rows(q.item_shape, q.roles, q.quant_type, q.block_size):
-        return q
+def _n_out_in(q: "QuantizedArray") -> tuple[int, int]:
     outs, ins = _torch_perm(q.roles)
-    n_out = int(np.prod([q.item_shape[i] for i in outs]))
-    n_in = int(np.prod([q.item_shape[i] for i in ins]))
-    rows = (n_out, n_in // 2)
-    if tuple(q.codes.shape[-2:]) == rows:
+    return int(np.prod([q.item_shape[i] for i in outs])), int(np.prod([q.item_shape[i] for i in ins]))
+
+
+def as_packed_transposed(q: "QuantizedArray") -> "QuantizedArray":
+    """``q`` with bitsandbytes' flat per-layer ``codes (*stack, n/2)`` and ``absmax
+    (*stack, n_blocks)`` held transposed where :func:`packed_transposed` says so;
+    unchanged otherwise or when they already are."""
+    if not packed_transposed(q.item_shape, q.roles, q.quant_type, q.block_size):
+        return q
+    n_out, n_in = _n_out_in(q)
+    if q.codes.ndim >= 2 and tuple(q.codes.shape[-2:]) == (n_in // 2, n_out):
         return q
     stack = tuple(q.codes.shape[:-1])
-    return q.replace(codes=q.codes.reshape(stack + rows),
-                     absmax=q.absmax.reshape(stack + (n_out, n_in // q.block_size)))
+    t = lambda x, n: jnp.swapaxes(jnp.reshape(x, stack + (n_out, n)), -1, -2)  # noqa: E731
+    return q.replace(codes=t(q.codes, n_in // 2), absmax=t(q.absmax, n_in // q.block_size))
+
+
+def bnb_order(q: "QuantizedArray") -> tuple[np.ndarray, np.ndarray]:
+    """``(codes, absmax)`` of an unstacked 4-bit ``q`` as bitsandbytes holds them: flat,
+    in the PyTorch ``(out, in)`` weight's order (numpy)."""
+    codes, absmax = np.asarray(jax.device_get(q.codes)), np.asarray(jax.device_get(q.absmax))
+    if packed_transposed(q.item_shape, q.roles, q.quant_type, q.block_size):
+        codes, absmax = np.swapaxes(codes, -1, -2), np.swapaxes(absmax, -1, -2)
+    return codes.reshape(-1), absmax.reshape(-1)
 
 
 def _from_torch_2d_t(w_t: jax.Array, item_shape: Sequence[int], roles: Sequence[str]) -> jax.Array:
@@ -422,9 +438,9 @@ def _quantize_kernel(w: jax.Array, layout: tuple[str, ...], qt: str, bs: int, dq
         nested = offset = None
         if dq:
             absmax, nested, offset = double_quantize(absmax)
-        if packed_rows(k.shape, roles, qt, bs):  # the same bytes, by row
+        if packed_transposed(k.shape, roles, qt, bs):  # the same bytes, in the kernel's orientation
             n_out, n_in = w2d.shape
-            packed, absmax = packed.reshape(n_out, n_in // 2), absmax.reshape(n_out, n_in // bs)
+            packed, absmax = packed.reshape(n_out, n_in // 2).T, absmax.reshape(n_out, n_in // bs).T
         return packed, absmax, nested, offset
 
     return _vmap_n(item, n_stack)(w)
@@ -466,30 +482,21 @@ def quantize_array(w: Any, config: QuantConfig = QuantConfig(), layout: Sequence
 def _item_dense(q: QuantizedArray, codes, absmax, nested, offset, dtype: Optional[np.dtype] = None) -> jax.Array:
     """One layer's kernel, rounded to its original dtype (float32 math, bitsandbytes'
     rounding), then cast to ``dtype`` (default: kept in the original dtype)."""
-    outs, ins = _torch_perm(q.roles)
-    n_out = int(np.prod([q.item_shape[i] for i in outs]))
-    n_in = int(np.prod([q.item_shape[i] for i in ins]))
+    n_out, n_in = _n_out_in(q)
     final = np.dtype(q.dtype if dtype is None else dtype)
     if q.quant_type == "int8":
         w2d = int8_vectorwise_dequant(codes, absmax).astype(q.dtype).astype(final)
         return _from_torch_2d(w2d, q.item_shape, q.roles)
-    if q.double_quant:
-        absmax = undo_double_quant(absmax.reshape(-1), nested, offset)
-
-    def flat(codes, absmax):  # bitsandbytes' flat form
-        w2d = dequantize_4bit(codes.reshape(-1), absmax.reshape(-1), n_out * n_in, q.block_size, q.quant_type,
-                              jnp.float32)
-        return _from_torch_2d(w2d.astype(q.dtype).astype(final).reshape(n_out, n_in), q.item_shape, q.roles)
-
-    def tiled(codes, absmax):  # the same values, laid out for the TPU's tiles
-        w_t = dequantize_4bit_transposed(codes, absmax, n_out, n_in, q.block_size, q.quant_type, q.dtype, final)
+    if packed_transposed(q.item_shape, q.roles, q.quant_type, q.block_size):
+        if q.double_quant:  # the nested blocks run over bitsandbytes' flat order of the scales
+            flat = undo_double_quant(jnp.swapaxes(absmax, -1, -2).reshape(-1), nested, offset)
+            absmax = jnp.swapaxes(flat.reshape(n_out, n_in // q.block_size), -1, -2)
+        w_t = dequantize_4bit_transposed(codes, absmax, q.block_size, q.quant_type, q.dtype, final)
         return _from_torch_2d_t(w_t, q.item_shape, q.roles)
-
-    if n_in % q.block_size:
-        return flat(codes, absmax)
-    # one formulation per backend, bit for bit the same kernel (tests/quant/test_tpu_dequant.py):
-    # XLA:CPU runs the flat one faster (the tiled one's transposes cost it 2x)
-    return jax.lax.platform_dependent(codes, absmax, tpu=tiled, default=flat)
+    if q.double_quant:
+        absmax = undo_double_quant(absmax, nested, offset)
+    w2d = dequantize_4bit(codes, absmax, n_out * n_in, q.block_size, q.quant_type, jnp.float32)
+    return _from_torch_2d(w2d.astype(q.dtype).astype(final).reshape(n_out, n_in), q.item_shape, q.roles)
 
 
 @functools.partial(jax.jit, static_argnums=1)
@@ -534,9 +541,9 @@ def packed_specs(q: QuantizedArray, spec: Sequence[Any]) -> dict[str, tuple]:
         specs["codes"] = tuple(stack) + (row, col)
         specs["absmax"] = tuple(stack) + (row,)
         return specs
-    if packed_rows(q.item_shape, q.roles, q.quant_type, q.block_size):  # (out, in/2), (out, in/block)
-        specs["codes"] = tuple(stack) + (row if rows_only else None, None)
-        specs["absmax"] = tuple(stack) + (row if rows_only else None, None)
+    if packed_transposed(q.item_shape, q.roles, q.quant_type, q.block_size):  # (in/2, out), (in/block, out)
+        specs["codes"] = tuple(stack) + (None, row if rows_only else None)
+        specs["absmax"] = tuple(stack) + (None, row if rows_only else None)
     else:
         specs["codes"] = tuple(stack) + (None,)
         specs["absmax"] = tuple(stack) + (None,)

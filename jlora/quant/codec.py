@@ -218,43 +218,49 @@ def dequantize_4bit(packed: jax.Array, absmax: jax.Array, n: int, block_size: in
     return _blockwise_scale(values, absmax.astype(jnp.float32), block_size).astype(dtype)
 
 
-def dequantize_4bit_transposed(packed: jax.Array, absmax: jax.Array, n_out: int, n_in: int, block_size: int,
-                               quant_type: str, rounded: Any, dtype: Any) -> jax.Array:
+def dequantize_4bit_transposed(packed_t: jax.Array, absmax_t: jax.Array, block_size: int, quant_type: str,
+                               rounded: Any, dtype: Any) -> jax.Array:
     """:func:`dequantize_4bit` of a whole ``(n_out, n_in)`` weight whose rows are whole
-    blocks (``n_in % block_size == 0``), transposed: ``(n_in, n_out)``, a Flax kernel's
-    orientation. The same values (``table[code] · absmax`` in float32, rounded to
-    ``rounded``, cast to ``dtype``), laid out for XLA:TPU.
+    blocks (``n_in % block_size == 0``), from its bytes and block scales held transposed,
+    in a Flax kernel's orientation: ``packed_t (n_in/2, n_out)`` (bitsandbytes' bytes
+    ``(n_out, n_in/2)``, transposed), ``absmax_t (n_in/block, n_out)`` (float32). Returns
+    the weight transposed, ``(n_in, n_out)``: the same values (``table[code] · absmax`` in
+    float32, rounded to ``rounded``, cast to ``dtype``).
 
     Written for the TPU's tiled layouts, where an array's minor axis is padded to 128
-    lanes and its second-minor to 8 sublanes: the codes are transposed as bytes (the
-    smallest array) to ``(n_in / block, block / 2, n_out)``, so each block's ``absmax`` is
-    a broadcast along a middle axis (no flat ``i // block`` index), and the kernel comes
-    out as ``(n_in / block, block, n_out)``, whose reshape to ``(n_in, n_out)`` is free.
-    The two nibbles of a byte are interleaved along the block by interior padding
-    (``lax.pad``), never through a stacked axis of 2: the flat form's
-    ``stack([hi, lo], -1).reshape(-1)`` made XLA:TPU lay the ``(n/2, 2)`` nibble pairs out
-    in (8, 128) tiles, 64 times their size (14 GiB of temporaries for one 4096 × 14336
-    kernel). The table lookup is a select tree (:func:`lookup16`), which fuses.
+    lanes and its second-minor to 8 sublanes, and runs as fast on CPU: the bytes reshape to
+    ``(n_in/block, block/2, n_out)`` for free (a split of the major axis), each block's
+    scale is a broadcast along the middle axis (no flat ``i // block`` index), and the
+    kernel comes out as ``(n_in/block, block, n_out)``, whose reshape to ``(n_in, n_out)``
+    is free. The two nibbles of a byte are interleaved along the block by interior padding
+    (``lax.pad``), never through a stacked axis of 2: the flat form's ``stack([hi, lo],
+    -1).reshape(-1)`` made XLA:TPU lay the ``(n/2, 2)`` nibble pairs out in (8, 128) tiles,
+    64 times their size (14 GiB of temporaries for one 4096 × 14336 kernel). The table
+    lookup is a select tree (:func:`lookup16`), which fuses. Nothing is transposed: a
+    transpose of the bytes in here is a layout change XLA:TPU hoists out of a scan over
+    layers, onto the whole stack of codes.
 
     >>> w = jnp.linspace(-1, 1, 8 * 128, dtype=jnp.float32).reshape(8, 128)
     >>> packed, absmax = quantize_4bit(w.reshape(-1), 64, "nf4")
     >>> flat = dequantize_4bit(packed, absmax, w.size, 64, "nf4").reshape(8, 128)
-    >>> t = dequantize_4bit_transposed(packed, absmax, 8, 128, 64, "nf4", jnp.float32, jnp.float32)
+    >>> t = dequantize_4bit_transposed(packed.reshape(8, 64).T, absmax.reshape(8, 2).T, 64, "nf4",
+    ...                                jnp.float32, jnp.float32)
     >>> bool((t == flat.T).all())
     True
     """
     check_4bit(quant_type, block_size)
-    nb, half = n_in // block_size, block_size // 2
-    rows = jnp.transpose(packed.reshape(n_out, n_in // 2))  # (n_in / 2, n_out) bytes
-    blocks = rows.reshape(nb, half, n_out)
+    half = block_size // 2
+    n_half, n_out = packed_t.shape
+    nb = 2 * n_half // block_size
+    blocks = packed_t.reshape(nb, half, n_out)
     zero = jnp.zeros((), blocks.dtype)
     # element 2j of a block is the high nibble of byte j, element 2j + 1 the low one:
     # interleaved by interior padding (a fusible elementwise op, no trailing axis of 2)
     hi = jax.lax.pad(blocks >> 4, zero, ((0, 0, 0), (0, 1, 1), (0, 0, 0)))
     lo = jax.lax.pad(blocks & 0xF, zero, ((0, 0, 0), (1, 0, 1), (0, 0, 0)))
     values = lookup16(hi | lo, TABLES[quant_type])
-    scaled = values * jnp.transpose(absmax.astype(jnp.float32).reshape(n_out, nb))[:, None, :]
-    return scaled.astype(rounded).astype(dtype).reshape(n_in, n_out)
+    scaled = values * absmax_t.astype(jnp.float32)[:, None, :]
+    return scaled.astype(rounded).astype(dtype).reshape(2 * n_half, n_out)
 
 
 def lookup16(codes: jax.Array, table: np.ndarray) -> jax.Array:

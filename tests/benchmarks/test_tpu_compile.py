@@ -21,6 +21,7 @@ batch 2 x 128):
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 
@@ -160,3 +161,29 @@ def test_fused_product_moves_fewer_bytes_on_tpu(v5e, monkeypatch, d_in, d_out):
     assert fused["roofline_hbm_bytes"] < 0.7 * plain["roofline_hbm_bytes"], (tc.describe(fused), tc.describe(plain))
     assert fused["roofline_s"] < 0.95 * plain["roofline_s"]
     assert fused["flops"] <= 1.01 * plain["flops"]
+
+
+# ---------------------------------------------------------------------------------------
+# Model scale (issue 23): jlora.models' memory settings at Llama-3-8B width
+
+
+def test_8b_width_qlora_step_with_memory_settings_fits_v5e(v5e):
+    """A 2-layer Llama-3-8B-width decoder (width 4096, SwiGLU 14336, 32/8 heads of 128,
+    vocabulary 128256) over an NF4 + double-quantized base, LoRA r=16 on every linear,
+    AdamW, batch 1 x 2048, with ``scan_layers``, ``remat="full"``, blockwise attention and
+    the chunked loss: on one v5e chip its temporaries stay within what two layers' bf16
+    kernels and activations take (without the settings the step needed about 4 GiB of
+    temporaries: the (B, heads, T, T) float32 logits, the (T, vocab) float32 logits, every
+    layer's activations)."""
+    cfg = dataclasses.replace(ta.LLAMA3_8B, num_layers=2, layer_types=None)
+    ms = ta.ModelStep(cfg, batch=1, seq=2048)
+    built = ta.model_lora_build(v5e, ms, quant=ta.NF4)
+    rep = _compile(built, v5e)
+    D, F, V, T = cfg.embed_dim, cfg.hidden_dim, cfg.vocab_size, ms.seq
+    layer_kernels = 2 * (2 * D * D + 2 * D * 1024 + 3 * D * F)  # one layer's kernels in bf16
+    head = 2 * D * V  # the bf16 embedding (the head is its size too)
+    # arguments: 2 layers of 4.1-bit kernels, the bf16 embedding and head, the LoRA state
+    assert rep["argument"] <= 2 * head + 2 * 0.6 * layer_kernels / 2, tc.describe(rep)
+    # temporaries: a layer's dequantized kernels, a few (T, F) activations, a chunk of logits
+    assert rep["temp"] <= layer_kernels + 8 * T * F * 4 + 4 * 512 * V * 4, tc.describe(rep)
+    assert rep["fits"]

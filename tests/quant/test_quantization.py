@@ -47,8 +47,10 @@ def _np(x):
 
 
 def _flat(x):
-    """A packed array as bitsandbytes holds it: flat."""
-    return _np(x).reshape(-1)
+    """A packed array (``codes`` or ``absmax``) as bitsandbytes holds it: flat, in the
+    PyTorch weight's order (jlora holds 2-D ones transposed, in the kernel's orientation)."""
+    x = _np(x)
+    return (np.swapaxes(x, -1, -2) if x.ndim >= 2 else x).reshape(-1)
 
 
 def _bnb_dequant(packed, state, shape, dtype):
@@ -112,15 +114,15 @@ def test_4bit_bytes_absmax_and_values_equal_bitsandbytes(quant_type):
             packed, state = bnb_F.quantize_4bit(w, blocksize=64, quant_type=quant_type, compress_statistics=dq)
             q = jlora.quantize_array(k, jlora.QuantConfig(quant_type=quant_type, double_quant=dq))
             where = f"{shape} {dtype} {quant_type} dq={dq}"
-            # held by row of the (out, in) weight where rows are whole blocks: the same bytes
+            # held transposed, (in/2, out) and (in/64, out), where rows are whole blocks: the same bytes
             rows = shape[1] % 64 == 0
             n_blocks = state.absmax.numel()
             assert q.codes.dtype == jnp.uint8
-            assert q.codes.shape == ((shape[0], shape[1] // 2) if rows else (packed.numel(),)), where
-            assert q.absmax.shape == ((shape[0], shape[1] // 64) if rows else (n_blocks,)), where
+            assert q.codes.shape == ((shape[1] // 2, shape[0]) if rows else (packed.numel(),)), where
+            assert q.absmax.shape == ((shape[1] // 64, shape[0]) if rows else (n_blocks,)), where
             assert _flat(q.codes).tolist() == packed.reshape(-1).tolist(), where
             if not dq:
-                plain_absmax = q.absmax.reshape(-1)
+                plain_absmax = jnp.asarray(_flat(q.absmax))
                 assert _flat(q.absmax).view(np.uint32).tolist() == state.absmax.numpy().view(np.uint32).tolist(), where
             else:
                 bnb_absmax = torch.tensor(_np(plain_absmax))  # first level: bnb's, checked above
@@ -206,7 +208,7 @@ def test_quantize_tree_defaults_layouts_and_stacks():
     assert q["lm_head"]["kernel"] is params["lm_head"]["kernel"]
     qkv, out, mlp = q["attn"]["qkv"]["kernel"], q["attn"]["out"]["kernel"], q["layers"]["mlp"]["kernel"]
     assert qkv.layout == ("in", "out", "out") and out.layout == ("in", "in", "out")
-    assert mlp.layout == ("stack", "in", "out") and mlp.codes.shape == (3, 128, 64 // 2)
+    assert mlp.layout == ("stack", "in", "out") and mlp.codes.shape == (3, 64 // 2, 128)
     cases = [(qkv, params["attn"]["qkv"]["kernel"], (1, 2), (0,)), (out, params["attn"]["out"]["kernel"], (2,), (0, 1))]
     cases += [(jax.tree_util.tree_map(lambda x: x[i], mlp), params["layers"]["mlp"]["kernel"][i], (1,), (0,))
               for i in range(3)]  # each layer is its own Linear (own absmax, offset, nested absmax)
