@@ -389,6 +389,7 @@ class ModelStep:
     seq: int
     rank: int = 16
     chunk: int = 512
+    factor_dtype: Any = jnp.float32
 
 
 def _memory_settings(cfg: jm.DecoderConfig) -> jm.DecoderConfig:
@@ -404,7 +405,7 @@ LLAMA3_70B = _memory_settings(jm.DecoderConfig(
     "llama3", 128256, 8192, 28672, 80, 64, 8, 128, rms_norm_eps=1e-5, rope_theta=500_000.0, param_dtype="bfloat16"))
 
 _SETTINGS = ("scan_layers=True, remat=\"full\", attention=\"blockwise\" (blocks of 512), "
-             "causal_lm_loss(chunk_size=512), LoRA r=16 alpha=32 on q, k, v, o, gate, up, down (factors float32), "
+             "causal_lm_loss(chunk_size=512), LoRA r=16 alpha=32 on q, k, v, o, gate, up, down (factors float32 unless said), "
              "AdamW")
 GROUPS["8b-nf4"] = f"Llama-3-8B shape, NF4 + double-quantized base (bf16 embedding and head), batch 1 x 2048; {_SETTINGS}"
 GROUPS["70b-nf4"] = f"Llama-3-70B shape, NF4 + double-quantized base (bf16 embedding and head), batch 1 x 2048; {_SETTINGS}"
@@ -434,7 +435,7 @@ def model_lora_build(topo: tc.Topology, ms: ModelStep, *, quant: Optional[jlora.
     user writes it: ``jlora.lora(causal_lm_loss_fn(graphdef, chunk_size=...))``."""
     graphdef, base, apply, example = _model_base(ms, quant)
     config = jlora.LoraConfig(r=ms.rank, lora_alpha=2 * ms.rank, target_modules=LLAMA_TARGETS)
-    lp = jlora.wrap(base, config, rng=jax.random.key(0), apply_fn=apply, example_args=example)
+    lp = jlora.wrap(base, config, rng=jax.random.key(0), apply_fn=apply, example_args=example, dtype=ms.factor_dtype)
     trainable, frozen = jlora.partition(lp)
     tx = jlora.optimizer(_adamw())
     loss = jlora.lora(jm.causal_lm_loss_fn(graphdef, chunk_size=ms.chunk), on_materialize="error")
@@ -490,6 +491,12 @@ def _qlora_8b_nf4(topo):
     return model_lora_build(topo, MS_8B_NF4, quant=NF4)
 
 
+@scenario("8b-qlora-nf4-bf16", "8b-nf4", "jlora QLoRA, LoRA factors (and AdamW's moments) in bfloat16",
+          topologies=("v5e:1x1",))
+def _qlora_8b_nf4_bf16(topo):
+    return model_lora_build(topo, dataclasses.replace(MS_8B_NF4, factor_dtype=jnp.bfloat16), quant=NF4)
+
+
 @scenario("70b-nf4-floor", "70b-nf4", "frozen floor over the NF4 base", topologies=("v5p:1",))
 def _floor_70b_nf4(topo):
     return model_floor_build(topo, MS_70B_NF4, quant=NF4)
@@ -498,6 +505,12 @@ def _floor_70b_nf4(topo):
 @scenario("70b-qlora-nf4", "70b-nf4", "jlora QLoRA (bound: 46 GiB)", topologies=("v5p:1",))
 def _qlora_70b_nf4(topo):
     return model_lora_build(topo, MS_70B_NF4, quant=NF4)
+
+
+@scenario("70b-qlora-nf4-bf16", "70b-nf4", "jlora QLoRA, LoRA factors (and AdamW's moments) in bfloat16",
+          topologies=("v5p:1",))
+def _qlora_70b_nf4_bf16(topo):
+    return model_lora_build(topo, dataclasses.replace(MS_70B_NF4, factor_dtype=jnp.bfloat16), quant=NF4)
 
 
 @scenario("8b-bf16-floor", "8b-bf16", "frozen floor", topologies=("v6e:1x1",))
@@ -574,11 +587,11 @@ def report(rows: list[dict]) -> str:
         lines = []
         for r in rs:
             if r.get("error"):
-                lines.append([r["scenario"], "does not lower: " + r["error"][:90]] + ["-"] * 12)
+                lines.append([r["scenario"], "does not lower: " + r["error"][:90]] + ["-"] * 13)
                 continue
             if r.get("oom"):
                 lines.append([r["scenario"], f"does not fit: {tc.fmt_bytes(r['needed'])} of "
-                              f"{tc.fmt_bytes(r['available'])}"] + ["-"] * 12)
+                              f"{tc.fmt_bytes(r['available'])}"] + ["-"] * 13)
                 continue
 
             def rel(key):
@@ -586,12 +599,13 @@ def report(rows: list[dict]) -> str:
 
             lines.append([
                 r["scenario"], tc.fmt_bytes(r["peak"]), tc.fmt_bytes(r["temp"]),
-                f"{r['flops'] / 1e12:,.3f}", rel("flops"), f"{r['bytes_accessed'] / 1e9:,.2f}", rel("bytes_accessed"),
+                f"{r['flops'] / 1e12:,.3f}", rel("flops"), f"{r['roofline_flops'] / 1e12:,.1f}",
+                f"{r['bytes_accessed'] / 1e9:,.2f}", rel("bytes_accessed"),
                 f"{r['roofline_hbm_bytes'] / 1e9:,.2f}", rel("roofline_hbm_bytes"),
                 f"{r['roofline_s'] * 1e3:,.2f}", rel("roofline_s"), rel("compiler_cycles"),
                 f"{r['program_roofline_s'] * 1e3:,.2f}", f"{r['optimal_seconds']:,.1f}",
             ])
-        head = ["step", "peak HBM / chip", "temp", "TFLOP / chip", "x floor", "GB accessed", "x floor",
+        head = ["step", "peak HBM / chip", "temp", "TFLOP / chip", "x floor", "matmul TFLOP (HLO)", "GB accessed", "x floor",
                 "HBM GB (HLO)", "x floor", "est. ms", "x floor", "XLA cycles x floor", "program roofline ms",
                 "XLA optimal_seconds"]
         out.append(f"**{tname}** ({chip.name}: {chip.hbm_bytes / 2**30:.0f} GiB HBM, "
@@ -663,7 +677,9 @@ def write(group: str, text: str, rows: list[dict], wall: float, argv, source: st
         "",
         "- *peak HBM* = argument + temp + output - alias, *temp*: `memory_analysis()`;",
         "- *TFLOP*, *GB accessed*: `cost_analysis()` (its bytes count every operand of every op, on-chip VMEM "
-        "ones included);",
+        "ones included; it counts a loop body once, so for a scan over layers it is about one layer's share);",
+        "- *matmul TFLOP (HLO)*: the FLOPs of the optimised HLO's matmuls and convolutions, loop bodies times their "
+        "trip count (what the time estimate uses);",
         "- *HBM GB (HLO)*: bytes each op of the optimised HLO reads and writes in HBM (memory space 0), at their "
         "tiled sizes (a minor axis of 2 counts as the 128 lanes it occupies); loop bodies times their trip count;",
         "- *est. ms*, the time estimate: a per-op roofline over that HLO, `max(matmul FLOPs / peak, HBM bytes / "
