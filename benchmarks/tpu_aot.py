@@ -534,6 +534,34 @@ def _lora_70b_fsdp(topo):
 
 
 # ----------------------------------------------------------------------------------
+# Mixture of experts (issue 26): benchmarks/moe_train_step.py's step, on TPU
+# ----------------------------------------------------------------------------------
+
+GROUPS["moe"] = ("Qwen3-30B-A3B layer shapes (width 2048, 128 experts of 768, 8 per token, 32/4 heads of 128, "
+                 "vocabulary 151936) cut to 2 layers, float32, batch 1 x 512, LoRA r=8 on q, k, v, o and every "
+                 "expert's gate, up, down (jax.lax.ragged_dot), AdamW (benchmarks/moe_train_step.py's step)")
+
+
+def _moe_build(topo: tc.Topology, kind: str) -> Built:
+    import moe_train_step as moe
+
+    step, args = moe.build_step(kind, moe.moe_config(False, 2), 1, 512, rank=8)
+    (st, fr), bt = place(topo, (args[0], args[1]), args[2])
+    return Built(step, (st, fr, bt))
+
+
+@scenario("moe-floor", "moe", "frozen floor", topologies=("v5e:1x1",))
+def _moe_floor(topo):
+    return _moe_build(topo, "floor")
+
+
+@scenario("moe-lora", "moe", "jlora LoRA on attention and experts (goal: FLOPs <= 1.02x the floor's)",
+          topologies=("v5e:1x1",))
+def _moe_lora(topo):
+    return _moe_build(topo, "lora")
+
+
+# ----------------------------------------------------------------------------------
 # Running
 # ----------------------------------------------------------------------------------
 
@@ -623,6 +651,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--hlo", action="store_true", help="also print each program's slowest ops and largest buffers")
     ap.add_argument("--write", action="store_true", help="write the section of BENCHMARKS.md (all scenarios)")
     ap.add_argument("--json", help="also save the figures (one object per scenario and topology) to this file")
+    ap.add_argument("--from-json", nargs="+", metavar="JSON",
+                    help="compile nothing: report (and with --write, write) the rows saved by earlier --json runs "
+                         "(e.g. one group's topologies compiled in parallel processes)")
     args = ap.parse_args(argv)
     if args.list:
         for sc in SCENARIOS.values():
@@ -635,14 +666,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     bad = [t for t in args.topology if t not in tc.TOPOLOGIES]
     if bad:
         ap.error(f"unknown topology {bad}; known: {list(tc.TOPOLOGIES)}")
-    if args.write and (args.only or args.topology):
+    if args.write and (args.only or args.topology) and not args.from_json:
         ap.error("--write records whole groups on their topologies; drop --only / --topology (use --group)")
     bad = [g for g in args.group if g not in GROUPS]
     if bad:
         ap.error(f"unknown group {bad}; known: {list(GROUPS)}")
     names = args.only + [n for n, sc in SCENARIOS.items() if sc.group in args.group] or list(SCENARIOS)
     source = benchutil.provenance()  # the jlora measured (taken before the long run)
-    rows = run(names, args.topology, hlo=args.hlo)
+    if args.from_json:
+        import json
+
+        rows = [r for path in args.from_json for r in json.load(open(path)) if r["scenario"] in names]
+        order = {(n, t): i for i, (n, t) in enumerate((n, t) for n in SCENARIOS for t in tc.TOPOLOGIES)}
+        rows.sort(key=lambda r: order.get((r["scenario"], r["topology"]), 0))
+        source = rows[0].get("source", source) if rows else source
+    else:
+        rows = run(names, args.topology, hlo=args.hlo)
+        for r in rows:
+            r["source"] = source
     text = report(rows)
     print(text)
     if args.json:

@@ -407,6 +407,57 @@ def _trip_count(ins: _Instr, comps: dict[str, list[_Instr]]) -> int:
     return 1
 
 
+def _op_name(ins: _Instr) -> str:
+    nm = re.search(r'op_name="([^"]*)"', ins.attrs)
+    return nm.group(1) if nm else ""
+
+
+def _fusion_bytes(ins: _Instr, inner: list[_Instr], table: dict[str, str], out_full: float) -> tuple[float, float]:
+    """HBM bytes a fusion reads and writes: an operand the fusion only slices
+    (``dynamic-slice`` / ``slice`` / ``gather`` of it) is charged at the slices' size, and
+    an output the fusion updates in place (a root ``dynamic-update-slice`` of a parameter,
+    a scan writing one layer's slice of a stacked buffer, a KV cache written one token at a
+    time) at the update's size, read and written; everything else at its full size."""
+    params: dict[int, str] = {}
+    for i in inner:
+        if i.opcode == "parameter":
+            m = re.search(r"parameter\((\d+)\)", i.line)
+            if m:
+                params[int(m.group(1))] = i.name
+    by_name = {i.name: i for i in inner}
+    users: dict[str, list[_Instr]] = {}
+    for i in inner:
+        for o in i.operands:
+            users.setdefault(o, []).append(i)
+    root = next((i for i in inner if i.line.lstrip().startswith("ROOT")), None)
+    outs = [root] if root is not None and root.opcode != "tuple" else (
+        [by_name.get(o) for o in root.operands] if root is not None else [])
+    inplace: dict[str, float] = {}
+    out_b = 0.0
+    for o in outs:
+        if o is not None and o.opcode == "dynamic-update-slice" and o.operands and o.operands[0] in params.values():
+            upd = shape_bytes(by_name[o.operands[1]].type_text) if o.operands[1] in by_name else 0.0
+            inplace[o.operands[0]] = upd
+            out_b += upd
+        elif o is not None:
+            out_b += shape_bytes(o.type_text)
+    if not inplace:
+        out_b = out_full
+    in_b = 0.0
+    for k, operand in enumerate(ins.operands):
+        full = shape_bytes(table.get(operand, ""), hbm_only=True)
+        pname = params.get(k)
+        if pname in inplace:
+            in_b += min(full, inplace[pname])
+            continue
+        us = users.get(pname, []) if pname is not None else []
+        if us and all(u.opcode in ("dynamic-slice", "slice", "gather") and u.operands[0] == pname for u in us):
+            in_b += min(full, sum(shape_bytes(u.type_text) for u in us))
+            continue
+        in_b += full
+    return in_b, min(out_b, out_full) if out_full else out_b
+
+
 def hlo_ops(text: str) -> list[HloOp]:
     """The instructions of an optimised (compiled) HLO module's entry computation as
     :class:`HloOp` (``while`` bodies expanded, times their trip count; ``call`` /
@@ -444,6 +495,16 @@ def hlo_ops(text: str) -> list[HloOp]:
             elif ins.opcode in ("convolution", "dot"):
                 flops = _conv_flops(ins, table)
             out_hbm = shape_bytes(ins.type_text, hbm_only=True)
+            if ins.opcode == "fusion" and cm and cm.group(1) in comps:
+                in_hbm, out_hbm = _fusion_bytes(ins, comps[cm.group(1)], table, out_hbm)
+                ops.append(HloOp(ins.name, ins.opcode, kind, flops * mult, (in_hbm + out_hbm) * mult, 0.0,
+                                 shape_bytes(ins.type_text), ins.type_text, mult, _op_name(ins)))
+                continue
+            if ins.opcode == "dynamic-update-slice" and len(ins.operands) > 1:  # in place: the update
+                upd = shape_bytes(table.get(ins.operands[1], ""), hbm_only=True)
+                ops.append(HloOp(ins.name, ins.opcode, kind, 0.0, 2 * upd * mult, 0.0,
+                                 shape_bytes(ins.type_text), ins.type_text, mult, _op_name(ins)))
+                continue
             if ins.opcode == "copy-start":  # (dest, src, context): the copy writes dest
                 arrs = _arrays(ins.type_text)
                 out_hbm = arrs[0].nbytes if arrs and arrs[0].space == 0 else 0.0
