@@ -305,3 +305,57 @@ def test_bad_prompts_are_refused():
         jm.generate(graphdef, state, np.ones((1, 4), int), max_new_tokens=0)
     with pytest.raises(ValueError, match="adapter_ids"):
         jm.generate(graphdef, state, np.ones((2, 4), int), max_new_tokens=2, adapter_ids=[0, 1])
+
+
+def test_slots_do_not_recompile_across_five_swaps():
+    """Five adapters of different ranks and alphas swapped into one pool of adapter slots:
+    each generation equals that adapter's own (as a plain LoRA tree), and the prefill and
+    decode functions hold one compiled program throughout."""
+    graphdef, state = _small_model()
+    apply = lambda s, x: nnx.merge(graphdef, s)(x)  # noqa: E731
+    ids, mask = _prompts(vocab=48)
+    kw = dict(apply_fn=apply, example_args=(jnp.asarray(ids),))
+    targets = ["q_proj", "v_proj", "up_proj", "down_proj"]
+    first = jlora.wrap(state, jlora.LoraConfig(r=2, target_modules=targets, init_lora_weights=False),
+                       rng=jax.random.key(0), **kw)
+    pool = jlora.adapter_slots(first, num_slots=4, max_rank=8, fill=False)
+    fns = jm.generate_functions(graphdef, pool, max_new_tokens=NEW)
+    outs = []
+    for i, (r, alpha) in enumerate([(1, 2.0), (8, 16.0), (3, 1.0), (5, 7.0), (2, 32.0)]):
+        cfg = jlora.LoraConfig(r=r, lora_alpha=alpha, target_modules=targets[i % 3:], init_lora_weights=False)
+        adapter = jlora.wrap(state, cfg, rng=jax.random.key(10 + i), **kw)
+        slot = i % 4
+        pool = jlora.load_slot(pool, slot, adapter)
+        rows = jnp.asarray([slot, -1, slot])
+        out = np.asarray(jm.generate(graphdef, pool, ids, attention_mask=mask, max_new_tokens=NEW, adapter_ids=rows))
+        # the reference: the adapter alone (max_new_tokens + 1: its own functions, not the pool's)
+        ref = np.asarray(jm.generate(graphdef, adapter, ids, attention_mask=mask, max_new_tokens=NEW + 1))
+        base = np.asarray(jm.generate(graphdef, state, ids[1:2], attention_mask=mask[1:2], max_new_tokens=NEW + 1))
+        np.testing.assert_array_equal(out[[0, 2]], ref[[0, 2], :-1], err_msg=f"swap {i}")
+        np.testing.assert_array_equal(out[1], base[0, :-1], err_msg=f"swap {i} (base row)")
+        outs.append(out)
+    assert len({o.tobytes() for o in outs}) == 5  # every swap changed what is generated
+    assert fns.prefill._cache_size() == 1 and fns.decode._cache_size() == 1
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("family", ["llama3", "gemma3"])
+def test_peft_directory_loads_into_a_slot(family):
+    """PEFT's files straight into slot 2 of a pool whose slot 0 holds another adapter: the
+    rows on slot 2 are greedy under torch + PEFT, as the adapter loaded alone."""
+    c = case(family)
+    d, _ = peft_adapter(family)
+    other = two_adapters(family)
+    targets = jlora.load_peft(d, c.state)
+    pool = jlora.adapter_slots(targets, num_slots=3, max_rank=8, fill=False)
+    pool = jlora.load_slot(pool, 0, jlora.get_adapter(other, "b"))
+    pool = jlora.load_slot(pool, 2, d)
+    ids, mask = _prompts()
+    out = np.asarray(jm.generate(c.graphdef, pool, ids, attention_mask=mask, max_new_tokens=NEW,
+                                 adapter_ids=jnp.asarray([2, 0, 2])))
+    full_mask = np.concatenate([mask, np.ones((ids.shape[0], NEW), np.int64)], axis=1)
+    logits = _torch_logits(peft_torch(family), out, full_mask)
+    _check_greedy(logits[[0, 2]], out[[0, 2]], ids.shape[1], NEW)
+    alone = np.asarray(jm.generate(c.graphdef, jlora.get_adapter(other, "b"), ids[1:2], attention_mask=mask[1:2],
+                                   max_new_tokens=NEW))
+    np.testing.assert_array_equal(out[1], alone[0])
