@@ -120,10 +120,10 @@ def adapter_slots(lp: Any, num_slots: int, max_rank: Optional[int] = None, *, fi
     ``max_rank`` defaults to the largest rank in ``lp``; ``dtype`` of the factors defaults
     to ``lp``'s. A kernel an adapter does not target gets zeros in its slot.
 
-    >>> lp = jlora.wrap({"w": jnp.ones((4, 3))}, jlora.LoraConfig(r=2, target_modules=["w"]))
+    >>> lp = jlora.wrap({"d": {"kernel": jnp.ones((4, 3))}}, jlora.LoraConfig(r=2, target_modules=["d"]))
     >>> pool = adapter_slots(lp, num_slots=8, max_rank=4)
-    >>> pool["w"].a.shape, pool["w"].b.shape, pool["w"].scale.tolist()[:2]
-    ((8, 4, 4), (8, 4, 3), [1.0, 0.0])
+    >>> pool["d"]["kernel"].a.shape, pool["d"]["kernel"].b.shape, pool["d"]["kernel"].scale.tolist()[:2]
+    ((8, 4, 4), (8, 4, 3), [4.0, 0.0])
     """
     if not isinstance(num_slots, int) or num_slots < 1:
         raise ValueError(f"jlora: num_slots must be a positive int, got {num_slots!r}")
@@ -182,10 +182,10 @@ def load_slot(pool: Any, slot: int, adapter: Union[str, os.PathLike, Any], *, na
     kernel that has no slots, has a rank above the pool's ``max_rank``, or is not plain
     LoRA (DoRA, lora_bias, PiSSA/OLoRA residuals, grouped convolutions).
 
-    >>> lp = jlora.wrap({"w": jnp.ones((4, 3))}, jlora.LoraConfig(r=2, target_modules=["w"]))
+    >>> lp = jlora.wrap({"d": {"kernel": jnp.ones((4, 3))}}, jlora.LoraConfig(r=2, target_modules=["d"]))
     >>> pool = adapter_slots(lp, num_slots=4, max_rank=4, fill=False)
-    >>> other = jlora.wrap({"w": jnp.ones((4, 3))}, jlora.LoraConfig(r=4, lora_alpha=2, target_modules=["w"]))
-    >>> load_slot(pool, 2, other)["w"].scale.tolist()
+    >>> other = jlora.wrap({"d": {"kernel": jnp.ones((4, 3))}}, jlora.LoraConfig(r=4, lora_alpha=2, target_modules=["d"]))
+    >>> load_slot(pool, 2, other)["d"]["kernel"].scale.tolist()
     [0.0, 0.0, 0.5, 0.0]
     """
     pools = _pools(pool)
@@ -219,8 +219,8 @@ def clear_slot(pool: Any, slot: int) -> Any:
     """``pool`` with slot ``slot`` empty (zero factors, scale 0): rows using it get the base
     model. Array values only, like :func:`load_slot`.
 
-    >>> lp = jlora.wrap({"w": jnp.ones((4, 3))}, jlora.LoraConfig(r=2, target_modules=["w"]))
-    >>> clear_slot(adapter_slots(lp, 2), 0)["w"].scale.tolist()
+    >>> lp = jlora.wrap({"d": {"kernel": jnp.ones((4, 3))}}, jlora.LoraConfig(r=2, target_modules=["d"]))
+    >>> clear_slot(adapter_slots(lp, 2), 0)["d"]["kernel"].scale.tolist()
     [0.0, 0.0]
     """
     _check_slot(_pools(pool)[0][1], slot)
@@ -232,9 +232,9 @@ def get_slot(pool: Any, slot: int) -> Any:
     included; scale read from the pool), e.g. to merge it or save it with
     :func:`jlora.save_peft`.
 
-    >>> lp = jlora.wrap({"w": jnp.ones((4, 3))}, jlora.LoraConfig(r=2, target_modules=["w"]))
-    >>> get_slot(adapter_slots(lp, 2), 0)["w"].scale
-    1.0
+    >>> lp = jlora.wrap({"d": {"kernel": jnp.ones((4, 3))}}, jlora.LoraConfig(r=2, target_modules=["d"]))
+    >>> get_slot(adapter_slots(lp, 2), 0)["d"]["kernel"].scale
+    4.0
     """
     _check_slot(_pools(pool)[0][1], slot)
 

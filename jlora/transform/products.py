@@ -272,7 +272,7 @@ def _rule_dot_general(eqn, invals, ctx):
         lhs, rhs = (x, rhs) if lora_is_rhs else (lhs, x)
     base, out_dtype = _base_product(eqn, [lhs.w if not lora_is_rhs else lhs, rhs.w if lora_is_rhs else rhs], fdtype)
     precision = eqn.params.get("precision")
-    nbat, nsf = len(xb), len(stack_free)
+    nbat = len(xb)
     nx_free = x.ndim - len(xc) - nbat
     x_free = [("x", j) for j in range(nx_free)]
     lora_free = [lv.axes[i] for i in free]

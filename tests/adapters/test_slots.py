@@ -147,6 +147,8 @@ def test_training_a_pool_equals_training_the_named_adapters():
     moved, before = _lora_nodes(jlora.adapters.get_slot(new_pool, 1)), _lora_nodes(jlora.adapters.get_slot(pool, 1))
     q = next(p for p in moved if "q_proj" in p)
     a_new, a_old = moved[q].a, before[q].a
+    assert float(jnp.abs(a_new[..., :4] - a_old[..., :4]).max()) > 0  # trained
+    assert float(jnp.abs(a_new[..., 4:]).max()) == 0  # the padding stays zero
     untouched = jlora.adapters.get_slot(new_pool, 2)  # slot 2 is used by no row: no gradient, adamw keeps it zero
     assert all(float(jnp.abs(w.a).max()) == 0 for w in jax.tree_util.tree_leaves(
         untouched, is_leaf=lambda t: isinstance(t, jlora.LoraWeight)) if isinstance(w, jlora.LoraWeight))
