@@ -37,6 +37,7 @@ from .codec import (
     NESTED_BLOCK_SIZE,
     QUANT_TYPES,
     dequantize_4bit,
+    dequantize_4bit_transposed,
     double_quantize,
     int8_vectorwise_dequant,
     int8_vectorwise_quant,
@@ -325,6 +326,14 @@ def _from_torch_2d(w: jax.Array, item_shape: Sequence[int], roles: Sequence[str]
     return jnp.transpose(t, [perm.index(i) for i in range(len(roles))])
 
 
+def _from_torch_2d_t(w_t: jax.Array, item_shape: Sequence[int], roles: Sequence[str]) -> jax.Array:
+    """:func:`_from_torch_2d` of ``w_t.T``: the kernel from its ``(in, out)`` matrix."""
+    outs, ins = _torch_perm(roles)
+    perm = ins + outs
+    t = w_t.reshape([item_shape[i] for i in perm])
+    return jnp.transpose(t, [perm.index(i) for i in range(len(roles))])
+
+
 def _check_roles(shape: tuple[int, ...], layout: Sequence[str], what: str) -> tuple[int, tuple[str, ...]]:
     layout = tuple(layout)
     if len(layout) != len(shape):
@@ -415,27 +424,39 @@ def quantize_array(w: Any, config: QuantConfig = QuantConfig(), layout: Sequence
     return _shard_like(q, w)
 
 
-def _item_dense(q: QuantizedArray, codes, absmax, nested, offset) -> jax.Array:
-    """One layer's kernel in its original dtype (float32 math, bitsandbytes' rounding)."""
-    if q.quant_type == "int8":
-        w2d = int8_vectorwise_dequant(codes, absmax)
-    else:
-        if q.double_quant:
-            absmax = undo_double_quant(absmax, nested, offset)
-        n = int(np.prod(q.item_shape))
-        w2d = dequantize_4bit(codes, absmax, n, q.block_size, q.quant_type, jnp.float32)
+def _item_dense(q: QuantizedArray, codes, absmax, nested, offset, dtype: Optional[np.dtype] = None) -> jax.Array:
+    """One layer's kernel, rounded to its original dtype (float32 math, bitsandbytes'
+    rounding), then cast to ``dtype`` (default: kept in the original dtype)."""
     outs, ins = _torch_perm(q.roles)
     n_out = int(np.prod([q.item_shape[i] for i in outs]))
-    w2d = w2d.astype(q.dtype).reshape(n_out, -1)
-    return _from_torch_2d(w2d, q.item_shape, q.roles)
+    n_in = int(np.prod([q.item_shape[i] for i in ins]))
+    final = np.dtype(q.dtype if dtype is None else dtype)
+    if q.quant_type == "int8":
+        w2d = int8_vectorwise_dequant(codes, absmax).astype(q.dtype).astype(final)
+        return _from_torch_2d(w2d, q.item_shape, q.roles)
+    if q.double_quant:
+        absmax = undo_double_quant(absmax, nested, offset)
+
+    def flat(codes, absmax):  # bitsandbytes' flat form
+        w2d = dequantize_4bit(codes, absmax, n_out * n_in, q.block_size, q.quant_type, jnp.float32)
+        return _from_torch_2d(w2d.astype(q.dtype).astype(final).reshape(n_out, n_in), q.item_shape, q.roles)
+
+    def tiled(codes, absmax):  # the same values, laid out for the TPU's tiles
+        w_t = dequantize_4bit_transposed(codes, absmax, n_out, n_in, q.block_size, q.quant_type, q.dtype, final)
+        return _from_torch_2d_t(w_t, q.item_shape, q.roles)
+
+    if n_in % q.block_size:
+        return flat(codes, absmax)
+    # one formulation per backend, bit for bit the same kernel (tests/quant/test_tpu_dequant.py):
+    # XLA:CPU runs the flat one faster (the tiled one's transposes cost it 2x)
+    return jax.lax.platform_dependent(codes, absmax, tpu=tiled, default=flat)
 
 
 @functools.partial(jax.jit, static_argnums=1)
 def _dequantize_stacked(q: QuantizedArray, dtype: Optional[np.dtype]) -> jax.Array:
     n_stack = len(q.stack_shape)
-    f = _vmap_n(functools.partial(_item_dense, q), n_stack)
-    out = f(*(_replicated(getattr(q, n)) for n in _CHILDREN))
-    return out if dtype is None else out.astype(dtype)
+    f = _vmap_n(functools.partial(_item_dense, q, dtype=dtype), n_stack)
+    return f(*(_replicated(getattr(q, n)) for n in _CHILDREN))
 
 
 def dense_for_compute(q: QuantizedArray) -> jax.Array:

@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..quant import forward as qforward
+from . import fused
 from .interpreter import bind, bind_with, register, rule_materialize
 from .values import (
     LoraValue,
@@ -270,6 +272,11 @@ def _rule_dot_general(eqn, invals, ctx):
             return rule_materialize(eqn, invals, ctx, "DoRA on a contraction over output axes it cannot scale")
         x, pair_x = pair_x[0], pair_x[1:]
         lhs, rhs = (x, rhs) if lora_is_rhs else (lhs, x)
+    fused_y = _fused_product(eqn, lv, x, lvc, xc, lvb, xb, free, stack_batch, stack_free, cgroups, mode, lora_is_rhs,
+                             fdtype, ctx)
+    if fused_y is not None:
+        ctx.record(lv, eqn, "factored")
+        return fused_y
     base, out_dtype = _base_product(eqn, [lhs.w if not lora_is_rhs else lhs, rhs.w if lora_is_rhs else rhs], fdtype)
     precision = eqn.params.get("precision")
     nbat = len(xb)
@@ -327,6 +334,74 @@ def _rule_dot_general(eqn, invals, ctx):
 
         return dora_sum(base, terms, out_dtype, lambda p: k_on(p.k, ns, target, stack_label), base_of)
     return _add_delta(base, functools.reduce(jnp.add, [u for _, u, _, _ in terms]), out_dtype)
+
+
+def _default_precision(precision) -> bool:
+    return precision is None or all(
+        p in (None, jax.lax.Precision.DEFAULT) for p in (precision if isinstance(precision, tuple) else (precision,))
+    )
+
+
+def _fused_product(eqn, lv, x, lvc, xc, lvb, xb, free, stack_batch, stack_free, cgroups, mode, lora_is_rhs, fdtype,
+                   ctx):
+    """``x·W + Σ s·(x·A)·B`` through :func:`jlora.transform.fused.lora_product` (fewer
+    passes over activations under differentiation on TPU; the same program as below
+    elsewhere), where the branch is a plain one: ``x`` on the left contracted with W's input
+    axes, W with one contracted axis or one output axis, no DoRA, no lora_bias, no mixed
+    batch, no dropout mask, a dense base, no ``Explicit`` mesh axes, the default precision.
+    None otherwise."""
+    precision = eqn.params.get("precision")
+    nbat, nc = len(xb), len(xc)
+    if (
+        mode != "in" or not lora_is_rhs or stack_free or has_dora(lv) or ctx.adapter_ids is not None
+        or any(p.bias is not None for p in lv.pairs)
+        or (ctx.key is not None and any(p.dropout > 0 for p in lv.pairs)) or qforward.is_view(lv.w)
+        or not _default_precision(precision) or tuple(xb) != tuple(range(nbat))
+        or sorted(xc) != list(range(x.ndim - nc, x.ndim)) or (nc != 1 and len(free) != 1)
+        or _explicit_sharding(x) is not None or _explicit_sharding(lv.w) is not None
+        or not all(jnp.issubdtype(t.dtype, jnp.floating) for t in (x, lv.w))
+    ):
+        return None
+    ns = lv.n_stack
+    labels = list(lv.axes)  # the factor axis of each axis of W's view
+    a_rank, b_rank = ns + lv.n_in, ns
+    a_axis = lambda g, k: k if g == "s" else ns + k  # noqa: E731
+    b_axis = lambda g, k: k if g == "s" else ns + 1 + k  # noqa: E731
+    b_free = [b_axis(*labels[i]) for i in free]
+    x_free_n = x.ndim - nc - nbat
+    u_order = list(range(nbat + x_free_n)) + [nbat + x_free_n + sorted(b_free).index(j) for j in b_free]
+    layout = fused.ProductLayout(
+        dims=((tuple(xc), tuple(lvc)), (tuple(xb), tuple(lvb))),
+        a_contract=tuple(a_axis(*labels[i]) for i in lvc),
+        a_batch=tuple(a_axis(*labels[i]) for i in lvb),
+        b_batch=tuple(b_axis(*labels[i]) for i in lvb),
+        b_rank=b_rank,
+        u_perm=None if u_order == sorted(u_order) else tuple(u_order),
+        b_as_w=tuple(b_rank if i in lvc else b_axis(*labels[i]) for i in range(lv.w.ndim)) if nc == 1 else None,
+        a_as_w=tuple(a_rank if i in free else a_axis(*labels[i]) for i in range(lv.w.ndim)) if len(free) == 1 else None,
+        n_in=int(np.prod([lv.w.shape[i] for i in lvc], dtype=np.int64)),
+        n_out=int(np.prod([lv.w.shape[i] for i in free], dtype=np.int64)),
+    )
+    out_dtype = eqn.outvars[0].aval.dtype
+    target = [("batch", i) for i in range(nbat)] + [("x", j) for j in range(x_free_n)] + [labels[i] for i in free]
+    scales = [p.scale for p in lv.pairs]
+
+    def plain(x, w, a_list, b_list):
+        # what _rule_dot_general computes for this case
+        base, out = _base_product(eqn, [x, w], fdtype)
+        spec = BranchSpec(
+            mode=mode, xc=xc, xb=xb, first_contract_in=tuple(k for _, k in cgroups), stack_batch=tuple(stack_batch),
+            stack_free=(), lora_free=tuple(labels[i] for i in free), lora_is_rhs=True, n_stack=ns,
+            precision=precision, dtype=fdtype, base=base, target=tuple(target),
+        )
+        xd = x.astype(fdtype)
+        terms = [lora_branch(xd, a, b, s, spec) for a, b, s in zip(a_list, b_list, scales)]
+        return _add_delta(base, functools.reduce(jnp.add, terms), out)
+
+    return fused.lora_product(
+        plain, x, lv.w, [p.a for p in lv.pairs], [p.b for p in lv.pairs], scales, layout, out_dtype=out_dtype,
+        acc_dtype=_acc_dtype(out_dtype, fdtype), precision=precision,
+    )
 
 
 def _dora_scaled_inputs(lv, x, xc, xb, cgroups, stack_batch, stack_free, ctx):

@@ -1,0 +1,162 @@
+"""jlora's programs compiled for TPU topologies by XLA's TPU compiler (libtpu, from the
+``test`` extra), ahead of time on this CPU machine: nothing runs on a TPU, nothing is
+allocated. Never skipped: without libtpu ``tpu_compile.topology`` raises and these tests
+fail, saying how to install it.
+
+What is checked, on small shapes (a 2-layer Llama-shaped decoder of width 256, bfloat16,
+batch 2 x 128):
+
+* the QLoRA dequantization stays small on the TPU: one quantized kernel under
+  ``jlora.lora``, forward and gradients of ``x`` and the factors, needs at most two
+  bfloat16 copies of the kernel in temporaries (the flat codec needed 130 of them: its
+  ``(n/2, 2)`` nibble pairs were laid out in (8, 128) tiles);
+* train steps of every kind compile for one v5e chip, and their memory is the floor's
+  plus what the kind adds: LoRA, QLoRA (nf4 / fp4 / int8), DoRA, a mixed batch of two
+  adapters; and a 4-chip FSDP step (v5e:2x2) holds a quarter of the state per chip;
+* (the TPU formulations are checked for values on CPU in tests/quant/test_tpu_dequant.py
+  and tests/transform/test_fused.py;)
+* the fused LoRA product is what makes the TPU program smaller: a LoRA layer's train step
+  compiled with it moves fewer HBM bytes than with the plain rule.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "benchmarks"))
+
+import tpu_compile as tc  # noqa: E402  (sets JAX_PLATFORMS / TPU_SKIP_MDS_QUERY if unset)
+import tpu_aot as ta  # noqa: E402
+
+import jlora  # noqa: E402
+import jlora.transform.fused  # noqa: E402
+import jlora.models as jm  # noqa: E402
+
+SMALL = ta.StepShape(jm.DecoderConfig("llama3", 512, 256, 768, 2, 4, 2, 64, param_dtype="bfloat16"),
+                     batch=2, seq=128, rank=8)
+FP4 = jlora.QuantConfig(quant_type="fp4", double_quant=False, compute_dtype=jnp.bfloat16)
+
+
+@pytest.fixture(scope="module")
+def v5e():
+    return tc.topology("v5e:1x1")
+
+
+def _compile(built, topo):
+    rep = tc.compile_report(built.fn, built.args, topo, donate_argnums=built.donate_argnums)
+    assert not rep.get("oom"), rep
+    return rep
+
+
+# ---------------------------------------------------------------------------------------
+# QLoRA: one kernel, forward + gradients of x and the factors
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4", "int8"])
+def test_quantized_kernel_temporaries_on_tpu(v5e, quant_type):
+    d_in, d_out, tokens = 1024, 3584, 256
+    w = jax.ShapeDtypeStruct((d_in, d_out), jnp.bfloat16)
+    cfg = jlora.QuantConfig(quant_type=quant_type, double_quant=quant_type == "nf4", compute_dtype=jnp.bfloat16)
+    q = jlora.quantize({"proj": {"kernel": w}}, cfg)
+    lp = jlora.wrap(q, jlora.LoraConfig(r=16, lora_alpha=32, target_modules=["proj"]), rng=jax.random.key(0))
+    trainable, frozen = jlora.partition(lp)
+    forward = jlora.lora(lambda p, x: x @ p["proj"]["kernel"], on_materialize="error")
+
+    def grads(t, fr, x):
+        return jax.grad(lambda t, x: forward(jlora.combine(t, fr), x).astype(jnp.float32).sum(), argnums=(0, 1))(t, x)
+
+    x = jax.ShapeDtypeStruct((1, tokens, d_in), jnp.bfloat16)
+    rep = tc.compile_report(grads, tc.abstract((trainable, frozen, x), v5e.replicated()), v5e)
+    kernel = d_in * d_out * 2  # the kernel in bfloat16
+    activations = 2 * tokens * (d_in + d_out) * 4  # x, y, their cotangents, in float32 at most
+    # the flat codec needed 130 bfloat16 kernels of temporaries here (issue 22)
+    assert rep["temp"] <= 2 * kernel + activations, (quant_type, tc.describe(rep))
+
+
+# ---------------------------------------------------------------------------------------
+# Train steps on one v5e chip
+
+
+@pytest.fixture(scope="module")
+def steps(v5e):
+    builds = {
+        "floor": lambda: ta.floor_build(v5e, SMALL),
+        "lora": lambda: ta.lora_build(v5e, SMALL),
+        "nf4": lambda: ta.lora_build(v5e, SMALL, quant=ta.NF4),
+        "fp4": lambda: ta.lora_build(v5e, SMALL, quant=FP4),
+        "int8": lambda: ta.lora_build(v5e, SMALL, quant=ta.INT8),
+        "dora": lambda: ta.lora_build(v5e, SMALL, use_dora=True),
+        "mixed": lambda: ta.mixed_build(v5e, SMALL, 2),
+    }
+    return {name: _compile(make(), v5e) for name, make in builds.items()}
+
+
+def test_train_steps_fit_and_cost_what_they_add(steps):
+    cfg = SMALL.cfg
+    floor, lora = steps["floor"], steps["lora"]
+    largest_kernel = cfg.embed_dim * cfg.hidden_dim * 2  # bfloat16
+    for name, rep in steps.items():
+        assert rep["fits"], name
+    # the LoRA branch costs r / d of the products (3 passes), nothing kernel-sized
+    assert lora["flops"] <= 1.08 * floor["flops"], (lora["flops"], floor["flops"])
+    assert lora["temp"] <= 1.5 * floor["temp"], (tc.describe(lora), tc.describe(floor))
+    for name in ("nf4", "fp4", "int8"):
+        q = steps[name]
+        # a packed base (arguments) and at most the dequantized kernels in flight (temporaries)
+        assert q["argument"] < lora["argument"], name
+        assert q["temp"] <= lora["temp"] + 4 * largest_kernel, (name, tc.describe(q))
+        assert q["flops"] <= 1.05 * lora["flops"], name
+    for name in ("dora", "mixed"):
+        assert steps[name]["peak"] <= 1.25 * lora["peak"], (name, tc.describe(steps[name]))
+        assert steps[name]["flops"] <= 1.10 * lora["flops"], name
+
+
+def test_fsdp_step_on_four_chips(steps, monkeypatch):
+    topo = tc.topology("v5e:2x2")
+    monkeypatch.setattr(ta, "FSDP_MIN_SIZE", 2**10)  # the small model's kernels are sharded too
+    rep = _compile(ta.lora_build(topo, SMALL), topo)
+    one = steps["lora"]
+    assert rep["chips"] == 4
+    # every parameter, factor and optimizer state of 1024 elements or more sharded over the
+    # 4 chips: about a quarter per chip (small shards are padded to whole (8, 128) tiles)
+    assert rep["argument"] <= 0.4 * one["argument"], (rep["argument"], one["argument"])
+    # the weights are gathered (collectives), the work is split
+    assert rep["roofline_ici_bytes"] > 0
+    assert rep["flops"] <= one["flops"] / 4 * 1.1, (rep["flops"], one["flops"])
+    assert rep["fits"]
+
+
+# ---------------------------------------------------------------------------------------
+# The fused LoRA product (jlora.transform.fused)
+
+
+@pytest.mark.parametrize("d_in, d_out", [(2048, 8192), (8192, 2048)])
+def test_fused_product_moves_fewer_bytes_on_tpu(v5e, monkeypatch, d_in, d_out):
+    """A LoRA layer's train step on one v5e chip (an MLP's up- and down-projection shape,
+    8192 tokens): with the fused rule, fewer HBM bytes (tiled sizes, from the compiled
+    HLO) and a shorter roofline than with the plain one, the same FLOPs."""
+    tokens = 8192
+    w = jax.ShapeDtypeStruct((d_in, d_out), jnp.bfloat16)
+    lp = jlora.wrap({"up": {"kernel": w}}, jlora.LoraConfig(r=16, lora_alpha=32, target_modules=["up"]))
+    trainable, frozen = jlora.partition(lp)
+    forward = jlora.lora(lambda p, x: jax.nn.silu(x @ p["up"]["kernel"]), on_materialize="error")
+
+    def make_grads():  # a new function each time: jit caches traces by function
+        def grads(t, fr, x):
+            return jax.grad(lambda t, x: jnp.square(forward(jlora.combine(t, fr), x).astype(jnp.float32)).sum(),
+                            argnums=(0, 1))(t, x)
+
+        return grads
+
+    args = tc.abstract((trainable, frozen, jax.ShapeDtypeStruct((tokens, d_in), jnp.bfloat16)), v5e.replicated())
+    fused = tc.compile_report(make_grads(), args, v5e)
+    monkeypatch.setattr(jlora.transform.fused, "FUSED_PLATFORMS", ())
+    plain = tc.compile_report(make_grads(), args, v5e)
+    assert fused["roofline_hbm_bytes"] < 0.7 * plain["roofline_hbm_bytes"], (tc.describe(fused), tc.describe(plain))
+    assert fused["roofline_s"] < 0.95 * plain["roofline_s"]
+    assert fused["flops"] <= 1.01 * plain["flops"]
