@@ -48,7 +48,7 @@ recognised from the paths, so ``jlora.save_peft(dir, lp)`` writes an adapter tha
 from .config import FAMILIES, DecoderConfig, config_from_hf, hf_config_dict, rope_frequencies
 from .decoder import Decoder, Llama3, Qwen3
 from .gemma3 import Gemma3
-from .generate import GenerateFunctions, bucket_length, generate, generate_functions
+from .generate import GenerateFunctions, bucket_length, decode_step, generate, generate_functions
 from .loss import causal_lm_loss, causal_lm_loss_fn
 from .qwen3_moe import Qwen3Moe
 from .loader import (
@@ -91,6 +91,7 @@ __all__ = [
     "causal_lm_loss_fn",
     "generate",
     "generate_functions",
+    "decode_step",
     "GenerateFunctions",
     "bucket_length",
 ]

@@ -46,7 +46,7 @@ from .decoder import run_layers
 from .kv_cache import KVCache, decode_inputs, empty_cache
 from .sampling import sample_token
 
-__all__ = ["generate", "generate_functions", "GenerateFunctions", "bucket_length", "MIN_BUCKET"]
+__all__ = ["generate", "generate_functions", "GenerateFunctions", "bucket_length", "MIN_BUCKET", "decode_step"]
 
 MIN_BUCKET = 16
 
@@ -124,6 +124,30 @@ def _step_forward(graphdef: Any, params: Any, token: jax.Array, cache: KVCache, 
     x, cache = run_layers(model, x, inputs, cache)
     logits = model.logits(model.final_norm(x), jnp.float32)
     return logits[:, 0].astype(jnp.float32), cache
+
+
+def decode_step(graphdef: Any, params: Any, token: jax.Array, cache: KVCache, index: jax.Array,
+                positions: jax.Array, slot_valid: jax.Array, adapter_ids: Any = None):
+    """One decode step, as :func:`generate`'s loop runs it (for a serving loop of your own,
+    or to time and compile it): the model on ``token`` (B,) written at cache slot ``index``
+    with ``positions`` (B,), attending to the slots where ``slot_valid`` (B, S) is true.
+    Returns ``(logits (B, V) float32, cache)``. ``params`` may be any tree :func:`generate`
+    takes (LoRA nodes and adapter slots go through :func:`jlora.lora`).
+
+    >>> from jlora.models import DecoderConfig, build
+    >>> from jlora.models.kv_cache import empty_cache
+    >>> graphdef, params = nnx.split(build(DecoderConfig("qwen3", 64, 16, 32, 2, 4, 2, 8)))
+    >>> cache = empty_cache(2, 1, 4, 2, 8, jnp.float32)
+    >>> logits, cache = decode_step(graphdef, params, jnp.array([3]), cache, jnp.int32(0), jnp.array([0]),
+    ...                             jnp.array([[True, False, False, False]]))
+    >>> logits.shape
+    (1, 64)
+    """
+    fn = functools.partial(_step_forward, graphdef)
+    if _uses_lora(params):
+        return jlora.lora(fn, on_materialize="allow")(params, token, cache, index, positions, slot_valid,
+                                                     adapter_ids=adapter_ids)
+    return fn(params, token, cache, index, positions, slot_valid)
 
 
 def _with_lora(fn: Any, spec: _Spec) -> Any:
