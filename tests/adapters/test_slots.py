@@ -154,3 +154,13 @@ def test_training_a_pool_equals_training_the_named_adapters():
         untouched, is_leaf=lambda t: isinstance(t, jlora.LoraWeight)) if isinstance(w, jlora.LoraWeight))
     for p, s in jlora.adapters.slot_scales(new_pool).items():
         np.testing.assert_array_equal(np.asarray(s), np.asarray(jlora.adapters.slot_scales(pool)[p]))
+
+
+def test_merging_a_pool_is_refused_and_a_slot_merges():
+    graphdef, state, lp, x = named_tree("qwen3")
+    pool = jlora.adapter_slots(lp, num_slots=2)
+    with pytest.raises(ValueError, match="get_slot"):
+        jlora.merge(pool)
+    merged = jlora.merge(jlora.adapters.get_slot(pool, 1))
+    ref = jlora.lora(lambda p, t: nnx.merge(graphdef, p)(t))(jlora.set_adapter(lp, "b"), x)
+    np.testing.assert_allclose(np.asarray(nnx.merge(graphdef, merged)(x)), np.asarray(ref), rtol=1e-4, atol=1e-4)
