@@ -332,7 +332,7 @@ def tpu_section(args) -> list[str]:
     L, B, S = args.tpu_layers, 8, 2048
     cfg = jm.DecoderConfig("llama3", vocab_size=128256, embed_dim=4096, hidden_dim=14336, num_layers=L, num_heads=32,
                            num_kv_heads=8, head_dim=128, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
-                           rope_theta=500000.0, scan_layers=True)
+                           rope_theta=500000.0)
     graphdef, state = nnx.split(nnx.eval_shape(lambda: jm.build(cfg)))
     topo = tc.topology("v5e:1x1")
     rep = topo.replicated()
@@ -352,26 +352,46 @@ def tpu_section(args) -> list[str]:
     def step(params, token, cache, index, positions, valid, adapter_ids=None):
         return jm.decode_step(graphdef, params, token, cache, index, positions, valid, adapter_ids=adapter_ids)
 
-    base = tc.compile_report(step, tc.abstract((state,) + step_args, rep), topo, donate_argnums=2)
+    base = tc.compile_report(step, tc.abstract((state,) + step_args, rep), topo, donate_argnums=2, keep_hlo=True)
     slots = tc.compile_report(lambda p, *a: step(p, *a[:-1], adapter_ids=a[-1]),
                               tc.abstract((pool,) + step_args + (jax.ShapeDtypeStruct((B,), jnp.int32),), rep), topo,
-                              donate_argnums=2)
+                              donate_argnums=2, keep_hlo=True)
+    cache_type = f"[{L},{B},{S},8,128]"
+
+    def cache_writes_s(r):
+        # the in-place writes of one token into the (L, B, S, K, H) cache: the roofline charges each at the
+        # whole cache's bytes (L per step, so L^2 in all); they are the same ops in both programs
+        ops = tc.fusion_roofline(r["hlo"], topo.chip)["ops"]
+        return sum(op.seconds for op in ops if cache_type in op.out_type
+                   and "dynamic-update-slice" in f"{op.kind} {op.name.replace('_', '-')}")
+
     rows = []
+    net = {}
     for name, r in (("base step", base), ("8 adapters in slots", slots)):
-        rows.append([name, f"{r['roofline_s'] * 1e3:.2f}", f"{r['flops'] / 1e9:.1f}",
+        net[name] = r["roofline_s"] - cache_writes_s(r)
+        rows.append([name, f"{r['roofline_s'] * 1e3:.2f}", f"{net[name] * 1e3:.2f}", f"{r['flops'] / 1e9:.1f}",
                      tc.fmt_bytes(r["roofline_hbm_bytes"]), tc.fmt_bytes(r["peak"]), f"{r['compile_s']:.1f}"])
     ratio = slots["roofline_s"] / base["roofline_s"]
+    ratio_net = net["8 adapters in slots"] / net["base step"]
     return [
         f"One decode step (`jlora.models.decode_step`) of a Llama-3-8B-width model (D=4096, F=14336, 32/8 heads of "
         f"128, vocabulary 128,256) with **{L} of its 32 layers** (bfloat16 weights: 32 layers are 16 GB, more than a "
-        f"v5e chip's 16 GiB HBM), `scan_layers`, batch {B}, a {S}-slot KV cache, compiled for v5e:1x1 by "
+        f"v5e chip's 16 GiB HBM), a list of layers (under `scan_layers` the roofline also charges each layer's "
+        "dynamic slice of the stacked weights at the whole stack's size), batch {B}, a {S}-slot KV cache, compiled "
+        "for v5e:1x1 by "
         "`benchmarks/tpu_compile.py` (`compile_report`: the TPU compiler's program, per-fusion roofline time; "
         "nothing runs on a TPU). Slots: 8 adapters (r=16 on the seven projections, bfloat16), one per row.",
         "",
-        table(rows, ["program", "roofline ms", "GFLOP", "HBM bytes", "peak", "compile s"]),
+        table(rows, ["program", "roofline ms", "without cache writes", "GFLOP", "HBM bytes", "peak", "compile s"]),
         "",
-        table([["slots / base decode step (roofline)", f"{ratio:.3f}", "<= 1.10",
-                "met" if ratio <= 1.10 else "NOT met"]], ["ratio", "measured", "goal", ""]),
+        table([["slots / base decode step (roofline)", f"{ratio:.3f}", "<= 1.10", "met" if ratio <= 1.10 else "NOT met"],
+               ["slots / base, without the KV-cache writes", f"{ratio_net:.3f}", "<= 1.10",
+                "met" if ratio_net <= 1.10 else "NOT met"]], ["ratio", "measured", "goal", ""]),
+        "",
+        "The per-fusion roofline charges an in-place `dynamic-update-slice` (writing one token's keys and values "
+        "into the cache) at the size of the whole buffer it updates, so the cache writes weigh far more than they "
+        "cost; they are the same ops in both programs. The second ratio leaves them out (the stricter figure). "
+        "The embedding row gather is charged at the whole table in both programs too (left in).",
         "",
         "vLLM reports LoRA decoding on TPU v6e 8-24 % slower than the base model (1.08-1.24x).",
     ]
