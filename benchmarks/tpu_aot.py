@@ -372,32 +372,152 @@ def _qwix(topo):
     return qwix_build(topo, LLAMA_2048)
 
 
-#: Llama-3-8B's layer shapes (width 4096, 32/8 heads of 128, SwiGLU 14336, vocabulary
-#: 128256) cut to 2 layers, bfloat16, batch 1 x 512, r = 16: whether an 8B-shaped QLoRA
-#: step fits one 16 GiB v5e chip (per layer; the model-scale step is other work).
-LLAMA_8B_2L = StepShape(
-    jm.DecoderConfig("llama3", 128256, 4096, 14336, 2, 32, 8, 128, rope_theta=500_000.0, param_dtype="bfloat16"),
-    batch=1, seq=512, rank=16,
-)
-GROUPS["llama-8b-2l"] = (
-    "Llama-3-8B layer shapes cut to 2 layers (width 4096, 32/8 heads of 128, SwiGLU 14336, vocabulary 128256), "
-    "bfloat16, batch 1 x 512, LoRA r=16 on every linear layer"
-)
+# ----------------------------------------------------------------------------------
+# Model scale (issue 23): whole Llama-3-8B / 70B shapes with jlora.models' memory settings
+# ----------------------------------------------------------------------------------
 
 
-@scenario("8b-floor", "llama-8b-2l", "frozen floor", topologies=("v5e:1x1",))
-def _floor_8b(topo):
-    return floor_build(topo, LLAMA_8B_2L)
+@dataclasses.dataclass(frozen=True)
+class ModelStep:
+    """A whole decoder as a user fine-tunes it: ``cfg`` with the memory settings
+    (``scan_layers``, ``remat``, ``attention``), ``batch x seq`` tokens, the chunked loss
+    (``jlora.models.causal_lm_loss``, ``chunk`` positions per chunk of logits), LoRA
+    rank ``rank`` (alpha 2r) on every linear layer, AdamW."""
+
+    cfg: jm.DecoderConfig
+    batch: int
+    seq: int
+    rank: int = 16
+    chunk: int = 512
 
 
-@scenario("8b-lora", "llama-8b-2l", "jlora LoRA over a bf16 base", topologies=("v5e:1x1",))
-def _lora_8b(topo):
-    return lora_build(topo, LLAMA_8B_2L)
+def _memory_settings(cfg: jm.DecoderConfig) -> jm.DecoderConfig:
+    return dataclasses.replace(cfg, scan_layers=True, remat="full", attention="blockwise", attention_block_size=512)
 
 
-@scenario("8b-qlora-nf4", "llama-8b-2l", "jlora QLoRA, NF4 + double quantization", topologies=("v5e:1x1",))
-def _qlora_8b(topo):
-    return lora_build(topo, LLAMA_8B_2L, quant=NF4)
+#: Llama-3-8B (Meta-Llama-3-8B's config.json): width 4096, 32 layers, 32/8 heads of 128,
+#: SwiGLU 14336, vocabulary 128256, untied head.
+LLAMA3_8B = _memory_settings(jm.DecoderConfig(
+    "llama3", 128256, 4096, 14336, 32, 32, 8, 128, rms_norm_eps=1e-5, rope_theta=500_000.0, param_dtype="bfloat16"))
+#: Llama-3-70B: width 8192, 80 layers, 64/8 heads of 128, SwiGLU 28672.
+LLAMA3_70B = _memory_settings(jm.DecoderConfig(
+    "llama3", 128256, 8192, 28672, 80, 64, 8, 128, rms_norm_eps=1e-5, rope_theta=500_000.0, param_dtype="bfloat16"))
+
+_SETTINGS = ("scan_layers=True, remat=\"full\", attention=\"blockwise\" (blocks of 512), "
+             "causal_lm_loss(chunk_size=512), LoRA r=16 alpha=32 on q, k, v, o, gate, up, down (factors float32), "
+             "AdamW")
+GROUPS["8b-nf4"] = f"Llama-3-8B shape, NF4 + double-quantized base (bf16 embedding and head), batch 1 x 2048; {_SETTINGS}"
+GROUPS["70b-nf4"] = f"Llama-3-70B shape, NF4 + double-quantized base (bf16 embedding and head), batch 1 x 2048; {_SETTINGS}"
+GROUPS["8b-bf16"] = f"Llama-3-8B shape, bfloat16 base, batch 1 x 8192; {_SETTINGS}"
+GROUPS["70b-fsdp"] = (f"Llama-3-70B shape, bfloat16 base, FSDP over the chips (every array of 2^20 elements or more "
+                      f"sharded along its largest divisible axis), global batch 8 x 4096; {_SETTINGS}")
+
+
+def model_parts(cfg: jm.DecoderConfig):
+    """``(graphdef, abstract state)`` of ``cfg``'s decoder, nothing allocated."""
+    return nnx.split(jm.abstract(cfg))
+
+
+def _model_base(ms: ModelStep, quant: Optional[jlora.QuantConfig]):
+    graphdef, state = model_parts(ms.cfg)
+
+    def apply(st, ids):
+        return nnx.merge(graphdef, st)(ids)
+
+    example = (jax.ShapeDtypeStruct((1, 8), jnp.int32),)
+    base = state if quant is None else jlora.quantize(state, quant, apply_fn=apply, example_args=example)
+    return graphdef, base, apply, example
+
+
+def model_lora_build(topo: tc.Topology, ms: ModelStep, *, quant: Optional[jlora.QuantConfig] = None) -> Built:
+    """jlora's LoRA (or QLoRA) train step on a whole ``jlora.models`` decoder, written as a
+    user writes it: ``jlora.lora(causal_lm_loss_fn(graphdef, chunk_size=...))``."""
+    graphdef, base, apply, example = _model_base(ms, quant)
+    config = jlora.LoraConfig(r=ms.rank, lora_alpha=2 * ms.rank, target_modules=LLAMA_TARGETS)
+    lp = jlora.wrap(base, config, rng=jax.random.key(0), apply_fn=apply, example_args=example)
+    trainable, frozen = jlora.partition(lp)
+    tx = jlora.optimizer(_adamw())
+    loss = jlora.lora(jm.causal_lm_loss_fn(graphdef, chunk_size=ms.chunk), on_materialize="error")
+    step = train_step(lambda t, fr, b: loss(jlora.combine(t, fr), b[0]), tx)
+    opt = jax.eval_shape(tx.init, trainable)
+    ids = jax.ShapeDtypeStruct((ms.batch, ms.seq), jnp.int32)
+    (st, fr), bt = place(topo, ((trainable, opt), frozen), (ids,))
+    return Built(step, (st, fr, bt))
+
+
+def model_floor_build(topo: tc.Topology, ms: ModelStep, *, quant: Optional[jlora.QuantConfig] = None) -> Built:
+    """The frozen floor of :func:`model_lora_build`: the same base (quantized or not), the
+    same memory settings and loss, one trainable leaf (the stacked first norm scales of
+    every layer), so the backward pass reaches every layer's input, no kernel gradient."""
+    graphdef, base, _, _ = _model_base(ms, quant)
+    loss = jlora.lora(jm.causal_lm_loss_fn(graphdef, chunk_size=ms.chunk), on_materialize="error")
+
+    def loss_of(v, st, b):
+        st = jax.tree_util.tree_map(lambda x: x, st, is_leaf=jlora.quant.is_quantized)  # a copy of the containers
+        st["layers"]["input_layernorm"]["w"] = v
+        return loss(st, b[0])
+
+    leaf = base["layers"]["input_layernorm"]["w"]
+    v = jax.ShapeDtypeStruct(leaf.shape, leaf.dtype)
+    tx = _adamw()
+    opt = jax.eval_shape(tx.init, v)
+    ids = jax.ShapeDtypeStruct((ms.batch, ms.seq), jnp.int32)
+    (st, fr), bt = place(topo, ((v, opt), base), (ids,))
+    return Built(train_step(loss_of, tx), (st, fr, bt))
+
+
+#: The model-scale groups and what their section is titled.
+MODEL_GROUPS = {
+    "8b-nf4": "a Llama-3-8B over an NF4 base on one v5e chip",
+    "70b-nf4": "a Llama-3-70B over an NF4 base on one v5p chip",
+    "8b-bf16": "a Llama-3-8B over a bfloat16 base, 8192 tokens, on one v6e chip",
+    "70b-fsdp": "a Llama-3-70B over a bfloat16 base, FSDP on a v5p:2x2x2 slice (8 chips)",
+}
+
+MS_8B_NF4 = ModelStep(LLAMA3_8B, batch=1, seq=2048)
+MS_70B_NF4 = ModelStep(LLAMA3_70B, batch=1, seq=2048)
+MS_8B_BF16 = ModelStep(LLAMA3_8B, batch=1, seq=8192)
+MS_70B_FSDP = ModelStep(LLAMA3_70B, batch=8, seq=4096)
+
+
+@scenario("8b-nf4-floor", "8b-nf4", "frozen floor over the NF4 base", topologies=("v5e:1x1",))
+def _floor_8b_nf4(topo):
+    return model_floor_build(topo, MS_8B_NF4, quant=NF4)
+
+
+@scenario("8b-qlora-nf4", "8b-nf4", "jlora QLoRA (bound: 8 GiB)", topologies=("v5e:1x1",))
+def _qlora_8b_nf4(topo):
+    return model_lora_build(topo, MS_8B_NF4, quant=NF4)
+
+
+@scenario("70b-nf4-floor", "70b-nf4", "frozen floor over the NF4 base", topologies=("v5p:1",))
+def _floor_70b_nf4(topo):
+    return model_floor_build(topo, MS_70B_NF4, quant=NF4)
+
+
+@scenario("70b-qlora-nf4", "70b-nf4", "jlora QLoRA (bound: 46 GiB)", topologies=("v5p:1",))
+def _qlora_70b_nf4(topo):
+    return model_lora_build(topo, MS_70B_NF4, quant=NF4)
+
+
+@scenario("8b-bf16-floor", "8b-bf16", "frozen floor", topologies=("v6e:1x1",))
+def _floor_8b_bf16(topo):
+    return model_floor_build(topo, MS_8B_BF16)
+
+
+@scenario("8b-lora-bf16", "8b-bf16", "jlora LoRA (bound: 24 GiB)", topologies=("v6e:1x1",))
+def _lora_8b_bf16(topo):
+    return model_lora_build(topo, MS_8B_BF16)
+
+
+@scenario("70b-fsdp-floor", "70b-fsdp", "frozen floor", topologies=("v5p:2x2x2",))
+def _floor_70b_fsdp(topo):
+    return model_floor_build(topo, MS_70B_FSDP)
+
+
+@scenario("70b-lora-fsdp", "70b-fsdp", "jlora LoRA (bound: 32 GiB per chip)", topologies=("v5p:2x2x2",))
+def _lora_70b_fsdp(topo):
+    return model_lora_build(topo, MS_70B_FSDP)
 
 
 # ----------------------------------------------------------------------------------
@@ -483,6 +603,7 @@ def report(rows: list[dict]) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", action="append", default=[], help="scenario name (repeatable; default all)")
+    ap.add_argument("--group", action="append", default=[], help=f"every scenario of a group (repeatable; {list(GROUPS)})")
     ap.add_argument("--topology", action="append", default=[], help=f"topology (repeatable; one of {list(tc.TOPOLOGIES)})")
     ap.add_argument("--list", action="store_true", help="list the scenarios and topologies")
     ap.add_argument("--hlo", action="store_true", help="also print each program's slowest ops and largest buffers")
@@ -501,10 +622,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if bad:
         ap.error(f"unknown topology {bad}; known: {list(tc.TOPOLOGIES)}")
     if args.write and (args.only or args.topology):
-        ap.error("--write records the full run; drop --only / --topology")
-    names = args.only or list(SCENARIOS)
+        ap.error("--write records whole groups on their topologies; drop --only / --topology (use --group)")
+    bad = [g for g in args.group if g not in GROUPS]
+    if bad:
+        ap.error(f"unknown group {bad}; known: {list(GROUPS)}")
+    names = args.only + [n for n, sc in SCENARIOS.items() if sc.group in args.group] or list(SCENARIOS)
     source = benchutil.provenance()  # the jlora measured (taken before the long run)
-    t0 = time.perf_counter()
     rows = run(names, args.topology, hlo=args.hlo)
     text = report(rows)
     print(text)
@@ -515,16 +638,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         with open(args.json, "w") as f:
             json.dump([{k: v for k, v in r.items() if keep(v)} for r in rows], f, indent=1)
     if args.write:
-        write(text, rows, time.perf_counter() - t0, argv, source)
+        for group in dict.fromkeys(r["group"] for r in rows):
+            group_rows = [r for r in rows if r["group"] == group]
+            wall = sum(r["wall_s"] for r in group_rows)
+            write(group, report(group_rows), group_rows, wall, ["--group", group, "--write"], source)
     return 0
 
 
-def write(text: str, rows: list[dict], wall: float, argv, source: str) -> None:
-    command = "python benchmarks/tpu_aot.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+def write(group: str, text: str, rows: list[dict], wall: float, argv, source: str) -> None:
+    """Writes ``group``'s section of BENCHMARKS.md."""
+    command = "python benchmarks/tpu_aot.py " + " ".join(shlex.quote(a) for a in argv)
+    scale = group in MODEL_GROUPS
+    title = ("## Compiled for TPU: fine-tuning " + MODEL_GROUPS[group] if scale
+             else "## Compiled for TPU: jlora's train steps as XLA's TPU compiler sees them")
     intro = [
-        "## Compiled for TPU: jlora's train steps as XLA's TPU compiler sees them",
+        title,
         "",
-        "Issue 22. **These are the TPU compiler's figures, not a run on a TPU.** Each train step (loss, gradient "
+        ("Issue 23" if scale else "Issue 22") + ". **These are the TPU compiler's figures, not a run on a TPU.** Each train step (loss, gradient "
         "of the trained part, AdamW update, state donated) is compiled ahead of time on this CPU machine by XLA's "
         "TPU compiler (libtpu) for a described topology, with abstract arguments; nothing is allocated or run. "
         "One chip: everything on it; a mesh: FSDP (every parameter and optimizer state of at least 2^20 elements "
@@ -552,7 +682,12 @@ def write(text: str, rows: list[dict], wall: float, argv, source: str) -> None:
         "fine-tuning, and *qwix* (qwix 0.1.8's `apply_lora_to_model` on the same NNX module; its factors are "
         "created in the model's dtype, bfloat16, jlora's in float32).",
     ]
-    benchutil.write_section("tpu_aot", "benchmarks/tpu_aot.py", intro, command=command, source=source,
+    if scale:
+        intro[-1] = ("Rows: the *floor* (the same model, base, memory settings and loss with one trainable leaf, the "
+                     "stacked first norm scales: forward and backward to every layer's input, no kernel gradient, "
+                     "no LoRA branch) and jlora's step, with the bound the step must meet. " + GROUPS[group] + ".")
+    section = "tpu_aot" if group == "llama-2048" else f"tpu_aot {group}"
+    benchutil.write_section(section, "benchmarks/tpu_aot.py", intro, command=command, source=source,
                             packages=("jax", "jaxlib", "libtpu", "flax", "optax", "qwix"),
                             report=text + f"\n\n- compile wall time of the whole run: {wall:.0f} s")
 

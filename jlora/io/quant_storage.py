@@ -29,7 +29,7 @@ import numpy as np
 
 from ..core.paths import path_names
 from ..nodes.weight import is_lora_node
-from ..quant.array import QuantizedArray, is_quantized, quantization_summary
+from ..quant.array import QuantizedArray, as_packed_rows, is_quantized, quantization_summary
 from ..quant.codec import DYNAMIC_CODE, NESTED_BLOCK_SIZE, TABLES
 
 __all__ = ["save_quantized", "load_quantized", "to_bnb_state_dict", "from_bnb_state_dict"]
@@ -127,13 +127,13 @@ def load_quantized(directory: Union[str, os.PathLike], target: Any = None) -> An
 
 
 def _replace_at(tree: Any, keys: Sequence[str], aux: dict[str, Any]) -> Any:
-    if not keys:
-        return QuantizedArray(
+    if not keys:  # (files of jlora 0.1 hold 4-bit codes flat: as_packed_rows takes them to rows)
+        return as_packed_rows(QuantizedArray(
             *(jnp.asarray(tree[n]) if n in tree else None for n in _CHILDREN),
             item_shape=tuple(aux["item_shape"]), roles=tuple(aux["roles"]), dtype=np.dtype(jnp.dtype(aux["dtype"])),
             quant_type=aux["quant_type"], block_size=int(aux["block_size"]), double_quant=bool(aux["double_quant"]),
             compute_dtype=np.dtype(jnp.dtype(aux["compute_dtype"])),
-        )
+        ))
     head, rest = keys[0], keys[1:]
     if isinstance(tree, (list, tuple)):
         items = list(tree)
@@ -173,7 +173,7 @@ def to_bnb_state_dict(q: QuantizedArray, prefix: str = "") -> dict[str, np.ndarr
                 prefix + "weight_format": np.zeros((), np.uint8)}
     state: dict[str, Any] = {"quant_type": q.quant_type, "blocksize": q.block_size,
                              "dtype": np.dtype(q.dtype).name, "shape": _torch_shape(q)}
-    out = {prefix + "weight": get(q.codes).reshape(-1, 1), prefix + "weight.absmax": get(q.absmax),
+    out = {prefix + "weight": get(q.codes).reshape(-1, 1), prefix + "weight.absmax": get(q.absmax).reshape(-1),
            prefix + "weight.quant_map": np.array(TABLES[q.quant_type], np.float32)}
     if q.double_quant:
         out[prefix + "weight.nested_absmax"] = get(q.nested_absmax).astype(np.float32)
@@ -229,11 +229,11 @@ def from_bnb_state_dict(state_dict: Mapping[str, Any], prefix: str = "", *, shap
     absmax = jnp.asarray(arr("weight.absmax"))
     nested_absmax = jnp.asarray(arr("weight.nested_absmax").astype(np.float32)) if nested else None
     offset = jnp.asarray(np.float32(state["nested_offset"])) if nested else None
-    return QuantizedArray(
+    return as_packed_rows(QuantizedArray(
         codes, absmax, nested_absmax, offset, quant_type=state["quant_type"], block_size=int(state["blocksize"]),
         double_quant=nested, dtype=np.dtype(jnp.dtype(dtype or state["dtype"])), compute_dtype=np.dtype(compute_dtype),
         **_item(torch_shape, shape, layout),
-    )
+    ))
 
 
 def _item(torch_shape: Sequence[int], shape: Optional[Sequence[int]], layout: tuple[str, ...]) -> dict[str, Any]:

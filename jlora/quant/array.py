@@ -55,6 +55,8 @@ __all__ = [
     "quantization_summary",
     "dense_for_compute",
     "packed_specs",
+    "packed_rows",
+    "as_packed_rows",
 ]
 
 
@@ -192,6 +194,12 @@ class QuantizedArray:
       size); int8 ``int8 (*stack, out, in)`` (bitsandbytes' ``CB``).
     - ``absmax``: per block, ``float32 (*stack, n_blocks)``; with double quantization
       ``uint8 (*stack, n_blocks)`` codes of the dynamic map; int8: ``SCB float32 (*stack, out)``.
+    - Where each row of the PyTorch weight is whole blocks (``in % block_size == 0``, every
+      real model), the same bytes are held by row: ``codes (*stack, out, in/2)`` and
+      ``absmax (*stack, out, in/block_size)`` (:func:`packed_rows`): on a TPU a flat
+      ``uint8 (layers, n/2)`` stack is tiled across its layer axis, and a scan over the
+      layers copied the whole stack on every step of the loop. bitsandbytes' flat arrays are
+      their reshape (``jlora.io.to_bnb_state_dict``).
     - ``nested_absmax``: ``float32 (*stack, ceil(n_blocks/256))`` (double quantization), else None.
     - ``offset``: ``float32 (*stack,)`` (double quantization), else None.
 
@@ -203,8 +211,8 @@ class QuantizedArray:
     ``nbytes`` the storage; ``dequantize()`` the values.
 
     >>> q = quantize_array(jnp.ones((128, 64)), QuantConfig())
-    >>> q.shape, q.codes.shape, q.absmax.dtype
-    ((128, 64), (4096,), dtype('uint8'))
+    >>> q.shape, q.codes.shape, q.absmax.dtype   # PyTorch (64, 128): by row
+    ((128, 64), (64, 64), dtype('uint8'))
     """
 
     codes: Any
@@ -243,7 +251,8 @@ class QuantizedArray:
     # -- array-like ---------------------------------------------------------------
     @property
     def stack_shape(self) -> tuple[int, ...]:
-        return tuple(int(s) for s in self.absmax.shape[:-1])
+        n_item = 2 if packed_rows(self.item_shape, self.roles, self.quant_type, self.block_size) else 1
+        return tuple(int(s) for s in self.absmax.shape[:len(self.absmax.shape) - n_item])
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -326,6 +335,33 @@ def _from_torch_2d(w: jax.Array, item_shape: Sequence[int], roles: Sequence[str]
     return jnp.transpose(t, [perm.index(i) for i in range(len(roles))])
 
 
+def packed_rows(item_shape: Sequence[int], roles: Sequence[str], quant_type: str, block_size: int) -> bool:
+    """Whether a 4-bit kernel's codes and block scales are held by row of the PyTorch
+    ``(out, in)`` weight (``codes (out, in/2)``, ``absmax (out, in/block_size)`` per
+    layer): where every row is whole blocks. int8 is always by row (``CB (out, in)``)."""
+    if quant_type == "int8":
+        return False
+    _, ins = _torch_perm(roles)
+    return int(np.prod([item_shape[i] for i in ins])) % block_size == 0
+
+
+def as_packed_rows(q: "QuantizedArray") -> "QuantizedArray":
+    """``q`` with flat per-layer ``codes (*stack, n/2)`` and ``absmax (*stack, n_blocks)``
+    (bitsandbytes' arrays) held by row where :func:`packed_rows` says so; unchanged
+    otherwise or when they already are."""
+    if not packed_rows(q.item_shape, q.roles, q.quant_type, q.block_size):
+        return q
+    outs, ins = _torch_perm(q.roles)
+    n_out = int(np.prod([q.item_shape[i] for i in outs]))
+    n_in = int(np.prod([q.item_shape[i] for i in ins]))
+    rows = (n_out, n_in // 2)
+    if tuple(q.codes.shape[-2:]) == rows:
+        return q
+    stack = tuple(q.codes.shape[:-1])
+    return q.replace(codes=q.codes.reshape(stack + rows),
+                     absmax=q.absmax.reshape(stack + (n_out, n_in // q.block_size)))
+
+
 def _from_torch_2d_t(w_t: jax.Array, item_shape: Sequence[int], roles: Sequence[str]) -> jax.Array:
     """:func:`_from_torch_2d` of ``w_t.T``: the kernel from its ``(in, out)`` matrix."""
     outs, ins = _torch_perm(roles)
@@ -383,10 +419,13 @@ def _quantize_kernel(w: jax.Array, layout: tuple[str, ...], qt: str, bs: int, dq
             cb, scb = int8_vectorwise_quant(w2d)
             return cb, scb, None, None
         packed, absmax = quantize_4bit(w2d, bs, qt)
-        if not dq:
-            return packed, absmax, None, None
-        q, nested, offset = double_quantize(absmax)
-        return packed, q, nested, offset
+        nested = offset = None
+        if dq:
+            absmax, nested, offset = double_quantize(absmax)
+        if packed_rows(k.shape, roles, qt, bs):  # the same bytes, by row
+            n_out, n_in = w2d.shape
+            packed, absmax = packed.reshape(n_out, n_in // 2), absmax.reshape(n_out, n_in // bs)
+        return packed, absmax, nested, offset
 
     return _vmap_n(item, n_stack)(w)
 
@@ -435,10 +474,11 @@ def _item_dense(q: QuantizedArray, codes, absmax, nested, offset, dtype: Optiona
         w2d = int8_vectorwise_dequant(codes, absmax).astype(q.dtype).astype(final)
         return _from_torch_2d(w2d, q.item_shape, q.roles)
     if q.double_quant:
-        absmax = undo_double_quant(absmax, nested, offset)
+        absmax = undo_double_quant(absmax.reshape(-1), nested, offset)
 
     def flat(codes, absmax):  # bitsandbytes' flat form
-        w2d = dequantize_4bit(codes, absmax, n_out * n_in, q.block_size, q.quant_type, jnp.float32)
+        w2d = dequantize_4bit(codes.reshape(-1), absmax.reshape(-1), n_out * n_in, q.block_size, q.quant_type,
+                              jnp.float32)
         return _from_torch_2d(w2d.astype(q.dtype).astype(final).reshape(n_out, n_in), q.item_shape, q.roles)
 
     def tiled(codes, absmax):  # the same values, laid out for the TPU's tiles
@@ -494,11 +534,12 @@ def packed_specs(q: QuantizedArray, spec: Sequence[Any]) -> dict[str, tuple]:
         specs["codes"] = tuple(stack) + (row, col)
         specs["absmax"] = tuple(stack) + (row,)
         return specs
-    n_in = int(np.prod([q.item_shape[i] for i in ins]))
-    whole_rows = rows_only and row is not None and n_in % q.block_size == 0 and n_in % 2 == 0
-    flat = row if whole_rows else None
-    specs["codes"] = tuple(stack) + (flat,)
-    specs["absmax"] = tuple(stack) + (flat,)
+    if packed_rows(q.item_shape, q.roles, q.quant_type, q.block_size):  # (out, in/2), (out, in/block)
+        specs["codes"] = tuple(stack) + (row if rows_only else None, None)
+        specs["absmax"] = tuple(stack) + (row if rows_only else None, None)
+    else:
+        specs["codes"] = tuple(stack) + (None,)
+        specs["absmax"] = tuple(stack) + (None,)
     if q.double_quant:
         specs["nested_absmax"] = tuple(stack) + (None,)
         specs["offset"] = tuple(stack)

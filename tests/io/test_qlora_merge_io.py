@@ -87,7 +87,7 @@ def test_requantizing_merge_drops_a_small_update_as_bitsandbytes_does():
         # bitsandbytes re-quantizing the same merged weight (its offset: torch's mean)
         merged = torch.tensor((w0 + scale * (a @ b)).T.copy())
         packed, state = bnb_F.quantize_4bit(merged, blocksize=64, quant_type="nf4", compress_statistics=True)
-        codes_equal = np.mean(np.asarray(requant.codes) == packed.reshape(-1).numpy())
+        codes_equal = np.mean(np.asarray(requant.codes).reshape(-1) == packed.reshape(-1).numpy())
         assert codes_equal > 0.999
         kept = bnb_F.dequantize_4bit(packed, state).numpy().T - w0
         d = scale * (a @ b)

@@ -185,5 +185,5 @@ def test_jlora_trained_qlora_adapter_loads_in_peft(case, tmp_path):
         warnings.simplefilter("ignore")
         merged_pm = pm.merge_and_unload()
     theirs = merged_pm.model.layers[0].self_attn.q_proj.weight.data.reshape(-1).numpy()
-    ours = np.asarray(merged_q["model"]["layers"]["0"]["self_attn"]["q_proj"]["kernel"].codes)
+    ours = np.asarray(merged_q["model"]["layers"]["0"]["self_attn"]["q_proj"]["kernel"].codes).reshape(-1)
     assert np.mean(ours == theirs) > 0.999

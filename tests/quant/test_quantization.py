@@ -46,6 +46,11 @@ def _np(x):
     return np.asarray(x)
 
 
+def _flat(x):
+    """A packed array as bitsandbytes holds it: flat."""
+    return _np(x).reshape(-1)
+
+
 def _bnb_dequant(packed, state, shape, dtype):
     """bitsandbytes' dequantization of (packed, state): the native kernel where it is
     correct (last dim a multiple of 64), the pure-torch one otherwise."""
@@ -107,11 +112,16 @@ def test_4bit_bytes_absmax_and_values_equal_bitsandbytes(quant_type):
             packed, state = bnb_F.quantize_4bit(w, blocksize=64, quant_type=quant_type, compress_statistics=dq)
             q = jlora.quantize_array(k, jlora.QuantConfig(quant_type=quant_type, double_quant=dq))
             where = f"{shape} {dtype} {quant_type} dq={dq}"
-            assert q.codes.dtype == jnp.uint8 and q.codes.shape == (packed.numel(),)
-            assert _np(q.codes).tolist() == packed.reshape(-1).tolist(), where
+            # held by row of the (out, in) weight where rows are whole blocks: the same bytes
+            rows = shape[1] % 64 == 0
+            n_blocks = state.absmax.numel()
+            assert q.codes.dtype == jnp.uint8
+            assert q.codes.shape == ((shape[0], shape[1] // 2) if rows else (packed.numel(),)), where
+            assert q.absmax.shape == ((shape[0], shape[1] // 64) if rows else (n_blocks,)), where
+            assert _flat(q.codes).tolist() == packed.reshape(-1).tolist(), where
             if not dq:
-                plain_absmax = q.absmax
-                assert _np(q.absmax).view(np.uint32).tolist() == state.absmax.numpy().view(np.uint32).tolist(), where
+                plain_absmax = q.absmax.reshape(-1)
+                assert _flat(q.absmax).view(np.uint32).tolist() == state.absmax.numpy().view(np.uint32).tolist(), where
             else:
                 bnb_absmax = torch.tensor(_np(plain_absmax))  # first level: bnb's, checked above
                 # with bnb's offset, the second level is bit for bit bnb's (reference kernel)
@@ -123,10 +133,10 @@ def test_4bit_bytes_absmax_and_values_equal_bitsandbytes(quant_type):
                 # codes are bnb's (reference kernel) for that offset
                 np.testing.assert_allclose(_np(q.offset), state.offset.numpy(), rtol=1e-6)
                 own_q, own_nested = _bnb_blockwise_reference(bnb_absmax - torch.tensor(_np(q.offset)))
-                assert _np(q.absmax).tolist() == own_q.tolist(), where
+                assert _flat(q.absmax).tolist() == own_q.tolist(), where
                 assert _np(q.nested_absmax).view(np.uint32).tolist() == own_nested.numpy().view(np.uint32).tolist()
                 # bnb dequantizes jlora's state (codes, nested absmax, offset) to jlora's values
-                state.absmax = torch.tensor(_np(q.absmax))
+                state.absmax = torch.tensor(_flat(q.absmax))
                 state.state2.absmax = torch.tensor(_np(q.nested_absmax))
                 state.offset = torch.tensor(_np(q.offset))
             ref = _bnb_dequant(packed, state, shape, dtype)
@@ -142,7 +152,7 @@ def test_midpoint_goes_to_the_lower_code_and_odd_numel_pads_code_7():
     w = torch.tensor(row[None])  # (1, 5): odd numel
     packed, _ = bnb_F.quantize_4bit(w, blocksize=64, quant_type="nf4")
     q = jlora.quantize_array(jnp.asarray(row[:, None]), jlora.QuantConfig(double_quant=False))
-    codes = _np(q.codes).tolist()
+    codes = _flat(q.codes).tolist()
     assert codes == packed.reshape(-1).tolist()
     nibbles = [c >> s & 15 for c in codes for s in (4, 0)]
     assert nibbles == [15, 7, 8, 7, 0, 7]  # the tie gives 7, the next float up 8; pad nibble 7
@@ -196,15 +206,15 @@ def test_quantize_tree_defaults_layouts_and_stacks():
     assert q["lm_head"]["kernel"] is params["lm_head"]["kernel"]
     qkv, out, mlp = q["attn"]["qkv"]["kernel"], q["attn"]["out"]["kernel"], q["layers"]["mlp"]["kernel"]
     assert qkv.layout == ("in", "out", "out") and out.layout == ("in", "in", "out")
-    assert mlp.layout == ("stack", "in", "out") and mlp.codes.shape == (3, 64 * 128 // 2)
+    assert mlp.layout == ("stack", "in", "out") and mlp.codes.shape == (3, 128, 64 // 2)
     cases = [(qkv, params["attn"]["qkv"]["kernel"], (1, 2), (0,)), (out, params["attn"]["out"]["kernel"], (2,), (0, 1))]
     cases += [(jax.tree_util.tree_map(lambda x: x[i], mlp), params["layers"]["mlp"]["kernel"][i], (1,), (0,))
               for i in range(3)]  # each layer is its own Linear (own absmax, offset, nested absmax)
     for qa, kernel, outs, ins in cases:
         w = _torch_2d(kernel, outs, ins)
         packed, state = bnb_F.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
-        assert _np(qa.codes).tolist() == packed.reshape(-1).tolist()
-        state.absmax, state.offset = torch.tensor(_np(qa.absmax)), torch.tensor(_np(qa.offset))
+        assert _flat(qa.codes).tolist() == packed.reshape(-1).tolist()
+        state.absmax, state.offset = torch.tensor(_flat(qa.absmax)), torch.tensor(_np(qa.offset))
         state.state2.absmax = torch.tensor(_np(qa.nested_absmax))
         ref = bnb_F.dequantize_4bit(packed, state)  # (out, in), in a multiple of 64
         np.testing.assert_array_equal(_torch_2d(qa.dequantize(), outs, ins).numpy(), ref.numpy())

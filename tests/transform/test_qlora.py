@@ -266,12 +266,13 @@ def test_packed_arrays_are_sharded_like_their_kernel():
         if line.startswith("{"):
             got.update(json.loads(line))
     nf4, int8 = got["nf4"], got["int8"]
-    assert nf4["up_codes"] == nf4["up_absmax"] == ["model"]
-    assert nf4["down_codes"] == [None]  # row parallel: the flat codes interleave the shards
+    # 4-bit codes and absmax held by row of the (out, in) weight: (out, in/2), (out, in/64)
+    assert nf4["up_codes"] == nf4["up_absmax"] == ["model", None]
+    assert nf4["down_codes"] == [None, None]  # row parallel: replicated within the layer
     assert int8["up_codes"] == ["model", None] and int8["down_codes"] == [None, "model"]
     for out in (nf4, int8):
         assert out["same_codes"] and out["rel"] < 1e-5
-    assert got["explicit"]["up_codes"] == ["model"] and got["explicit"]["rel"] < 1e-5
+    assert got["explicit"]["up_codes"] == ["model", None] and got["explicit"]["rel"] < 1e-5
 
 
 def test_nnx_einsum_kernels_quantize_by_use():
