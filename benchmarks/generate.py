@@ -235,7 +235,7 @@ def per_token_section(args, graphdef, single) -> list[str]:
         f"Batch 1, a {T}-token prompt, one adapter (the LoRA tree, factored), {n} new tokens: decode time per new "
         f"token against one jitted forward pass over the {T}-token prompt (same model as above).",
         "",
-        table([["per new token (decode loop / %d)" % n, f"{per * 1e3:.1f} ms"],
+        table([[f"per new token (decode loop / {n})", f"{per * 1e3:.1f} ms"],
                [f"one forward over {T} tokens", f"{t_fwd * 1e3:.1f} ms"],
                ["ratio (goal <= 0.25)", f"{per / t_fwd:.4f} ({ok})"]], ["", "measured"]),
     ]
@@ -285,7 +285,7 @@ def slots_section(args, graphdef, state) -> list[str]:
         print(f"# {label}: step {t / n * 1e3:.1f} ms, compile {c:.2f} s", flush=True)
         return t / n, c
 
-    base_t, base_c = measure("base model (no adapters)", state, None)
+    base_t, _ = measure("base model (no adapters)", state, None)
     res = {}
     for N in args.slots:
         pool = _random_pool(jlora.adapter_slots(one, num_slots=N, max_rank=8), jax.random.key(N))

@@ -33,12 +33,18 @@ import jax.numpy as jnp
 from ..core.paths import path_names
 from ..io.peft import load_peft
 from ..nodes.slots import AdapterSlots, is_adapter_slots
-from ..nodes.weight import DEFAULT_ADAPTER, LoraWeight, MultiLoraWeight, Trainable, TrainableTokens
+from ..nodes.weight import (
+    DEFAULT_ADAPTER,
+    LoraWeight,
+    MultiLoraWeight,
+    Trainable,
+    TrainableTokens,
+)
 from ..nodes.weight import is_lora_node as _is_node
 from ..quant.array import is_quantized
 from .named import adapter_names
 
-__all__ = ["adapter_slots", "load_slot", "clear_slot", "get_slot", "slots_base", "slot_scales"]
+__all__ = ["adapter_slots", "clear_slot", "get_slot", "load_slot", "slot_scales", "slots_base"]
 
 
 def _flat(tree: Any) -> tuple[list[tuple[str, Any]], Any]:
@@ -106,7 +112,9 @@ def _put(pool: AdapterSlots, slot: int, p: Optional[LoraWeight]) -> AdapterSlots
 
 
 def _check_slot(pool: AdapterSlots, slot: int) -> int:
-    if not isinstance(slot, int) or isinstance(slot, bool) or not 0 <= slot < pool.num_slots:
+    if not isinstance(slot, int) or isinstance(slot, bool):
+        raise TypeError(f"jlora: slot must be an int in 0..{pool.num_slots - 1}, got {slot!r}")
+    if not 0 <= slot < pool.num_slots:
         raise ValueError(f"jlora: slot must be an int in 0..{pool.num_slots - 1}, got {slot!r}")
     return slot
 
@@ -125,7 +133,9 @@ def adapter_slots(lp: Any, num_slots: int, max_rank: Optional[int] = None, *, fi
     >>> pool["d"]["kernel"].a.shape, pool["d"]["kernel"].b.shape, pool["d"]["kernel"].scale.tolist()[:2]
     ((8, 4, 4), (8, 4, 3), [4.0, 0.0])
     """
-    if not isinstance(num_slots, int) or num_slots < 1:
+    if not isinstance(num_slots, int) or isinstance(num_slots, bool):
+        raise TypeError(f"jlora: num_slots must be a positive int, got {num_slots!r}")
+    if num_slots < 1:
         raise ValueError(f"jlora: num_slots must be a positive int, got {num_slots!r}")
     names = adapter_names(lp)
     flat, treedef = _flat(lp)

@@ -30,7 +30,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, NamedTuple, Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Any, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -46,7 +47,7 @@ from .decoder import run_layers
 from .kv_cache import KVCache, decode_inputs, empty_cache
 from .sampling import sample_token
 
-__all__ = ["generate", "generate_functions", "GenerateFunctions", "bucket_length", "MIN_BUCKET", "decode_step"]
+__all__ = ["MIN_BUCKET", "GenerateFunctions", "bucket_length", "decode_step", "generate", "generate_functions"]
 
 MIN_BUCKET = 16
 

@@ -40,7 +40,7 @@ import jax.numpy as jnp
 from .attention import AttentionInputs, attention
 from .layers import attend
 
-__all__ = ["KVCache", "LayerCache", "DecodeInputs", "empty_cache", "decode_inputs", "cached_attention"]
+__all__ = ["DecodeInputs", "KVCache", "LayerCache", "cached_attention", "decode_inputs", "empty_cache"]
 
 Flag = Union[bool, jax.Array]
 

@@ -22,7 +22,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-__all__ = ["top_k_filter", "top_p_filter", "sample_token"]
+__all__ = ["sample_token", "top_k_filter", "top_p_filter"]
 
 
 def top_k_filter(logits: jax.Array, k: int) -> jax.Array:

@@ -106,7 +106,7 @@ class AdapterSlots:
         d = delta(a, b, self.layout, compute) * jnp.asarray(self.scale, compute)[slot]
         return (self.w.astype(compute) + d).astype(self.w.dtype)
 
-    def replace(self, **changes: Any) -> "AdapterSlots":
+    def replace(self, **changes: Any) -> AdapterSlots:
         return dataclasses.replace(self, **changes)
 
 

@@ -35,7 +35,7 @@ TARGETS = {"qwen3": ["q_proj", "v_proj", "down_proj"], "gemma3": ["q_einsum", "k
            "qwen3_moe": ["q_proj", "gate_proj", "down_proj"]}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def named_tree(family: str, scan: bool = False):
     """Two named adapters of different ranks and alphas ("default": r=2 on every target,
     "b": r=4 on the first two) over a small random model."""
@@ -120,7 +120,7 @@ def _lora_nodes(tree):
 def test_training_a_pool_equals_training_the_named_adapters():
     """One adamw step through jlora.optimizer: the pool's slots move as the named adapters
     do (their padding stays zero, the base and the scales stay frozen)."""
-    graphdef, state, lp, x = named_tree("qwen3")
+    graphdef, _, lp, x = named_tree("qwen3")
     apply = jlora.lora(lambda p, t: nnx.merge(graphdef, p)(t))
     y = jnp.asarray(np.random.RandomState(1).randint(0, 48, x.shape))
 
@@ -157,7 +157,7 @@ def test_training_a_pool_equals_training_the_named_adapters():
 
 
 def test_merging_a_pool_is_refused_and_a_slot_merges():
-    graphdef, state, lp, x = named_tree("qwen3")
+    graphdef, _, lp, x = named_tree("qwen3")
     pool = jlora.adapter_slots(lp, num_slots=2)
     with pytest.raises(ValueError, match="get_slot"):
         jlora.merge(pool)
