@@ -164,3 +164,20 @@ def test_merging_a_pool_is_refused_and_a_slot_merges():
     merged = jlora.merge(jlora.adapters.get_slot(pool, 1))
     ref = jlora.lora(lambda p, t: nnx.merge(graphdef, p)(t))(jlora.set_adapter(lp, "b"), x)
     np.testing.assert_allclose(np.asarray(nnx.merge(graphdef, merged)(x)), np.asarray(ref), rtol=1e-4, atol=1e-4)
+
+
+def test_slots_over_a_quantized_base():
+    """A pool over an NF4 base computes what the named adapters compute over it."""
+    graphdef, state = _model("llama3")
+    x = jnp.asarray(np.random.RandomState(0).randint(1, 48, (4, 6)))
+    kw = dict(apply_fn=lambda p, t: nnx.merge(graphdef, p)(t), example_args=(x,))
+    q = jlora.quantize(state, jlora.QuantConfig(quant_type="nf4", block_size=32), **kw)
+    lp = jlora.wrap(q, jlora.LoraConfig(r=2, target_modules=["q_proj", "down_proj"], init_lora_weights=False),
+                    rng=jax.random.key(0), **kw)
+    lp = jlora.add_adapter(lp, "b", jlora.LoraConfig(r=3, lora_alpha=5, target_modules=["q_proj"],
+                                                     init_lora_weights=False), rng=jax.random.key(1), **kw)
+    apply = jlora.lora(kw["apply_fn"])
+    ref = apply(lp, x, adapter_ids=ROWS)
+    out = apply(jlora.adapter_slots(lp, num_slots=3, max_rank=4), x, adapter_ids=ROWS)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-5)
+    assert float(jnp.abs(ref - apply(lp, x, adapter_ids=-jnp.ones(4, jnp.int32))).max()) > 1e-3
