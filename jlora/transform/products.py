@@ -92,6 +92,14 @@ def _take_rows(table, rows):
     return table.at[rows].get(out_sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec)))
 
 
+def _scale_rows(scales, rows, found):
+    """``where(found, scales[rows], 0)`` (E,) float32, by a one-hot sum over the ``N`` scales:
+    no gather, so an index sharded on an Explicit mesh meets a constant (unsharded) table."""
+    scales = jnp.asarray(scales, jnp.float32)
+    hit = (rows[:, None] == jnp.arange(scales.shape[0], dtype=rows.dtype)[None, :]) & found[:, None]
+    return jnp.sum(jnp.where(hit, scales[None, :], 0.0), axis=1)
+
+
 def _add_delta(base, delta, out_dtype):
     """``base + delta`` in the wider of their dtypes, rounded once to ``out_dtype``."""
     acc = jnp.promote_types(base.dtype, delta.dtype)
@@ -125,8 +133,7 @@ def example_factors(pairs, ids, n_stack, fdtype):
         else:  # the slot axis follows the stack axes
             a_ex = jnp.moveaxis(jnp.take(p.a, row, axis=ns), ns, 0)
             b_ex = jnp.moveaxis(jnp.take(p.b, row, axis=ns), ns, 0)
-        scales = jnp.asarray(p.scale, jnp.float32)
-        return a_ex.astype(fdtype), b_ex.astype(fdtype), jnp.where(found, scales[row], 0.0), row, found
+        return a_ex.astype(fdtype), b_ex.astype(fdtype), _scale_rows(p.scale, row, found), row, found
     r_max = max(p.a.shape[-1] for p in pairs)
 
     def pad_r(arr, axis):
@@ -145,8 +152,8 @@ def example_factors(pairs, ids, n_stack, fdtype):
         hit = ids == p.gid
         row = jnp.where(hit, j, row)
         found = found | hit
-    scales = jnp.asarray([float(p.scale) for p in pairs], jnp.float32)
-    return _take_rows(a_tab, row), _take_rows(b_tab, row), jnp.where(found, scales[row], 0.0), row, found
+    scales = [float(p.scale) for p in pairs]
+    return _take_rows(a_tab, row), _take_rows(b_tab, row), _scale_rows(scales, row, found), row, found
 
 
 def _gathered_mixed_delta(lv, x, ctx, mode, xc, xb, cgroups, stack_batch, stack_free, target, fdtype, precision,

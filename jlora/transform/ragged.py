@@ -40,7 +40,7 @@ import jax.numpy as jnp
 
 from ..core import jaxprs
 from .interpreter import register, rule_materialize
-from .products import _add_delta, _base_product
+from .products import _add_delta, _base_product, _scale_rows
 from .rows import RowsNotFound, example_rows
 from .values import Context, LoraValue, Pair, apply_dropout, factor_dtype, has_dora, roles_str
 
@@ -196,7 +196,7 @@ def _mixed_delta(eqn: Any, lv: LoraValue, x: jax.Array, group_sizes: jax.Array, 
         rate = jnp.asarray([0.0] + [float(pair.dropout) for pair in pairs], fdtype)[adapter[order]][:, None]
         keep = jax.random.bernoulli(ctx.next_key(), 1.0 - rate, xs.shape)
         xs = jnp.where(keep, xs / (1.0 - rate), jnp.zeros((), fdtype))
-    row_scale = jnp.where(adapter > 0, scales[jnp.maximum(adapter - 1, 0)], 0.0)[order]  # s of each sorted row
+    row_scale = _scale_rows(scales, jnp.maximum(adapter - 1, 0), adapter > 0)[order]  # s of each sorted row
     common = dict(common, group_offset=None)
     t = jax.lax.ragged_dot(xs, a_tab, sizes, **common) * row_scale[:, None].astype(fdtype)
     u = jax.lax.ragged_dot(t, b_tab, sizes, **common)
