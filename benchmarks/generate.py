@@ -4,6 +4,7 @@ adapters), and a TPU v5e decode step compiled ahead of time (issue 25).
 
     python benchmarks/generate.py --write              # updates BENCHMARKS.md
     python benchmarks/generate.py --layers 2 --new 16  # a quick look
+    python benchmarks/generate.py --skip cpu --write   # the TPU section alone (section generate_tpu)
 
 Sections:
 
@@ -434,14 +435,18 @@ def main() -> int:
     report = "\n".join(parts)
     print(report)
     if args.write:
+        tpu_only = "cpu" in args.skip and "tpu" not in args.skip
+        name = "generate_tpu" if tpu_only else "generate"
+        title = ("## Generation with adapters on TPU v5e: a decode step with adapters in slots (issue 25)" if tpu_only else
+                 "## Generation with adapters: jlora.models.generate vs transformers + PEFT, slots, TPU decode (issue 25)")
         intro = [
-            "## Generation with adapters: jlora.models.generate vs transformers + PEFT, slots, TPU decode (issue 25)",
+            title,
             "",
             "`jlora.models.generate`: a prefill over the left-padded prompts, then a jitted `lax.while_loop` of "
             "decode steps over a preallocated KV cache, with the adapters applied factored through `jlora.lora` "
             "(one adapter, one per row with `adapter_ids`, or adapter slots).",
         ]
-        write_section("generate", "benchmarks/generate.py", intro, command=command, source=source,
+        write_section(name, "benchmarks/generate.py", intro, command=command, source=source,
                       packages=("jax", "jaxlib", "flax", "torch", "transformers", "peft", "numpy"), report=report)
     return 0
 
