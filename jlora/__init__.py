@@ -17,7 +17,7 @@ The package is layered; imports only point down (DESIGN.md, "The layers"):
 ``nodes``          ``LoraWeight``, ``MultiLoraWeight``, ``Trainable``; DoRA, PiSSA/OLoRA math
 ``tree``           ``wrap``, ``quantize``, ``unload``, counts, ``optimizer``, ``merge``
 ``io``             records, Orbax, PEFT files, quantized-base storage, integrity
-``adapters``       named adapters, mixed-batch ids, ``add_weighted_adapter``
+``adapters``       named adapters, mixed-batch ids, ``add_weighted_adapter``, adapter slots
 ``transform``      ``lora(fn)``, ``explain``: the interpreter and its rules
 =================  =====================================================================
 """
@@ -29,11 +29,14 @@ from .adapters import (
     adapter_names,
     add_adapter,
     add_weighted_adapter,
+    adapter_slots,
+    clear_slot,
     delete_adapter,
     disable_adapter,
     enable_adapter,
     get_adapter,
     load_adapter,
+    load_slot,
     set_adapter,
 )
 from .core.config import LoraConfig
@@ -41,6 +44,7 @@ from .io import from_qwix, load, load_peft, load_quantized, save, save_peft, sav
 from .layouts.kernel import KernelLayout
 from .name_maps import hf
 from .name_maps.hf import default_target_modules
+from .nodes.slots import AdapterSlots
 from .nodes.weight import LoraWeight, MultiLoraWeight, Trainable, TrainableTokens
 from .quant.array import QuantConfig, QuantizedArray, dequantize, quantize_array
 from .transform import LoraReport, MaterializationError, MaterializationWarning, explain, lora
@@ -68,6 +72,10 @@ __all__ = [
     "LoraConfig",
     "LoraWeight",
     "MultiLoraWeight",
+    "AdapterSlots",
+    "adapter_slots",
+    "load_slot",
+    "clear_slot",
     "Trainable",
     "TrainableTokens",
     "KernelLayout",

@@ -21,6 +21,8 @@ checkpoints, and so that a notebook can load a real checkpoint without torch::
 :func:`save_pretrained`  an NNX model as an HF checkpoint directory (``config.json`` + safetensors)
 :func:`config_from_hf` a :class:`DecoderConfig` from ``config.json`` / a PretrainedConfig
 :func:`causal_lm_loss` the mean next-token cross-entropy, chunked over the sequence (no (B, T, V) float32 logits)
+:func:`generate`       text: prefill, then a jitted decode loop over a KV cache; greedy or sampled; with
+                       LoRA, one adapter per row, adapter slots, a quantized base
 =====================  ===================================================================
 
 Real sizes on one chip: ``DecoderConfig(scan_layers=True)`` stacks the layers on a
@@ -46,6 +48,7 @@ recognised from the paths, so ``jlora.save_peft(dir, lp)`` writes an adapter tha
 from .config import FAMILIES, DecoderConfig, config_from_hf, hf_config_dict, rope_frequencies
 from .decoder import Decoder, Llama3, Qwen3
 from .gemma3 import Gemma3
+from .generate import GenerateFunctions, bucket_length, decode_step, generate, generate_functions
 from .loss import causal_lm_loss, causal_lm_loss_fn
 from .qwen3_moe import Qwen3Moe
 from .loader import (
@@ -86,4 +89,9 @@ __all__ = [
     "write_safetensors",
     "causal_lm_loss",
     "causal_lm_loss_fn",
+    "generate",
+    "generate_functions",
+    "decode_step",
+    "GenerateFunctions",
+    "bucket_length",
 ]

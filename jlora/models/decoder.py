@@ -39,6 +39,7 @@ from flax import nnx
 
 from .attention import AttentionInputs, attention, attention_inputs
 from .config import DecoderConfig, rope_frequencies
+from .kv_cache import LayerCache, cached_attention
 from .layers import Einsum, Embedder, RMSNorm, apply_rope, rope_cos_sin
 from .stack import remat_policy, scan_layers, stacked_layers
 
@@ -93,7 +94,10 @@ class Attention(nnx.Module):
         self.block_size = config.attention_block_size
         self.inv_freq = tuple(float(f) for f in rope_frequencies(H, config.rope_theta, config.rope_scaling))
 
-    def __call__(self, x: jax.Array, inputs: AttentionInputs, sliding: Any = None) -> jax.Array:
+    def __call__(self, x: jax.Array, inputs: AttentionInputs, sliding: Any = None,
+                 cache: Optional[LayerCache] = None) -> Any:
+        """The attention output; with ``cache`` (:mod:`jlora.models.kv_cache`) also the
+        updated cache: ``(out, cache)``."""
         q = self.q_proj(x)
         k = self.k_proj(x)
         v = self.v_proj(x)
@@ -102,11 +106,12 @@ class Attention(nnx.Module):
             k = self.k_norm(k)
         cos, sin = rope_cos_sin(inputs.positions, jnp.asarray(self.inv_freq, jnp.float32), q.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = attention(
-            q, k, v, inputs, sliding=_layer_flag(self.sliding, sliding), window=self.window, scale=self.scale,
-            implementation=self.implementation, block_size=self.block_size,
-        )
-        return self.o_proj(out)
+        kw = dict(sliding=_layer_flag(self.sliding, sliding), window=self.window, scale=self.scale,
+                  implementation=self.implementation, block_size=self.block_size)
+        if cache is not None:
+            out, cache = cached_attention(q, k, v, cache, inputs, **kw)
+            return self.o_proj(out), cache
+        return self.o_proj(attention(q, k, v, inputs, **kw))
 
 
 class MLP(nnx.Module):
@@ -126,8 +131,12 @@ class MLP(nnx.Module):
         return self.down_proj(self.activation(self.gate_proj(x)) * self.up_proj(x))
 
 
-def _remat_call(layer: nnx.Module, x: jax.Array, inputs: AttentionInputs, sliding: Any) -> jax.Array:
-    """``layer.block`` under ``nnx.remat`` with the layer's policy (or plainly, remat "none")."""
+def _remat_call(layer: nnx.Module, x: jax.Array, inputs: AttentionInputs, sliding: Any,
+                cache: Optional[LayerCache] = None) -> Any:
+    """``layer.block`` under ``nnx.remat`` with the layer's policy (or plainly, remat "none",
+    and with a KV cache: generation keeps no activations for a backward pass)."""
+    if cache is not None:
+        return layer.block(x, inputs, sliding, cache)
     if layer.remat == "none":
         return layer.block(x, inputs, sliding)
     return nnx.remat(type(layer).block, policy=remat_policy(layer.remat))(layer, x, inputs, sliding)
@@ -147,19 +156,34 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(config, rngs=rngs)
         self.remat = "none" if config.scan_layers else config.remat
 
-    def block(self, x: jax.Array, inputs: AttentionInputs, sliding: Any = None) -> jax.Array:
+    def block(self, x: jax.Array, inputs: AttentionInputs, sliding: Any = None,
+              cache: Optional[LayerCache] = None) -> Any:
+        """The layer's output; with ``cache``, ``(output, cache)``."""
+        if cache is not None:
+            a, cache = self.attn(self.input_layernorm(x), inputs, sliding, cache)
+            x = x + a
+            return x + self.mlp(self.post_attention_layernorm(x)), cache
         x = x + self.attn(self.input_layernorm(x), inputs, sliding)
         return x + self.mlp(self.post_attention_layernorm(x))
 
-    def __call__(self, x: jax.Array, inputs: AttentionInputs, sliding: Any = None) -> jax.Array:
-        return _remat_call(self, x, inputs, sliding)
+    def __call__(self, x: jax.Array, inputs: AttentionInputs, sliding: Any = None,
+                 cache: Optional[LayerCache] = None) -> Any:
+        return _remat_call(self, x, inputs, sliding, cache)
 
 
-def run_layers(model: nnx.Module, x: jax.Array, inputs: AttentionInputs) -> jax.Array:
-    """``x`` through the model's layers: a loop over the list, or one scan over the stack."""
+def run_layers(model: nnx.Module, x: jax.Array, inputs: AttentionInputs, cache: Any = None) -> Any:
+    """``x`` through the model's layers: a loop over the list, or one scan over the stack.
+
+    With ``cache`` (a :class:`jlora.models.kv_cache.KVCache` of every layer) each layer
+    reads and writes its slice of it, and ``(x, cache)`` is returned."""
     config = model.config
     if config.scan_layers:
-        return scan_layers(model.layers, x, inputs, sliding_flags(config), config.remat)
+        return scan_layers(model.layers, x, inputs, sliding_flags(config), config.remat, cache=cache)
+    if cache is not None:
+        k, v = cache
+        for i, layer in enumerate(model.layers):
+            x, (k, v, _) = layer(x, inputs, cache=LayerCache(k, v, i))
+        return x, type(cache)(k, v)
     for layer in model.layers:
         x = layer(x, inputs)
     return x

@@ -42,6 +42,7 @@ from flax import nnx
 from .attention import AttentionInputs, attention, attention_inputs
 from .config import DecoderConfig, rope_frequencies
 from .decoder import MLP, _dtypes, _layer_flag, _remat_call, run_layers
+from .kv_cache import LayerCache, cached_attention
 from .layers import Einsum, Embedder, GemmaRMSNorm, apply_rope, rope_cos_sin
 from .stack import stacked_layers
 
@@ -71,7 +72,9 @@ class Gemma3Attention(nnx.Module):
         self.implementation = config.attention
         self.block_size = config.attention_block_size
 
-    def __call__(self, x: jax.Array, inputs: AttentionInputs, sliding: Any = None) -> jax.Array:
+    def __call__(self, x: jax.Array, inputs: AttentionInputs, sliding: Any = None,
+                 cache: Optional[LayerCache] = None) -> Any:
+        """The attention output; with ``cache`` also the updated cache: ``(out, cache)``."""
         q = self.q_einsum(x)
         k, v = self.kv_einsum(x)
         q = self._query_norm(q)
@@ -84,11 +87,12 @@ class Gemma3Attention(nnx.Module):
                                  jnp.asarray(self.inv_freq_global, jnp.float32))
             cos, sin = rope_cos_sin(inputs.positions, inv_freq, q.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = attention(
-            q, k, v, inputs, sliding=flag, window=self.window, scale=self.scale, softcap=self.softcap,
-            implementation=self.implementation, block_size=self.block_size,
-        )
-        return self.attn_vec_einsum(out)
+        kw = dict(sliding=flag, window=self.window, scale=self.scale, softcap=self.softcap,
+                  implementation=self.implementation, block_size=self.block_size)
+        if cache is not None:
+            out, cache = cached_attention(q, k, v, cache, inputs, **kw)
+            return self.attn_vec_einsum(out), cache
+        return self.attn_vec_einsum(attention(q, k, v, inputs, **kw))
 
 
 class Gemma3Block(nnx.Module):
@@ -105,12 +109,19 @@ class Gemma3Block(nnx.Module):
         self.post_ffw_norm = GemmaRMSNorm(D, eps=eps, param_dtype=pd)
         self.remat = "none" if config.scan_layers else config.remat
 
-    def block(self, x: jax.Array, inputs: AttentionInputs, sliding: Any = None) -> jax.Array:
+    def block(self, x: jax.Array, inputs: AttentionInputs, sliding: Any = None,
+              cache: Optional[LayerCache] = None) -> Any:
+        """The block's output; with ``cache``, ``(output, cache)``."""
+        if cache is not None:
+            a, cache = self.attn(self.pre_attention_norm(x), inputs, sliding, cache)
+            x = x + self.post_attention_norm(a)
+            return x + self.post_ffw_norm(self.mlp(self.pre_ffw_norm(x))), cache
         x = x + self.post_attention_norm(self.attn(self.pre_attention_norm(x), inputs, sliding))
         return x + self.post_ffw_norm(self.mlp(self.pre_ffw_norm(x)))
 
-    def __call__(self, x: jax.Array, inputs: AttentionInputs, sliding: Any = None) -> jax.Array:
-        return _remat_call(self, x, inputs, sliding)
+    def __call__(self, x: jax.Array, inputs: AttentionInputs, sliding: Any = None,
+                 cache: Optional[LayerCache] = None) -> Any:
+        return _remat_call(self, x, inputs, sliding, cache)
 
 
 class Gemma3(nnx.Module):

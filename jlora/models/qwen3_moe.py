@@ -38,6 +38,7 @@ from flax import nnx
 from .attention import AttentionInputs
 from .config import DecoderConfig
 from .decoder import MLP, Attention, Decoder, _dtypes, _remat_call
+from .kv_cache import LayerCache
 from .layers import Einsum, RMSNorm
 
 __all__ = ["ExpertKernel", "SparseMoeBlock", "Qwen3MoeLayer", "Qwen3Moe", "route"]
@@ -127,12 +128,19 @@ class Qwen3MoeLayer(nnx.Module):
         self.mlp = SparseMoeBlock(config, rngs=rngs) if config.is_moe_layer(index) else MLP(config, rngs=rngs)
         self.remat = "none" if config.scan_layers else config.remat
 
-    def block(self, x: jax.Array, inputs: AttentionInputs, sliding: Any = None) -> jax.Array:
+    def block(self, x: jax.Array, inputs: AttentionInputs, sliding: Any = None,
+              cache: Optional[LayerCache] = None) -> Any:
+        """The layer's output; with ``cache``, ``(output, cache)``."""
+        if cache is not None:
+            a, cache = self.attn(self.input_layernorm(x), inputs, sliding, cache)
+            x = x + a
+            return x + self.mlp(self.post_attention_layernorm(x)), cache
         x = x + self.attn(self.input_layernorm(x), inputs, sliding)
         return x + self.mlp(self.post_attention_layernorm(x))
 
-    def __call__(self, x: jax.Array, inputs: AttentionInputs, sliding: Any = None) -> jax.Array:
-        return _remat_call(self, x, inputs, sliding)
+    def __call__(self, x: jax.Array, inputs: AttentionInputs, sliding: Any = None,
+                 cache: Optional[LayerCache] = None) -> Any:
+        return _remat_call(self, x, inputs, sliding, cache)
 
 
 class Qwen3Moe(Decoder):

@@ -34,6 +34,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from .kv_cache import LayerCache
+
 __all__ = ["REMAT_MODES", "remat_mode", "remat_policy", "stacked_layers", "scan_layers"]
 
 REMAT_MODES = ("none", "full", "dots")
@@ -81,13 +83,20 @@ def scan_layers(
     inputs: Any,
     sliding: Any,
     remat: str = "none",
-) -> jax.Array:
+    cache: Any = None,
+) -> Any:
     """``x`` through every layer of a stacked ``layers`` module, in order, under one
     ``jax.lax.scan`` over its split state. ``sliding``: a Python bool (every layer alike)
     or a (L,) bool array (a flag per layer, scanned with the weights). ``inputs`` (the
-    :class:`jlora.models.attention.AttentionInputs`) is the same for every layer."""
+    :class:`jlora.models.attention.AttentionInputs`) is the same for every layer.
+
+    ``cache``: a :class:`jlora.models.kv_cache.KVCache` (``k``, ``v`` (L, B, S, K, H)),
+    carried through the scan whole (each layer writes its slice in place, at the scan's
+    counter) and returned: ``(x, cache)``. No remat then (nothing is differentiated)."""
     graphdef, state = nnx.split(layers)
     per_layer = not isinstance(sliding, bool)
+    if cache is not None:
+        return _scan_cached(graphdef, state, x, inputs, sliding, per_layer, cache)
 
     def body(h, xs):
         layer_state, flag = xs
@@ -99,3 +108,20 @@ def scan_layers(
     flags = jnp.asarray(sliding, bool) if per_layer else None
     x, _ = jax.lax.scan(body, x, (state, flags))
     return x
+
+
+def _scan_cached(graphdef: Any, state: Any, x: jax.Array, inputs: Any, sliding: Any, per_layer: bool,
+                 cache: Any) -> tuple[jax.Array, Any]:
+    """:func:`scan_layers` with a KV cache in the carry; the layer index is scanned."""
+    num_layers = cache.k.shape[0]
+
+    def body(carry, xs):
+        h, k, v = carry
+        layer_state, flag, index = xs
+        layer = nnx.merge(graphdef, layer_state)
+        h, (k, v, _) = layer.block(h, inputs, flag if per_layer else sliding, LayerCache(k, v, index))
+        return (h, k, v), None
+
+    flags = jnp.asarray(sliding, bool) if per_layer else None
+    (x, k, v), _ = jax.lax.scan(body, (x, cache.k, cache.v), (state, flags, jnp.arange(num_layers, dtype=jnp.int32)))
+    return x, type(cache)(k, v)

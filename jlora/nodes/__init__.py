@@ -1,8 +1,10 @@
 """The LoRA nodes, layer 3: :class:`~jlora.LoraWeight`, :class:`~jlora.MultiLoraWeight` and
 :class:`~jlora.Trainable`, :class:`~jlora.TrainableTokens` (:mod:`.weight`), the factor arithmetic and PEFT's initialisation
-(:mod:`.factors`), DoRA's math (:mod:`.dora`) and PiSSA/OLoRA's (:mod:`.inits`)."""
+(:mod:`.factors`), DoRA's math (:mod:`.dora`) and PiSSA/OLoRA's (:mod:`.inits`), and
+:class:`AdapterSlots` (:mod:`.slots`: a fixed-shape pool of adapters per kernel, for serving)."""
 
 from .factors import add_delta, delta, init_factors
+from .slots import AdapterSlots, is_adapter_slots
 from .weight import (
     DEFAULT_ADAPTER,
     LoraWeight,
@@ -19,6 +21,8 @@ __all__ = [
     "MultiLoraWeight",
     "Trainable",
     "TrainableTokens",
+    "AdapterSlots",
+    "is_adapter_slots",
     "DEFAULT_ADAPTER",
     "is_lora_node",
     "is_lora_weight",

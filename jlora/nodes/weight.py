@@ -26,6 +26,7 @@ import jax
 from ..layouts.kernel import KernelLayout, Layout
 from .dora import chain_kernel
 from .factors import add_delta
+from .slots import AdapterSlots
 
 __all__ = [
     "LoraWeight",
@@ -320,8 +321,9 @@ jax.tree_util.register_pytree_with_keys(MultiLoraWeight, _flatten_multi_with_key
 
 def is_lora_node(x: Any) -> bool:
     """Whether ``x`` is one of jlora's nodes (``LoraWeight``, ``MultiLoraWeight``,
-    ``Trainable``, ``TrainableTokens``): the ``is_leaf`` for walking a LoRA tree node by node."""
-    return isinstance(x, (LoraWeight, MultiLoraWeight, Trainable, TrainableTokens))
+    ``Trainable``, ``TrainableTokens``, ``AdapterSlots``): the ``is_leaf`` for walking a
+    LoRA tree node by node."""
+    return isinstance(x, (LoraWeight, MultiLoraWeight, Trainable, TrainableTokens, AdapterSlots))
 
 
 def is_trainable_tokens(x: Any) -> bool:

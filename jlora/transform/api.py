@@ -16,6 +16,7 @@ import numpy as np
 from ..adapters.named import check_adapter_ids
 from ..core.paths import path_names
 from ..nodes.dora import magnitude_scale
+from ..nodes.slots import AdapterSlots
 from ..nodes.weight import DEFAULT_ADAPTER, LoraWeight, MultiLoraWeight, Trainable, TrainableTokens
 from ..quant import forward as qforward
 from ..quant.array import is_quantized
@@ -34,7 +35,7 @@ __all__ = ["lora", "explain"]
 
 
 def _is_node(x: Any) -> bool:
-    return isinstance(x, (LoraWeight, MultiLoraWeight, Trainable, TrainableTokens))
+    return isinstance(x, (LoraWeight, MultiLoraWeight, Trainable, TrainableTokens, AdapterSlots))
 
 
 def _is_dynamic(x: Any) -> bool:
@@ -104,6 +105,32 @@ def _tokens_value(leaf: TrainableTokens, path: str) -> LoraValue:
     return LoraValue(w=w, pairs=(pair,), axes=axes, n_stack=n_stack, path=path, kernel_layout=layout)
 
 
+def _slots_value(leaf: AdapterSlots, path: str) -> LoraValue:
+    """Adapter slots as one pair with a slot axis (:class:`~jlora.transform.values.Pair`,
+    ``slots = N``): the scales stay an array, so the program does not depend on them."""
+    w = qforward.as_value(leaf.w) if is_quantized(leaf.w) else jax.lax.stop_gradient(leaf.w)
+    axes, n_stack = roles_to_axes(leaf.layout)
+    pair = Pair(a=leaf.a, b=leaf.b, scale=jax.lax.stop_gradient(leaf.scale), dropout=0.0, slots=leaf.num_slots)
+    return LoraValue(w=w, pairs=(pair,), axes=axes, n_stack=n_stack, path=path, kernel_layout=tuple(leaf.layout))
+
+
+def _check_slot_ids(flat: Sequence[Any], names: list[str], adapter_ids: Any) -> None:
+    """A tree with adapter slots: one pool size, no named adapters beside them, and slot ids."""
+    sizes = sorted({x.num_slots for x in flat if isinstance(x, AdapterSlots)})
+    if not sizes:
+        return
+    if names:
+        raise ValueError(f"jlora: a tree holds both adapter slots and named adapters {names}; adapter_ids would "
+                         "mean slot indices for one and adapter indices for the other. Use one or the other")
+    if len(sizes) > 1:
+        raise ValueError(f"jlora: the adapter slots of this tree have different numbers of slots {sizes}; "
+                         "build them with one jlora.adapters.adapter_slots call")
+    if adapter_ids is None:
+        raise ValueError("jlora: a tree with adapter slots needs adapter_ids= (the slot of each example, -1 for the "
+                         "base model)")
+    check_adapter_ids(adapter_ids, [f"slot {j}" for j in range(sizes[0])])
+
+
 def _dora_k(w: Any, x: LoraWeight, n_stack: int) -> Any:
     """DoRA's ``k = m / stop_gradient(‖W + s·ΔW‖)`` for adapter ``x`` on kernel ``w``, once per
     call (float32, ``(*stack, 1, *out)``: B's axes with rank 1); None for a LoRA adapter."""
@@ -129,6 +156,10 @@ def _run(fn, args, kwargs, key, on_materialize, events, adapter_ids=None):
                 f"adapter_ids must be a 1-D integer array (one adapter index per example, -1 for the base "
                 f"model; see jlora.adapter_ids), got {adapter_ids.dtype}{list(adapter_ids.shape)}"
             )
+    slots = any(isinstance(x, AdapterSlots) for x in flat)
+    if slots:
+        _check_slot_ids(flat, names, adapter_ids)
+    elif mixed:
         check_adapter_ids(adapter_ids, names)
     statics = list(flat)
     dyn_idx: list[int] = []
@@ -138,6 +169,10 @@ def _run(fn, args, kwargs, key, on_materialize, events, adapter_ids=None):
             pn = path_names(path)
             dyn_idx.append(i)
             dyn_vals.append(_lora_value(leaf, "/".join(pn[2:]) or "/".join(pn), names, mixed))
+        elif isinstance(leaf, AdapterSlots):
+            pn = path_names(path)
+            dyn_idx.append(i)
+            dyn_vals.append(_slots_value(leaf, "/".join(pn[2:]) or "/".join(pn)))
         elif isinstance(leaf, Trainable):
             dyn_idx.append(i)
             dyn_vals.append(leaf.value)

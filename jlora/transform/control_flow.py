@@ -35,7 +35,8 @@ _OPTIONAL = ("k", "bias")  # a pair's optional arrays (DoRA's k, lora_B's bias)
 
 
 def _pair_names(p: Pair) -> list[str]:
-    return ["a", "b"] + [n for n in _OPTIONAL if getattr(p, n) is not None]
+    # adapter slots carry their scales as an array (values, not program constants)
+    return ["a", "b"] + [n for n in _OPTIONAL if getattr(p, n) is not None] + (["scale"] if p.slots else [])
 
 
 def _lora_arrays(v: LoraValue) -> list[Any]:
@@ -46,7 +47,8 @@ def _lora_spec(v: LoraValue) -> LoraValue:
     # True marks an optional array the pair has (one more array each)
     return dataclasses.replace(
         v, w=None, pairs=tuple(
-            dataclasses.replace(p, a=None, b=None, **{n: None if getattr(p, n) is None else True for n in _OPTIONAL})
+            dataclasses.replace(p, a=None, b=None, **{n: None if getattr(p, n) is None else True for n in _OPTIONAL},
+                                **({"scale": None} if p.slots else {}))
             for p in v.pairs
         )
     )
@@ -182,6 +184,11 @@ def _rule_scan(eqn, invals, ctx):
         if isinstance(v, LoraValue):
             m = v.axes[0][1]
             moved = v.with_w(v.w, ab=lambda a, b: (jnp.moveaxis(a, m, 0), jnp.moveaxis(b, m, 0)))
+            # adapter slots' scales (N,) hold for every iteration: scanned as (length, N)
+            moved = dataclasses.replace(moved, pairs=tuple(
+                dataclasses.replace(q, scale=jnp.broadcast_to(q.scale, (p["length"],) + tuple(q.scale.shape)))
+                if q.slots else q for q in moved.pairs
+            ))
             inner_axes = tuple(("s", k if k < m else k - 1) if g == "s" else (g, k) for g, k in v.axes[1:])
             xs_specs.append(dataclasses.replace(_lora_spec(v), axes=inner_axes, n_stack=v.n_stack - 1))
             xs_flat.append(tuple(_lora_arrays(moved)))

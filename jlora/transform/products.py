@@ -31,7 +31,7 @@ from .values import (
     transposed_guess_error,
 )
 
-__all__ = ["lora_branch", "BranchSpec"]
+__all__ = ["lora_branch", "BranchSpec", "example_factors"]
 
 
 def _base_product(eqn, invals, fdtype):
@@ -92,34 +92,48 @@ def _take_rows(table, rows):
     return table.at[rows].get(out_sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec)))
 
 
+def _scale_rows(scales, rows, found):
+    """``where(found, scales[rows], 0)`` (E,) float32, by a one-hot sum over the ``N`` scales:
+    no gather, so an index sharded on an Explicit mesh meets a constant (unsharded) table."""
+    scales = jnp.asarray(scales, jnp.float32)
+    hit = (rows[:, None] == jnp.arange(scales.shape[0], dtype=rows.dtype)[None, :]) & found[:, None]
+    return jnp.sum(jnp.where(hit, scales[None, :], 0.0), axis=1)
+
+
 def _add_delta(base, delta, out_dtype):
     """``base + delta`` in the wider of their dtypes, rounded once to ``out_dtype``."""
     acc = jnp.promote_types(base.dtype, delta.dtype)
     return (base.astype(acc) + delta.astype(acc)).astype(out_dtype)
 
 
-def _gathered_mixed_delta(lv, x, ctx, mode, xc, xb, cgroups, stack_batch, nsf, target, fdtype, precision, base):
-    """The LoRA branch of a mixed batch with each example's own factors gathered.
+def example_factors(pairs, ids, n_stack, fdtype):
+    """Each example's own factors for a mixed batch: ``(A_e, B_e, s_e, row, found)``.
 
-    With ``Aₜ = [0, s₁A₁, s₂A₂, …]`` and ``Bₜ = [0, B₁, B₂, …]`` (ranks zero-padded to
-    the largest), example ``e`` using adapter ``j`` gets ``(x_e·Aₜ[j])·Bₜ[j]``: two batched
-    products over the example axis, so the cost is one adapter's, whatever the number of
-    adapters. Row 0 (zeros) serves the base model and adapters absent on this kernel.
-    Returns ``(branch, k)`` (``k``: DoRA's per-example scale shaped like the output, or
-    None without DoRA adapters), or None where this form does not apply (the example axis of ``x`` is contracted or
-    batched, stacked weights applied to one input, contraction over the output axes, or
-    dropout in training, which draws a mask per adapter); the caller then sums masked
-    per-adapter branches instead.
+    ``A_e`` (E, *stack, *in, R) and ``B_e`` (E, *stack, R, *out) are the factors of
+    example ``e``'s adapter, ``s_e`` (E,) float32 its scale, 0 where the example uses the
+    base model or an adapter absent on this kernel (so its branch adds nothing).
+
+    * Named adapters (``pairs`` with ``gid >= 0``): the tables ``[A₁, A₂, …]``, ``[B₁, B₂, …]``
+      (ranks zero-padded to the largest) and ``[s₁, s₂, …]``, indexed by the position of
+      the example's adapter among ``pairs``.
+    * Adapter slots (one pair with ``slots = N``): the pool itself is the table, indexed by
+      the slot id; nothing is stacked or padded per call, so the cost does not grow with
+      ``N``, and the scales are values, not constants of the program.
+
+    ``row`` (E,) is the table row of each example and ``found`` (E,) whether it has one.
     """
-    ids = ctx.adapter_ids
-    pairs = [p for p in lv.pairs if p.gid >= 0]
-    if (
-        ids is None or mode != "in" or not pairs or 0 in xc or 0 in xb or nsf
-        or x.shape[0] != ids.shape[0] or any(p.bias is not None for p in pairs)
-        or (ctx.key is not None and any(p.dropout > 0 for p in pairs))
-    ):
-        return None
-    ns = lv.n_stack
+    ns = n_stack
+    if pairs[0].slots:
+        p = pairs[0]
+        n = p.slots
+        found = (ids >= 0) & (ids < n)
+        row = jnp.clip(ids, 0, n - 1).astype(jnp.int32)
+        if ns == 0:
+            a_ex, b_ex = _take_rows(p.a, row), _take_rows(p.b, row)
+        else:  # the slot axis follows the stack axes
+            a_ex = jnp.moveaxis(jnp.take(p.a, row, axis=ns), ns, 0)
+            b_ex = jnp.moveaxis(jnp.take(p.b, row, axis=ns), ns, 0)
+        return a_ex.astype(fdtype), b_ex.astype(fdtype), _scale_rows(p.scale, row, found), row, found
     r_max = max(p.a.shape[-1] for p in pairs)
 
     def pad_r(arr, axis):
@@ -130,41 +144,80 @@ def _gathered_mixed_delta(lv, x, ctx, mode, xc, xb, cgroups, stack_batch, nsf, t
         widths[axis] = (0, extra)
         return jnp.pad(arr, widths)
 
-    a_rows = [pad_r(p.a.astype(fdtype) * jnp.asarray(p.scale, fdtype), -1) for p in pairs]
-    b_rows = [pad_r(p.b.astype(fdtype), ns) for p in pairs]
-    # zeros_like: the zero row is sharded as the factors are (Explicit mesh axes)
-    a_tab = jnp.stack([jnp.zeros_like(a_rows[0])] + a_rows)
-    b_tab = jnp.stack([jnp.zeros_like(b_rows[0])] + b_rows)
+    a_tab = jnp.stack([pad_r(p.a.astype(fdtype), -1) for p in pairs])
+    b_tab = jnp.stack([pad_r(p.b.astype(fdtype), ns) for p in pairs])
     row = jnp.zeros_like(ids, dtype=jnp.int32)
+    found = jnp.zeros(ids.shape, bool)
     for j, p in enumerate(pairs):
-        row = jnp.where(ids == p.gid, j + 1, row)
-    a_ex, b_ex = _take_rows(a_tab, row), _take_rows(b_tab, row)  # (E, *stack, *in, r), (E, *stack, r, *out)
-    nbat = len(xb)
+        hit = ids == p.gid
+        row = jnp.where(hit, j, row)
+        found = found | hit
+    scales = [float(p.scale) for p in pairs]
+    return _take_rows(a_tab, row), _take_rows(b_tab, row), _scale_rows(scales, row, found), row, found
+
+
+def _gathered_mixed_delta(lv, x, ctx, mode, xc, xb, cgroups, stack_batch, stack_free, target, fdtype, precision,
+                          base):
+    """The LoRA branch of a mixed batch with each example's own factors gathered.
+
+    With each example's factors ``A_e``, ``B_e`` and scale ``s_e`` (:func:`example_factors`:
+    a table of the named adapters, or the pool of adapter slots; ``s_e = 0`` for the base
+    model and adapters absent on this kernel), example ``e`` gets ``(s_e·(x_e·A_e))·B_e``:
+    two batched products over the example axis, so the cost is one adapter's, whatever the
+    number of adapters. Stack axes of the kernel may be batched against ``x`` (per-layer
+    weights) or free (all stacked matrices applied to ``x``: Gemma's k/v ``kv_einsum``).
+    Returns ``(branch, k)`` (``k``: DoRA's per-example scale shaped like the output, or
+    None without DoRA adapters), or None where this form does not apply (the example axis of ``x`` is contracted or
+    batched, contraction over the output axes, a lora_B bias, or dropout in training,
+    which draws a mask per adapter); the caller then sums masked per-adapter branches instead.
+    """
+    ids = ctx.adapter_ids
+    pairs = [p for p in lv.pairs if p.gid >= 0 or p.slots]
+    if (
+        ids is None or mode != "in" or not pairs or 0 in xc or 0 in xb
+        or x.shape[0] != ids.shape[0] or any(p.bias is not None for p in pairs)
+        or (ctx.key is not None and any(p.dropout > 0 for p in pairs))
+    ):
+        return None
+    ns = lv.n_stack
+    a_ex, b_ex, s_ex, row, found = example_factors(pairs, ids, ns, fdtype)
+    nbat, nsf = len(xb), len(stack_free)
     nx_free = x.ndim - len(xc) - nbat
-    t_labels = [("x", 0)] + [("batch", i) for i in range(nbat)] + [("x", j) for j in range(1, nx_free)]
-    labels = t_labels + [("b", k) for k in range(lv.n_out)]
+    x_rest = [("x", j) for j in range(1, nx_free)]
+    stack_labels = [("s", k) for k in stack_free]
+    t_labels = [("x", 0)] + [("batch", i) for i in range(nbat)] + x_rest + stack_labels
+    labels = [("x", 0)] + [("batch", i) for i in range(nbat)] + stack_labels + x_rest + [("b", k) for k in range(lv.n_out)]
     first_contract = tuple(1 + ns + k for _, k in cgroups)
     t = jax.lax.dot_general(
         x.astype(fdtype), a_ex,
         ((xc, first_contract), ((0,) + tuple(xb), (0,) + tuple(1 + k for k in stack_batch))),
         precision=precision, preferred_element_type=fdtype,
         out_sharding=_like_output(base, target, t_labels + [("r", 0)]),
-    )  # (E, batch..., x_free[1:]..., r)
+    )  # (E, batch..., x_free[1:]..., stack_free..., r)
+    t = t * s_ex.astype(fdtype).reshape((-1,) + (1,) * (t.ndim - 1))
+    t_free = tuple(1 + nbat + (nx_free - 1) + i for i in range(nsf))
     u = jax.lax.dot_general(
         t, b_ex,
-        (((t.ndim - 1,), (1 + ns,)), (tuple(range(1 + nbat)), (0,) + tuple(1 + k for k in stack_batch))),
+        (((t.ndim - 1,), (1 + ns,)), (tuple(range(1 + nbat)) + t_free,
+                                      (0,) + tuple(1 + k for k in stack_batch) + tuple(1 + k for k in stack_free))),
         precision=precision, preferred_element_type=fdtype,
         out_sharding=_like_output(base, target, labels),
-    )  # (E, batch..., x_free[1:]..., out...)
+    )  # (E, batch..., stack_free..., x_free[1:]..., out...)
     delta = jnp.transpose(u, [labels.index(lab) for lab in target])
     k_ex = None
     if any(p.k is not None for p in pairs):
-        # DoRA: k gathered per example like the factors (row 0 and LoRA adapters: k = 1)
+        # DoRA: k gathered per example like the factors (the base model and LoRA adapters: k = 1)
         ones = jnp.ones(pairs[0].b.shape[:ns] + (1,) + pairs[0].b.shape[ns + 1:], jnp.float32)
-        k_tab = jnp.stack([ones] + [ones if p.k is None else p.k.astype(jnp.float32) for p in pairs])
+        k_tab = jnp.stack([ones if p.k is None else p.k.astype(jnp.float32) for p in pairs])
         k_rows = _take_rows(k_tab, row)  # (E, *stack, 1, *out)
-        k_ex = k_on(k_rows, 1 + ns, target,
-                     lambda j: ("x", 0) if j == 0 else ("batch", list(stack_batch).index(j - 1)))
+        k_rows = jnp.where(found.reshape((-1,) + (1,) * (k_rows.ndim - 1)), k_rows, 1.0)
+
+        def stack_label(j):
+            if j in stack_batch:
+                return ("batch", list(stack_batch).index(j))
+            return ("s", j)
+
+        k_ex = k_on(k_rows, 1 + ns, target, lambda j: ("x", 0) if j == 0 else stack_label(j - 1))
     return delta, k_ex
 
 
@@ -209,7 +262,7 @@ def _rule_dot_general(eqn, invals, ctx):
         raise ValueError(f"jlora: {lv.path!r} has a lora_B bias (lora_bias=True) but the model contracts its output "
                          "axes (x·Wᵀ), where a bias on the output cannot be added")
 
-    if ctx.adapter_ids is not None and 0 in xb and any(p.gid >= 0 for p in lv.pairs):
+    if ctx.adapter_ids is not None and 0 in xb and any(p.gid >= 0 or p.slots for p in lv.pairs):
         raise ValueError(
             f"jlora: a mixed batch (adapter_ids) needs the examples along axis 0 of the input of {lv.path!r}, but "
             "there axis 0 is batched against a stack axis of the kernel (experts of a dense dispatch, or layers): "
@@ -233,7 +286,7 @@ def _rule_dot_general(eqn, invals, ctx):
         return fused_y
     base, out_dtype = _base_product(eqn, [lhs.w if not lora_is_rhs else lhs, rhs.w if lora_is_rhs else rhs], fdtype)
     precision = eqn.params.get("precision")
-    nbat, nsf = len(xb), len(stack_free)
+    nbat = len(xb)
     nx_free = x.ndim - len(xc) - nbat
     x_free = [("x", j) for j in range(nx_free)]
     lora_free = [lv.axes[i] for i in free]
@@ -246,7 +299,7 @@ def _rule_dot_general(eqn, invals, ctx):
     else:
         ex_axis = target.index(("x", 0))
     gathered = _gathered_mixed_delta(
-        lv, x, ctx, mode, xc, xb, cgroups, stack_batch, nsf, target, fdtype, precision, base
+        lv, x, ctx, mode, xc, xb, cgroups, stack_batch, tuple(stack_free), target, fdtype, precision, base
     )
     if gathered is not None:
         ctx.record(lv, eqn, "factored")

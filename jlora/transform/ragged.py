@@ -40,7 +40,7 @@ import jax.numpy as jnp
 
 from ..core import jaxprs
 from .interpreter import register, rule_materialize
-from .products import _add_delta, _base_product
+from .products import _add_delta, _base_product, _scale_rows
 from .rows import RowsNotFound, example_rows
 from .values import Context, LoraValue, Pair, apply_dropout, factor_dtype, has_dora, roles_str
 
@@ -88,7 +88,7 @@ def _rule_ragged_dot(eqn: Any, invals: Sequence[Any], ctx: Context) -> jax.Array
     fdtype = factor_dtype(lv)
     base, out_dtype = _base_product(eqn, [x, lv.w, group_sizes], fdtype)
     common = dict(precision=p.get("precision"), preferred_element_type=fdtype, group_offset=p.get("group_offset"))
-    if ctx.adapter_ids is not None and any(pair.gid >= 0 for pair in lv.pairs):
+    if ctx.adapter_ids is not None and any(pair.gid >= 0 or pair.slots for pair in lv.pairs):
         delta = _mixed_delta(eqn, lv, x, group_sizes, ctx, fdtype, common)
     else:
         x_free = [i for i in range(x.ndim) if i not in lc and i not in lb]
@@ -124,9 +124,11 @@ def _mixed_delta(eqn: Any, lv: LoraValue, x: jax.Array, group_sizes: jax.Array, 
     """The branch of a mixed batch: each row with the factors of its example's adapter.
 
     Rows are sorted by ``expert · N + adapter`` (stable, so within a group as before) and
-    ``ragged_dot`` runs over ``E · N`` groups with the factor tables ``A[e·N + j] = s_j·A_j[e]``,
-    ``B[e·N + j] = B_j[e]`` (ranks zero-padded to the largest); rows of the base model and
-    rows outside every expert group sort last, outside every group, and get no branch."""
+    ``ragged_dot`` runs over ``E · N`` groups with the factor tables ``A[e·N + j] = A_j[e]``,
+    ``B[e·N + j] = B_j[e]`` (ranks zero-padded to the largest), each row's ``x·A`` scaled by
+    its adapter's ``s_j``; rows of the base model and rows outside every expert group sort
+    last, outside every group, and get no branch. Adapter slots (``N`` slots) are such a
+    table already: ``A (E, N, in, R)`` is reshaped, not copied, and their scales are values."""
     p = eqn.params
     dn = p["ragged_dot_dimension_numbers"]
     where = jaxprs.where(eqn)
@@ -155,10 +157,32 @@ def _mixed_delta(eqn: Any, lv: LoraValue, x: jax.Array, group_sizes: jax.Array, 
         ) from None
     row_ids = ids[rows]
     pairs = list(lv.pairs)
-    n_pairs, n_experts, n_rows = len(pairs), group_sizes.shape[0], x.shape[0]
-    adapter = jnp.zeros((n_rows,), jnp.int32)
-    for j, pair in enumerate(pairs):
-        adapter = jnp.where(row_ids == pair.gid, j + 1, adapter)
+    n_experts, n_rows = group_sizes.shape[0], x.shape[0]
+    if pairs[0].slots:  # adapter slots: the pool (E, N, in, R) is the table, slot j of expert e at e·N + j
+        pool = pairs[0]
+        n_pairs = pool.slots
+        adapter = jnp.where((row_ids >= 0) & (row_ids < n_pairs), row_ids + 1, 0).astype(jnp.int32)
+        a_tab = pool.a.astype(fdtype).reshape((n_experts * n_pairs,) + pool.a.shape[2:])
+        b_tab = pool.b.astype(fdtype).reshape((n_experts * n_pairs,) + pool.b.shape[2:])
+        scales = jnp.asarray(pool.scale, jnp.float32)
+    else:
+        n_pairs = len(pairs)
+        adapter = jnp.zeros((n_rows,), jnp.int32)
+        for j, pair in enumerate(pairs):
+            adapter = jnp.where(row_ids == pair.gid, j + 1, adapter)
+        r_max = max(pair.a.shape[-1] for pair in pairs)
+
+        def pad(f, axis):
+            widths = [(0, 0)] * f.ndim
+            widths[axis] = (0, r_max - f.shape[axis])
+            return jnp.pad(f, widths)
+
+        # A: (E, in, r) per adapter → (E·N, in, r_max), row e·N + j = A_j[e]
+        a_tab = jnp.stack([pad(pair.a.astype(fdtype), -1) for pair in pairs], axis=1)
+        b_tab = jnp.stack([pad(pair.b.astype(fdtype), 1) for pair in pairs], axis=1)
+        a_tab = a_tab.reshape((n_experts * n_pairs,) + a_tab.shape[2:])
+        b_tab = b_tab.reshape((n_experts * n_pairs,) + b_tab.shape[2:])
+        scales = jnp.asarray([float(pair.scale) for pair in pairs], jnp.float32)
     ends = jnp.cumsum(group_sizes)
     expert = jnp.searchsorted(ends, jnp.arange(n_rows, dtype=ends.dtype), side="right")  # E: after every group
     n_groups = n_experts * n_pairs
@@ -172,20 +196,9 @@ def _mixed_delta(eqn: Any, lv: LoraValue, x: jax.Array, group_sizes: jax.Array, 
         rate = jnp.asarray([0.0] + [float(pair.dropout) for pair in pairs], fdtype)[adapter[order]][:, None]
         keep = jax.random.bernoulli(ctx.next_key(), 1.0 - rate, xs.shape)
         xs = jnp.where(keep, xs / (1.0 - rate), jnp.zeros((), fdtype))
-    r_max = max(pair.a.shape[-1] for pair in pairs)
-
-    def pad(f, axis):
-        widths = [(0, 0)] * f.ndim
-        widths[axis] = (0, r_max - f.shape[axis])
-        return jnp.pad(f, widths)
-
-    # A: (E, in, r) per adapter → (E·N, in, r_max), row e·N + j = s_j·A_j[e]
-    a_tab = jnp.stack([pad(pair.a.astype(fdtype) * jnp.asarray(pair.scale, fdtype), -1) for pair in pairs], axis=1)
-    b_tab = jnp.stack([pad(pair.b.astype(fdtype), 1) for pair in pairs], axis=1)
-    a_tab = a_tab.reshape((n_groups,) + a_tab.shape[2:])
-    b_tab = b_tab.reshape((n_groups,) + b_tab.shape[2:])
+    row_scale = _scale_rows(scales, jnp.maximum(adapter - 1, 0), adapter > 0)[order]  # s of each sorted row
     common = dict(common, group_offset=None)
-    t = jax.lax.ragged_dot(xs, a_tab, sizes, **common)
+    t = jax.lax.ragged_dot(xs, a_tab, sizes, **common) * row_scale[:, None].astype(fdtype)
     u = jax.lax.ragged_dot(t, b_tab, sizes, **common)
     return u[inverse]
 

@@ -97,6 +97,9 @@ class Pair:
     k: Any = None  # DoRA: m / ‖W + s·ΔW‖ (float32, b-shaped with r = 1: (*stack, 1, *out)); jlora.dora
     bias: Any = None  # lora_bias: lora_B's bias, b-shaped with r = 1: (*stack, 1, *out); added as s·bias
     groups: int = 1  # a grouped convolution: a is (*window, in·groups, r), b (r/groups, out)
+    # adapter slots (jlora.nodes.slots): N > 0 slots, a (*stack, N, *in, R), b (*stack, N, R, *out) and
+    # scale an (N,) array; slot adapter_ids[e] applies to example e (only in the gathered products)
+    slots: int = 0
 
     @property
     def dtype(self):
@@ -122,27 +125,44 @@ class LoraValue:
 
     @property
     def n_in(self) -> int:
-        return self.pairs[0].a.ndim - self.n_stack - 1
+        p = self.pairs[0]
+        return p.a.ndim - self.n_stack - 1 - (1 if p.slots else 0)
 
     @property
     def n_out(self) -> int:
-        return self.pairs[0].b.ndim - self.n_stack - 1
+        p = self.pairs[0]
+        return p.b.ndim - self.n_stack - 1 - (1 if p.slots else 0)
 
     @property
     def sizes(self) -> dict[str, list[int]]:
-        a, b, ns = self.pairs[0].a, self.pairs[0].b, self.n_stack
-        return {"s": list(a.shape[:ns]), "a": list(a.shape[ns:-1]), "b": list(b.shape[ns + 1:])}
+        p, ns = self.pairs[0], self.n_stack
+        a, b = tuple(p.a.shape), tuple(p.b.shape)
+        if p.slots:  # the slot axis (after the stack axes) is no axis of the kernel
+            a, b = a[:ns] + a[ns + 1:], b[:ns] + b[ns + 1:]
+        return {"s": list(a[:ns]), "a": list(a[ns:-1]), "b": list(b[ns + 1:])}
+
+    @property
+    def has_slots(self) -> bool:
+        return any(p.slots for p in self.pairs)
 
     def with_w(self, w, axes=None, n_stack=None, ab=None) -> "LoraValue":
-        """A new view: ``w`` replaced, and each pair's (a, b) replaced by ``ab(a, b)``."""
+        """A new view: ``w`` replaced, and each pair's (a, b) replaced by ``ab(a, b)`` (for
+        adapter slots, ``ab`` of each slot: vmapped over the slot axis, which stays after
+        the stack axes)."""
         pairs = self.pairs
         if ab is not None:
-            # DoRA's k and lora_B's bias have B's axes (rank 1): they follow B through every view change
-            pairs = tuple(
-                dataclasses.replace(p, **dict(zip(("a", "b"), ab(p.a, p.b))), k=None if p.k is None else ab(p.a, p.k)[1],
-                                    bias=None if p.bias is None else ab(p.a, p.bias)[1])
-                for p in pairs
-            )
+            new_ns = self.n_stack if n_stack is None else n_stack
+
+            def view(p):
+                if p.slots:
+                    a, b = jax.vmap(ab, in_axes=(self.n_stack, self.n_stack), out_axes=(new_ns, new_ns))(p.a, p.b)
+                    return dataclasses.replace(p, a=a, b=b)
+                # DoRA's k and lora_B's bias have B's axes (rank 1): they follow B through every view change
+                return dataclasses.replace(p, **dict(zip(("a", "b"), ab(p.a, p.b))),
+                                           k=None if p.k is None else ab(p.a, p.k)[1],
+                                           bias=None if p.bias is None else ab(p.a, p.bias)[1])
+
+            pairs = tuple(view(p) for p in pairs)
         return dataclasses.replace(
             self, w=w, pairs=pairs, axes=self.axes if axes is None else tuple(axes),
             n_stack=self.n_stack if n_stack is None else n_stack,
@@ -168,6 +188,12 @@ class LoraValue:
         """``ValueError`` where ``W + s·A·B`` is not the adapter: a grouped convolution's
         (no kernel-shaped ``ΔW``) or one with a lora_B bias (the bias is not in ``W``)."""
         at = f" at {where}" if where else ""
+        if self.has_slots:
+            raise ValueError(
+                f"jlora: the adapter slots of {self.path!r} are used{at} other than in a product over the kernel's "
+                "input axes (x·W, where each example's slot is gathered); a pool of adapters has no single W + s·ΔW "
+                "to form there. Take one slot out (jlora.adapters.get_slot) to run that model"
+            )
         if any(p.groups != 1 for p in self.pairs):
             raise ValueError(
                 f"jlora: the grouped convolution {self.path!r} (PEFT's LoRA: a full lora_A and a grouped lora_B) is "
@@ -370,6 +396,12 @@ def example_mask(pair: Pair, ctx: Context, lv: LoraValue, ndim: int, axis: Optio
     """For a mixed batch (``adapter_ids``), the 0/1 mask selecting the examples that use
     ``pair``'s adapter, shaped to broadcast along output axis ``axis``; else None."""
     ids = ctx.adapter_ids
+    if pair.slots:
+        raise ValueError(
+            f"jlora: the adapter slots of {lv.path!r} are used where each example's slot cannot be gathered (a "
+            "contraction over the example axis or over the kernel's output axes, an embedding lookup, a convolution); "
+            "slots serve products x·W over the kernel's input axes, with adapter_ids"
+        )
     if ids is None:
         return None
     if axis is None or size != ids.shape[0]:

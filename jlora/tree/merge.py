@@ -12,6 +12,7 @@ from ..core.nnx_modules import is_nnx_module, map_module_state
 from ..core.paths import path_names
 from ..nodes.dora import merge_kernel, unmerge_kernel
 from ..nodes.factors import add_delta
+from ..nodes.slots import AdapterSlots
 from ..nodes.weight import MultiLoraWeight, Trainable, is_lora_weight, is_trainable, is_trainable_tokens
 from ..nodes.weight import is_lora_node as _is_node
 from ..quant import merge as qmerge
@@ -61,6 +62,11 @@ def _fold_lora_biases(flat: list, leaves: list, sign: float) -> list:
 def _check_mergeable(lp: Any) -> None:
     """``ValueError`` naming a grouped-convolution target: it has no merged kernel."""
     for path, x in jax.tree_util.tree_flatten_with_path(lp, is_leaf=_is_node)[0]:
+        if isinstance(x, AdapterSlots):
+            raise ValueError(
+                f"{'/'.join(path_names(path))}: adapter slots hold N adapters, not one merged kernel; merge one slot "
+                "with jlora.merge(jlora.adapters.get_slot(pool, slot))"
+            )
         pairs = [x] if is_lora_weight(x) else x.active_pairs() if isinstance(x, MultiLoraWeight) else []
         for p in pairs:
             if p.groups != 1 and not getattr(x, "merged", False):

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import optax
 
 from ..core.paths import path_names
+from ..nodes.slots import AdapterSlots
 from ..nodes.weight import (
     LoraWeight,
     MultiLoraWeight,
@@ -48,6 +49,8 @@ def trainable_labels(lp: Any) -> Any:
             return Trainable(jax.tree_util.tree_map(lambda _: TRAINABLE, x.value))
         if is_trainable_tokens(x):
             return x.replace(w=FROZEN, values=TRAINABLE)
+        if isinstance(x, AdapterSlots):
+            return x.replace(w=FROZEN, a=TRAINABLE, b=TRAINABLE, scale=FROZEN)
         return FROZEN
 
     return jax.tree_util.tree_map(label, lp, is_leaf=_is_node)
@@ -107,6 +110,10 @@ def _trainable_arrays(tree: Any) -> dict[str, Any]:
                 out["/".join((name, *path_names(sub)))] = v
         elif is_trainable_tokens(x) and x.values is not None:
             out[f"{name}/values"] = x.values
+        elif isinstance(x, AdapterSlots):  # the slots' factors (the zero padding gets zero gradients)
+            for child in ("a", "b"):
+                if getattr(x, child) is not None:
+                    out[f"{name}/{child}"] = getattr(x, child)
     return out
 
 
@@ -146,6 +153,9 @@ def _full_updates(params: Any, updates: dict[str, Any]) -> Any:
             leaves.append(Trainable(jax.tree_util.tree_unflatten(sub_def, vals)))
         elif is_trainable_tokens(x):
             leaves.append(x.replace(w=zero(x.w), values=updates.get(f"{name}/values", zero(x.values))))
+        elif isinstance(x, AdapterSlots):
+            leaves.append(x.replace(w=zero(x.w), scale=zero(x.scale), a=updates.get(f"{name}/a", zero(x.a)),
+                                    b=updates.get(f"{name}/b", zero(x.b))))
         else:
             leaves.append(zero(x))
     return jax.tree_util.tree_unflatten(treedef, leaves)
@@ -207,7 +217,7 @@ def nnx_trainable(path: Any, x: Any) -> bool:
     True
     """
     del path
-    return isinstance(_unwrap_variable(x), (LoraWeight, MultiLoraWeight, Trainable, TrainableTokens))
+    return isinstance(_unwrap_variable(x), (LoraWeight, MultiLoraWeight, Trainable, TrainableTokens, AdapterSlots))
 
 
 def _zero_update(u: Any) -> Any:
@@ -250,6 +260,8 @@ def partition(lp: Any) -> tuple[Any, Any]:
             return x if want_trainable else None
         if is_trainable_tokens(x):
             return x.replace(w=None) if want_trainable else x.replace(values=None)
+        if isinstance(x, AdapterSlots):
+            return x.replace(w=None, scale=None) if want_trainable else x.replace(a=None, b=None)
         return None if want_trainable else x
 
     trainable = jax.tree_util.tree_map(lambda x: split(x, True), lp, is_leaf=_is_node)
@@ -272,6 +284,8 @@ def combine(trainable: Any, frozen: Any) -> Any:
             return t.replace(w=f.w, adapters=adapters)
         if is_trainable_tokens(t):
             return t.replace(w=f.w)
+        if isinstance(t, AdapterSlots):
+            return t.replace(w=f.w, scale=f.scale)
         return f if t is None else t
 
     return jax.tree_util.tree_map(

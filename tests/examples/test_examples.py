@@ -53,6 +53,16 @@ def test_sft_causal_lm_smoke():
     assert out.count("before   :") == 2 and out.count("after    :") == 2
 
 
+def test_nnx_sft_smoke():
+    """The NNX SFT example: the answer loss falls, jlora.models.generate writes from the same
+    prompts before and after, and the merged params generate what the LoRA tree does."""
+    out = run_example("nnx_sft.py", "--smoke")
+    m = re.search(r"answer loss: ([\d.]+) -> ([\d.]+)", out)
+    assert m and float(m.group(2)) < float(m.group(1)), out[-2000:]
+    assert out.count("before   :") == 2 and out.count("after    :") == 2
+    assert "merged params generate the same text: True" in out
+
+
 def test_sft_causal_lm_gpt2_smoke():
     out = run_example("sft_causal_lm.py", "--smoke", "--arch", "gpt2")
     assert "answer loss:" in out and "after    :" in out
