@@ -566,30 +566,45 @@ def _moe_lora(topo):
 # ----------------------------------------------------------------------------------
 
 
-def run(names: Sequence[str], topologies: Sequence[Optional[str]], hlo: bool = False) -> list[dict]:
+def _save_json(rows: list[dict], path: str) -> None:
+    import json
+
+    keep = lambda v: isinstance(v, (int, float, str, bool)) or v is None  # noqa: E731
+    with open(path, "w") as f:
+        json.dump([{k: v for k, v in r.items() if keep(v)} for r in rows], f, indent=1)
+
+
+def run(names: Sequence[str], topologies: Sequence[Optional[str]], hlo: bool = False,
+        json_path: Optional[str] = None, source: str = "", by_topology: bool = False) -> list[dict]:
     """Compiles each scenario for each of its topologies (or those given) and returns one
     report dict per (scenario, topology) (:func:`tpu_compile.compile_report`, plus
     ``scenario``, ``group``, ``title``, ``error``)."""
     rows = []
     topo_cache: dict[str, tc.Topology] = {}
-    for name in names:
+    pairs = [(n, t) for n in names for t in (topologies if topologies else SCENARIOS[n].topologies)]
+    if by_topology:  # every scenario on the first topology, then on the next, ...
+        order = list(dict.fromkeys(t for _, t in pairs))
+        pairs.sort(key=lambda p: order.index(p[1]))
+    for name, tname in pairs:
         sc = SCENARIOS[name]
-        for tname in (topologies if topologies else sc.topologies):
-            if tname not in topo_cache:
-                topo_cache[tname] = tc.topology(tname)
-            topo = topo_cache[tname]
-            t0 = time.perf_counter()
-            try:
-                built = sc.build(topo)
-                rep = tc.compile_report(built.fn, built.args, topo, donate_argnums=built.donate_argnums)
-                rep["note"] = built.note
-            except Exception as e:  # a scenario that does not lower is reported, not fatal
-                rep = {"topology": tname, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
-            rep.update(scenario=name, group=sc.group, title=sc.title, wall_s=time.perf_counter() - t0)
-            rows.append(rep)
-            print(f"# {name} on {tname}: {_short(rep)} ({rep['wall_s']:.1f} s)", file=sys.stderr, flush=True)
-            if hlo and not rep.get("error"):
-                print(tc.describe(rep), file=sys.stderr)
+        if tname not in topo_cache:
+            topo_cache[tname] = tc.topology(tname)
+        topo = topo_cache[tname]
+        t0 = time.perf_counter()
+        try:
+            built = sc.build(topo)
+            rep = tc.compile_report(built.fn, built.args, topo, donate_argnums=built.donate_argnums)
+            rep["note"] = built.note
+        except Exception as e:  # a scenario that does not lower is reported, not fatal
+            rep = {"topology": tname, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+        rep.update(scenario=name, group=sc.group, title=sc.title, wall_s=time.perf_counter() - t0)
+        rep["source"] = source
+        rows.append(rep)
+        if json_path:  # after each compile, so a run stopped early keeps what it compiled
+            _save_json(rows, json_path)
+        print(f"# {name} on {tname}: {_short(rep)} ({rep['wall_s']:.1f} s)", file=sys.stderr, flush=True)
+        if hlo and not rep.get("error"):
+            print(tc.describe(rep), file=sys.stderr)
     return rows
 
 
@@ -651,6 +666,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--hlo", action="store_true", help="also print each program's slowest ops and largest buffers")
     ap.add_argument("--write", action="store_true", help="write the section of BENCHMARKS.md (all scenarios)")
     ap.add_argument("--json", help="also save the figures (one object per scenario and topology) to this file")
+    ap.add_argument("--by-topology", action="store_true",
+                    help="compile every scenario on one topology before the next (default: scenario by scenario)")
     ap.add_argument("--from-json", nargs="+", metavar="JSON",
                     help="compile nothing: report (and with --write, write) the rows saved by earlier --json runs "
                          "(e.g. one group's topologies compiled in parallel processes)")
@@ -681,22 +698,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         rows.sort(key=lambda r: order.get((r["scenario"], r["topology"]), 0))
         source = rows[0].get("source", source) if rows else source
     else:
-        rows = run(names, args.topology, hlo=args.hlo)
-        for r in rows:
-            r["source"] = source
+        rows = run(names, args.topology, hlo=args.hlo, json_path=args.json, source=source,
+                   by_topology=args.by_topology)
     text = report(rows)
     print(text)
-    if args.json:
-        import json
-
-        keep = lambda v: isinstance(v, (int, float, str, bool)) or v is None  # noqa: E731
-        with open(args.json, "w") as f:
-            json.dump([{k: v for k, v in r.items() if keep(v)} for r in rows], f, indent=1)
+    if args.json and not args.from_json:
+        _save_json(rows, args.json)
     if args.write:
         for group in dict.fromkeys(r["group"] for r in rows):
             group_rows = [r for r in rows if r["group"] == group]
             wall = sum(r["wall_s"] for r in group_rows)
-            write(group, report(group_rows), group_rows, wall, ["--group", group, "--write"], source)
+            done = {(r["scenario"], r["topology"]) for r in group_rows}
+            missing = [f"{n} on {t}" for n, sc in SCENARIOS.items() if sc.group == group for t in sc.topologies
+                       if (n, t) not in done]
+            text = report(group_rows) + ("\n\n- not compiled in this run (out of time on this 2-core machine; "
+                                         "`--only NAME --topology T` compiles one): " + ", ".join(missing)
+                                         if missing else "")
+            write(group, text, group_rows, wall, ["--group", group, "--write"], source)
     return 0
 
 
