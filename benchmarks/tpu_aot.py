@@ -757,6 +757,11 @@ def write(group: str, text: str, rows: list[dict], wall: float, argv, source: st
         "fine-tuning, and *qwix* (qwix 0.1.8's `apply_lora_to_model` on the same NNX module; its factors are "
         "created in the model's dtype, bfloat16, jlora's in float32).",
     ]
+    if group == "moe":
+        intro[0] = "## Compiled for TPU: an MoE LoRA step (ragged_dot experts) against its frozen floor"
+        intro[2] = intro[2].replace("Issue 22", "Issue 26")
+        intro[-1] = ("Rows: the *floor* (`benchmarks/moe_train_step.py`'s: one trainable norm scale, no kernel "
+                     "gradient, no LoRA branch) and jlora's LoRA step. " + GROUPS[group] + ".")
     if scale:
         intro[-1] = ("Rows: the *floor* (the same model, base, memory settings and loss with one trainable leaf, the "
                      "stacked first norm scales: forward and backward to every layer's input, no kernel gradient, "
