@@ -29,16 +29,14 @@ token it was not routed to, and LoRA on the experts stays factored
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from .attention import AttentionInputs
 from .config import DecoderConfig
-from .decoder import MLP, Attention, Decoder, _dtypes, _remat_call
-from .kv_cache import LayerCache
+from .decoder import MLP, Attention, Decoder, DecoderLayer, _dtypes
 from .layers import Einsum, RMSNorm
 
 __all__ = ["ExpertKernel", "SparseMoeBlock", "Qwen3MoeLayer", "Qwen3Moe", "route"]
@@ -116,9 +114,9 @@ class SparseMoeBlock(nnx.Module):
         return jnp.einsum("TKD,TK->TD", out, weights).reshape(shape)
 
 
-class Qwen3MoeLayer(nnx.Module):
+class Qwen3MoeLayer(DecoderLayer):
     """Pre-norm block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))`` with a sparse or dense
-    MLP; ``remat`` and ``layer_type`` as :class:`jlora.models.decoder.DecoderLayer`'s."""
+    MLP; ``block``, ``remat`` and ``layer_type`` are :class:`jlora.models.decoder.DecoderLayer`'s."""
 
     def __init__(self, config: DecoderConfig, index: int, layer_type: Optional[str], *, rngs: nnx.Rngs):
         pd, _ = _dtypes(config)
@@ -127,20 +125,6 @@ class Qwen3MoeLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(config.embed_dim, eps=config.rms_norm_eps, param_dtype=pd)
         self.mlp = SparseMoeBlock(config, rngs=rngs) if config.is_moe_layer(index) else MLP(config, rngs=rngs)
         self.remat = "none" if config.scan_layers else config.remat
-
-    def block(self, x: jax.Array, inputs: AttentionInputs, sliding: Any = None,
-              cache: Optional[LayerCache] = None) -> Any:
-        """The layer's output; with ``cache``, ``(output, cache)``."""
-        if cache is not None:
-            a, cache = self.attn(self.input_layernorm(x), inputs, sliding, cache)
-            x = x + a
-            return x + self.mlp(self.post_attention_layernorm(x)), cache
-        x = x + self.attn(self.input_layernorm(x), inputs, sliding)
-        return x + self.mlp(self.post_attention_layernorm(x))
-
-    def __call__(self, x: jax.Array, inputs: AttentionInputs, sliding: Any = None,
-                 cache: Optional[LayerCache] = None) -> Any:
-        return _remat_call(self, x, inputs, sliding, cache)
 
 
 class Qwen3Moe(Decoder):
