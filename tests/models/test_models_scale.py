@@ -20,6 +20,8 @@ import jlora.models as jm
 from support.family_models import FAMILIES, NNX_TARGETS, TARGETS, case, peft_adapter, torch_logits
 from jlora.models.attention import attention, attention_inputs
 
+pytestmark = pytest.mark.torch  # the family cases are built from transformers' torch models
+
 TOL = 1e-4  # against torch (as the other family tests)
 EXACT = 1e-5  # jlora against jlora, float32
 
