@@ -216,7 +216,10 @@ def place(topo: tc.Topology, params: Any, batch: Any) -> tuple[Any, Any]:
             mesh, _fsdp_spec(tuple(x.shape), topo.n_chips, axes) if np.prod(x.shape) >= FSDP_MIN_SIZE
             else jax.sharding.PartitionSpec()), params)
     b_spec = jax.sharding.PartitionSpec("data", "seq" if topo.n_chips > data else None)
-    b_sh = jax.tree_util.tree_map(lambda x: jax.sharding.NamedSharding(mesh, b_spec), batch)
+    # (batch, seq) arrays over both axes; per-example arrays (adapter_ids) over the batch axis only
+    b_sh = jax.tree_util.tree_map(
+        lambda x: jax.sharding.NamedSharding(mesh, b_spec if len(x.shape) > 1 else jax.sharding.PartitionSpec("data")),
+        batch)
     return tc.abstract(params, p_sh), tc.abstract(batch, b_sh)
 
 
