@@ -139,11 +139,15 @@ GROUPS["llama-2048"] = (
 )
 
 
+def model_parts(cfg: jm.DecoderConfig):
+    """``(graphdef, abstract state)`` of ``cfg``'s decoder, nothing allocated."""
+    return nnx.split(jm.abstract(cfg))
+
+
 def llama_parts(shape: StepShape):
     """``(graphdef, abstract state, apply)`` of ``shape``'s decoder (``jlora.models``,
     under ``nnx.eval_shape``): ``apply(state, ids) -> logits``."""
-    model = jm.abstract(shape.cfg)
-    graphdef, state = nnx.split(model)
+    graphdef, state = model_parts(shape.cfg)
 
     def apply(s, ids):
         return nnx.merge(graphdef, s)(ids)
@@ -415,11 +419,6 @@ GROUPS["70b-nf4"] = f"Llama-3-70B shape, NF4 + double-quantized base (bf16 embed
 GROUPS["8b-bf16"] = f"Llama-3-8B shape, bfloat16 base, batch 1 x 8192; {_SETTINGS}"
 GROUPS["70b-fsdp"] = (f"Llama-3-70B shape, bfloat16 base, FSDP over the chips (every array of 2^20 elements or more "
                       f"sharded along its largest divisible axis), global batch 8 x 4096; {_SETTINGS}")
-
-
-def model_parts(cfg: jm.DecoderConfig):
-    """``(graphdef, abstract state)`` of ``cfg``'s decoder, nothing allocated."""
-    return nnx.split(jm.abstract(cfg))
 
 
 def _model_base(ms: ModelStep, quant: Optional[jlora.QuantConfig]):

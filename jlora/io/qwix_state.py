@@ -12,17 +12,8 @@ Linen: two ``params`` entries), and applies it where the model calls ``jnp.einsu
 where ``alpha``, ``rank`` (and ``dropout``, on the input of ``A_q``) live on the
 ``qwix.LoraProvider``'s rule for the module (``LoraRule(module_path=regex, rank, alpha)``,
 the first rule whose ``module_path`` fully matches the module's ``/``-joined path), not
-in the state. The factor shapes follow the op (qwix 0.1.8, ``qwix/_src/providers/lora.py``):
-
-=======================  ====================================  =============================
-op on kernel W           ``A_q``                               ``B_q``
-=======================  ====================================  =============================
-einsum                   W's axes the input shares (contracted  ``(r, *`` the other axes ``)``
-                         or batch), in W's order, then ``r``    in W's order
-dot_general              ``(*batch, prod(contracted), r)``      ``(*batch, r, prod(kept))``
-conv                     ``(*W.shape[:-1], r)``                 ``(r, W.shape[-1])``
-=======================  ====================================  =============================
-
+in the state. The factor shapes follow the op (qwix 0.1.8, ``qwix/_src/providers/lora.py``;
+the table of forms is :mod:`jlora.io.qwix_forms`'s docstring).
 So ``BTD,DNH->BTNH`` on ``w (D, N, H)`` has ``A_q (D, r)``, ``B_q (r, N, H)``;
 ``BTNH,NHD->BTD`` on ``w (N, H, D)`` has ``A_q (N, H, r)``, ``B_q (r, D)``; an
 ``nnx.Linear`` kernel ``(in, out)`` has ``A_q (in, r)``, ``B_q (r, out)``. jlora's

@@ -519,8 +519,8 @@ def dense_for_compute(q: QuantizedArray) -> jax.Array:
 def packed_specs(q: QuantizedArray, spec: Sequence[Any]) -> dict[str, tuple]:
     """PartitionSpec entries for each child of ``q`` given the kernel's ``spec`` (one
     entry per kernel axis): stack axes keep theirs; a kernel sharded along its first output
-    axis only (column parallel) shards the rows of the PyTorch layout, i.e. the flat codes
-    and absmax (where whole rows and blocks fall on each shard) or int8's ``CB``/``SCB``
+    axis only (column parallel) shards the output axis of 4-bit codes and absmax held in
+    the kernel's orientation (``(in/2, out)``, ``(in/block, out)``) or int8's ``CB``/``SCB``
     rows; a kernel sharded along one input axis (row parallel) shards int8's ``CB``
     columns. Everything else is replicated within a layer."""
     ns = len(q.stack_shape)
