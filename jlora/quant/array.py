@@ -43,6 +43,7 @@ from .codec import (
     int8_vectorwise_quant,
     quantize_4bit,
     undo_double_quant,
+    undo_double_quant_transposed,
 )
 
 __all__ = [
@@ -488,9 +489,8 @@ def _item_dense(q: QuantizedArray, codes, absmax, nested, offset, dtype: Optiona
         w2d = int8_vectorwise_dequant(codes, absmax).astype(q.dtype).astype(final)
         return _from_torch_2d(w2d, q.item_shape, q.roles)
     if packed_transposed(q.item_shape, q.roles, q.quant_type, q.block_size):
-        if q.double_quant:  # the nested blocks run over bitsandbytes' flat order of the scales
-            flat = undo_double_quant(jnp.swapaxes(absmax, -1, -2).reshape(-1), nested, offset)
-            absmax = jnp.swapaxes(flat.reshape(n_out, n_in // q.block_size), -1, -2)
+        if q.double_quant:  # nested blocks over bitsandbytes' flat order, without transposing the codes
+            absmax = undo_double_quant_transposed(absmax, nested, offset)
         w_t = dequantize_4bit_transposed(codes, absmax, q.block_size, q.quant_type, q.dtype, final)
         return _from_torch_2d_t(w_t, q.item_shape, q.roles)
     if q.double_quant:

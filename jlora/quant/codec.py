@@ -45,6 +45,8 @@ __all__ = [
     "quantize_blockwise",
     "dequantize_blockwise",
     "double_quantize",
+    "undo_double_quant",
+    "undo_double_quant_transposed",
     "int8_vectorwise_quant",
     "int8_vectorwise_dequant",
     "NF4_CODE",
@@ -317,6 +319,41 @@ def undo_double_quant(qabsmax: jax.Array, nested: jax.Array, offset: jax.Array) 
     """``dyn[q] · nested_absmax[i // 256] + offset``, rounded after the product and after
     the sum as bitsandbytes rounds them."""
     return _no_fma(dequantize_blockwise(qabsmax, nested, DYNAMIC_CODE, NESTED_BLOCK_SIZE)) + offset
+
+
+def undo_double_quant_transposed(qabsmax_t: jax.Array, nested: jax.Array, offset: jax.Array) -> jax.Array:
+    """:func:`undo_double_quant` of block scales held transposed, ``(n_in/block, n_out)``
+    (bitsandbytes' scales are ``(n_out, n_in/block)``, flat in that C order), returned in
+    the same transposed orientation, bit for bit the same values.
+
+    The nested blocks of 256 run over bitsandbytes' flat order, ``f = o·nb + i`` for the
+    scale of block ``i`` of output ``o`` (``nb = n_in/block``). Rather than transposing the
+    codes to that order (a layout change XLA:TPU hoists out of a scan over layers, onto the
+    whole stack of scales: measured, three copies of every layer's scales per step at
+    Llama-3-70B size, 880 MiB), each output ``o`` meets at most ``ceil(nb/256) + 1`` nested
+    blocks, from ``g0(o) = o·nb // 256`` on; the nested scale of ``(i, o)`` is the ``k``-th
+    of those, ``k = (o·nb mod 256 + i) // 256``: a few ``(n_out,)`` gathers and selects,
+    elementwise.
+
+    >>> import numpy as np
+    >>> a = jnp.asarray(np.random.default_rng(0).random(3 * 448, np.float32))   # n_out=3, nb=448
+    >>> q, nested, off = double_quantize(a)
+    >>> ref = undo_double_quant(q, nested, off).reshape(3, 448).T
+    >>> bool((undo_double_quant_transposed(q.reshape(3, 448).T, nested, off) == ref).all())
+    True
+    """
+    nb, n_out = qabsmax_t.shape[-2:]
+    values = jnp.asarray(DYNAMIC_CODE)[qabsmax_t.astype(jnp.int32)]
+    start = jnp.arange(n_out, dtype=jnp.int32) * nb  # flat index of (0, o)
+    g0 = start // NESTED_BLOCK_SIZE
+    k = (start % NESTED_BLOCK_SIZE)[None, :] + jax.lax.broadcasted_iota(jnp.int32, (nb, n_out), 0)
+    k = k // NESTED_BLOCK_SIZE
+    nested = nested.astype(jnp.float32)
+    last = nested.shape[-1] - 1
+    scale = nested[jnp.minimum(g0, last)][None, :]
+    for j in range(1, -(-nb // NESTED_BLOCK_SIZE) + 1):
+        scale = jnp.where(k == j, nested[jnp.minimum(g0 + j, last)][None, :], scale)
+    return _no_fma(values * scale) + offset
 
 
 def _no_fma(p: jax.Array) -> jax.Array:

@@ -53,7 +53,11 @@ accumulated in ``promote_types(o, f)`` instead of being rounded to ``o`` first. 
 the output dtype is always the base output's dtype, and with bfloat16 kernels and
 float32 factors the only bfloat16 rounding is the final one (as for a merged kernel's
 product, minus the rounding of ``W + s·A·B`` itself). The same holds for ``W[ids] +
-s·A[ids]·B`` (embeddings) and for the two convolutions.
+s·A[ids]·B`` (embeddings) and for the two convolutions. One exception: a quantized
+kernel's product ``x·dequantize(Q)`` is rounded to ``o`` before the branch is added, as
+bitsandbytes' layer computes it under PEFT; a float32 output there is an activation-sized
+float32 array that XLA:TPU writes to HBM (the product is recomputed inside
+``jax.checkpoint`` and does not fuse with the branch's).
 
 Dropout (``LoraConfig.lora_dropout``) is applied to the input of ``A`` only, in the
 factored path, and only when a ``lora_rng`` key is passed; each use of a weight (each
