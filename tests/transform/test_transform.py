@@ -389,6 +389,31 @@ def test_linen_scan_remat_keeps_structure():
 # 5. Mixed precision
 
 
+def test_quantized_base_product_is_rounded_before_the_branch_as_peft_does():
+    """A bfloat16 model over an NF4 kernel with float32 factors: the kernel's own product is
+    rounded to bfloat16 before the float32 branch is added, as bitsandbytes' Linear4bit
+    under PEFT computes it (``base_layer(x)``, then ``+ lora_B(lora_A(x))·s`` in float32,
+    then back to bfloat16); a float32 base output would be an activation-sized float32
+    array in HBM on TPU. Reference: that formula in float64 from the dequantized kernel."""
+    w = (jax.random.normal(jax.random.key(1), (128, 96)) * 0.05).astype(jnp.bfloat16)
+    q = jlora.quantize_array(w, jlora.QuantConfig(quant_type="nf4", compute_dtype=jnp.bfloat16))
+    lw = lora_weight((128, 96), r=4, w_dtype=jnp.bfloat16, scale=2.0).replace(w=q)
+    x = jax.random.normal(jax.random.key(9), (16, 128)).astype(jnp.bfloat16)
+    fn = lambda p, x: x @ p["k"]  # noqa: E731
+    out = jlora.lora(fn, on_materialize="error")({"k": lw}, x)
+    assert out.dtype == jnp.bfloat16
+
+    x64, a64, b64 = (np.asarray(v, np.float64) for v in (x, lw.a, lw.b))
+    base = np.asarray((x @ q.dequantize(jnp.bfloat16)).astype(jnp.float32), np.float64)  # bitsandbytes' output
+    ref = base + lw.scale * (x64 @ a64) @ b64
+    assert rel_err(out, ref) <= 1e-2
+    # the base product's output is bfloat16 (the model's dtype); the branch's products float32
+    jaxpr = jax.make_jaxpr(jlora.lora(fn))({"k": lw}, x).jaxpr
+    outs = sorted((str(e.invars[1].aval.shape), str(e.outvars[0].aval.dtype))
+                  for e in _find_eqns(jaxpr, ("dot_general",)))
+    assert outs == [("(128, 4)", "float32"), ("(128, 96)", "bfloat16"), ("(4, 96)", "float32")], outs
+
+
 def test_mixed_precision_dense_against_float64():
     """bfloat16 x and W, float32 factors: bf16 output, within bf16 rounding of float64."""
     lw = lora_weight((64, 48), r=4, w_dtype=jnp.bfloat16, scale=2.0)
