@@ -489,8 +489,11 @@ def _item_dense(q: QuantizedArray, codes, absmax, nested, offset, dtype: Optiona
         w2d = int8_vectorwise_dequant(codes, absmax).astype(q.dtype).astype(final)
         return _from_torch_2d(w2d, q.item_shape, q.roles)
     if packed_transposed(q.item_shape, q.roles, q.quant_type, q.block_size):
-        if q.double_quant:  # nested blocks over bitsandbytes' flat order, without transposing the codes
+        if q.double_quant and absmax.size >= 2**16:  # nested blocks over bitsandbytes' flat order, no transpose
             absmax = undo_double_quant_transposed(absmax, nested, offset)
+        elif q.double_quant:  # small kernels (measured on v5e: the transpose stays on chip, the selects do not)
+            flat = undo_double_quant(jnp.swapaxes(absmax, -1, -2).reshape(-1), nested, offset)
+            absmax = jnp.swapaxes(flat.reshape(n_out, n_in // q.block_size), -1, -2)
         w_t = dequantize_4bit_transposed(codes, absmax, q.block_size, q.quant_type, q.dtype, final)
         return _from_torch_2d_t(w_t, q.item_shape, q.roles)
     if q.double_quant:
