@@ -1,5 +1,5 @@
-"""What the benchmark scripts share: XLA cost, the machine and versions, tables, and
-writing a script's section of ``BENCHMARKS.md``.
+"""What the benchmark scripts share: XLA cost, a train step, the machine and versions,
+tables, and writing a script's section of ``BENCHMARKS.md``.
 
 Each script imports this as ``benchutil`` (``python benchmarks/<script>.py`` puts this
 folder first on ``sys.path``).
@@ -26,6 +26,22 @@ def xla_cost(compiled) -> dict:
     if isinstance(cost, (list, tuple)):
         cost = cost[0] if cost else {}
     return dict(cost or {})
+
+
+def train_step(loss_of, tx):
+    """``step((v, opt), const, batch) -> ((v, opt), loss)``: one update of the trained part
+    ``v`` by the optax transformation ``tx`` on ``loss_of(v, const, batch)``; ``const`` (the
+    frozen rest) gets no gradient. The benchmarks' train steps (jit it, donating the state)."""
+    import jax
+    import optax
+
+    def step(state, const, batch):
+        v, opt = state
+        loss, g = jax.value_and_grad(lambda v: loss_of(v, const, batch))(v)
+        upd, opt = tx.update(g, opt, v)
+        return (optax.apply_updates(v, upd), opt), loss
+
+    return step
 
 
 def cpu_name() -> str:

@@ -80,7 +80,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import jlora  # noqa: E402
-from benchutil import provenance, table, write_section, xla_cost  # noqa: E402
+from benchutil import provenance, table, train_step, write_section, xla_cost  # noqa: E402
 
 LR = 1e-4
 WEIGHT_DECAY = 0.01  # torch.optim.AdamW's default, used for both frameworks
@@ -268,17 +268,9 @@ def jax_steps(shape: Shape, model, params, lp, ids, issue3: bool) -> list[JaxSte
     ltx = jlora.optimizer(optax.adamw(LR, weight_decay=WEIGHT_DECAY))
 
     def adam_step(loss_of, tx):
-        """A JaxStep's ``make``: one update of ``v`` by ``tx`` on ``loss_of(v, const, x)``."""
-        def make():
-            def step(state, const, x):
-                v, opt = state
-                loss, g = jax.value_and_grad(lambda v: loss_of(v, const, x))(v)
-                upd, opt = tx.update(g, opt, v)
-                return (optax.apply_updates(v, upd), opt), loss
-
-            return step
-
-        return make
+        """A JaxStep's ``make``: one update of ``v`` by ``tx`` on ``loss_of(v, const, x)``
+        (a new function per call: jit caches traces by function)."""
+        return lambda: train_step(loss_of, tx)
 
     def lora_step(forward):
         return adam_step(lambda t, frozen, x: lm_loss(forward(jlora.combine(t, frozen), x), x), ltx)

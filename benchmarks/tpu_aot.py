@@ -13,7 +13,7 @@ for a topology, the function to compile and its abstract arguments. Scenarios of
 ``group`` share a model and batch and are printed as one table, with ratios to the
 group's ``floor``. To add one (a model-scale step, a decode step, an MoE step), write a
 builder returning :class:`Built` and decorate it; the model helpers below
-(:func:`llama_parts`, :func:`train_step`, :func:`place`) do most of the work.
+(:func:`llama_parts`, :func:`benchutil.train_step`, :func:`place`) do most of the work.
 
 Usage::
 
@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import os
 import shlex
 import sys
@@ -166,19 +167,6 @@ def batch_spec(shape: StepShape) -> tuple[jax.ShapeDtypeStruct, jax.ShapeDtypeSt
     return s, s
 
 
-def train_step(loss_of: Callable[..., jax.Array], tx: optax.GradientTransformation):
-    """``step((v, opt), const, batch) -> ((v, opt), loss)``: one AdamW-style update of the
-    trained part ``v`` on ``loss_of(v, const, batch)`` (the state is donated)."""
-
-    def step(state, const, batch):
-        v, opt = state
-        loss, g = jax.value_and_grad(lambda v: loss_of(v, const, batch))(v)
-        upd, opt = tx.update(g, opt, v)
-        return (optax.apply_updates(v, upd), opt), loss
-
-    return step
-
-
 def _fsdp_spec(shape: tuple[int, ...], n: int, axes: tuple[str, ...]) -> jax.sharding.PartitionSpec:
     """Shard the largest axis divisible by ``n`` over ``axes`` (ZeRO-3 / FSDP); else replicate."""
     order = sorted(range(len(shape)), key=lambda i: -shape[i])
@@ -248,7 +236,7 @@ def lora_build(topo: tc.Topology, shape: StepShape, *, quant: Optional[jlora.Qua
     trainable, frozen = jlora.partition(lp)
     tx = jlora.optimizer(_adamw())
     forward = jlora.lora(apply, on_materialize="error")
-    step = train_step(lambda t, fr, b: lm_loss(forward(jlora.combine(t, fr), b[0]), b[1]), tx)
+    step = benchutil.train_step(lambda t, fr, b: lm_loss(forward(jlora.combine(t, fr), b[0]), b[1]), tx)
     opt = jax.eval_shape(tx.init, trainable)
     (st, fr), bt = place(topo, ((trainable, opt), frozen), (ids, labels))
     return Built(step, (st, fr, bt))
@@ -271,7 +259,7 @@ def floor_build(topo: tc.Topology, shape: StepShape) -> Built:
     v = jax.ShapeDtypeStruct(leaf.shape, leaf.dtype)
     opt = jax.eval_shape(tx.init, v)
     (st, fr), bt = place(topo, ((v, opt), state), (ids, labels))
-    return Built(train_step(loss_of, tx), (st, fr, bt))
+    return Built(benchutil.train_step(loss_of, tx), (st, fr, bt))
 
 
 def full_build(topo: tc.Topology, shape: StepShape) -> Built:
@@ -281,7 +269,7 @@ def full_build(topo: tc.Topology, shape: StepShape) -> Built:
     tx = _adamw()
     opt = jax.eval_shape(tx.init, state)
     (st, _), bt = place(topo, ((state, opt), None), (ids, labels))
-    return Built(train_step(lambda p, _, b: lm_loss(apply(p, b[0]), b[1]), tx), (st, None, bt))
+    return Built(benchutil.train_step(lambda p, _, b: lm_loss(apply(p, b[0]), b[1]), tx), (st, None, bt))
 
 
 def mixed_build(topo: tc.Topology, shape: StepShape, n_adapters: int = 2) -> Built:
@@ -301,7 +289,7 @@ def mixed_build(topo: tc.Topology, shape: StepShape, n_adapters: int = 2) -> Bui
     trainable, frozen = jlora.partition(lp)
     tx = jlora.optimizer(_adamw())
     forward = jlora.lora(apply, on_materialize="error")
-    step = train_step(lambda t, fr, b: lm_loss(forward(jlora.combine(t, fr), b[0], adapter_ids=b[2]), b[1]), tx)
+    step = benchutil.train_step(lambda t, fr, b: lm_loss(forward(jlora.combine(t, fr), b[0], adapter_ids=b[2]), b[1]), tx)
     opt = jax.eval_shape(tx.init, trainable)
     rows = jax.ShapeDtypeStruct(rows.shape, rows.dtype)
     (st, fr), bt = place(topo, ((trainable, opt), frozen), (ids, labels, rows))
@@ -328,7 +316,7 @@ def qwix_build(topo: tc.Topology, shape: StepShape) -> Built:
 
     opt = jax.eval_shape(tx.init, lora_state)
     (st, fr), bt = place(topo, ((lora_state, opt), rest), (ids, labels))
-    return Built(train_step(loss_of, tx), (st, fr, bt), note=f"qwix 0.1.8, LoRA on {n_pairs} kernels, factors bf16")
+    return Built(benchutil.train_step(loss_of, tx), (st, fr, bt), note=f"qwix 0.1.8, LoRA on {n_pairs} kernels, factors bf16")
 
 
 # ----------------------------------------------------------------------------------
@@ -441,7 +429,7 @@ def model_lora_build(topo: tc.Topology, ms: ModelStep, *, quant: Optional[jlora.
     trainable, frozen = jlora.partition(lp)
     tx = jlora.optimizer(_adamw())
     loss = jlora.lora(jm.causal_lm_loss_fn(graphdef, chunk_size=ms.chunk), on_materialize="error")
-    step = train_step(lambda t, fr, b: loss(jlora.combine(t, fr), b[0]), tx)
+    step = benchutil.train_step(lambda t, fr, b: loss(jlora.combine(t, fr), b[0]), tx)
     opt = jax.eval_shape(tx.init, trainable)
     ids = jax.ShapeDtypeStruct((ms.batch, ms.seq), jnp.int32)
     (st, fr), bt = place(topo, ((trainable, opt), frozen), (ids,))
@@ -466,73 +454,40 @@ def model_floor_build(topo: tc.Topology, ms: ModelStep, *, quant: Optional[jlora
     opt = jax.eval_shape(tx.init, v)
     ids = jax.ShapeDtypeStruct((ms.batch, ms.seq), jnp.int32)
     (st, fr), bt = place(topo, ((v, opt), base), (ids,))
-    return Built(train_step(loss_of, tx), (st, fr, bt))
+    return Built(benchutil.train_step(loss_of, tx), (st, fr, bt))
 
 
-#: The model-scale groups and what their section is titled.
-MODEL_GROUPS = {
-    "8b-nf4": "a Llama-3-8B over an NF4 base on one v5e chip",
-    "70b-nf4": "a Llama-3-70B over an NF4 base on one v5p chip",
-    "8b-bf16": "a Llama-3-8B over a bfloat16 base, 8192 tokens, on one v6e chip",
-    "70b-fsdp": "a Llama-3-70B over a bfloat16 base, FSDP on a v5p:2x2x2 slice (8 chips)",
-}
-
-MS_8B_NF4 = ModelStep(LLAMA3_8B, batch=1, seq=2048)
-MS_70B_NF4 = ModelStep(LLAMA3_70B, batch=1, seq=2048)
-MS_8B_BF16 = ModelStep(LLAMA3_8B, batch=1, seq=8192)
-MS_70B_FSDP = ModelStep(LLAMA3_70B, batch=8, seq=4096)
+#: The model-scale groups and what their section is titled (filled by :func:`model_group`).
+MODEL_GROUPS: dict[str, str] = {}
 
 
-@scenario("8b-nf4-floor", "8b-nf4", "frozen floor over the NF4 base", topologies=("v5e:1x1",))
-def _floor_8b_nf4(topo):
-    return model_floor_build(topo, MS_8B_NF4, quant=NF4)
+def model_group(group: str, title: str, ms: ModelStep, topology: str, names: tuple[str, str], bound: str, *,
+                quant: Optional[jlora.QuantConfig] = None, bf16_factors: Optional[str] = None) -> None:
+    """Registers a model-scale group: its frozen floor and jlora's step (``names``), on one
+    ``topology``, and with ``bf16_factors`` a third scenario of that name whose LoRA factors
+    (and so AdamW's moments) are bfloat16."""
+    MODEL_GROUPS[group] = title
+    topos = (topology,)
+    floor, lora = names
+    kind = "QLoRA" if quant is not None else "LoRA"
+    scenario(floor, group, "frozen floor over the NF4 base" if quant is not None else "frozen floor", topos)(
+        functools.partial(model_floor_build, ms=ms, quant=quant))
+    scenario(lora, group, f"jlora {kind} (bound: {bound})", topos)(
+        functools.partial(model_lora_build, ms=ms, quant=quant))
+    if bf16_factors:
+        scenario(bf16_factors, group, f"jlora {kind}, LoRA factors (and AdamW's moments) in bfloat16", topos)(
+            functools.partial(model_lora_build, ms=dataclasses.replace(ms, factor_dtype=jnp.bfloat16), quant=quant))
 
 
-@scenario("8b-qlora-nf4", "8b-nf4", "jlora QLoRA (bound: 8 GiB)", topologies=("v5e:1x1",))
-def _qlora_8b_nf4(topo):
-    return model_lora_build(topo, MS_8B_NF4, quant=NF4)
-
-
-@scenario("8b-qlora-nf4-bf16", "8b-nf4", "jlora QLoRA, LoRA factors (and AdamW's moments) in bfloat16",
-          topologies=("v5e:1x1",))
-def _qlora_8b_nf4_bf16(topo):
-    return model_lora_build(topo, dataclasses.replace(MS_8B_NF4, factor_dtype=jnp.bfloat16), quant=NF4)
-
-
-@scenario("70b-nf4-floor", "70b-nf4", "frozen floor over the NF4 base", topologies=("v5p:1",))
-def _floor_70b_nf4(topo):
-    return model_floor_build(topo, MS_70B_NF4, quant=NF4)
-
-
-@scenario("70b-qlora-nf4", "70b-nf4", "jlora QLoRA (bound: 46 GiB)", topologies=("v5p:1",))
-def _qlora_70b_nf4(topo):
-    return model_lora_build(topo, MS_70B_NF4, quant=NF4)
-
-
-@scenario("70b-qlora-nf4-bf16", "70b-nf4", "jlora QLoRA, LoRA factors (and AdamW's moments) in bfloat16",
-          topologies=("v5p:1",))
-def _qlora_70b_nf4_bf16(topo):
-    return model_lora_build(topo, dataclasses.replace(MS_70B_NF4, factor_dtype=jnp.bfloat16), quant=NF4)
-
-
-@scenario("8b-bf16-floor", "8b-bf16", "frozen floor", topologies=("v6e:1x1",))
-def _floor_8b_bf16(topo):
-    return model_floor_build(topo, MS_8B_BF16)
-
-
-@scenario("8b-lora-bf16", "8b-bf16", "jlora LoRA (bound: 24 GiB)", topologies=("v6e:1x1",))
-def _lora_8b_bf16(topo):
-    return model_lora_build(topo, MS_8B_BF16)
-
-
-@scenario("70b-fsdp-floor", "70b-fsdp", "frozen floor", topologies=("v5p:2x2x2",))
-def _floor_70b_fsdp(topo):
-    return model_floor_build(topo, MS_70B_FSDP)
-
-
-@scenario("70b-lora-fsdp", "70b-fsdp", "jlora LoRA (bound: 32 GiB per chip)", topologies=("v5p:2x2x2",))
-def _lora_70b_fsdp(topo):
-    return model_lora_build(topo, MS_70B_FSDP)
+model_group("8b-nf4", "a Llama-3-8B over an NF4 base on one v5e chip", ModelStep(LLAMA3_8B, batch=1, seq=2048),
+            "v5e:1x1", ("8b-nf4-floor", "8b-qlora-nf4"), "8 GiB", quant=NF4, bf16_factors="8b-qlora-nf4-bf16")
+model_group("70b-nf4", "a Llama-3-70B over an NF4 base on one v5p chip", ModelStep(LLAMA3_70B, batch=1, seq=2048),
+            "v5p:1", ("70b-nf4-floor", "70b-qlora-nf4"), "46 GiB", quant=NF4, bf16_factors="70b-qlora-nf4-bf16")
+model_group("8b-bf16", "a Llama-3-8B over a bfloat16 base, 8192 tokens, on one v6e chip",
+            ModelStep(LLAMA3_8B, batch=1, seq=8192), "v6e:1x1", ("8b-bf16-floor", "8b-lora-bf16"), "24 GiB")
+model_group("70b-fsdp", "a Llama-3-70B over a bfloat16 base, FSDP on a v5p:2x2x2 slice (8 chips)",
+            ModelStep(LLAMA3_70B, batch=8, seq=4096), "v5p:2x2x2", ("70b-fsdp-floor", "70b-lora-fsdp"),
+            "32 GiB per chip")
 
 
 # ----------------------------------------------------------------------------------

@@ -49,6 +49,8 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+import benchutil  # noqa: E402  (next to this module: the folder that put it on sys.path)
+
 __all__ = [
     "Chip",
     "CHIPS",
@@ -670,10 +672,7 @@ def compile_report(fn: Callable[..., Any], args: Sequence[Any], topo: Topology, 
         "alias": int(m.alias_size_in_bytes),
     }
     mem["peak"] = mem["argument"] + mem["temp"] + mem["output"] - mem["alias"]
-    cost = compiled.cost_analysis()
-    if isinstance(cost, (list, tuple)):
-        cost = cost[0] if cost else {}
-    cost = dict(cost or {})
+    cost = benchutil.xla_cost(compiled)
     text = compiled.as_text()
     roof = fusion_roofline(text, chip)
     cycles, _ = compiler_cycles(text)

@@ -333,9 +333,12 @@ def _to_torch_2d(k: jax.Array, roles: Sequence[str]) -> jax.Array:
     return jnp.transpose(k, outs + ins).reshape(n_out, n_in)
 
 
-def _from_torch_2d(w: jax.Array, item_shape: Sequence[int], roles: Sequence[str]) -> jax.Array:
+def _from_torch_2d(w: jax.Array, item_shape: Sequence[int], roles: Sequence[str],
+                   transposed: bool = False) -> jax.Array:
+    """The kernel from its PyTorch ``(out, in)`` matrix ``w`` (``transposed``: from its
+    ``(in, out)`` matrix)."""
     outs, ins = _torch_perm(roles)
-    perm = outs + ins
+    perm = ins + outs if transposed else outs + ins
     t = w.reshape([item_shape[i] for i in perm])
     return jnp.transpose(t, [perm.index(i) for i in range(len(roles))])
 
@@ -377,14 +380,6 @@ def bnb_order(q: "QuantizedArray") -> tuple[np.ndarray, np.ndarray]:
     if packed_transposed(q.item_shape, q.roles, q.quant_type, q.block_size):
         codes, absmax = np.swapaxes(codes, -1, -2), np.swapaxes(absmax, -1, -2)
     return codes.reshape(-1), absmax.reshape(-1)
-
-
-def _from_torch_2d_t(w_t: jax.Array, item_shape: Sequence[int], roles: Sequence[str]) -> jax.Array:
-    """:func:`_from_torch_2d` of ``w_t.T``: the kernel from its ``(in, out)`` matrix."""
-    outs, ins = _torch_perm(roles)
-    perm = ins + outs
-    t = w_t.reshape([item_shape[i] for i in perm])
-    return jnp.transpose(t, [perm.index(i) for i in range(len(roles))])
 
 
 def _check_roles(shape: tuple[int, ...], layout: Sequence[str], what: str) -> tuple[int, tuple[str, ...]]:
@@ -489,13 +484,10 @@ def _item_dense(q: QuantizedArray, codes, absmax, nested, offset, dtype: Optiona
         w2d = int8_vectorwise_dequant(codes, absmax).astype(q.dtype).astype(final)
         return _from_torch_2d(w2d, q.item_shape, q.roles)
     if packed_transposed(q.item_shape, q.roles, q.quant_type, q.block_size):
-        if q.double_quant and absmax.size >= 2**16:  # nested blocks over bitsandbytes' flat order, no transpose
+        if q.double_quant:
             absmax = undo_double_quant_transposed(absmax, nested, offset)
-        elif q.double_quant:  # small kernels (measured on v5e: the transpose stays on chip, the selects do not)
-            flat = undo_double_quant(jnp.swapaxes(absmax, -1, -2).reshape(-1), nested, offset)
-            absmax = jnp.swapaxes(flat.reshape(n_out, n_in // q.block_size), -1, -2)
         w_t = dequantize_4bit_transposed(codes, absmax, q.block_size, q.quant_type, q.dtype, final)
-        return _from_torch_2d_t(w_t, q.item_shape, q.roles)
+        return _from_torch_2d(w_t, q.item_shape, q.roles, transposed=True)
     if q.double_quant:
         absmax = undo_double_quant(absmax, nested, offset)
     w2d = dequantize_4bit(codes, absmax, n_out * n_in, q.block_size, q.quant_type, jnp.float32)

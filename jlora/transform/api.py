@@ -17,7 +17,7 @@ from ..adapters.named import check_adapter_ids
 from ..core.paths import path_names
 from ..nodes.dora import magnitude_scale
 from ..nodes.slots import AdapterSlots
-from ..nodes.weight import DEFAULT_ADAPTER, LoraWeight, MultiLoraWeight, Trainable, TrainableTokens
+from ..nodes.weight import DEFAULT_ADAPTER, LoraWeight, MultiLoraWeight, Trainable, TrainableTokens, is_lora_node
 from ..quant import forward as qforward
 from ..quant.array import is_quantized
 from .interpreter import eval_jaxpr
@@ -32,10 +32,6 @@ from .values import (
 )
 
 __all__ = ["lora", "explain"]
-
-
-def _is_node(x: Any) -> bool:
-    return isinstance(x, (LoraWeight, MultiLoraWeight, Trainable, TrainableTokens, AdapterSlots))
 
 
 def _is_dynamic(x: Any) -> bool:
@@ -144,7 +140,7 @@ def _dora_k(w: Any, x: LoraWeight, n_stack: int) -> Any:
 
 def _run(fn, args, kwargs, key, on_materialize, events, adapter_ids=None):
     flat_with_path, treedef = jax.tree_util.tree_flatten_with_path(
-        (args, kwargs), is_leaf=lambda x: _is_node(x) or is_quantized(x)
+        (args, kwargs), is_leaf=lambda x: is_lora_node(x) or is_quantized(x)
     )
     flat = [leaf for _, leaf in flat_with_path]
     names = _adapter_names(flat)

@@ -13,10 +13,8 @@ import optax
 from ..core.paths import path_names
 from ..nodes.slots import AdapterSlots
 from ..nodes.weight import (
-    LoraWeight,
     MultiLoraWeight,
     Trainable,
-    TrainableTokens,
     is_lora_weight,
     is_trainable,
     is_trainable_tokens,
@@ -217,7 +215,7 @@ def nnx_trainable(path: Any, x: Any) -> bool:
     True
     """
     del path
-    return isinstance(_unwrap_variable(x), (LoraWeight, MultiLoraWeight, Trainable, TrainableTokens, AdapterSlots))
+    return _is_node(_unwrap_variable(x))
 
 
 def _zero_update(u: Any) -> Any:
