@@ -78,7 +78,8 @@ class Attention(nnx.Module):
     def __init__(self, config: DecoderConfig, layer_type: Optional[str], *, rngs: nnx.Rngs):
         pd, dt = _dtypes(config)
         D, N, K, H = config.embed_dim, config.num_heads, config.num_kv_heads, config.head_dim
-        kw = dict(rngs=rngs, param_dtype=pd, dtype=dt, stddev=config.initializer_range)
+        kw = dict(rngs=rngs, param_dtype=pd, dtype=dt, stddev=config.initializer_range,
+                  flat=config.scan_layers)
         self.q_proj = Einsum("BTD,DNH->BTNH", (D, N, H), **kw)
         self.k_proj = Einsum("BSD,DKH->BSKH", (D, K, H), **kw)
         self.v_proj = Einsum("BSD,DKH->BSKH", (D, K, H), **kw)

@@ -55,7 +55,8 @@ class Gemma3Attention(nnx.Module):
     def __init__(self, config: DecoderConfig, layer_type: Optional[str], *, rngs: nnx.Rngs):
         pd, dt = _dtypes(config)
         D, N, K, H = config.embed_dim, config.num_heads, config.num_kv_heads, config.head_dim
-        kw = dict(rngs=rngs, param_dtype=pd, dtype=dt, stddev=config.initializer_range)
+        kw = dict(rngs=rngs, param_dtype=pd, dtype=dt, stddev=config.initializer_range,
+                  flat=config.scan_layers)
         self.q_einsum = Einsum("BTD,NDH->BTNH", (N, D, H), **kw)
         self.kv_einsum = Einsum("BSD,CKDH->CBSKH", (2, K, D, H), **kw)
         self.attn_vec_einsum = Einsum("BTNH,NHD->BTD", (N, H, D), **kw)

@@ -17,6 +17,7 @@ from flax import nnx
 
 __all__ = [
     "Einsum",
+    "flat_product_shapes",
     "RMSNorm",
     "GemmaRMSNorm",
     "Embedder",
@@ -31,8 +32,43 @@ def _dtype(name: Optional[str], default: Any = None) -> Any:
     return jnp.dtype(name) if name is not None else default
 
 
+def flat_product_shapes(einsum_str: str, x_shape: Sequence[int], w_shape: Sequence[int]) -> Optional[tuple]:
+    """The 2-D matrix product an einsum is, if it is one without a transpose.
+
+    ``"BTD,DNH->BTNH"`` with ``w`` of shape ``(D, N, H)`` is ``x @ w.reshape(D, N*H)``
+    reshaped to ``(B, T, N, H)``; ``"BTNH,NHD->BTD"`` is ``x.reshape(B, T, N*H) @
+    w.reshape(N*H, D)``. Returns ``(x_2d_shape, w_2d_shape, out_shape)``, or ``None``
+    when the contracted letters are not the trailing letters of ``x`` and the leading
+    letters of ``w`` (in one order), or the output is not ``x``'s free letters then
+    ``w``'s (e.g. Gemma's ``"BTD,NDH->BTNH"``).
+
+    >>> flat_product_shapes("BTD,DNH->BTNH", (2, 3, 8), (8, 4, 5))
+    ((2, 3, 8), (8, 20), (2, 3, 4, 5))
+    >>> flat_product_shapes("BTD,NDH->BTNH", (2, 3, 8), (4, 8, 5)) is None
+    True
+    """
+    inputs, out = einsum_str.replace(" ", "").split("->")
+    lhs, rhs = inputs.split(",")
+    contracted = [c for c in rhs if c in lhs and c not in out]
+    k = len(contracted)
+    if (k == 0 or len(set(lhs + rhs)) != len(set(lhs)) + len(set(rhs)) - k or list(rhs[:k]) != contracted
+            or list(lhs[len(lhs) - k:]) != contracted or out != lhs[:len(lhs) - k] + rhs[k:]):
+        return None
+    size = lambda shape: int(np.prod(shape, dtype=np.int64))  # noqa: E731
+    d = size(w_shape[:k])
+    return (tuple(x_shape[:len(lhs) - k]) + (d,), (d, size(w_shape[k:])),
+            tuple(x_shape[:len(lhs) - k]) + tuple(w_shape[k:]))
+
+
 class Einsum(nnx.Module):
     """``jnp.einsum(einsum_str, x, w)`` with a parameter ``w`` of ``shape``.
+
+    ``flat``: when the einsum is a plain matrix product (:func:`flat_product_shapes`),
+    compute it as one on the ``(in, out)`` view of ``w``. The value is the same; the
+    program differs: XLA:TPU copies a layer-stacked 4-D kernel (``(L, D, N, H)``, the
+    ``scan_layers`` models) into another layout before the layer loop, 2.5 GiB of
+    attention kernels at Llama-3-8B, and the 2-D view needs no copy. Off by default:
+    qwix's LoRA intercepts the einsum on the parameter itself.
 
     >>> proj = Einsum("BTD,DNH->BTNH", (8, 2, 4), rngs=nnx.Rngs(0))
     >>> proj(jnp.ones((1, 3, 8))).shape
@@ -48,9 +84,11 @@ class Einsum(nnx.Module):
         param_dtype: Any = jnp.float32,
         dtype: Any = None,
         stddev: float = 0.02,
+        flat: bool = False,
     ):
         self.einsum_str = einsum_str
         self.dtype = dtype
+        self.flat = bool(flat)
         init = jax.nn.initializers.normal(stddev)
         self.w = nnx.Param(init(rngs.params(), tuple(shape), param_dtype))
 
@@ -60,7 +98,12 @@ class Einsum(nnx.Module):
         w = self.w[...]
         if self.dtype is not None and w.dtype != self.dtype:
             w = w.astype(self.dtype)
-        return jnp.einsum(self.einsum_str, x, w, preferred_element_type=out_dtype)
+        shapes = flat_product_shapes(self.einsum_str, x.shape, w.shape) if self.flat else None
+        if shapes is None:
+            return jnp.einsum(self.einsum_str, x, w, preferred_element_type=out_dtype)
+        x_2d, w_2d, out_shape = shapes
+        y = jnp.einsum("...i,io->...o", x.reshape(x_2d), w.reshape(w_2d), preferred_element_type=out_dtype)
+        return y.reshape(out_shape)
 
 
 class RMSNorm(nnx.Module):

@@ -393,15 +393,21 @@ def test_blockwise_attention_never_forms_the_square():
     graphdef, state = nnx.split(model)
     ids = jnp.asarray(np.random.RandomState(0).randint(0, 100, (2, 16)))
     jaxpr = jax.make_jaxpr(jax.grad(jm.causal_lm_loss_fn(graphdef, chunk_size=8)))(state, ids)
-    assert "16,16" not in str(jaxpr).replace(" ", "")
+
+    def squares(jaxpr):  # (B, heads..., T, T) arrays: batch 2, rank 4 or more, a 16 x 16 tail
+        return {tuple(v.aval.shape) for e in _eqns(jaxpr) for v in e.outvars
+                if hasattr(v.aval, "shape") and len(v.aval.shape) >= 4 and v.aval.shape[0] == 2
+                and tuple(v.aval.shape[-2:]) == (16, 16)}
+
+    assert not squares(jaxpr.jaxpr), squares(jaxpr.jaxpr)
     # nor per-tile values stacked over the tiles or the layers for the backward pass (what
     # autodiff through the tile loop would keep): no (..., 4, 4) tile of rank > 5
     tiles = {tuple(v.aval.shape) for e in _eqns(jaxpr.jaxpr) for v in e.outvars
              if hasattr(v.aval, "shape") and tuple(v.aval.shape[-2:]) == (4, 4)}
     assert tiles and max(len(t) for t in tiles) == 5, tiles
     ref = jm.from_torch(c.torch_model, scan_layers=True)
-    text = str(jax.make_jaxpr(jax.grad(jm.causal_lm_loss_fn(nnx.graphdef(ref), chunk_size=8)))(nnx.state(ref), ids))
-    assert "16,16" in text.replace(" ", "")
+    plain = jax.make_jaxpr(jax.grad(jm.causal_lm_loss_fn(nnx.graphdef(ref), chunk_size=8)))(nnx.state(ref), ids)
+    assert squares(plain.jaxpr)  # the reference attention forms them: the check can fail
 
 
 @pytest.mark.parametrize("impl", ["blockwise", "dot_product"])

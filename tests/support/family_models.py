@@ -120,8 +120,10 @@ def peft_adapter(family: str) -> tuple[str, np.ndarray]:
     """A PEFT adapter with non-zero factors on all seven projections (its directory) and
     PEFT's logits on the case's ids."""
     import peft
+    import torch
 
     c = case(family)
+    torch.manual_seed(1)  # PEFT draws the factors from torch's global generator: the same adapter in any test order
     pm = peft.get_peft_model(
         c.fresh_torch(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False)
     )
