@@ -183,6 +183,14 @@ def _fsdp_spec(shape: tuple[int, ...], n: int, axes: tuple[str, ...]) -> jax.sha
 FSDP_MIN_SIZE = 2**20
 
 
+def batch_mesh(topo: tc.Topology, batch_size: int) -> tuple[jax.sharding.Mesh, jax.sharding.PartitionSpec]:
+    """The ``("data", "seq")`` mesh of :func:`place` and the spec of a (batch, seq) array:
+    the batch over as many chips as divide it, the sequence over the rest."""
+    data = int(np.gcd(batch_size, topo.n_chips))
+    mesh = topo.mesh((data, topo.n_chips // data), ("data", "seq"))
+    return mesh, jax.sharding.PartitionSpec("data", "seq" if topo.n_chips > data else None)
+
+
 def place(topo: tc.Topology, params: Any, batch: Any) -> tuple[Any, Any]:
     """``(params, batch)`` as abstract arrays on ``topo``: one chip holds everything; on a
     mesh, FSDP: every parameter (and optimizer state) of at least :data:`FSDP_MIN_SIZE`
@@ -199,15 +207,12 @@ def place(topo: tc.Topology, params: Any, batch: Any) -> tuple[Any, Any]:
         s = topo.replicated()
         return tc.abstract(params, s), tc.abstract(batch, s)
     leaves = jax.tree_util.tree_leaves(batch)
-    b = leaves[0].shape[0]
-    data = int(np.gcd(b, topo.n_chips))
-    mesh = topo.mesh((data, topo.n_chips // data), ("data", "seq"))
+    mesh, b_spec = batch_mesh(topo, leaves[0].shape[0])
     axes = ("data", "seq")
     p_sh = jax.tree_util.tree_map(
         lambda x: jax.sharding.NamedSharding(
             mesh, _fsdp_spec(tuple(x.shape), topo.n_chips, axes) if np.prod(x.shape) >= FSDP_MIN_SIZE
             else jax.sharding.PartitionSpec()), params)
-    b_spec = jax.sharding.PartitionSpec("data", "seq" if topo.n_chips > data else None)
     # (batch, seq) arrays over both axes; per-example arrays (adapter_ids) over the batch axis only
     b_sh = jax.tree_util.tree_map(
         lambda x: jax.sharding.NamedSharding(mesh, b_spec if len(x.shape) > 1 else jax.sharding.PartitionSpec("data")),
@@ -385,6 +390,8 @@ class ModelStep:
     rank: int = 16
     chunk: int = 512
     factor_dtype: Any = jnp.float32
+    shard_activations: bool = False  # on a mesh: DecoderConfig.activation_sharding = the batch's rows per chip
+    fused: bool = True  # jlora.lora(fused=): the fused product rule on TPU
 
 
 def _memory_settings(cfg: jm.DecoderConfig) -> jm.DecoderConfig:
@@ -406,11 +413,21 @@ GROUPS["8b-nf4"] = f"Llama-3-8B shape, NF4 + double-quantized base (bf16 embeddi
 GROUPS["70b-nf4"] = f"Llama-3-70B shape, NF4 + double-quantized base (bf16 embedding and head), batch 1 x 2048; {_SETTINGS}"
 GROUPS["8b-bf16"] = f"Llama-3-8B shape, bfloat16 base, batch 1 x 8192; {_SETTINGS}"
 GROUPS["70b-fsdp"] = (f"Llama-3-70B shape, bfloat16 base, FSDP over the chips (every array of 2^20 elements or more "
-                      f"sharded along its largest divisible axis), global batch 8 x 4096; {_SETTINGS}")
+                      f"sharded along its largest divisible axis), global batch 8 x 4096, the residual stream "
+                      f"constrained to the batch's rows (DecoderConfig.activation_sharding), jlora.lora(fused=False); {_SETTINGS}")
 
 
-def _model_base(ms: ModelStep, quant: Optional[jlora.QuantConfig]):
-    graphdef, state = model_parts(ms.cfg)
+def model_config(topo: tc.Topology, ms: ModelStep) -> jm.DecoderConfig:
+    """``ms.cfg``, with ``shard_activations`` on a mesh the residual stream constrained to
+    the batch's placement (:func:`batch_mesh`): what a user writes for FSDP."""
+    if not ms.shard_activations or topo.n_chips == 1:
+        return ms.cfg
+    mesh, spec = batch_mesh(topo, ms.batch)
+    return ms.cfg.replace(activation_sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec, None)))
+
+
+def _model_base(topo: tc.Topology, ms: ModelStep, quant: Optional[jlora.QuantConfig]):
+    graphdef, state = model_parts(model_config(topo, ms))
 
     def apply(st, ids):
         return nnx.merge(graphdef, st)(ids)
@@ -423,12 +440,12 @@ def _model_base(ms: ModelStep, quant: Optional[jlora.QuantConfig]):
 def model_lora_build(topo: tc.Topology, ms: ModelStep, *, quant: Optional[jlora.QuantConfig] = None) -> Built:
     """jlora's LoRA (or QLoRA) train step on a whole ``jlora.models`` decoder, written as a
     user writes it: ``jlora.lora(causal_lm_loss_fn(graphdef, chunk_size=...))``."""
-    graphdef, base, apply, example = _model_base(ms, quant)
+    graphdef, base, apply, example = _model_base(topo, ms, quant)
     config = jlora.LoraConfig(r=ms.rank, lora_alpha=2 * ms.rank, target_modules=LLAMA_TARGETS)
     lp = jlora.wrap(base, config, rng=jax.random.key(0), apply_fn=apply, example_args=example, dtype=ms.factor_dtype)
     trainable, frozen = jlora.partition(lp)
     tx = jlora.optimizer(_adamw())
-    loss = jlora.lora(jm.causal_lm_loss_fn(graphdef, chunk_size=ms.chunk), on_materialize="error")
+    loss = jlora.lora(jm.causal_lm_loss_fn(graphdef, chunk_size=ms.chunk), on_materialize="error", fused=ms.fused)
     step = benchutil.train_step(lambda t, fr, b: loss(jlora.combine(t, fr), b[0]), tx)
     opt = jax.eval_shape(tx.init, trainable)
     ids = jax.ShapeDtypeStruct((ms.batch, ms.seq), jnp.int32)
@@ -440,7 +457,7 @@ def model_floor_build(topo: tc.Topology, ms: ModelStep, *, quant: Optional[jlora
     """The frozen floor of :func:`model_lora_build`: the same base (quantized or not), the
     same memory settings and loss, one trainable leaf (the stacked first norm scales of
     every layer), so the backward pass reaches every layer's input, no kernel gradient."""
-    graphdef, base, _, _ = _model_base(ms, quant)
+    graphdef, base, _, _ = _model_base(topo, ms, quant)
     loss = jlora.lora(jm.causal_lm_loss_fn(graphdef, chunk_size=ms.chunk), on_materialize="error")
 
     def loss_of(v, st, b):
@@ -486,7 +503,8 @@ model_group("70b-nf4", "a Llama-3-70B over an NF4 base on one v5p chip", ModelSt
 model_group("8b-bf16", "a Llama-3-8B over a bfloat16 base, 8192 tokens, on one v6e chip",
             ModelStep(LLAMA3_8B, batch=1, seq=8192), "v6e:1x1", ("8b-bf16-floor", "8b-lora-bf16"), "24 GiB")
 model_group("70b-fsdp", "a Llama-3-70B over a bfloat16 base, FSDP on a v5p:2x2x2 slice (8 chips)",
-            ModelStep(LLAMA3_70B, batch=8, seq=4096), "v5p:2x2x2", ("70b-fsdp-floor", "70b-lora-fsdp"),
+            ModelStep(LLAMA3_70B, batch=8, seq=4096, shard_activations=True, fused=False), "v5p:2x2x2",
+            ("70b-fsdp-floor", "70b-lora-fsdp"),
             "32 GiB per chip")
 
 

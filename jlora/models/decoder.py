@@ -41,7 +41,7 @@ from .attention import AttentionInputs, attention, attention_inputs
 from .config import DecoderConfig, rope_frequencies
 from .kv_cache import LayerCache, cached_attention
 from .layers import Einsum, Embedder, RMSNorm, apply_rope, rope_cos_sin
-from .stack import remat_policy, scan_layers, stacked_layers
+from .stack import constrain_activations, remat_policy, scan_layers, stacked_layers
 
 __all__ = ["Attention", "MLP", "DecoderLayer", "Decoder", "Qwen3", "Llama3", "run_layers", "sliding_flags"]
 
@@ -178,15 +178,17 @@ def run_layers(model: nnx.Module, x: jax.Array, inputs: AttentionInputs, cache: 
     With ``cache`` (a :class:`jlora.models.kv_cache.KVCache` of every layer) each layer
     reads and writes its slice of it, and ``(x, cache)`` is returned."""
     config = model.config
+    sharding = config.activation_sharding
     if config.scan_layers:
-        return scan_layers(model.layers, x, inputs, sliding_flags(config), config.remat, cache=cache)
+        return scan_layers(model.layers, x, inputs, sliding_flags(config), config.remat, cache=cache,
+                           activation_sharding=sharding)
     if cache is not None:
         k, v = cache
         for i, layer in enumerate(model.layers):
             x, (k, v, _) = layer(x, inputs, cache=LayerCache(k, v, i))
         return x, type(cache)(k, v)
     for layer in model.layers:
-        x = layer(x, inputs)
+        x = layer(constrain_activations(x, sharding), inputs)
     return x
 
 

@@ -36,7 +36,7 @@ from flax import nnx
 
 from .kv_cache import LayerCache
 
-__all__ = ["REMAT_MODES", "remat_mode", "remat_policy", "stacked_layers", "scan_layers"]
+__all__ = ["REMAT_MODES", "remat_mode", "remat_policy", "stacked_layers", "scan_layers", "constrain_activations"]
 
 REMAT_MODES = ("none", "full", "dots")
 
@@ -77,6 +77,20 @@ def stacked_layers(make_layer: Callable[[nnx.Rngs], nnx.Module], num_layers: int
     return make(rngs)
 
 
+def constrain_activations(x: jax.Array, sharding: Optional[jax.sharding.Sharding]) -> jax.Array:
+    """``x`` (batch, seq, embed_dim) constrained to ``sharding``
+    (``jax.lax.with_sharding_constraint``); unchanged for ``None``.
+
+    With FSDP every kernel is sharded along one of its axes, often the hidden one, and
+    XLA's propagation then shards the residual stream along the hidden axis too, where
+    FSDP wants each chip to keep its own rows (``P("fsdp", None, None)``).
+
+    >>> constrain_activations(jnp.ones((2, 3, 4)), None).shape
+    (2, 3, 4)
+    """
+    return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
+
+
 def scan_layers(
     layers: nnx.Module,
     x: jax.Array,
@@ -84,6 +98,7 @@ def scan_layers(
     sliding: Any,
     remat: str = "none",
     cache: Any = None,
+    activation_sharding: Optional[jax.sharding.Sharding] = None,
 ) -> Any:
     """``x`` through every layer of a stacked ``layers`` module, in order, under one
     ``jax.lax.scan`` over its split state. ``sliding``: a Python bool (every layer alike)
@@ -92,7 +107,10 @@ def scan_layers(
 
     ``cache``: a :class:`jlora.models.kv_cache.KVCache` (``k``, ``v`` (L, B, S, K, H)),
     carried through the scan whole (each layer writes its slice in place, at the scan's
-    counter) and returned: ``(x, cache)``. No remat then (nothing is differentiated)."""
+    counter) and returned: ``(x, cache)``. No remat then (nothing is differentiated).
+
+    ``activation_sharding``: each layer's input ``x`` is constrained to it
+    (:func:`constrain_activations`)."""
     graphdef, state = nnx.split(layers)
     per_layer = not isinstance(sliding, bool)
     if cache is not None:
@@ -101,6 +119,7 @@ def scan_layers(
     def body(h, xs):
         layer_state, flag = xs
         layer = nnx.merge(graphdef, layer_state)
+        h = constrain_activations(h, activation_sharding)
         return layer.block(h, inputs, flag if per_layer else sliding), None
 
     if remat != "none":

@@ -412,7 +412,7 @@ def _fused_product(eqn, lv, x, lvc, xc, lvb, xb, free, stack_batch, stack_free, 
 
     return fused.lora_product(
         plain, x, lv.w, [p.a for p in lv.pairs], [p.b for p in lv.pairs], scales, layout, out_dtype=out_dtype,
-        acc_dtype=_acc_dtype(out_dtype, fdtype), precision=precision,
+        acc_dtype=_acc_dtype(out_dtype, fdtype), precision=precision, fused_platforms=None if ctx.fused else (),
     )
 
 

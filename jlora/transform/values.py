@@ -320,9 +320,10 @@ def on_current_mesh(x: Optional[jax.Array]) -> Optional[jax.Array]:
 
 class Context:
     def __init__(self, key: Optional[jax.Array], on_materialize: str, events: list[LoraEvent],
-                 adapter_ids: Optional[jax.Array] = None):
+                 adapter_ids: Optional[jax.Array] = None, fused: bool = True):
         self.key = key
         self.on_materialize = on_materialize
+        self.fused = fused  # jlora.lora(fused=): the products' TPU rule (jlora.transform.fused)
         self.events = events
         self._adapter_ids = adapter_ids
         self._counter = [0]
@@ -335,7 +336,7 @@ class Context:
         return on_current_mesh(self._adapter_ids)
 
     def child(self, key: Optional[jax.Array]) -> "Context":
-        c = Context(key, self.on_materialize, self.events, self._adapter_ids)
+        c = Context(key, self.on_materialize, self.events, self._adapter_ids, self.fused)
         c._counter = self._counter
         c.frames = self.frames
         return c

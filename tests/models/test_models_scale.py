@@ -272,6 +272,25 @@ def test_remat_modes_equal_the_plain_model(family, remat, scan):
     assert all(p is want for p in policies), policies
 
 
+@pytest.mark.parametrize(("family", "scan"), [("llama3", True), ("gemma3", True), ("qwen3", False)])
+def test_activation_sharding_constrains_each_layer_input(family, scan):
+    """``activation_sharding``: the residual stream is constrained at every layer's input
+    (once in the scanned body, once per listed layer), to the sharding given; values and
+    gradients those of the plain model (a one-device mesh here; the per-chip memory it
+    saves is checked compiled for TPU chips in tests/benchmarks/test_tpu_compile.py)."""
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("fsdp",))
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("fsdp", None, None))
+    _check_value_and_grad(family, activation_sharding=sharding, scan_layers=scan)
+    model = jm.from_torch(case(family).torch_model, activation_sharding=sharding, scan_layers=scan)
+    jaxpr = jax.make_jaxpr(lambda s, x: nnx.merge(nnx.graphdef(model), s)(x))(nnx.state(model), jnp.asarray(case(family).ids))
+    constraints = [e for e in _eqns(jaxpr.jaxpr) if e.primitive.name == "sharding_constraint"]
+    assert len(constraints) == (1 if scan else model.config.num_layers), constraints
+    assert all(e.params["sharding"] == sharding and e.invars[0].aval.shape[-1] == model.config.embed_dim
+               for e in constraints)
+    with pytest.raises(ValueError, match="activation_sharding.*jax.sharding.Sharding"):
+        model.config.replace(activation_sharding=("fsdp", None, None))
+
+
 @pytest.mark.parametrize(("family", "scan"), [("qwen3", True), ("llama3", True), ("gemma3", True), ("gemma3", False)])
 @pytest.mark.parametrize("impl", ["dot_product", "blockwise"])
 def test_attention_implementations_equal_the_reference(family, impl, scan):

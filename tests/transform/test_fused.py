@@ -79,3 +79,41 @@ def test_fused_rule_against_merged_model(monkeypatch, case, dtype):
     for a, b in zip(jax.tree_util.tree_leaves(gt), jax.tree_util.tree_leaves(rt)):
         assert _rel(a, b) <= tol, (name, _rel(a, b))
     assert _rel(gx, rx) <= tol, (name, _rel(gx, rx))
+
+
+def _eqn_names(jaxpr) -> list[str]:
+    """Primitive names of a jaxpr and every jaxpr nested in it (cond branches, custom rules)."""
+    out = []
+    for e in jaxpr.eqns:
+        out.append(e.primitive.name)
+        for p in e.params.values():
+            for sub in (p if isinstance(p, (list, tuple)) else [p]):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    out.extend(_eqn_names(inner))
+    return out
+
+
+def test_lora_fused_false_uses_the_plain_rule(monkeypatch):
+    """``jlora.lora(fn, fused=False)``: the plain rule even where the fused one is enabled
+    (here: CPU added to its platforms): no ``[W | A]`` / ``[x | t]`` concatenation in the
+    differentiated program, and the same gradients as the fused rule and the merged model."""
+    name, params, fn, x, targets = _lora_cases()[0]
+    lp = jlora.wrap(params, jlora.LoraConfig(r=4, lora_alpha=8, target_modules=targets), rng=jax.random.key(1),
+                    apply_fn=fn, example_args=(x,))
+    lp = jax.tree_util.tree_map(
+        lambda v: v * 0 + jax.random.normal(jax.random.key(v.size), v.shape, v.dtype) * 0.1 if v.ndim else v, lp)
+    trainable, frozen = jlora.partition(lp)
+    monkeypatch.setattr(jlora.transform.fused, "FUSED_PLATFORMS", ("tpu", "cpu"))
+
+    def grads(forward):
+        return jax.grad(lambda t: jnp.sum(jnp.sin(forward(jlora.combine(t, frozen), x))))
+
+    fused, plain = grads(jlora.lora(fn, on_materialize="error")), grads(jlora.lora(fn, on_materialize="error",
+                                                                                     fused=False))
+    assert "concatenate" in _eqn_names(jax.make_jaxpr(fused)(trainable).jaxpr)
+    assert "concatenate" not in _eqn_names(jax.make_jaxpr(plain)(trainable).jaxpr)
+    ref = jax.grad(lambda t: jnp.sum(jnp.sin(fn(jlora.merge(jlora.combine(t, frozen)), x))))(trainable)
+    for a, b, c in zip(*(jax.tree_util.tree_leaves(g) for g in (jax.jit(plain)(trainable), jax.jit(fused)(trainable),
+                                                                  ref))):
+        assert _rel(a, c) <= 1e-5 and _rel(b, c) <= 1e-5
