@@ -234,10 +234,14 @@ def dequantize_4bit_transposed(packed_t: jax.Array, absmax_t: jax.Array, block_s
     ``(n_in/block, block/2, n_out)`` for free (a split of the major axis), each block's
     scale is a broadcast along the middle axis (no flat ``i // block`` index), and the
     kernel comes out as ``(n_in/block, block, n_out)``, whose reshape to ``(n_in, n_out)``
-    is free. The two nibbles of a byte are interleaved along the block by interior padding
-    (``lax.pad``), never through a stacked axis of 2: the flat form's ``stack([hi, lo],
-    -1).reshape(-1)`` made XLA:TPU lay the ``(n/2, 2)`` nibble pairs out in (8, 128) tiles,
-    64 times their size (14 GiB of temporaries for one 4096 × 14336 kernel). The table
+    is free. The two nibbles of a byte are interleaved along the block by one interior
+    padding (``lax.pad``: byte ``j`` at row ``2j``) and a shift of that by one row (an edge
+    pad, which XLA fuses), never through a stacked axis of 2: the flat form's
+    ``stack([hi, lo], -1).reshape(-1)`` made XLA:TPU lay the ``(n/2, 2)`` nibble pairs out
+    in (8, 128) tiles, 64 times their size (14 GiB of temporaries for one 4096 × 14336
+    kernel). XLA:TPU materialises an interior pad (a uint8 array of the kernel's shape):
+    padding the high and the low nibbles separately made two of them, 56 MiB more
+    temporaries for that kernel than the one pad. The table
     lookup is a select tree (:func:`lookup16`), which fuses. Nothing is transposed: a
     transpose of the bytes in here is a layout change XLA:TPU hoists out of a scan over
     layers, onto the whole stack of codes.
@@ -258,9 +262,9 @@ def dequantize_4bit_transposed(packed_t: jax.Array, absmax_t: jax.Array, block_s
     zero = jnp.zeros((), blocks.dtype)
     # element 2j of a block is the high nibble of byte j, element 2j + 1 the low one:
     # interleaved by interior padding (a fusible elementwise op, no trailing axis of 2)
-    hi = jax.lax.pad(blocks >> 4, zero, ((0, 0, 0), (0, 1, 1), (0, 0, 0)))
-    lo = jax.lax.pad(blocks & 0xF, zero, ((0, 0, 0), (1, 0, 1), (0, 0, 0)))
-    values = lookup16(hi | lo, TABLES[quant_type])
+    even = jax.lax.pad(blocks, zero, ((0, 0, 0), (0, 1, 1), (0, 0, 0)))  # byte j at row 2j, odd rows 0
+    odd = jax.lax.pad(even[:, :-1], zero, ((0, 0, 0), (1, 0, 0), (0, 0, 0)))  # the same, one row down
+    values = lookup16((even >> 4) | (odd & 0xF), TABLES[quant_type])
     scaled = values * absmax_t.astype(jnp.float32)[:, None, :]
     return scaled.astype(rounded).astype(dtype).reshape(2 * n_half, n_out)
 
