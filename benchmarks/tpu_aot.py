@@ -706,7 +706,9 @@ def write(group: str, text: str, rows: list[dict], wall: float, argv, source: st
         "of the trained part, AdamW update, state donated) is compiled ahead of time on this CPU machine by XLA's "
         "TPU compiler (libtpu) for a described topology, with abstract arguments; nothing is allocated or run. "
         "One chip: everything on it; a mesh: FSDP (every parameter and optimizer state of at least 2^20 elements "
-        "sharded over all chips; LoRA factors, norms and their optimizer states replicated), the batch over its "
+        "sharded over all chips along its largest divisible axis, smaller ones replicated: norms, and the LoRA "
+        "factors of unstacked layers with their optimizer states; a scanned model's stacked factors are large "
+        "enough to be sharded), the batch over its "
         "batch and sequence axes. Per chip:",
         "",
         "- *peak HBM* = argument + temp + output - alias, *temp*: `memory_analysis()`;",
