@@ -62,6 +62,7 @@ class QuantView:
     q: QuantizedArray
     ops: tuple[_Op, ...] = ()
     dyn: tuple[Any, ...] = ()
+    in_loop: bool = False  # sliced by a scan over its stack axis: the kernel of one iteration
 
     @property
     def aval(self) -> jax.ShapeDtypeStruct:
@@ -84,8 +85,8 @@ class QuantView:
 
 jax.tree_util.register_pytree_node(
     QuantView,
-    lambda v: ((v.q, v.dyn), v.ops),
-    lambda ops, children: QuantView(children[0], ops, tuple(children[1])),
+    lambda v: ((v.q, v.dyn), (v.ops, v.in_loop)),
+    lambda aux, children: QuantView(children[0], aux[0], tuple(children[1]), aux[1]),
 )
 
 
@@ -141,7 +142,8 @@ def _packed_slice(view: QuantView, primitive: Any, params: dict, rest: Sequence[
     children = {n: getattr(q, n) for n in ("codes", "absmax", "nested_absmax", "offset")}
 
     def apply(fn):
-        return QuantView(q.replace(**{n: (None if c is None else fn(c)) for n, c in children.items()}))
+        return QuantView(q.replace(**{n: (None if c is None else fn(c)) for n, c in children.items()}),
+                         in_loop=view.in_loop)
 
     if name == "slice":
         starts, limits = params["start_indices"], params["limit_indices"]
@@ -191,7 +193,7 @@ def _lazy(primitive: Any, params: dict, invals: Sequence[Any]) -> QuantView:
     out_aval = jax.eval_shape(lambda x, *r: _raw_bind(primitive, params, [x, *r]), view.aval,
                               *[_abstract(r) for r in rest])
     op = _Op(primitive, dict(params), len(rest), jax.ShapeDtypeStruct(out_aval.shape, out_aval.dtype))
-    return QuantView(view.q, view.ops + (op,), view.dyn + tuple(rest))
+    return QuantView(view.q, view.ops + (op,), view.dyn + tuple(rest), view.in_loop)
 
 
 def _is_float_cast(primitive: Any, params: dict) -> bool:
@@ -207,9 +209,7 @@ def bind(primitive: Any, params: dict, invals: Sequence[Any], raw: Bind = _raw_b
 
     * a view operation on the kernel (first operand) gives a new view, still packed;
     * ``dot_general`` / ``conv_general_dilated`` / ``gather`` dequantize and apply the op
-      inside ``jax.checkpoint``, so only the packed kernel is kept for the backward, and
-      after an ``optimization_barrier`` with the op's other operands (the dequantization
-      is scheduled where its activations are, not hoisted);
+      inside ``jax.checkpoint``, so only the packed kernel is kept for the backward;
     * anything else dequantizes the kernel there.
     """
     name = primitive.name
@@ -224,11 +224,16 @@ def bind(primitive: Any, params: dict, invals: Sequence[Any], raw: Bind = _raw_b
         views = [invals[i] for i in idx]
         others = [x for i, x in enumerate(invals) if i not in idx]
 
+        pin = any(v.in_loop for v in views)
+
         def product(views, others):
-            # the dequantization waits for the activations it meets: without this XLA may
-            # dequantize every kernel of a layer at the top of the layer's (re)computation
-            # (compiled for one v5p chip, a Llama-3-70B QLoRA step: 47.98 -> 47.36 GiB)
-            views, others = jax.lax.optimization_barrier((views, others))
+            if pin:
+                # in a scanned layer the dequantization waits for the activations it meets:
+                # else XLA:TPU may dequantize every kernel of the layer at the top of the body
+                # (Llama-3-8B NF4 QLoRA on v5e: est 1.22 -> 1.07 s, 7.74 -> 7.64 GiB). Not
+                # outside loops, where it stops XLA overlapping the next kernel's dequantization
+                # (a 4-layer QLoRA step on v5p:2x2x2: 11.5 -> 13.0 ms).
+                views, others = jax.lax.optimization_barrier((views, others))
             vals, vi, oi = [], iter(views), iter(others)
             for i in range(len(invals)):
                 vals.append(dense(next(vi), raw) if i in idx else next(oi))
@@ -243,4 +248,4 @@ def prepare_scanned(x: Any) -> Any:
     is a stack axis of the packed arrays (no view ops yet); dequantized otherwise."""
     if is_view(x) and (x.ops or not x.q.stack_shape):
         return dense(x)
-    return x
+    return dataclasses.replace(x, in_loop=True) if is_view(x) else x
