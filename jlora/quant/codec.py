@@ -261,7 +261,7 @@ def dequantize_4bit_transposed(packed_t: jax.Array, absmax_t: jax.Array, block_s
     blocks = packed_t.reshape(nb, half, n_out)
     zero = jnp.zeros((), blocks.dtype)
     # element 2j of a block is the high nibble of byte j, element 2j + 1 the low one:
-    # interleaved by interior padding (a fusible elementwise op, no trailing axis of 2)
+    # one interior pad (XLA:TPU materialises it) and its one-row shift (an edge pad, fused)
     even = jax.lax.pad(blocks, zero, ((0, 0, 0), (0, 1, 1), (0, 0, 0)))  # byte j at row 2j, odd rows 0
     odd = jax.lax.pad(even[:, :-1], zero, ((0, 0, 0), (1, 0, 0), (0, 0, 0)))  # the same, one row down
     values = lookup16((even >> 4) | (odd & 0xF), TABLES[quant_type])

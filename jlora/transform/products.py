@@ -360,12 +360,12 @@ def _fused_product(eqn, lv, x, lvc, xc, lvb, xb, free, stack_batch, stack_free, 
     passes over activations under differentiation on TPU; the same program as below
     elsewhere), where the branch is a plain one: ``x`` on the left contracted with W's input
     axes, W with one contracted axis or one output axis, no DoRA, no lora_bias, no mixed
-    batch, no dropout mask, a dense base, no ``Explicit`` mesh axes, the default precision.
-    None otherwise."""
+    batch, no dropout mask, a dense base, no ``Explicit`` mesh axes, the default precision,
+    the rule not turned off (``jlora.lora(fused=False)``). None otherwise."""
     precision = eqn.params.get("precision")
     nbat, nc = len(xb), len(xc)
     if (
-        mode != "in" or not lora_is_rhs or stack_free or has_dora(lv) or ctx.adapter_ids is not None
+        not ctx.fused or mode != "in" or not lora_is_rhs or stack_free or has_dora(lv) or ctx.adapter_ids is not None
         or any(p.bias is not None for p in lv.pairs)
         or (ctx.key is not None and any(p.dropout > 0 for p in lv.pairs)) or qforward.is_view(lv.w)
         or not _default_precision(precision) or tuple(xb) != tuple(range(nbat))
@@ -412,7 +412,7 @@ def _fused_product(eqn, lv, x, lvc, xc, lvb, xb, free, stack_batch, stack_free, 
 
     return fused.lora_product(
         plain, x, lv.w, [p.a for p in lv.pairs], [p.b for p in lv.pairs], scales, layout, out_dtype=out_dtype,
-        acc_dtype=_acc_dtype(out_dtype, fdtype), precision=precision, fused_platforms=None if ctx.fused else (),
+        acc_dtype=_acc_dtype(out_dtype, fdtype), precision=precision,
     )
 
 

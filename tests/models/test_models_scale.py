@@ -17,6 +17,7 @@ from flax import nnx
 
 import jlora
 import jlora.models as jm
+from support.jaxpr_walk import all_eqns
 from support.family_models import FAMILIES, NNX_TARGETS, TARGETS, case, peft_adapter, torch_logits
 from jlora.models.attention import attention, attention_inputs
 
@@ -222,16 +223,7 @@ def test_wrap_by_use_on_stacked_tree_trains_and_saves_for_peft(family, tmp_path)
 # remat and attention: equal to the plain model, value and gradient
 
 
-def _eqns(jaxpr):
-    """Every equation of a jaxpr, nested bodies (scan, remat, pjit, cond) included."""
-    for e in jaxpr.eqns:
-        yield e
-        for p in e.params.values():
-            for sub in (p if isinstance(p, (list, tuple)) else [p]):
-                if hasattr(sub, "eqns"):
-                    yield from _eqns(sub)
-                elif hasattr(sub, "jaxpr") and hasattr(sub.jaxpr, "eqns"):
-                    yield from _eqns(sub.jaxpr)
+_eqns = all_eqns
 
 
 def _ce(logits, ids):

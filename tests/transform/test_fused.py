@@ -11,6 +11,7 @@ import pytest
 
 import jlora
 import jlora.transform.fused
+from support.jaxpr_walk import primitive_names
 
 
 def _rel(a, b) -> float:
@@ -81,19 +82,6 @@ def test_fused_rule_against_merged_model(monkeypatch, case, dtype):
     assert _rel(gx, rx) <= tol, (name, _rel(gx, rx))
 
 
-def _eqn_names(jaxpr) -> list[str]:
-    """Primitive names of a jaxpr and every jaxpr nested in it (cond branches, custom rules)."""
-    out = []
-    for e in jaxpr.eqns:
-        out.append(e.primitive.name)
-        for p in e.params.values():
-            for sub in (p if isinstance(p, (list, tuple)) else [p]):
-                inner = getattr(sub, "jaxpr", sub)
-                if hasattr(inner, "eqns"):
-                    out.extend(_eqn_names(inner))
-    return out
-
-
 def test_lora_fused_false_uses_the_plain_rule(monkeypatch):
     """``jlora.lora(fn, fused=False)``: the plain rule even where the fused one is enabled
     (here: CPU added to its platforms): no ``[W | A]`` / ``[x | t]`` concatenation in the
@@ -111,8 +99,8 @@ def test_lora_fused_false_uses_the_plain_rule(monkeypatch):
 
     fused, plain = grads(jlora.lora(fn, on_materialize="error")), grads(jlora.lora(fn, on_materialize="error",
                                                                                      fused=False))
-    assert "concatenate" in _eqn_names(jax.make_jaxpr(fused)(trainable).jaxpr)
-    assert "concatenate" not in _eqn_names(jax.make_jaxpr(plain)(trainable).jaxpr)
+    assert "concatenate" in primitive_names(jax.make_jaxpr(fused)(trainable).jaxpr)
+    assert "concatenate" not in primitive_names(jax.make_jaxpr(plain)(trainable).jaxpr)
     ref = jax.grad(lambda t: jnp.sum(jnp.sin(fn(jlora.merge(jlora.combine(t, frozen)), x))))(trainable)
     for a, b, c in zip(*(jax.tree_util.tree_leaves(g) for g in (jax.jit(plain)(trainable), jax.jit(fused)(trainable),
                                                                   ref))):

@@ -28,6 +28,7 @@ import pytest
 
 import jlora
 from support import models
+from support.jaxpr_walk import primitive_names
 
 warnings.filterwarnings("ignore", message=".*TensorFlow and JAX classes are deprecated.*")
 
@@ -302,18 +303,6 @@ def test_nnx_einsum_kernels_quantize_by_use():
     assert rel_err(got, jax.jit(lambda t: apply(jlora.merge(jlora.dequantize(t)), ids))(lp)) < 1e-5
 
 
-def _primitive_names(jaxpr) -> list[str]:
-    out = []
-    for e in jaxpr.eqns:
-        out.append(e.primitive.name)
-        for p in e.params.values():
-            for sub in (p if isinstance(p, (list, tuple)) else [p]):
-                inner = getattr(sub, "jaxpr", sub)
-                if hasattr(inner, "eqns"):
-                    out.extend(_primitive_names(inner))
-    return out
-
-
 def test_dequantization_is_pinned_to_its_activations_in_a_scan_only():
     """A quantized kernel sliced by a scan over its stack axis is dequantized behind an
     ``optimization_barrier`` with the activations it meets (XLA:TPU otherwise hoisted a
@@ -344,7 +333,7 @@ def test_dequantization_is_pinned_to_its_activations_in_a_scan_only():
         def loss(t, base):
             return jnp.sum(jnp.sin(forward(jlora.combine(t, base), x)))
 
-        names = _primitive_names(jax.make_jaxpr(jax.grad(lambda t: loss(t, frozen)))(trainable).jaxpr)
+        names = primitive_names(jax.make_jaxpr(jax.grad(lambda t: loss(t, frozen)))(trainable).jaxpr)
         assert ("optimization_barrier" in names) == pinned, fn.__name__
         got, ref = jax.grad(loss)(trainable, frozen), jax.grad(loss)(trainable, dense)
         for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(ref)):
