@@ -414,9 +414,47 @@ def _op_name(ins: _Instr) -> str:
     return nm.group(1) if nm else ""
 
 
-def _fusion_bytes(ins: _Instr, inner: list[_Instr], table: dict[str, str], out_full: float) -> tuple[float, float]:
+_LAYOUT_ONLY = ("bitcast", "copy")
+
+
+def _is_layout_fusion(i: _Instr, comps: Optional[dict[str, list[_Instr]]]) -> bool:
+    """A nested fusion that only changes an array's layout (its computation is parameters,
+    copies and bitcasts): inside a loop fusion it is computed element by element, for the
+    elements its users read."""
+    if i.opcode != "fusion" or comps is None:
+        return False
+    cm = re.search(r"calls=%?([\w.\-]+)", i.attrs)
+    body = comps.get(cm.group(1)) if cm else None
+    return bool(body) and all(j.opcode in ("parameter",) + _LAYOUT_ONLY for j in body)
+
+
+def _sliced_bytes(name: str, users: dict[str, list[_Instr]], comps: Optional[dict[str, list[_Instr]]],
+                  depth: int = 0) -> Optional[float]:
+    """The bytes read of ``name`` when every use of it is a slice (``dynamic-slice``,
+    ``slice``, ``gather``), possibly through layout changes (bitcast, copy, a nested copy
+    fusion): the slices' size; None where some use reads it whole."""
+    us = users.get(name, [])
+    if not us or depth > 4:
+        return None
+    total = 0.0
+    for u in us:
+        if u.opcode in ("dynamic-slice", "slice", "gather") and u.operands[0] == name:
+            total += shape_bytes(u.type_text)
+        elif u.opcode in _LAYOUT_ONLY or _is_layout_fusion(u, comps):
+            got = _sliced_bytes(u.name, users, comps, depth + 1)
+            if got is None:
+                return None
+            total += got
+        else:
+            return None
+    return total
+
+
+def _fusion_bytes(ins: _Instr, inner: list[_Instr], table: dict[str, str], out_full: float,
+                  comps: Optional[dict[str, list[_Instr]]] = None) -> tuple[float, float]:
     """HBM bytes a fusion reads and writes: an operand the fusion only slices
-    (``dynamic-slice`` / ``slice`` / ``gather`` of it) is charged at the slices' size, and
+    (``dynamic-slice`` / ``slice`` / ``gather`` of it, also after a layout change such as
+    a nested copy fusion retiling it) is charged at the slices' size, and
     an output the fusion updates in place (a root ``dynamic-update-slice`` of a parameter,
     a scan writing one layer's slice of a stacked buffer, a KV cache written one token at a
     time) at the update's size, read and written; everything else at its full size."""
@@ -452,9 +490,9 @@ def _fusion_bytes(ins: _Instr, inner: list[_Instr], table: dict[str, str], out_f
         if pname in inplace:
             in_b += min(full, inplace[pname])
             continue
-        us = users.get(pname, []) if pname is not None else []
-        if us and all(u.opcode in ("dynamic-slice", "slice", "gather") and u.operands[0] == pname for u in us):
-            in_b += min(full, sum(shape_bytes(u.type_text) for u in us))
+        sliced = _sliced_bytes(pname, users, comps) if pname is not None else None
+        if sliced is not None:
+            in_b += min(full, sliced)
             continue
         in_b += full
     return in_b, min(out_b, out_full) if out_full else out_b
@@ -498,7 +536,7 @@ def hlo_ops(text: str) -> list[HloOp]:
                 flops = _conv_flops(ins, table)
             out_hbm = shape_bytes(ins.type_text, hbm_only=True)
             if ins.opcode == "fusion" and cm and cm.group(1) in comps:
-                in_hbm, out_hbm = _fusion_bytes(ins, comps[cm.group(1)], table, out_hbm)
+                in_hbm, out_hbm = _fusion_bytes(ins, comps[cm.group(1)], table, out_hbm, comps)
                 ops.append(HloOp(ins.name, ins.opcode, kind, flops * mult, (in_hbm + out_hbm) * mult, 0.0,
                                  shape_bytes(ins.type_text), ins.type_text, mult, _op_name(ins)))
                 continue

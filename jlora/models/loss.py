@@ -62,7 +62,10 @@ def chunked_cross_entropy(
         h, y, w = xs
         logits = head(h, jnp.float32).astype(jnp.float32)
         lse = jax.nn.logsumexp(logits, axis=-1)
-        picked = jnp.take_along_axis(logits, y[..., None].astype(jnp.int32), axis=-1)[..., 0]
+        # The label's logit by a select, not a gather: its transpose is a select that fuses
+        # with the softmax's, where a gather's is a scatter into a second (B, c, V) buffer.
+        hit = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1) == y[..., None].astype(jnp.int32)
+        picked = jnp.sum(jnp.where(hit, logits, 0.0), axis=-1)
         return total + jnp.sum((lse - picked) * w), None
 
     one_chunk = jax.checkpoint(one_chunk, prevent_cse=False)

@@ -23,15 +23,16 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .array import QuantizedArray, dense_for_compute, is_quantized
+from .array import QuantizedArray, dense_for_compute, is_quantized, packed_transposed
+from .codec import dequantize_4bit_transposed, undo_double_quant_transposed
 
-__all__ = ["QuantView", "is_view", "as_value", "dense", "bind", "prepare_scanned"]
+__all__ = ["QuantView", "is_view", "as_value", "dense", "bind", "prepare_scanned", "scanned_view", "column_chunked_product"]
 
 Bind = Callable[[Any, dict, Sequence[Any]], Any]
 
@@ -63,12 +64,29 @@ class QuantView:
     ops: tuple[_Op, ...] = ()
     dyn: tuple[Any, ...] = ()
     in_loop: bool = False  # sliced by a scan over its stack axis: the kernel of one iteration
+    # A scan's iteration index: ``q`` is then the whole stack (the scan's operand, not sliced
+    # by it) and the kernel is ``q[layer]``, sliced where it is used (:meth:`item`), so a
+    # product in column chunks reads each chunk from the stack (no copy of the layer's codes).
+    layer: Any = None
+
+    def item(self) -> QuantizedArray:
+        """The quantized kernel itself: ``q``, or ``q[layer]`` of a stack."""
+        if self.layer is None:
+            return self.q
+        return self.q.replace(**{n: None if getattr(self.q, n) is None else
+                                 jax.lax.dynamic_index_in_dim(getattr(self.q, n), self.layer, 0, keepdims=False)
+                                 for n in ("codes", "absmax", "nested_absmax", "offset")})
+
+    def resolved(self) -> "QuantView":
+        """The same view with ``layer`` applied (``q`` the kernel itself)."""
+        return self if self.layer is None else QuantView(self.item(), self.ops, self.dyn, self.in_loop)
 
     @property
     def aval(self) -> jax.ShapeDtypeStruct:
         if self.ops:
             return self.ops[-1].aval
-        return jax.ShapeDtypeStruct(self.q.shape, np.dtype(self.q.compute_dtype))
+        shape = self.q.shape[1:] if self.layer is not None else self.q.shape
+        return jax.ShapeDtypeStruct(shape, np.dtype(self.q.compute_dtype))
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -85,8 +103,8 @@ class QuantView:
 
 jax.tree_util.register_pytree_node(
     QuantView,
-    lambda v: ((v.q, v.dyn), (v.ops, v.in_loop)),
-    lambda aux, children: QuantView(children[0], aux[0], tuple(children[1]), aux[1]),
+    lambda v: ((v.q, v.dyn, v.layer), (v.ops, v.in_loop)),
+    lambda aux, children: QuantView(children[0], aux[0], tuple(children[1]), aux[1], children[2]),
 )
 
 
@@ -113,7 +131,7 @@ def dense(x: Any, raw: Bind = _raw_bind) -> Any:
     anything else unchanged."""
     if not is_view(x):
         return x
-    out = dense_for_compute(x.q)
+    out = dense_for_compute(x.item())
     i = 0
     for op in x.ops:
         out = raw(op.primitive, op.params, [out, *x.dyn[i:i + op.n_dyn]])
@@ -131,6 +149,7 @@ def _abstract(v: Any) -> Any:
 def _packed_slice(view: QuantView, primitive: Any, params: dict, rest: Sequence[Any]):
     """The view of ``op(view)`` as a slice of the packed arrays, where ``op`` only slices
     or drops leading stack axes of an un-viewed quantized kernel; else None."""
+    view = view.resolved()
     if view.ops:
         return None
     q = view.q
@@ -190,6 +209,7 @@ def _lazy(primitive: Any, params: dict, invals: Sequence[Any]) -> QuantView:
     sliced = _packed_slice(view, primitive, params, rest)
     if sliced is not None:
         return sliced
+    view = view.resolved()
     out_aval = jax.eval_shape(lambda x, *r: _raw_bind(primitive, params, [x, *r]), view.aval,
                               *[_abstract(r) for r in rest])
     op = _Op(primitive, dict(params), len(rest), jax.ShapeDtypeStruct(out_aval.shape, out_aval.dtype))
@@ -232,8 +252,15 @@ def bind(primitive: Any, params: dict, invals: Sequence[Any], raw: Bind = _raw_b
                 # else XLA:TPU may dequantize every kernel of the layer at the top of the body
                 # (Llama-3-8B NF4 QLoRA on v5e: est 1.22 -> 1.07 s, 7.74 -> 7.64 GiB). Not
                 # outside loops, where it stops XLA overlapping the next kernel's dequantization
-                # (a 4-layer QLoRA step on v5p:2x2x2: 11.5 -> 13.0 ms).
-                views, others = jax.lax.optimization_barrier((views, others))
+                # (a 4-layer QLoRA step on v5p:2x2x2: 11.5 -> 13.0 ms). A view of a whole
+                # stack (``layer`` set) is pinned by its index.
+                keys = [v if v.layer is None else v.layer for v in views]
+                keys, others = jax.lax.optimization_barrier((keys, others))
+                views = [k if v.layer is None else dataclasses.replace(v, layer=k) for v, k in zip(views, keys)]
+            if name == "dot_general" and idx == [1]:
+                y = column_chunked_product(views[0], others[0], params, raw)
+                if y is not None:
+                    return y
             vals, vi, oi = [], iter(views), iter(others)
             for i in range(len(invals)):
                 vals.append(dense(next(vi), raw) if i in idx else next(oi))
@@ -243,9 +270,102 @@ def bind(primitive: Any, params: dict, invals: Sequence[Any], raw: Bind = _raw_b
     return raw(primitive, params, [dense(x, raw) for x in invals])
 
 
+#: A 4-bit kernel whose dequantized values (in its compute dtype) exceed this many bytes is
+#: multiplied in column chunks of at most this size (:func:`column_chunked_product`).
+CHUNK_BYTES = 32 * 2**20
+
+
+def _column_chunk(n_in: int, n_out: int, itemsize: int, limit: int) -> Optional[int]:
+    """The widest chunk of output columns, a multiple of 128 (the TPU's lanes) dividing
+    ``n_out``, whose ``(n_in, width)`` dequantized slice fits ``limit`` bytes; None where the
+    whole kernel fits, or no such width exists."""
+    if n_in * n_out * itemsize <= limit:
+        return None
+    widths = [w for w in range(128, n_out, 128) if n_out % w == 0 and n_in * w * itemsize <= limit]
+    return max(widths) if widths else None
+
+
+def column_chunked_product(view: QuantView, x: Any, params: dict, raw: Bind = _raw_bind,
+                           limit: Optional[int] = None) -> Optional[jax.Array]:
+    """``x · W`` for a large 4-bit kernel ``W (n_in, n_out)``, dequantized and multiplied
+    one chunk of columns at a time, or None where this does not apply::
+
+        y[..., c] = x · dequantize(codes[:, c], scales[:, c])    for each chunk c
+
+    under ``lax.scan`` with the body in ``jax.checkpoint``: at most one dequantized chunk
+    exists at a time, forward or backward (the backward pass re-dequantizes each chunk for
+    ``x̄ += ȳ[..., c] · W[:, c]ᵀ``). Each output column is the same dot product as in the
+    whole product; double quantization is undone once for all the block scales
+    (``(n_in/block, n_out)`` float32, 1/16 of the bf16 kernel). Applies to one layer's
+    kernel (no stack axes left) stored transposed (``codes (n_in/2, n_out)``), seen as
+    ``(n_in, n_out)`` (no view ops, or a reshape to that), contracted over ``n_in`` with
+    the last axis of ``x``, no batch axes. Why: XLA:TPU keeps the dequantized kernels of a
+    layer's backward pass alive together (Llama-3-70B: 448 MiB each for gate, up, down).
+
+    >>> # inside jlora.lora: y = column_chunked_product(view, x, dot_general_params)
+    """
+    q = view.q
+    stacked = view.layer is not None
+    limit = CHUNK_BYTES if limit is None else limit
+    if q.quant_type not in ("nf4", "fp4") or len(q.stack_shape) != int(stacked) or q.codes is None:
+        return None
+    if not packed_transposed(q.item_shape, q.roles, q.quant_type, q.block_size):
+        return None
+    roles = list(q.roles)
+    if roles != sorted(roles, key=lambda r: r != "in"):  # every input axis before every output axis
+        return None
+    n_in = int(np.prod([d for d, r in zip(q.item_shape, roles) if r == "in"]))
+    n_out = int(np.prod([d for d, r in zip(q.item_shape, roles) if r == "out"]))
+    if any(op.primitive.name != "reshape" for op in view.ops) or view.shape != (n_in, n_out):
+        return None
+    (xc, wc), (xb, wb) = params["dimension_numbers"]
+    xd = jnp.ndim(x)
+    if tuple(wc) != (0,) or tuple(xc) != (xd - 1,) or xb or wb:
+        return None
+    cdt = np.dtype(q.compute_dtype)
+    width = _column_chunk(n_in, n_out, cdt.itemsize, limit)
+    if width is None:
+        return None
+    item = view.item()
+    scales = item.absmax.astype(jnp.float32)
+    if q.double_quant:
+        scales = undo_double_quant_transposed(item.absmax, item.nested_absmax, item.offset)
+    codes = q.codes  # the whole stack where ``view.layer`` is set: each chunk is sliced from it
+
+    def body(y, c):
+        start = c * width
+        if stacked:
+            zero = jnp.zeros((), jnp.int32)
+            chunk = jax.lax.dynamic_slice(codes, (view.layer.astype(jnp.int32), zero, start),
+                                          (1, codes.shape[1], width))[0]
+        else:
+            chunk = jax.lax.dynamic_slice_in_dim(codes, start, width, axis=1)
+        w = dequantize_4bit_transposed(
+            chunk, jax.lax.dynamic_slice_in_dim(scales, start, width, axis=1),
+            q.block_size, q.quant_type, q.dtype, cdt,
+        )
+        return jax.lax.dynamic_update_slice_in_dim(y, raw(jax.lax.dot_general_p, params, [x, w]), start, -1), None
+
+    out = jax.eval_shape(lambda x, w: raw(jax.lax.dot_general_p, params, [x, w]), x,
+                         jax.ShapeDtypeStruct((n_in, n_out), cdt))
+    y, _ = jax.lax.scan(jax.checkpoint(body, prevent_cse=False), jnp.zeros(out.shape, out.dtype),
+                        jnp.arange(n_out // width, dtype=jnp.int32))
+    return y
+
+
 def prepare_scanned(x: Any) -> Any:
     """A view that a ``scan`` slices along its leading axis: fine as it is when that axis
     is a stack axis of the packed arrays (no view ops yet); dequantized otherwise."""
-    if is_view(x) and (x.ops or not x.q.stack_shape):
+    if not is_view(x):
+        return x
+    x = x.resolved()
+    if x.ops or not x.q.stack_shape:
         return dense(x)
-    return dataclasses.replace(x, in_loop=True) if is_view(x) else x
+    return dataclasses.replace(x, in_loop=True)
+
+
+def scanned_view(stack: QuantView, index: Any) -> QuantView:
+    """The kernel of iteration ``index`` of a scan over ``stack``'s leading axis (a view
+    from :func:`prepare_scanned`), without slicing the packed arrays yet
+    (:attr:`QuantView.layer`)."""
+    return QuantView(stack.q, in_loop=True, layer=index)

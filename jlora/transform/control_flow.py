@@ -177,6 +177,16 @@ def _rule_scan(eqn, invals, ctx):
             v = materialize(v, ctx, eqn, "scan slices a non-stack axis of the weight")
         xs.append(v)
 
+    # A packed kernel scanned over its stack axis is not sliced by the scan: the body gets
+    # a view of the whole stack and the iteration's index (quant.forward.scanned_view), so
+    # a product reads its kernel from the stack where it is used.
+    stacks: dict[int, Any] = {}
+    for i, v in enumerate(xs):
+        w = v.w if isinstance(v, LoraValue) else v
+        if qforward.is_view(w):
+            stacks[i] = w
+            xs[i] = v.with_w(None) if isinstance(v, LoraValue) else None
+
     # stacked LoRA values scanned over their leading stack axis
     xs_flat: list[Any] = []
     xs_specs: list[Any] = []
@@ -202,19 +212,23 @@ def _rule_scan(eqn, invals, ctx):
     body_jaxpr, body_consts = jaxprs.body(eqn)
 
     def body(carry, xs_and_key):
-        xs_vals, key = xs_and_key
+        (xs_vals, index), key = xs_and_key
         vals = []
-        for spec, val in zip(xs_specs, xs_vals):
+        for i, (spec, val) in enumerate(zip(xs_specs, xs_vals)):
             if spec is None:
-                vals.append(val)
+                val = qforward.scanned_view(stacks[i], index) if i in stacks else val
             else:
-                vals.append(_lora_from(spec, val))
+                val = _lora_from(spec, val)
+                if i in stacks:
+                    val = val.with_w(qforward.scanned_view(stacks[i], index))
+            vals.append(val)
         sub = ctx.child(key)
         outs = eval_jaxpr(body_jaxpr, body_consts, [*consts, *carry, *vals], sub)
         return outs[:ncar], outs[ncar:]
 
     carry, ys = jax.lax.scan(
-        body, init, (xs_flat, keys), length=length, reverse=p["reverse"], unroll=p["unroll"],
+        body, init, ((xs_flat, jnp.arange(length, dtype=jnp.int32)), keys), length=length, reverse=p["reverse"],
+        unroll=p["unroll"],
     )
     return [*carry, *ys]
 

@@ -16,7 +16,8 @@ batch 2 x 128):
 * a scanned FSDP step with the residual stream held to each chip's rows
   (``DecoderConfig(activation_sharding=)``) and the plain product rule is faster than
   without either;
-* a Llama-3-8B MLP kernel in NF4 / FP4 needs at most two bfloat16 kernels of temporaries;
+* a Llama-3-8B MLP kernel in NF4 / FP4 needs less than one bfloat16 kernel of temporaries
+  (column-chunked dequantization);
 * (the TPU formulations are checked for values on CPU in tests/quant/test_tpu_dequant.py
   and tests/transform/test_fused.py;)
 * the fused LoRA product is what makes the TPU program smaller: a LoRA layer's train step
@@ -80,14 +81,17 @@ def _kernel_grads_report(topo, quant_type, d_in, d_out, tokens):
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
-def test_llama3_8b_mlp_kernel_within_two_bf16_kernels_on_tpu(v5e, quant_type):
-    """Issue 22's bound at its size: a Llama-3-8B MLP kernel (4096 x 14336, 2048 tokens)
-    in NF4 + double quantization or FP4 needs at most two bfloat16 copies of the kernel in
-    temporaries on a v5e chip (the dequantized kernel, and one unpacked uint8 copy of the
-    codes: their nibbles interleaved by a single interior pad)."""
-    d_in, d_out = 4096, 14336
+@pytest.mark.parametrize("d_in, d_out", [(4096, 14336), (14336, 4096)])
+def test_llama3_8b_mlp_kernel_within_one_bf16_kernel_on_tpu(v5e, quant_type, d_in, d_out):
+    """Issue 22's kernel at its size, tighter than its bound (two bfloat16 copies): a
+    Llama-3-8B MLP kernel (gate/up 4096 x 14336, down 14336 x 4096; 2048 tokens) in NF4 +
+    double quantization or FP4 needs less than one bfloat16 copy of the kernel in
+    temporaries on a v5e chip. It is dequantized and multiplied in column chunks of
+    ``jlora.quant.forward.CHUNK_BYTES`` (whole, it needed 168 MiB / 132 MiB: the dequantized
+    kernel and an unpacked uint8 copy of its codes; before the single interior pad, 224
+    MiB; before the (n/2, 2) nibble stack was removed, 14.25 GiB)."""
     rep = _kernel_grads_report(v5e, quant_type, d_in, d_out, 2048)
-    assert rep["temp"] <= 2 * d_in * d_out * 2, (quant_type, tc.describe(rep))
+    assert rep["temp"] < d_in * d_out * 2, (quant_type, tc.describe(rep))
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4", "int8"])

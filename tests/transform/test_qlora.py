@@ -28,7 +28,7 @@ import pytest
 
 import jlora
 from support import models
-from support.jaxpr_walk import primitive_names
+from support.jaxpr_walk import all_eqns, primitive_names
 
 warnings.filterwarnings("ignore", message=".*TensorFlow and JAX classes are deprecated.*")
 
@@ -338,3 +338,63 @@ def test_dequantization_is_pinned_to_its_activations_in_a_scan_only():
         got, ref = jax.grad(loss)(trainable, frozen), jax.grad(loss)(trainable, dense)
         for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(ref)):
             assert rel_err(a, b) <= 1e-5, fn.__name__
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_large_kernels_are_multiplied_in_column_chunks(monkeypatch, double_quant):
+    """A 4-bit kernel larger than ``jlora.quant.forward.CHUNK_BYTES`` dequantized is
+    multiplied one chunk of columns at a time, under a scan, so at most one dequantized
+    chunk exists (XLA:TPU kept a layer's dequantized kernels alive together: Llama-3-70B,
+    448 MiB each). In a scan over layers each chunk is sliced from the whole stack of codes
+    (no copy of the layer's codes). Values and gradients equal the dequantized model's, and
+    the whole product's (the chunk size turned up)."""
+    k = jax.random.split(jax.random.key(3), 3)
+    n_layers, d_in, d_out = 3, 64, 512
+    stack = {"layers": {"kernel": jax.random.normal(k[0], (n_layers, d_in, d_out)) * 0.1}}
+    x = jax.random.normal(k[1], (2, 5, d_in))
+    proj = jax.random.normal(k[2], (d_out, d_in)) * 0.1
+
+    def scanned(p, x):
+        return jax.lax.scan(lambda h, w: (jnp.tanh(h @ w) @ proj, None), x, p["layers"]["kernel"])[0]
+
+    def unrolled(p, x):
+        for i in range(n_layers):
+            x = jnp.tanh(x @ p["layers"]["kernel"][i]) @ proj
+        return x
+
+    cfg = jlora.QuantConfig(quant_type="nf4", double_quant=double_quant, compute_dtype=jnp.float32)
+    q = jlora.quantize(stack, cfg, apply_fn=scanned, example_args=(x,))
+    lp = jlora.wrap(q, jlora.LoraConfig(r=4, lora_alpha=8, target_modules=["layers"], init_lora_weights=False),
+                    rng=k[2], apply_fn=scanned, example_args=(x,))
+    trainable, frozen = jlora.partition(lp)
+    dense = jax.tree_util.tree_map(lambda v: v.dequantize(jnp.float32) if jlora.quant.is_quantized(v) else v,
+                                   frozen, is_leaf=jlora.quant.is_quantized)
+    codes = jlora.quant.quantized_leaves(frozen)[0][1].codes  # (layers, d_in/2, d_out)
+
+    def run(fn, base):
+        forward = jlora.lora(fn, on_materialize="error")
+
+        def loss(t):
+            return jnp.sum(jnp.sin(forward(jlora.combine(t, base), x)))
+
+        return jax.value_and_grad(loss)(trainable), jax.make_jaxpr(jax.grad(loss))(trainable).jaxpr
+
+    def chunk_slices(jaxpr, source_shape):
+        # dynamic slices of 128 columns of the codes taken from an array of source_shape
+        return [e for e in all_eqns(jaxpr) if e.primitive.name == "dynamic_slice"
+                and e.invars[0].aval.dtype == jnp.uint8 and tuple(e.invars[0].aval.shape) == source_shape
+                and e.outvars[0].aval.shape[-1] == 128]
+
+    for fn, source in ((scanned, tuple(codes.shape)), (unrolled, tuple(codes.shape[1:]))):
+        (ref_loss, ref_grads), _ = run(fn, dense)
+        monkeypatch.setattr(jlora.quant.forward, "CHUNK_BYTES", 2**30)
+        (whole_loss, whole_grads), whole_jaxpr = run(fn, frozen)
+        monkeypatch.setattr(jlora.quant.forward, "CHUNK_BYTES", d_in * 128 * 4)  # 4 chunks of 128 columns
+        (loss, grads), jaxpr = run(fn, frozen)
+        assert not chunk_slices(whole_jaxpr, source), fn.__name__
+        assert chunk_slices(jaxpr, source), fn.__name__  # forward, and again in the backward
+        assert abs(float(loss) - float(ref_loss)) <= 1e-5 * abs(float(ref_loss))
+        assert abs(float(loss) - float(whole_loss)) <= 1e-6 * abs(float(whole_loss))
+        for a, b, c in zip(*(jax.tree_util.tree_leaves(g) for g in (grads, ref_grads, whole_grads))):
+            assert rel_err(a, b) <= 1e-5, fn.__name__
+            assert rel_err(a, c) <= 1e-5, fn.__name__
