@@ -717,7 +717,9 @@ def write(group: str, text: str, rows: list[dict], wall: float, argv, source: st
         "- *matmul TFLOP (HLO)*: the FLOPs of the optimised HLO's matmuls and convolutions, loop bodies times their "
         "trip count (what the time estimate uses);",
         "- *HBM GB (HLO)*: bytes each op of the optimised HLO reads and writes in HBM (memory space 0), at their "
-        "tiled sizes (a minor axis of 2 counts as the 128 lanes it occupies); loop bodies times their trip count;",
+        "tiled sizes (a minor axis of 2 counts as the 128 lanes it occupies); an operand a fusion only slices "
+        "(also through a nested layout copy, as XLA:TPU retiles a layer's `uint8` codes) at the slices' size; "
+        "loop bodies times their trip count;",
         "- *est. ms*, the time estimate: a per-op roofline over that HLO, `max(matmul FLOPs / peak, HBM bytes / "
         "bandwidth, collective bytes / ICI bandwidth)` summed over the ops, one after another (no overlap: "
         "pessimistic for asynchronous copies); chips' peak bf16 FLOP/s and bandwidths in the headers;",
