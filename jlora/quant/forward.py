@@ -209,11 +209,10 @@ def _lazy(primitive: Any, params: dict, invals: Sequence[Any]) -> QuantView:
     sliced = _packed_slice(view, primitive, params, rest)
     if sliced is not None:
         return sliced
-    view = view.resolved()
     out_aval = jax.eval_shape(lambda x, *r: _raw_bind(primitive, params, [x, *r]), view.aval,
                               *[_abstract(r) for r in rest])
     op = _Op(primitive, dict(params), len(rest), jax.ShapeDtypeStruct(out_aval.shape, out_aval.dtype))
-    return QuantView(view.q, view.ops + (op,), view.dyn + tuple(rest), view.in_loop)
+    return QuantView(view.q, view.ops + (op,), view.dyn + tuple(rest), view.in_loop, view.layer)
 
 
 def _is_float_cast(primitive: Any, params: dict) -> bool:

@@ -398,3 +398,45 @@ def test_large_kernels_are_multiplied_in_column_chunks(monkeypatch, double_quant
         for a, b, c in zip(*(jax.tree_util.tree_leaves(g) for g in (grads, ref_grads, whole_grads))):
             assert rel_err(a, b) <= 1e-5, fn.__name__
             assert rel_err(a, c) <= 1e-5, fn.__name__
+
+
+def test_a_scanned_decoder_over_nf4_is_the_same_in_column_chunks(monkeypatch):
+    """``jlora.models`` with ``scan_layers`` over an NF4 base: its projections multiply the
+    2-D view of a stacked kernel (``Einsum(flat=True)``, a reshape of a 3-D attention
+    kernel); in column chunks the loss and the LoRA gradients are the whole product's."""
+    from flax import nnx
+
+    import jlora.models as jm
+
+    cfg = jm.DecoderConfig("llama3", 64, 128, 512, 2, 4, 2, 64, scan_layers=True, remat="full")
+    graphdef, state = nnx.split(jm.build(cfg, rngs=nnx.Rngs(0)))
+    ids = jax.random.randint(jax.random.key(1), (2, 12), 0, 64)
+
+    def apply(s, x):
+        return nnx.merge(graphdef, s)(x)
+
+    q = jlora.quantize(state, F32, apply_fn=apply, example_args=(ids,))
+    lp = jlora.wrap(q, jlora.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False),
+                    rng=jax.random.key(2), apply_fn=apply, example_args=(ids,))
+    trainable, frozen = jlora.partition(lp)
+    loss_fn = jlora.lora(jm.causal_lm_loss_fn(graphdef, chunk_size=4), on_materialize="error")
+
+    def run():
+        f = lambda t: loss_fn(jlora.combine(t, frozen), ids)  # noqa: E731
+        return jax.value_and_grad(f)(trainable), jax.make_jaxpr(jax.grad(f))(trainable).jaxpr
+
+    monkeypatch.setattr(jlora.quant.forward, "CHUNK_BYTES", 2**30)
+    (whole_loss, whole_grads), whole_jaxpr = run()
+    monkeypatch.setattr(jlora.quant.forward, "CHUNK_BYTES", 128 * 128 * 4)  # q (2 chunks), gate and up (4)
+    (loss, grads), jaxpr = run()
+
+    def chunks(jx):  # 128-column slices of a stack of codes (layers, in/2, out)
+        return {tuple(e.invars[0].aval.shape) for e in all_eqns(jx) if e.primitive.name == "dynamic_slice"
+                and e.invars[0].aval.dtype == jnp.uint8 and e.invars[0].aval.ndim == 3
+                and e.outvars[0].aval.shape[-1] == 128 < e.invars[0].aval.shape[-1]}
+
+    assert not chunks(whole_jaxpr)
+    assert chunks(jaxpr) == {(2, 64, 256), (2, 64, 512)}  # q's codes (heads x head_dim = 256), gate's and up's
+    assert abs(float(loss) - float(whole_loss)) <= 1e-6 * abs(float(whole_loss))
+    for a, b in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(whole_grads)):
+        assert rel_err(a, b) <= 1e-5
