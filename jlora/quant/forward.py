@@ -15,6 +15,12 @@ kernel kept for the backward. Slices of the leading (stack) axes of a scanned or
 kernel (``scan`` over layers, ``W[i]`` in a loop) slice the packed arrays themselves.
 Any other use dequantizes the kernel at that point (correct, only without the saving).
 
+A 4-bit kernel larger than :data:`CHUNK_BYTES` dequantized is multiplied in chunks of
+output columns under a ``lax.scan`` (:func:`column_chunked_product`), so one chunk at a time
+exists, forward and backward. In a ``scan`` over layers the packed stack is not sliced by the
+scan: the body's view holds the whole stack and the iteration index (:attr:`QuantView.layer`),
+and each chunk is sliced from the stack where it is used.
+
 The LoRA branch ``s·(x·A)·B`` is unchanged: a :class:`QuantView` is the ``W`` of a LoRA
 value like any other kernel.
 """
@@ -32,7 +38,10 @@ import numpy as np
 from .array import QuantizedArray, dense_for_compute, is_quantized, packed_transposed
 from .codec import dequantize_4bit_transposed, undo_double_quant_transposed
 
-__all__ = ["QuantView", "is_view", "as_value", "dense", "bind", "prepare_scanned", "scanned_view", "column_chunked_product"]
+__all__ = [
+    "QuantView", "is_view", "as_value", "dense", "bind", "prepare_scanned", "scanned_view", "column_chunked_product",
+    "CHUNK_BYTES",
+]
 
 Bind = Callable[[Any, dict, Sequence[Any]], Any]
 
