@@ -354,10 +354,12 @@ def column_chunked_product(view: QuantView, x: Any, params: dict, raw: Bind = _r
         )
         return jax.lax.dynamic_update_slice_in_dim(y, raw(jax.lax.dot_general_p, params, [x, w]), start, -1), None
 
-    out = jax.eval_shape(lambda x, w: raw(jax.lax.dot_general_p, params, [x, w]), x,
-                         jax.ShapeDtypeStruct((n_in, n_out), cdt))
-    y, _ = jax.lax.scan(jax.checkpoint(body, prevent_cse=False), jnp.zeros(out.shape, out.dtype),
-                        jnp.arange(n_out // width, dtype=jnp.int32))
+    out = jax.typeof(jax.eval_shape(lambda x, w: raw(jax.lax.dot_general_p, params, [x, w]), x,
+                                    jax.ShapeDtypeStruct((n_in, n_out), cdt)))
+    # on a mesh with Explicit axes the carry is typed with the product's sharding
+    explicit = any(t == jax.sharding.AxisType.Explicit for t in getattr(out.sharding.mesh, "axis_types", ()))
+    init = jnp.zeros(out.shape, out.dtype, out_sharding=out.sharding if explicit else None)
+    y, _ = jax.lax.scan(jax.checkpoint(body, prevent_cse=False), init, jnp.arange(n_out // width, dtype=jnp.int32))
     return y
 
 
