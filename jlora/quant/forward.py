@@ -82,9 +82,7 @@ class QuantView:
         """The quantized kernel itself: ``q``, or ``q[layer]`` of a stack."""
         if self.layer is None:
             return self.q
-        return self.q.replace(**{n: None if getattr(self.q, n) is None else
-                                 jax.lax.dynamic_index_in_dim(getattr(self.q, n), self.layer, 0, keepdims=False)
-                                 for n in ("codes", "absmax", "nested_absmax", "offset")})
+        return jax.tree_util.tree_map(lambda c: jax.lax.dynamic_index_in_dim(c, self.layer, 0, keepdims=False), self.q)
 
     def resolved(self) -> "QuantView":
         """The same view with ``layer`` applied (``q`` the kernel itself)."""
@@ -167,11 +165,9 @@ def _packed_slice(view: QuantView, primitive: Any, params: dict, rest: Sequence[
         return None
     shape = q.shape
     name = primitive.name
-    children = {n: getattr(q, n) for n in ("codes", "absmax", "nested_absmax", "offset")}
 
-    def apply(fn):
-        return QuantView(q.replace(**{n: (None if c is None else fn(c)) for n, c in children.items()}),
-                         in_loop=view.in_loop)
+    def apply(fn):  # fn on each packed array (QuantizedArray's children)
+        return QuantView(jax.tree_util.tree_map(fn, q), in_loop=view.in_loop)
 
     if name == "slice":
         starts, limits = params["start_indices"], params["limit_indices"]
@@ -340,14 +336,13 @@ def column_chunked_product(view: QuantView, x: Any, params: dict, raw: Bind = _r
         scales = undo_double_quant_transposed(item.absmax, item.nested_absmax, item.offset)
     codes = q.codes  # the whole stack where ``view.layer`` is set: each chunk is sliced from it
 
+    lead = (view.layer.astype(jnp.int32),) if stacked else ()
+    rows = codes.shape[-2]
+
     def body(y, c):
         start = c * width
-        if stacked:
-            zero = jnp.zeros((), jnp.int32)
-            chunk = jax.lax.dynamic_slice(codes, (view.layer.astype(jnp.int32), zero, start),
-                                          (1, codes.shape[1], width))[0]
-        else:
-            chunk = jax.lax.dynamic_slice_in_dim(codes, start, width, axis=1)
+        chunk = jax.lax.dynamic_slice(codes, lead + (jnp.zeros((), jnp.int32), start),
+                                      (1,) * len(lead) + (rows, width)).reshape(rows, width)
         w = dequantize_4bit_transposed(
             chunk, jax.lax.dynamic_slice_in_dim(scales, start, width, axis=1),
             q.block_size, q.quant_type, q.dtype, cdt,
@@ -356,9 +351,7 @@ def column_chunked_product(view: QuantView, x: Any, params: dict, raw: Bind = _r
 
     out = jax.typeof(jax.eval_shape(lambda x, w: raw(jax.lax.dot_general_p, params, [x, w]), x,
                                     jax.ShapeDtypeStruct((n_in, n_out), cdt)))
-    # on a mesh with Explicit axes the carry is typed with the product's sharding
-    explicit = any(t == jax.sharding.AxisType.Explicit for t in getattr(out.sharding.mesh, "axis_types", ()))
-    init = jnp.zeros(out.shape, out.dtype, out_sharding=out.sharding if explicit else None)
+    init = jnp.zeros(out.shape, out.dtype, out_sharding=out.sharding)  # the product's (Explicit mesh axes too)
     y, _ = jax.lax.scan(jax.checkpoint(body, prevent_cse=False), init, jnp.arange(n_out // width, dtype=jnp.int32))
     return y
 

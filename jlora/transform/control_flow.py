@@ -227,8 +227,8 @@ def _rule_scan(eqn, invals, ctx):
         return outs[:ncar], outs[ncar:]
 
     carry, ys = jax.lax.scan(
-        body, init, ((xs_flat, jnp.arange(length, dtype=jnp.int32)), keys), length=length, reverse=p["reverse"],
-        unroll=p["unroll"],
+        body, init, ((xs_flat, jnp.arange(length, dtype=jnp.int32) if stacks else None), keys), length=length,
+        reverse=p["reverse"], unroll=p["unroll"],
     )
     return [*carry, *ys]
 

@@ -303,6 +303,16 @@ def test_nnx_einsum_kernels_quantize_by_use():
     assert rel_err(got, jax.jit(lambda t: apply(jlora.merge(jlora.dequantize(t)), ids))(lp)) < 1e-5
 
 
+def _stack_under_lora(stack, cfg, fn, x, rng):
+    """``stack`` quantized with ``cfg`` and wrapped (r=4, random B) as ``fn`` uses it:
+    ``(trainable, frozen, frozen dequantized to float32)``."""
+    q = jlora.quantize(stack, cfg, apply_fn=fn, example_args=(x,))
+    lp = jlora.wrap(q, jlora.LoraConfig(r=4, lora_alpha=8, target_modules=["layers"], init_lora_weights=False),
+                    rng=rng, apply_fn=fn, example_args=(x,))
+    trainable, frozen = jlora.partition(lp)
+    return trainable, frozen, jlora.quant.dequantize(frozen, jnp.float32)
+
+
 def test_dequantization_is_pinned_to_its_activations_in_a_scan_only():
     """A quantized kernel sliced by a scan over its stack axis is dequantized behind an
     ``optimization_barrier`` with the activations it meets (XLA:TPU otherwise hoisted a
@@ -321,12 +331,7 @@ def test_dequantization_is_pinned_to_its_activations_in_a_scan_only():
             x = jnp.tanh(x @ p["layers"]["kernel"][i])
         return x
 
-    q = jlora.quantize(stack, F32, apply_fn=scanned, example_args=(x,))
-    lp = jlora.wrap(q, jlora.LoraConfig(r=4, lora_alpha=8, target_modules=["layers"], init_lora_weights=False),
-                    rng=k[2], apply_fn=scanned, example_args=(x,))
-    trainable, frozen = jlora.partition(lp)
-    dense = jax.tree_util.tree_map(lambda v: v.dequantize(jnp.float32) if jlora.quant.is_quantized(v) else v,
-                                   frozen, is_leaf=jlora.quant.is_quantized)
+    trainable, frozen, dense = _stack_under_lora(stack, F32, scanned, x, k[2])
     for fn, pinned in ((scanned, True), (unrolled, False)):
         forward = jlora.lora(fn, on_materialize="error")
 
@@ -363,12 +368,7 @@ def test_large_kernels_are_multiplied_in_column_chunks(monkeypatch, double_quant
         return x
 
     cfg = jlora.QuantConfig(quant_type="nf4", double_quant=double_quant, compute_dtype=jnp.float32)
-    q = jlora.quantize(stack, cfg, apply_fn=scanned, example_args=(x,))
-    lp = jlora.wrap(q, jlora.LoraConfig(r=4, lora_alpha=8, target_modules=["layers"], init_lora_weights=False),
-                    rng=k[2], apply_fn=scanned, example_args=(x,))
-    trainable, frozen = jlora.partition(lp)
-    dense = jax.tree_util.tree_map(lambda v: v.dequantize(jnp.float32) if jlora.quant.is_quantized(v) else v,
-                                   frozen, is_leaf=jlora.quant.is_quantized)
+    trainable, frozen, dense = _stack_under_lora(stack, cfg, scanned, x, k[2])
     codes = jlora.quant.quantized_leaves(frozen)[0][1].codes  # (layers, d_in/2, d_out)
 
     def run(fn, base):
