@@ -13,14 +13,19 @@ XLA lays them out without LoRA); ``W`` is extended by the factors along one axis
   then **one** product over that axis extended by ``r``: ``y = [x | t]·[W ; B]``,
   accumulated in float32 and rounded once. The branch lands in the output, which is
   written once, as without LoRA;
-* forward, where ``W`` has one output axis and the output is narrower than the input
-  (an MLP's down-projection, an attention output projection): ``[x·W | x·A] = x·[W | A]``
-  in one pass over ``x``, whose producer (``silu(g)·u``, the attention) then stays fused
-  into it as without LoRA; then ``y = x·W + t·B`` in the output pass;
+* forward, where ``x`` is contracted over several axes (an attention output projection
+  over heads x head size) and ``W`` has one output axis: ``[x·W | x·A] = x·[W | A]`` in
+  one pass over ``x``, whose producer (the attention) then stays fused into it as without
+  LoRA; then ``y = x·W + t·B`` in the output pass. (Where ``[W ; B]`` is possible it is
+  used: appending ``A`` along ``W``'s output axis, the minor axis of its layout, made
+  XLA:TPU copy a down-projection's ``W`` into the transposed layout, twice a step);
 * tangent (whose transpose is the backward pass): ``ṫ = s·(ẋ·A + x·Ȧ)``,
   ``ẏ = ẋ·W + ṫ·B + t·Ḃ``, with ``[ẋ·W | ẋ·A] = ẋ·[W | A]`` as one product where ``W``
-  has one output axis no wider than the input. Transposed, ``ȳ`` gives ``g = s·ȳ·Bᵀ``,
-  ``B̄ = tᵀ·ȳ``, ``Ā = xᵀ·g`` and ``x̄ = [ȳ | g]·[W | A]ᵀ`` (else ``ȳ·Wᵀ + g·Aᵀ``).
+  has one output axis no wider than the input, and ``ẋ·W + ṫ·B = [ẋ | ṫ]·[W ; B]`` where
+  the output is wider than the input. Transposed, ``ȳ`` gives ``g = s·ȳ·Bᵀ``,
+  ``B̄ = tᵀ·ȳ``, ``Ā = xᵀ·g`` and ``x̄ = [ȳ | g]·[W | A]ᵀ`` in one product (a narrower
+  ``ȳ``: XLA copies it with ``g`` appended), or ``[ȳ·Wᵀ | ȳ·Bᵀ] = ȳ·[W ; B]ᵀ`` in one
+  pass over a wider ``ȳ`` and ``x̄ = ȳ·Wᵀ + g·Aᵀ`` (else ``ȳ·Wᵀ`` and ``ȳ·Bᵀ`` in two).
 
 Measured with XLA's TPU compiler (``benchmarks/tpu_aot.py``): written as two separate
 products XLA:TPU materialises ``(x·A)·B`` or ``x·W`` in float32, reads it back to add
@@ -85,6 +90,14 @@ class ProductLayout:
         return next(i for i in range(len(self.a_as_w)) if i not in wc and i not in wb)
 
 
+def _on_several_devices(v: jax.Array) -> bool:
+    """Whether ``v`` (a traced value) lives on a mesh of more than one device: its type's
+    sharding (set by ``jit``'s input shardings) or the mesh in context (``jax.set_mesh``)."""
+    sharding = getattr(jax.typeof(v), "sharding", None)
+    sizes = [getattr(getattr(sharding, "mesh", None), "size", 0), jax.sharding.get_abstract_mesh().size]
+    return max(sizes) > 1
+
+
 def _is_zero(t: Any) -> bool:
     return isinstance(t, jax.custom_derivatives.SymbolicZero)
 
@@ -121,18 +134,27 @@ def lora_product(plain: Callable[..., jax.Array], x: jax.Array, w: jax.Array, a_
     def product(x, w, a_list, b_list):
         return plain(x, w, a_list, b_list)
 
+    def with_a(w, a_list):  # [W | A]: A's rank axis appended to W's one output axis
+        return jnp.concatenate([w, *(jnp.transpose(a, layout.a_as_w).astype(w.dtype) for a in a_list)],
+                               axis=layout.w_free)
+
+    def with_b(w, b_list):  # [W ; B]: B's rank axis appended to W's one contracted axis
+        return jnp.concatenate([w, *(jnp.transpose(b, layout.b_as_w).astype(w.dtype) for b in b_list)],
+                               axis=layout.w_contract)
+
     def tpu_rule(primals, tangents):
         x, w, a_list, b_list = primals
         dx, da_list, db_list = tangents
-        cx, cw = x.dtype, w.dtype
+        cx = x.dtype
         ranks = [a.shape[-1] for a in a_list]
         n_free = w.shape[layout.w_free] if layout.a_as_w is not None else None
-        narrow = layout.a_as_w is not None and (layout.n_out < layout.n_in or layout.b_as_w is None)
-        if narrow:
+        # [W | A] where [W ; B] is not possible, or where the output is narrower than the input
+        # and W is on several devices (FSDP shards the larger axis, here the contracted one:
+        # appending B along it made XLA's partitioner gather the activations instead of W)
+        if layout.b_as_w is None or (layout.a_as_w is not None and layout.n_out < layout.n_in
+                                     and _on_several_devices(w)):
             # [x·W | x·A] = x·[W | A]: one pass over x; then y = x·W + t·B
-            wa = jnp.concatenate([w, *(jnp.transpose(a, layout.a_as_w).astype(cw) for a in a_list)],
-                                 axis=layout.w_free)
-            z = times_w(x, wa)
+            z = times_w(x, with_a(w, a_list))
             ts, off = [], n_free
             for r, s in zip(ranks, scales):
                 # t on its own (tokens x r): else XLA keeps all of z, float32, for the backward's tᵀ·ȳ
@@ -144,40 +166,39 @@ def lora_product(plain: Callable[..., jax.Array], x: jax.Array, w: jax.Array, a_
         else:
             # t = s·(x·A); y = [x | t]·[W ; B]: accumulated once, rounded once
             ts = [(times_a(x, a) * jnp.asarray(s, acc_dtype)).astype(cx) for a, s in zip(a_list, scales)]
-            xt = jnp.concatenate([x, *ts], axis=xc[0])
-            wb = jnp.concatenate([w, *(jnp.transpose(b, layout.b_as_w).astype(cw) for b in b_list)],
-                                 axis=layout.w_contract)
-            y = times_w(xt, wb)
+            y = times_w(jnp.concatenate([x, *ts], axis=xc[0]), with_b(w, b_list))
         y = y.astype(out_dtype)
         # tangent: ẏ = ẋ·W + ṫ·B + t·Ḃ, ṫ = s·(ẋ·A + x·Ȧ)
         terms, dts = [], [None] * len(a_list)
+        # where the output is wider than the input: ẋ·W + ṫ·B = [ẋ | ṫ]·[W ; B]; transposed,
+        # [x̄ | t̄] = ȳ·[W ; B]ᵀ reads the wider ȳ once (else once for x̄, once for t̄)
+        gather = dx is not None and layout.b_as_w is not None and layout.n_out > layout.n_in
         if dx is not None and layout.a_as_w is not None and layout.n_out <= layout.n_in:
             # [ẋ·W | ẋ·A] = ẋ·[W | A]: transposed, x̄ = [ȳ | g]·[W | A]ᵀ in one product (XLA
             # materialises [ȳ | g]: a copy of ȳ, no wider than x̄). [W | A] is formed inside a
             # checkpoint, so the backward pass rebuilds it instead of keeping a copy of W.
-            def spread(dx, w, a_list):
-                wa = jnp.concatenate([w, *(jnp.transpose(a, layout.a_as_w).astype(w.dtype) for a in a_list)],
-                                     axis=layout.w_free)
-                return times_w(dx, wa)
-
-            u = jax.checkpoint(spread)(dx, w, a_list)
+            u = jax.checkpoint(lambda dx, w, a_list: times_w(dx, with_a(w, a_list)))(dx, w, a_list)
             terms.append(u[..., :n_free])
             off = n_free
             for i, r in enumerate(ranks):
                 dts[i] = u[..., off:off + r]
                 off += r
         elif dx is not None:
-            terms.append(times_w(dx, w))
+            if not gather:
+                terms.append(times_w(dx, w))
             dts = [times_a(dx, a) for a in a_list]
-        for i, (da, s) in enumerate(zip(da_list, scales)):
+        for i, da in enumerate(da_list):
             if da is not None:
                 part = times_a(x, da)
                 dts[i] = part if dts[i] is None else dts[i] + part
-            if dts[i] is not None:
-                terms.append(times_b((dts[i] * jnp.asarray(s, acc_dtype)).astype(cx), b_list[i]))
-        for i, db in enumerate(db_list):
-            if db is not None:
-                terms.append(times_b(ts[i], db))
+        dts = [None if d is None else (d * jnp.asarray(s, acc_dtype)).astype(cx) for d, s in zip(dts, scales)]
+        if gather:
+            # the forward's own [W ; B] (XLA forms it again, fused, in the backward pass; under a
+            # checkpoint here the step was slower by XLA's TPU compiler's estimate, same peak)
+            terms.append(times_w(jnp.concatenate([dx, *dts], axis=xc[0]), with_b(w, b_list)))
+        else:
+            terms += [times_b(d, b) for d, b in zip(dts, b_list) if d is not None]
+        terms += [times_b(t, db) for t, db in zip(ts, db_list) if db is not None]
         dy = sum(terms[1:], terms[0]) if terms else jnp.zeros(y.shape, acc_dtype)
         return y, dy.astype(out_dtype)
 

@@ -47,12 +47,15 @@ def _lora_cases():
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("case", range(2))
-def test_fused_rule_against_merged_model(monkeypatch, case, dtype):
+@pytest.mark.parametrize("case, several_devices", [(0, False), (0, True), (1, False)])
+def test_fused_rule_against_merged_model(monkeypatch, case, several_devices, dtype):
     """The TPU rule of jlora.transform.fused, run here on CPU: loss and gradients of A, B and x
     against the merged model W + s·A·B (float32: tight; bfloat16: t and B meet x as
-    bfloat16, as on a TPU, so within bfloat16 rounding)."""
+    bfloat16, as on a TPU, so within bfloat16 rounding). ``several_devices``: the forms the
+    rule takes for kernels on a mesh of several devices (``[W | A]`` for the narrower
+    ``down``), forced here on one."""
     name, params, fn, x, targets = _lora_cases()[case]
+    monkeypatch.setattr(jlora.transform.fused, "_on_several_devices", lambda v: several_devices)
     params = jax.tree_util.tree_map(lambda v: v.astype(dtype), params)
     x = x.astype(dtype)
     lp = jlora.wrap(params, jlora.LoraConfig(r=4, lora_alpha=8, target_modules=targets), rng=jax.random.key(1),
@@ -105,3 +108,56 @@ def test_lora_fused_false_uses_the_plain_rule(monkeypatch):
     for a, b, c in zip(*(jax.tree_util.tree_leaves(g) for g in (jax.jit(plain)(trainable), jax.jit(fused)(trainable),
                                                                   ref))):
         assert _rel(a, c) <= 1e-5 and _rel(b, c) <= 1e-5
+
+
+def _concatenated_shapes(fn, *args) -> set:
+    shapes = set()
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "concatenate":
+                shapes.add(tuple(eqn.outvars[0].aval.shape))
+            for sub in jax.core.jaxprs_in_params(eqn.params):
+                walk(sub)
+
+    walk(jax.make_jaxpr(fn)(*args).jaxpr)
+    return shapes
+
+
+@pytest.mark.parametrize("several_devices", [False, True])
+def test_fused_rule_extends_a_narrowing_kernel_by_b_on_one_device(monkeypatch, several_devices):
+    """Which axis of ``W`` the TPU rule's forward product extends, for a kernel whose output
+    is narrower than its input (``down``, 64 -> 32, r = 4): on one device by ``B`` along the
+    contracted axis, ``[W ; B]`` (64 + 4, 32) (XLA:TPU copies ``W`` into the transposed
+    layout to append ``A`` along its output axis, the minor one); on several devices by
+    ``A`` along the output axis, ``[W | A]`` (64, 32 + 4) (FSDP shards the contracted,
+    larger axis: appending ``B`` along it made XLA's partitioner gather the activations).
+    The tangent's ``ẋ·[W | A]`` is there both ways. For the wider ``up`` (32 -> 64),
+    ``[W ; B]`` forward and in the tangent (``[ẋ | ṫ]·[W ; B]``), never ``[W | A]``."""
+    name, params, fn, x, targets = _lora_cases()[0]
+    lp = jlora.wrap(params, jlora.LoraConfig(r=4, lora_alpha=8, target_modules=targets), rng=jax.random.key(1),
+                    apply_fn=fn, example_args=(x,))
+    trainable, frozen = jlora.partition(lp)
+    monkeypatch.setattr(jlora.transform.fused, "FUSED_PLATFORMS", ("tpu", "cpu"))
+    monkeypatch.setattr(jlora.transform.fused, "_on_several_devices", lambda v: several_devices)
+    forward = jlora.lora(fn, on_materialize="error")
+    shapes = _concatenated_shapes(
+        jax.grad(lambda t, x: jnp.sum(jnp.sin(forward(jlora.combine(t, frozen), x))), argnums=(0, 1)), trainable, x)
+    assert ((68, 32) in shapes) != several_devices and (64, 36) in shapes, shapes  # down
+    assert (36, 64) in shapes and (32, 68) not in shapes, shapes  # up
+
+
+def test_on_several_devices_reads_the_mesh():
+    """``_on_several_devices``: False for a value traced without shardings, True under
+    ``jit`` with an input sharded on a mesh of two (abstract) devices."""
+    seen = []
+
+    def f(v):
+        seen.append(jlora.transform.fused._on_several_devices(v))
+        return v
+
+    jax.make_jaxpr(f)(jnp.zeros((4, 4)))
+    mesh = jax.sharding.AbstractMesh((2,), ("d",))
+    with jax.sharding.use_abstract_mesh(mesh):
+        jax.make_jaxpr(f)(jnp.zeros((4, 4)))
+    assert seen == [False, True]
