@@ -14,11 +14,15 @@ XLA lays them out without LoRA); ``W`` is extended by the factors along one axis
   accumulated in float32 and rounded once. The branch lands in the output, which is
   written once, as without LoRA;
 * forward, where ``x`` is contracted over several axes (an attention output projection
-  over heads x head size) and ``W`` has one output axis: ``[x·W | x·A] = x·[W | A]`` in
-  one pass over ``x``, whose producer (the attention) then stays fused into it as without
-  LoRA; then ``y = x·W + t·B`` in the output pass. (Where ``[W ; B]`` is possible it is
-  used: appending ``A`` along ``W``'s output axis, the minor axis of its layout, made
-  XLA:TPU copy a down-projection's ``W`` into the transposed layout, twice a step);
+  over heads x head size) and ``W`` has one output axis, or where the output is narrower
+  than the input (an MLP's down-projection) and ``W`` is on a mesh of several devices:
+  ``[x·W | x·A] = x·[W | A]`` in one pass over ``x``, whose producer (the attention,
+  ``silu(g)·u``) then stays fused into it as without LoRA; then ``y = x·W + t·B`` in the
+  output pass. On one device the down-projection takes ``[W ; B]``: appending ``A``
+  along ``W``'s output axis, the minor axis of its layout, made XLA:TPU copy ``W`` into
+  the transposed layout. On a mesh FSDP shards ``W``'s larger axis, the contracted one
+  here: appending ``B`` along it made XLA's partitioner gather the activations instead
+  (``_on_several_devices`` reads the mesh from the traced value's type);
 * tangent (whose transpose is the backward pass): ``ṫ = s·(ẋ·A + x·Ȧ)``,
   ``ẏ = ẋ·W + ṫ·B + t·Ḃ``, with ``[ẋ·W | ẋ·A] = ẋ·[W | A]`` as one product where ``W``
   has one output axis no wider than the input, and ``ẋ·W + ṫ·B = [ẋ | ṫ]·[W ; B]`` where

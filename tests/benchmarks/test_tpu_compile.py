@@ -12,7 +12,9 @@ batch 2 x 128):
   ``(n/2, 2)`` nibble pairs were laid out in (8, 128) tiles);
 * train steps of every kind compile for one v5e chip, and their memory is the floor's
   plus what the kind adds: LoRA, QLoRA (nf4 / fp4 / int8), DoRA, a mixed batch of two
-  adapters; and a 4-chip FSDP step (v5e:2x2) holds a quarter of the state per chip;
+  adapters; and a 4-chip FSDP step (v5e:2x2) holds a quarter of the state per chip, its
+  fused rule extending the down-projection by ``A`` (``[W | A]``), which moves fewer bytes
+  over the links than the one-chip form ``[W ; B]``;
 * a scanned FSDP step with the residual stream held to each chip's rows
   (``DecoderConfig(activation_sharding=)``) and the plain product rule is faster than
   without either;
