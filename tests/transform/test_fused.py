@@ -11,7 +11,7 @@ import pytest
 
 import jlora
 import jlora.transform.fused
-from support.jaxpr_walk import primitive_names
+from support.jaxpr_walk import all_eqns, primitive_names
 
 
 def _rel(a, b) -> float:
@@ -111,17 +111,8 @@ def test_lora_fused_false_uses_the_plain_rule(monkeypatch):
 
 
 def _concatenated_shapes(fn, *args) -> set:
-    shapes = set()
-
-    def walk(jaxpr):
-        for eqn in jaxpr.eqns:
-            if eqn.primitive.name == "concatenate":
-                shapes.add(tuple(eqn.outvars[0].aval.shape))
-            for sub in jax.core.jaxprs_in_params(eqn.params):
-                walk(sub)
-
-    walk(jax.make_jaxpr(fn)(*args).jaxpr)
-    return shapes
+    return {tuple(e.outvars[0].aval.shape) for e in all_eqns(jax.make_jaxpr(fn)(*args).jaxpr)
+            if e.primitive.name == "concatenate"}
 
 
 @pytest.mark.parametrize("several_devices", [False, True])
