@@ -86,7 +86,7 @@ class QuantView:
 
     def resolved(self) -> "QuantView":
         """The same view with ``layer`` applied (``q`` the kernel itself)."""
-        return self if self.layer is None else QuantView(self.item(), self.ops, self.dyn, self.in_loop)
+        return self if self.layer is None else dataclasses.replace(self, q=self.item(), layer=None)
 
     @property
     def aval(self) -> jax.ShapeDtypeStruct:

@@ -170,13 +170,15 @@ def lora_product(plain: Callable[..., jax.Array], x: jax.Array, w: jax.Array, a_
         else:
             # t = s·(x·A); y = [x | t]·[W ; B]: accumulated once, rounded once
             ts = [(times_a(x, a) * jnp.asarray(s, acc_dtype)).astype(cx) for a, s in zip(a_list, scales)]
-            y = times_w(jnp.concatenate([x, *ts], axis=xc[0]), with_b(w, b_list))
+            wb = with_b(w, b_list)
+            y = times_w(jnp.concatenate([x, *ts], axis=xc[0]), wb)
         y = y.astype(out_dtype)
         # tangent: ẏ = ẋ·W + ṫ·B + t·Ḃ, ṫ = s·(ẋ·A + x·Ȧ)
         terms, dts = [], [None] * len(a_list)
-        # where the output is wider than the input: ẋ·W + ṫ·B = [ẋ | ṫ]·[W ; B]; transposed,
-        # [x̄ | t̄] = ȳ·[W ; B]ᵀ reads the wider ȳ once (else once for x̄, once for t̄)
-        gather = dx is not None and layout.b_as_w is not None and layout.n_out > layout.n_in
+        # where the output is wider than the input (the forward took [W ; B]): ẋ·W + ṫ·B =
+        # [ẋ | ṫ]·[W ; B]; transposed, [x̄ | t̄] = ȳ·[W ; B]ᵀ reads the wider ȳ once (else once
+        # for x̄, once for t̄)
+        tangent_wb = dx is not None and layout.b_as_w is not None and layout.n_out > layout.n_in
         if dx is not None and layout.a_as_w is not None and layout.n_out <= layout.n_in:
             # [ẋ·W | ẋ·A] = ẋ·[W | A]: transposed, x̄ = [ȳ | g]·[W | A]ᵀ in one product (XLA
             # materialises [ȳ | g]: a copy of ȳ, no wider than x̄). [W | A] is formed inside a
@@ -188,7 +190,7 @@ def lora_product(plain: Callable[..., jax.Array], x: jax.Array, w: jax.Array, a_
                 dts[i] = u[..., off:off + r]
                 off += r
         elif dx is not None:
-            if not gather:
+            if not tangent_wb:
                 terms.append(times_w(dx, w))
             dts = [times_a(dx, a) for a in a_list]
         for i, da in enumerate(da_list):
@@ -196,10 +198,10 @@ def lora_product(plain: Callable[..., jax.Array], x: jax.Array, w: jax.Array, a_
                 part = times_a(x, da)
                 dts[i] = part if dts[i] is None else dts[i] + part
         dts = [None if d is None else (d * jnp.asarray(s, acc_dtype)).astype(cx) for d, s in zip(dts, scales)]
-        if gather:
-            # the forward's own [W ; B] (XLA forms it again, fused, in the backward pass; under a
-            # checkpoint here the step was slower by XLA's TPU compiler's estimate, same peak)
-            terms.append(times_w(jnp.concatenate([dx, *dts], axis=xc[0]), with_b(w, b_list)))
+        if tangent_wb:
+            # the forward's own [W ; B] (XLA forms it again, fused, in the backward pass; rebuilt
+            # under a checkpoint the step was slower by XLA's TPU compiler's estimate, same peak)
+            terms.append(times_w(jnp.concatenate([dx, *dts], axis=xc[0]), wb))
         else:
             terms += [times_b(d, b) for d, b in zip(dts, b_list) if d is not None]
         terms += [times_b(t, db) for t, db in zip(ts, db_list) if db is not None]
